@@ -1,0 +1,34 @@
+"""Test-wide settings.
+
+Without a GPU, Triton kernels run in its CPU interpreter, which must be switched on before any
+module that defines a `@triton.jit` kernel is imported: hence this runs first. vLLM runs in the
+test process (no engine subprocesses) so tests can look at connector state directly.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+#: Devices the kernel tests run on: the CPU (Triton interpreted) here and in CI, the GPU (compiled)
+#: on the GPU host. The GPU variants carry the `gpu` mark so `-m gpu` selects exactly them.
+KERNEL_DEVICES = [pytest.param("cuda", marks=pytest.mark.gpu)] if HAS_CUDA else ["cpu"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (runs on the GPU host)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=KERNEL_DEVICES)
+def kernel_device(request) -> str:
+    """Where Triton kernels run in this test session: 'cuda' compiled, or 'cpu' interpreted."""
+    return request.param
