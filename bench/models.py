@@ -1,0 +1,177 @@
+"""The one registry of model shapes used by tests and benchmarks.
+
+A model here is a folder holding a HuggingFace `config.json` (and, for the tiny CPU model, random
+weights), built locally: nothing is downloaded. Real shapes run with vLLM's `load_format="dummy"`,
+whose near-tied logits make restored bytes and logprobs, not sampled tokens, the thing to compare.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    architecture: str = "LlamaForCausalLM"
+    model_type: str = "llama"
+    rope_theta: float = 500000.0
+    rope_scaling: dict | None = None
+    extra: dict = field(default_factory=dict)
+    #: "random": write seeded random weights (small models, CPU tests); "dummy": config only,
+    #: start vLLM with load_format="dummy".
+    weights: str = "dummy"
+    dtype: str = "bfloat16"
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """K and V, every layer, every KV head."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
+    def hf_config(self) -> dict:
+        cfg = {
+            "architectures": [self.architecture],
+            "model_type": self.model_type,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": self.rope_theta,
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+            "torch_dtype": self.dtype,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        }
+        if self.rope_scaling is not None:
+            cfg["rope_scaling"] = self.rope_scaling
+        cfg.update(self.extra)
+        return cfg
+
+    def materialize(self, root: str | Path, seed: int = 0) -> Path:
+        """Write the model folder under `root` (idempotent) and return its path."""
+        path = Path(root) / self.name
+        cfg_file = path / "config.json"
+        want = json.dumps({"spec": asdict(self), "seed": seed}, sort_keys=True)
+        stamp = path / ".spec.json"
+        if cfg_file.exists() and stamp.exists() and stamp.read_text() == want:
+            return path
+        path.mkdir(parents=True, exist_ok=True)
+        cfg_file.write_text(json.dumps(self.hf_config(), indent=2))
+        if self.weights == "random":
+            _write_random_weights(self, path, seed)
+        stamp.write_text(want)
+        return path
+
+
+def _write_random_weights(spec: ModelSpec, path: Path, seed: int) -> None:
+    """Seeded normal(0, 0.02) weights with the Llama parameter names, as one safetensors file.
+
+    Random but not tiny weights keep the logits well separated, so greedy tokens are a meaningful
+    comparison on CPU (vLLM's dummy weights give nearly tied logits).
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec.dtype]
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * 0.02).to(dt)
+
+    h, kv = spec.hidden_size, spec.num_kv_heads * spec.head_dim
+    q = spec.num_heads * spec.head_dim
+    t: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": rnd(spec.vocab_size, h),
+        "model.norm.weight": torch.ones(h, dtype=dt),
+        "lm_head.weight": rnd(spec.vocab_size, h),
+    }
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = torch.ones(h, dtype=dt)
+        t[p + "post_attention_layernorm.weight"] = torch.ones(h, dtype=dt)
+        t[p + "self_attn.q_proj.weight"] = rnd(q, h)
+        t[p + "self_attn.k_proj.weight"] = rnd(kv, h)
+        t[p + "self_attn.v_proj.weight"] = rnd(kv, h)
+        t[p + "self_attn.o_proj.weight"] = rnd(h, q)
+        t[p + "mlp.gate_proj.weight"] = rnd(spec.intermediate_size, h)
+        t[p + "mlp.up_proj.weight"] = rnd(spec.intermediate_size, h)
+        t[p + "mlp.down_proj.weight"] = rnd(h, spec.intermediate_size)
+    save_file(t, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        # CPU tests and the CPU demo: 2 layers, fp32, head_dim 32 (a size the CPU attention supports).
+        ModelSpec(
+            name="tiny-llama",
+            hidden_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=32,
+            intermediate_size=256,
+            vocab_size=32000,
+            max_position_embeddings=8192,
+            rope_theta=10000.0,
+            weights="random",
+            dtype="float32",
+        ),
+        ModelSpec(
+            name="llama-3.1-8b",
+            hidden_size=4096,
+            num_layers=32,
+            num_heads=32,
+            num_kv_heads=8,
+            head_dim=128,
+            intermediate_size=14336,
+            vocab_size=128256,
+            max_position_embeddings=131072,
+            rope_scaling=_LLAMA3_ROPE,
+        ),
+        ModelSpec(
+            name="qwen3-8b",
+            architecture="Qwen3ForCausalLM",
+            model_type="qwen3",
+            hidden_size=4096,
+            num_layers=36,
+            num_heads=32,
+            num_kv_heads=8,
+            head_dim=128,
+            intermediate_size=12288,
+            vocab_size=151936,
+            max_position_embeddings=40960,
+            rope_theta=1000000.0,
+            extra={"attention_bias": False, "rms_norm_eps": 1e-6},
+        ),
+    ]
+}
+
+
+def get_model(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; known: {sorted(MODELS)}") from None
