@@ -1,0 +1,63 @@
+"""PrefixCacheConfig: defaults, and every bad input fails naming the key and the allowed values."""
+import pytest
+
+from triton_prefix_cache.config import ConfigError, PrefixCacheConfig
+
+
+def test_defaults():
+    cfg = PrefixCacheConfig.from_dict({"host_cache_gib": 16})
+    assert (cfg.host_cache_gib, cfg.demote, cfg.load, cfg.index_backend, cfg.eviction) == (
+        16,
+        "lazy",
+        "async",
+        "auto",
+        "lru",
+    )
+    assert cfg.host_cache_bytes == 16 << 30
+
+
+def test_all_keys_set():
+    raw = {"host_cache_gib": 0.5, "demote": "write_through", "load": "layerwise", "index_backend": "torch",
+           "eviction": "lru"}
+    cfg = PrefixCacheConfig.from_dict(raw)
+    assert cfg.host_cache_bytes == 1 << 29
+    assert (cfg.demote, cfg.load, cfg.index_backend) == ("write_through", "layerwise", "torch")
+
+
+def test_frozen():
+    cfg = PrefixCacheConfig.from_dict({"host_cache_gib": 1})
+    with pytest.raises(AttributeError):
+        cfg.demote = "write_through"
+
+
+@pytest.mark.parametrize(
+    "raw, must_mention",
+    [
+        ({}, ["host_cache_gib", "required"]),
+        (None, ["host_cache_gib", "required"]),
+        ({"host_cache_gib": 0}, ["host_cache_gib", "> 0"]),
+        ({"host_cache_gib": -1.5}, ["host_cache_gib", "> 0"]),
+        ({"host_cache_gib": "16"}, ["host_cache_gib", "'16'"]),
+        ({"host_cache_gib": True}, ["host_cache_gib"]),
+        ({"host_cache_gib": float("nan")}, ["host_cache_gib"]),
+        ({"host_cache_gib": float("inf")}, ["host_cache_gib"]),
+        ({"host_cache_gib": 1, "demote": "eager"}, ["demote", "lazy", "write_through", "eager"]),
+        ({"host_cache_gib": 1, "load": "sync"}, ["load", "async", "layerwise"]),
+        ({"host_cache_gib": 1, "index_backend": "cuda"}, ["index_backend", "auto", "triton", "torch"]),
+        ({"host_cache_gib": 1, "eviction": "arc"}, ["eviction", "lru", "arc"]),
+        ({"host_cache_gib": 1, "demote": None}, ["demote", "lazy"]),
+        ({"host_cache_gib": 1, "cpu_bytes_to_use": 5}, ["cpu_bytes_to_use", "host_cache_gib", "allowed keys"]),
+        ("host_cache_gib=1", ["dict"]),
+    ],
+)
+def test_bad_config(raw, must_mention):
+    with pytest.raises(ConfigError) as e:
+        PrefixCacheConfig.from_dict(raw)
+    msg = str(e.value)
+    for word in must_mention:
+        assert word in msg, (word, msg)
+
+
+def test_config_error_is_value_error():
+    # vLLM surfaces ValueError at config time; keep ours one.
+    assert issubclass(ConfigError, ValueError)

@@ -1,0 +1,82 @@
+"""The prefix cache's typed configuration, validated once at startup.
+
+Engine-agnostic: an adapter hands over the plain dict it got from its engine (for vLLM, the
+`kv_connector_extra_config`), and every bad key or value fails here with a message that names the
+key and what is allowed, before any memory is allocated.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+DEMOTE_MODES = ("lazy", "write_through")
+LOAD_MODES = ("async", "layerwise")
+INDEX_BACKENDS = ("auto", "triton", "torch")
+EVICTION_POLICIES = ("lru",)
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, missing, or has a value outside its allowed set."""
+
+
+@dataclass(frozen=True)
+class PrefixCacheConfig:
+    """What the host tier is and how blocks move between it and the engine's KV cache.
+
+    host_cache_gib: size of the pinned host pool in GiB (float > 0). Required.
+    demote: "lazy" copies the cached blocks next in line for eviction; "write_through" copies
+        every new full block once its KV has been written.
+    load: "async" lets the request wait while its blocks load and other requests run;
+        "layerwise" loads inside the request's own step, overlapped with the forward per layer.
+    index_backend: which PrefixIndex backend serves host-tier lookups.
+    eviction: the host tier's eviction policy.
+    """
+
+    host_cache_gib: float
+    demote: str = "lazy"
+    load: str = "async"
+    index_backend: str = "auto"
+    eviction: str = "lru"
+
+    def __post_init__(self) -> None:
+        _check_gib(self.host_cache_gib)
+        _check_choice("demote", self.demote, DEMOTE_MODES)
+        _check_choice("load", self.load, LOAD_MODES)
+        _check_choice("index_backend", self.index_backend, INDEX_BACKENDS)
+        _check_choice("eviction", self.eviction, EVICTION_POLICIES)
+
+    @property
+    def host_cache_bytes(self) -> int:
+        return int(self.host_cache_gib * (1 << 30))
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None) -> PrefixCacheConfig:
+        """Build from a plain dict; unknown keys, a missing `host_cache_gib` or bad values raise ConfigError."""
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"the prefix cache config must be a dict, got {type(raw).__name__}")
+        allowed = cls.keys()
+        unknown = sorted(str(k) for k in raw if k not in allowed)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; allowed keys: {list(allowed)}")
+        if "host_cache_gib" not in raw:
+            raise ConfigError("config key 'host_cache_gib' is required: the host pool size in GiB (a number > 0)")
+        return cls(**dict(raw))
+
+
+def _check_gib(value: Any) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not ok:
+        raise ConfigError(f"config key 'host_cache_gib' must be a number > 0 (GiB of host memory), got {value!r}")
+
+
+def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(f"config key {key!r} must be one of {list(allowed)}, got {value!r}")
