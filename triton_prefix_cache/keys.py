@@ -78,7 +78,7 @@ def keys_from_block_hashes(hashes: list[bytes] | tuple[bytes, ...]) -> torch.Ten
     if len(buf) != n * width:
         raise ValueError(f"hashes: all block hashes must have the same length ({width} bytes)")
     words = np.frombuffer(buf, dtype="<i8").reshape(n, width // 8)[:, :2]
-    return torch.from_numpy(np.ascontiguousarray(words))
+    return torch.from_numpy(words.copy())
 
 
 def check_keys(keys: torch.Tensor, device: torch.device, name: str = "keys") -> None:

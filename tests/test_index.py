@@ -1,0 +1,448 @@
+"""PrefixIndex against a Python dict (the independent oracle) and across its two backends.
+
+Every test runs for the Triton backend on `kernel_device` (interpreted on the CPU here and in CI,
+compiled on the GPU host) and for the torch backend.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from triton_prefix_cache import IndexFullError, PrefixIndex, keys_from_block_hashes
+from triton_prefix_cache import keys as K
+from triton_prefix_cache import reference
+
+INT64 = (-(2**63), 2**63 - 1)
+
+
+@pytest.fixture(params=["triton", "torch"])
+def make_index(request, kernel_device):
+    backend = request.param
+
+    def make(capacity: int) -> PrefixIndex:
+        return PrefixIndex(capacity, device=kernel_device, backend=backend)
+
+    make.device = torch.device(kernel_device)
+    make.backend = backend
+    return make
+
+
+def rand_keys(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(*INT64, (n, 2), generator=g, dtype=torch.int64)
+
+
+def as_dict(keys: torch.Tensor, values: torch.Tensor) -> dict[tuple[int, int], int]:
+    d: dict[tuple[int, int], int] = {}
+    for k, v in zip(keys.tolist(), values.tolist()):
+        d[tuple(k)] = v
+    return d
+
+
+def expect_lookup(d: dict, keys: torch.Tensor) -> list[int]:
+    return [d.get(tuple(k), -1) for k in keys.tolist()]
+
+
+def assert_equal_lists(got: list, want: list, what: str) -> None:
+    bad = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
+    assert len(got) == len(want) and not bad, (
+        f"{what}: {len(bad)} mismatches, first at {bad[:8]}: got {[got[i] for i in bad[:8]]}, "
+        f"want {[want[i] for i in bad[:8]]}"
+    )
+
+
+@pytest.mark.parametrize("n", [1, 17, 1000, 10_000, 100_000])
+def test_insert_lookup_matches_dict(make_index, n):
+    idx = make_index(n)  # load factor up to 0.5 by construction
+    dev = make_index.device
+    keys = rand_keys(n, seed=n)
+    values = torch.randperm(n, generator=torch.Generator().manual_seed(1)).to(torch.int32)
+    new = idx.insert(keys.to(dev), values.to(dev))
+    assert bool(new.all()) and len(idx) == n and 0 < idx.load_factor <= 0.5
+    absent = rand_keys(min(n, 5000), seed=n + 1)
+    query = torch.cat([keys, absent])[torch.randperm(n + absent.shape[0])]
+    got = idx.lookup(query.to(dev)).cpu().tolist()
+    assert_equal_lists(got, expect_lookup(as_dict(keys, values), query), "lookup")
+
+
+def test_backends_share_one_layout(kernel_device):
+    """A table written by the Triton kernels is read correctly by the torch code, and back."""
+    keys, vals = rand_keys(3000, 7).to(kernel_device), torch.arange(3000, dtype=torch.int32, device=kernel_device)
+    a = PrefixIndex(3000, device=kernel_device, backend="triton")
+    a.insert(keys, vals)
+    assert torch.equal(reference.lookup(a._tkeys, a._tvals, keys), vals)
+    b = PrefixIndex(3000, device=kernel_device, backend="torch")
+    b.insert(keys, vals)
+    from triton_prefix_cache.kernels import hash_table
+
+    assert torch.equal(hash_table.lookup(b._tkeys, b._tvals, keys), vals)
+    assert torch.equal(hash_table.home_slot(keys, 1 << 12), K.home_slot(keys, 1 << 12))
+
+
+def test_keys_sharing_first_word(make_index):
+    dev = make_index.device
+    n = 4000
+    keys = rand_keys(n, 3)
+    keys[:, 0] = 0x1234  # every key has the same first word
+    keys[n // 2 :, 0] = -5  # two groups
+    vals = torch.arange(n, dtype=torch.int32)
+    idx = make_index(n)
+    idx.insert(keys.to(dev), vals.to(dev))
+    probe = keys.clone()
+    probe[:, 1] += 1  # same first word, second word off by one: must miss (unless it hits another key)
+    d = as_dict(keys, vals)
+    q = torch.cat([keys, probe])
+    assert_equal_lists(idx.lookup(q.to(dev)).cpu().tolist(), expect_lookup(d, q), "lookup")
+
+
+def keys_in_few_buckets(n: int, num_slots: int, buckets: int, seed: int) -> torch.Tensor:
+    """Distinct random keys whose home slot (the shared hash) is one of `buckets` slots."""
+    out, g = [], torch.Generator().manual_seed(seed)
+    while sum(x.shape[0] for x in out) < n:
+        cand = torch.randint(*INT64, (200_000, 2), generator=g, dtype=torch.int64)
+        out.append(cand[K.home_slot(cand, num_slots) < buckets])
+    return torch.unique(torch.cat(out), dim=0)[:n]
+
+
+def test_keys_forced_into_few_buckets(make_index):
+    dev = make_index.device
+    idx = make_index(600)
+    keys = keys_in_few_buckets(600, idx.num_slots, buckets=3, seed=5)
+    vals = torch.arange(600, dtype=torch.int32)
+    assert bool(idx.insert(keys.to(dev), vals.to(dev)).all())
+    d = as_dict(keys, vals)
+    q = torch.cat([keys, keys_in_few_buckets(300, idx.num_slots, buckets=3, seed=6)])
+    assert_equal_lists(idx.lookup(q.to(dev)).cpu().tolist(), expect_lookup(d, q), "lookup")
+    # Remove every other key from the long chain: the keys behind the tombstones stay findable.
+    gone = idx.remove(keys[::2].to(dev))
+    assert bool(gone.all())
+    for k in keys[::2].tolist():
+        del d[tuple(k)]
+    assert_equal_lists(idx.lookup(q.to(dev)).cpu().tolist(), expect_lookup(d, q), "lookup after remove")
+    # New keys of the same buckets, each three times in one batch, land on the tombstones: every
+    # key must take exactly one slot, reported new once.
+    fresh = keys_in_few_buckets(250, idx.num_slots, buckets=3, seed=7)
+    batch = torch.cat([fresh, fresh.flip(0), fresh])
+    bvals = torch.arange(750, dtype=torch.int32)
+    want_new = [tuple(k) not in d for k in fresh.tolist()] + [False] * 500
+    d.update(as_dict(batch, bvals))
+    assert_equal_lists(idx.insert(batch.to(dev), bvals.to(dev)).cpu().tolist(), want_new, "new flags")
+    stored, _ = idx.items()
+    assert stored.shape[0] == len(idx) == len(d), "a key was stored twice"
+    assert_equal_lists(idx.lookup(q.to(dev)).cpu().tolist(), expect_lookup(d, q), "lookup after reuse")
+
+
+def test_duplicates_in_one_batch(make_index):
+    """Last occurrence's value wins; newness is reported once, at the first occurrence."""
+    dev = make_index.device
+    g = torch.Generator().manual_seed(9)
+    base = rand_keys(300, 11)
+    idx = make_index(400)
+    idx.insert(base[:100].to(dev), torch.zeros(100, dtype=torch.int32, device=dev))
+    pick = torch.randint(0, 300, (2000,), generator=g)
+    keys, vals = base[pick], torch.randint(0, 2**31 - 1, (2000,), generator=g, dtype=torch.int32)
+    want_new, d = [], {tuple(k): 0 for k in base[:100].tolist()}
+    for k, v in zip(keys.tolist(), vals.tolist()):
+        want_new.append(tuple(k) not in d)
+        d[tuple(k)] = v
+    new = idx.insert(keys.to(dev), vals.to(dev))
+    assert_equal_lists(new.cpu().tolist(), want_new, "new flags")
+    assert len(idx) == len(d)
+    assert_equal_lists(idx.lookup(base.to(dev)).cpu().tolist(), expect_lookup(d, base), "values")
+    # remove with duplicates: the first occurrence of a present key reports True
+    pick = torch.randint(0, 300, (500,), generator=g)
+    rm = base[pick]
+    want_rm = []
+    for k in rm.tolist():
+        want_rm.append(d.pop(tuple(k), None) is not None)
+    assert_equal_lists(idx.remove(rm.to(dev)).cpu().tolist(), want_rm, "removed flags")
+    assert len(idx) == len(d)
+
+
+def test_remove_reinsert_cycles_past_rebuild(make_index):
+    dev = make_index.device
+    cap = 512
+    idx = make_index(cap)
+    universe = rand_keys(3 * cap, 21)
+    g = torch.Generator().manual_seed(22)
+    d: dict[tuple[int, int], int] = {}
+    for cycle in range(12):
+        # Fill up to capacity with fresh keys, then remove about 70% of what is there.
+        missing = [i for i, k in enumerate(universe.tolist()) if tuple(k) not in d]
+        take = torch.tensor(missing)[torch.randperm(len(missing), generator=g)][: cap - len(d)]
+        keys = universe[take]
+        vals = torch.randint(0, 1000, (keys.shape[0],), generator=g, dtype=torch.int32)
+        assert bool(idx.insert(keys.to(dev), vals.to(dev)).all())
+        d.update(as_dict(keys, vals))
+        assert len(idx) == len(d) == cap
+        present = torch.tensor([list(k) for k in d], dtype=torch.int64)
+        rm = present[torch.randperm(len(d), generator=g)[: int(0.7 * len(d))]]
+        assert bool(idx.remove(rm.to(dev)).all())
+        for k in rm.tolist():
+            del d[tuple(k)]
+        assert_equal_lists(idx.lookup(universe.to(dev)).cpu().tolist(), expect_lookup(d, universe), f"cycle {cycle}")
+        assert idx.tombstones <= K_REBUILD * idx.num_slots
+    assert idx.rebuilds > 0
+
+
+K_REBUILD = 0.25
+
+
+def test_capacity_is_enforced_and_nothing_changes(make_index):
+    dev = make_index.device
+    idx = make_index(100)
+    keys = rand_keys(130, 31).to(dev)
+    vals = torch.arange(130, dtype=torch.int32, device=dev)
+    idx.insert(keys[:90], vals[:90])
+    before = idx.lookup(keys).cpu()
+    with pytest.raises(IndexFullError, match="capacity of 100"):
+        idx.insert(keys[80:120], vals[80:120] + 1000)  # 30 new keys: 120 > 100
+    assert len(idx) == 90 and torch.equal(idx.lookup(keys).cpu(), before)
+    # Exactly to capacity, with duplicates and updates that must not count as new keys.
+    batch = torch.cat([keys[80:100], keys[90:100], keys[:5]])
+    idx.insert(batch, torch.arange(35, dtype=torch.int32, device=dev))
+    assert len(idx) == 100
+
+
+def test_reserved_first_words_are_still_keys(make_index):
+    dev = make_index.device
+    specials = [K.EMPTY, K.TOMBSTONE, K.BUSY, K.NEVER]
+    keys = torch.tensor([[w, 7] for w in specials] + [[K.FIRST_REAL, 8], [0, 0], [-1, -1]], dtype=torch.int64)
+    idx = make_index(16)
+    vals = torch.arange(keys.shape[0], dtype=torch.int32)
+    idx.insert(keys.to(dev), vals.to(dev))
+    got = idx.lookup(keys.to(dev)).cpu().tolist()
+    # The four reserved first words fold onto FIRST_REAL: with the same second word they are one key.
+    assert got[:4] == [3, 3, 3, 3] and got[4:] == [4, 5, 6]
+    assert len(idx) == 4
+
+
+def match_prefix_oracle(d: dict, keys: torch.Tensor, offsets: list[int]) -> tuple[list[int], list[int]]:
+    values = expect_lookup(d, keys)
+    counts = []
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        c = 0
+        while a + c < b and values[a + c] >= 0:
+            c += 1
+        counts.append(c)
+    return counts, values
+
+
+def test_match_prefix(make_index):
+    dev = make_index.device
+    g = torch.Generator().manual_seed(41)
+    stored = rand_keys(2000, 42)
+    idx = make_index(2000)
+    vals = torch.arange(2000, dtype=torch.int32)
+    idx.insert(stored.to(dev), vals.to(dev))
+    d = as_dict(stored, vals)
+    foreign = rand_keys(2000, 43)
+    reqs = []
+    for i in range(64):
+        n = int(torch.randint(0, 40, (1,), generator=g))
+        kind = i % 4
+        if kind == 0:  # full hit
+            r = stored[torch.randint(0, 2000, (n,), generator=g)]
+        elif kind == 1:  # hit, then a miss, then present keys again (must not count)
+            r = stored[torch.randint(0, 2000, (n,), generator=g)]
+            if n:
+                r[int(torch.randint(0, n, (1,), generator=g))] = foreign[i]
+        elif kind == 2:  # all missing
+            r = foreign[torch.randint(0, 2000, (n,), generator=g)]
+        else:  # empty request
+            r = stored[:0]
+        reqs.append(r)
+    keys = torch.cat(reqs)
+    offsets = [0]
+    for r in reqs:
+        offsets.append(offsets[-1] + r.shape[0])
+    counts, values = idx.match_prefix(keys.to(dev), torch.tensor(offsets, device=dev))
+    want_counts, want_values = match_prefix_oracle(d, keys, offsets)
+    assert_equal_lists(counts.cpu().tolist(), want_counts, "counts")
+    assert_equal_lists(values.cpu().tolist(), want_values, "values")
+    # No requests at all, and one long request.
+    c, v = idx.match_prefix(stored[:0].to(dev), torch.zeros(1, dtype=torch.int64, device=dev))
+    assert c.shape == (0,) and v.shape == (0,)
+    long = torch.cat([stored, foreign[:1], stored[:10]])
+    c, _ = idx.match_prefix(long.to(dev), torch.tensor([0, long.shape[0]], device=dev))
+    assert c.tolist() == [2000]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["insert", "remove", "lookup"]),
+            st.lists(st.integers(0, 47), min_size=0, max_size=24),
+            st.integers(0, 1000),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_random_operation_sequences_match_dict(make_index, ops):
+    """Any sequence of batched operations over a small key universe behaves like a dict."""
+    dev = make_index.device
+    universe = rand_keys(48, 51)
+    universe[:16, 0] = 99  # a third of the keys share their first word
+    idx = make_index(48)
+    d: dict[tuple[int, int], int] = {}
+    for op, picks, salt in ops:
+        keys = universe[picks] if picks else universe[:0]
+        if op == "insert":
+            vals = torch.tensor([(salt + 7 * i) % 1000 for i in range(len(picks))], dtype=torch.int32)
+            want = []
+            for k, v in zip(keys.tolist(), vals.tolist()):
+                want.append(tuple(k) not in d)
+                d[tuple(k)] = v
+            got = idx.insert(keys.to(dev), vals.to(dev)).cpu().tolist()
+        elif op == "remove":
+            want = [d.pop(tuple(k), None) is not None for k in keys.tolist()]
+            got = idx.remove(keys.to(dev)).cpu().tolist()
+        else:
+            want, got = expect_lookup(d, keys), idx.lookup(keys.to(dev)).cpu().tolist()
+        assert got == want, (op, picks)
+        assert len(idx) == len(d)
+    assert_equal_lists(idx.lookup(universe.to(dev)).cpu().tolist(), expect_lookup(d, universe), "final")
+
+
+def test_clear_and_items(make_index):
+    dev = make_index.device
+    idx = make_index(64)
+    keys = rand_keys(50, 61)
+    idx.insert(keys.to(dev), torch.arange(50, dtype=torch.int32, device=dev))
+    k, v = idx.items()
+    assert as_dict(k.cpu(), v.cpu()) == as_dict(keys, torch.arange(50, dtype=torch.int32))
+    idx.clear()
+    assert len(idx) == 0 and bool((idx.lookup(keys.to(dev)) == -1).all())
+    idx.insert(keys.to(dev), torch.arange(50, dtype=torch.int32, device=dev))
+    assert len(idx) == 50
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad, exc, match",
+    [
+        (lambda: torch.zeros((4, 2), dtype=torch.int32), TypeError, "keys: expected dtype torch.int64"),
+        (lambda: torch.zeros((4, 3), dtype=torch.int64), ValueError, r"keys: expected shape \(n, 2\)"),
+        (lambda: torch.zeros(8, dtype=torch.int64), ValueError, r"keys: expected shape \(n, 2\)"),
+        (lambda: torch.zeros((4, 2), dtype=torch.int64, device="meta"), ValueError, "keys: expected a tensor on"),
+        (lambda: [[1, 2]], TypeError, "keys: expected a torch.Tensor"),
+    ],
+)
+def test_bad_keys_name_the_argument(make_index, bad, exc, match):
+    idx = make_index(8)
+    with pytest.raises(exc, match=match):
+        idx.lookup(bad())
+    with pytest.raises(exc, match=match):
+        idx.remove(bad())
+
+
+def test_bad_values_and_offsets(make_index):
+    dev = make_index.device
+    idx = make_index(8)
+    keys = rand_keys(4, 71).to(dev)
+    with pytest.raises(TypeError, match="values: expected dtype torch.int32"):
+        idx.insert(keys, torch.zeros(4, dtype=torch.int64, device=dev))
+    with pytest.raises(ValueError, match=r"values: expected shape \(4,\)"):
+        idx.insert(keys, torch.zeros(3, dtype=torch.int32, device=dev))
+    with pytest.raises(ValueError, match="values: must be >= 0"):
+        idx.insert(keys, torch.tensor([0, 1, -1, 2], dtype=torch.int32, device=dev))
+    assert len(idx) == 0
+    with pytest.raises(TypeError, match="offsets: expected dtype torch.int64"):
+        idx.match_prefix(keys, torch.tensor([0, 4], dtype=torch.int32, device=dev))
+    with pytest.raises(ValueError, match="offsets: must be non-decreasing from 0 to len"):
+        idx.match_prefix(keys, torch.tensor([0, 3], device=dev))
+    with pytest.raises(ValueError, match="offsets: must be non-decreasing"):
+        idx.match_prefix(keys, torch.tensor([0, 3, 2, 4], device=dev))
+
+
+def test_bad_constructor_arguments(monkeypatch):
+    with pytest.raises(ValueError, match="capacity: expected a positive int"):
+        PrefixIndex(0)
+    with pytest.raises(ValueError, match="capacity: expected a positive int"):
+        PrefixIndex(2.5)
+    with pytest.raises(ValueError, match="backend: expected 'auto', 'triton' or 'torch'"):
+        PrefixIndex(8, backend="cuda")
+    with pytest.raises(ValueError, match="device: expected 'cpu' or a CUDA device"):
+        PrefixIndex(8, device="meta")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        PrefixIndex(8, device="cpu", backend="triton")
+    idx = PrefixIndex(100)
+    assert idx.num_slots >= 200 and idx.num_slots & (idx.num_slots - 1) == 0
+    assert idx.backend == ("triton" if idx.device.type == "cuda" else "torch")
+
+
+# ---- keys from vLLM block hashes ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width", [32, 16])
+def test_keys_from_block_hashes(width):
+    hashes = [hashlib.sha256(str(i).encode()).digest()[:width] for i in range(1000)]
+    keys = keys_from_block_hashes(hashes)
+    want = [
+        [int.from_bytes(h[0:8], "little", signed=True), int.from_bytes(h[8:16], "little", signed=True)]
+        for h in hashes
+    ]
+    assert keys.dtype == torch.int64 and keys.shape == (1000, 2) and keys.tolist() == want
+    assert keys_from_block_hashes([]).shape == (0, 2)
+
+
+def test_keys_from_block_hashes_rejects_bad_input():
+    with pytest.raises(ValueError, match="16- or 32-byte"):
+        keys_from_block_hashes([b"\x00" * 8])
+    with pytest.raises(ValueError, match="same length"):
+        keys_from_block_hashes([b"\x00" * 32, b"\x00" * 16])
+
+
+# ---- GPU only: concurrency that the (serializing) interpreter cannot exercise ------------------
+
+
+@pytest.mark.gpu
+def test_concurrent_inserts_into_few_buckets_gpu():
+    """1e6 insert lanes hammering 1024 keys whose homes are 8 slots: one slot per key, last wins."""
+    dev = "cuda"
+    idx = PrefixIndex(4096, device=dev, backend="triton")
+    distinct = keys_in_few_buckets(1024, idx.num_slots, buckets=8, seed=81)
+    g = torch.Generator().manual_seed(82)
+    pick = torch.randint(0, 1024, (1_000_000,), generator=g)
+    keys = distinct[pick]
+    vals = torch.randint(0, 2**31 - 1, (1_000_000,), generator=g, dtype=torch.int32)
+    new = idx.insert(keys.to(dev), vals.to(dev)).cpu()
+    last = torch.full((1024,), -1, dtype=torch.int64)
+    last.scatter_reduce_(0, pick, torch.arange(1_000_000), reduce="amax")
+    first = torch.full((1024,), 1_000_000, dtype=torch.int64)
+    first.scatter_reduce_(0, pick, torch.arange(1_000_000), reduce="amin")
+    assert len(idx) == 1024, "a key was claimed twice (or lost)"
+    want_new = torch.zeros(1_000_000, dtype=torch.bool)
+    want_new[first] = True
+    assert torch.equal(new, want_new)
+    assert torch.equal(idx.lookup(distinct.to(dev)).cpu(), vals[last])
+    k, _ = idx.items()
+    assert torch.unique(k.cpu(), dim=0).shape[0] == 1024
+
+
+@pytest.mark.gpu
+def test_concurrent_distinct_inserts_sharing_first_word_gpu():
+    dev = "cuda"
+    n = 1_000_000
+    keys = rand_keys(n, 91)
+    keys[:, 0] = 42
+    keys = torch.unique(keys, dim=0)
+    n = keys.shape[0]
+    idx = PrefixIndex(n, device=dev, backend="triton")
+    vals = torch.arange(n, dtype=torch.int32)
+    assert bool(idx.insert(keys.to(dev), vals.to(dev)).all())
+    assert len(idx) == n
+    assert torch.equal(idx.lookup(keys.to(dev)).cpu(), vals)
+    ref = PrefixIndex(n, device=dev, backend="torch")
+    ref.insert(keys.to(dev), vals.to(dev))
+    q = torch.cat([keys[::3], rand_keys(10_000, 92)]).to(dev)
+    assert torch.equal(idx.lookup(q), ref.lookup(q))
