@@ -86,10 +86,10 @@ class PrefixIndex:
         with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
             self._tkeys = torch.empty((self.num_slots, 2), dtype=torch.int64, device=self.device)
             self._tvals = torch.empty(self.num_slots, dtype=torch.int32, device=self.device)
+            # Per-slot scratch for in-batch de-duplication; every operation leaves it as it found it.
+            self._first = torch.full((self.num_slots,), 2**31 - 1, dtype=torch.int32, device=self.device)
+            self._last = torch.full((self.num_slots,), -1, dtype=torch.int32, device=self.device)
             if self.backend == "triton":
-                # Scratch for in-batch de-duplication; each op leaves it as it found it.
-                self._first = torch.full((self.num_slots,), 2**31 - 1, dtype=torch.int32, device=self.device)
-                self._last = torch.full((self.num_slots,), -1, dtype=torch.int32, device=self.device)
                 self._fresh = torch.zeros(self.num_slots, dtype=torch.int8, device=self.device)
             self._reset_table()
         self._live = 0
@@ -185,7 +185,7 @@ class PrefixIndex:
             )
             n_new, n_reused = torch.stack([new.sum(dtype=torch.int64), reused]).tolist()
         else:
-            new, n_reused = reference.insert(self._tkeys, self._tvals, keys, values)
+            new, n_reused = reference.insert(self._tkeys, self._tvals, self._first, self._last, keys, values)
             n_new = int(new.sum())
         self._live += n_new
         self._tombstones -= n_reused
@@ -195,7 +195,7 @@ class PrefixIndex:
         if self.backend == "triton":
             removed = self._kernels.remove(self._tkeys, self._first, keys)
         else:
-            removed = reference.remove(self._tkeys, keys)
+            removed = reference.remove(self._tkeys, self._first, keys)
         n = int(removed.sum())
         self._live -= n
         self._tombstones += n
@@ -218,7 +218,7 @@ class PrefixIndex:
         if self.backend == "triton":
             self._kernels.insert(self._tkeys, self._tvals, self._first, self._last, self._fresh, keys, vals)
         else:
-            reference.insert(self._tkeys, self._tvals, keys, vals)
+            reference.insert(self._tkeys, self._tvals, self._first, self._last, keys, vals)
         self._tombstones = 0
         self.rebuilds += 1
 

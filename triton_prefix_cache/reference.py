@@ -12,109 +12,149 @@ import torch
 from .keys import EMPTY, TOMBSTONE, home_slot, sanitize
 
 
-def lookup(tkeys: torch.Tensor, tvals: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Value of each key, or -1."""
-    keys = sanitize(keys)
-    n, mask = keys.shape[0], tkeys.shape[0] - 1
-    out = torch.full((n,), -1, dtype=torch.int32, device=keys.device)
-    idx = torch.arange(n, device=keys.device)
-    pos = home_slot(keys, tkeys.shape[0])
-    w0, w1 = keys[:, 0], keys[:, 1]
-    while idx.numel():
-        s = tkeys[pos]
-        hit = (s[:, 0] == w0) & (s[:, 1] == w1)
-        out[idx[hit]] = tvals[pos[hit]]
-        go_on = ~hit & (s[:, 0] != EMPTY)
-        idx, pos, w0, w1 = idx[go_on], (pos[go_on] + 1) & mask, w0[go_on], w1[go_on]
-    return out
+#: Slots examined per key and probe round. Linear-probing runs at load <= 0.5 are short, so most
+#: keys finish in the first window: few rounds of wide gathers beat many rounds of narrow ones.
+WINDOW = 8
+_I32_MAX = 2**31 - 1
+
+
+def _first_true(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(any, index of the first True) along the last axis."""
+    return m.any(1), m.to(torch.uint8).argmax(1)
 
 
 def find_slots(tkeys: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Slot of each (sanitized) key, or -1."""
+    """Slot of each (sanitized) key, or -1: walk each probe sequence to the key or to an EMPTY."""
     n, mask = keys.shape[0], tkeys.shape[0] - 1
     out = torch.full((n,), -1, dtype=torch.int64, device=keys.device)
     idx = torch.arange(n, device=keys.device)
     pos = home_slot(keys, tkeys.shape[0])
-    w0, w1 = keys[:, 0], keys[:, 1]
+    w0, w1 = keys[:, :1], keys[:, 1:]
+    steps = torch.arange(WINDOW, device=keys.device)
     while idx.numel():
-        s = tkeys[pos]
-        hit = (s[:, 0] == w0) & (s[:, 1] == w1)
-        out[idx[hit]] = pos[hit]
-        go_on = ~hit & (s[:, 0] != EMPTY)
-        idx, pos, w0, w1 = idx[go_on], (pos[go_on] + 1) & mask, w0[go_on], w1[go_on]
+        p = (pos[:, None] + steps) & mask
+        s = tkeys[p]
+        hit = (s[..., 0] == w0) & (s[..., 1] == w1)
+        stopped, j = _first_true(hit | (s[..., 0] == EMPTY))
+        rows = torch.arange(idx.numel(), device=keys.device)
+        is_hit = hit[rows, j] & stopped
+        out[idx[is_hit]] = p[rows, j][is_hit]
+        go_on = ~stopped
+        idx, pos, w0, w1 = idx[go_on], (pos[go_on] + WINDOW) & mask, w0[go_on], w1[go_on]
     return out
 
 
-def _first_and_last(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For each row: the index of the first and of the last row holding the same key."""
-    uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)
-    n = keys.shape[0]
-    pos = torch.arange(n, device=keys.device)
-    first = torch.full((uniq.shape[0],), n, dtype=torch.int64, device=keys.device)
-    last = torch.full((uniq.shape[0],), -1, dtype=torch.int64, device=keys.device)
-    first.scatter_reduce_(0, inverse, pos, reduce="amin")
-    last.scatter_reduce_(0, inverse, pos, reduce="amax")
-    return first, last, inverse
+def lookup(tkeys: torch.Tensor, tvals: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Value of each key, or -1."""
+    slots = find_slots(tkeys, sanitize(keys))
+    out = torch.full((keys.shape[0],), -1, dtype=torch.int32, device=keys.device)
+    hit = slots >= 0
+    out[hit] = tvals[slots[hit]]
+    return out
+
+
+def _claim(tkeys: torch.Tensor, keys: torch.Tensor, lanes: torch.Tensor, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Give each absent key of `lanes` a slot: the first free (EMPTY or tombstone) one on its probe
+    sequence. Lanes holding the same key end on one slot; where different keys want one slot the
+    lowest lane wins (resolved in the `first` scratch, which is left as found). Returns
+    (slot per lane, which lanes claimed, tombstones reused)."""
+    mask = tkeys.shape[0] - 1
+    dev = keys.device
+    slots = torch.full((lanes.numel(),), -1, dtype=torch.int64, device=dev)
+    claimed = torch.zeros(lanes.numel(), dtype=torch.bool, device=dev)
+    at = torch.arange(lanes.numel(), device=dev)  # positions into `slots`
+    pos = home_slot(keys[lanes], tkeys.shape[0])
+    w0, w1 = keys[lanes, :1], keys[lanes, 1:]
+    steps = torch.arange(WINDOW, device=dev)
+    reused = 0
+    while at.numel():
+        p = (pos[:, None] + steps) & mask
+        s = tkeys[p]
+        mine = (s[..., 0] == w0) & (s[..., 1] == w1)  # claimed by a lane with the same key
+        free = (s[..., 0] == EMPTY) | (s[..., 0] == TOMBSTONE)
+        stopped, j = _first_true(mine | free)
+        rows = torch.arange(at.numel(), device=dev)
+        target = p[rows, j]
+        is_mine = stopped & mine[rows, j]
+        cand = stopped & ~is_mine
+        lane_ids = lanes[at].to(torch.int32)
+        cpos, cl = target[cand], lane_ids[cand]
+        first.scatter_reduce_(0, cpos, cl, reduce="amin")
+        won = torch.zeros_like(cand)
+        won[cand] = first[cpos] == cl
+        first[cpos] = _I32_MAX
+        wpos = target[won]
+        reused += int((tkeys[wpos, 0] == TOMBSTONE).sum())
+        tkeys[wpos, 0] = w0[won, 0]
+        tkeys[wpos, 1] = w1[won, 0]
+        done = is_mine | won
+        slots[at[done]] = target[done]
+        claimed[at[won]] = True
+        # Losers re-read their target next round (it may now hold their key); a window with no
+        # stop moves on by a whole window.
+        keep = ~done
+        nxt = torch.where(stopped, target, (pos + WINDOW) & mask)
+        at, pos, w0, w1 = at[keep], nxt[keep], w0[keep], w1[keep]
+    return slots, claimed, reused
 
 
 def insert(
-    tkeys: torch.Tensor, tvals: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    tkeys: torch.Tensor,
+    tvals: torch.Tensor,
+    first: torch.Tensor,
+    last: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
 ) -> tuple[torch.Tensor, int]:
     """Upsert; returns (new flags, tombstones reused).
 
     A key repeated in the batch takes the value of its last occurrence and is reported new (if it
-    was absent) at its first occurrence only, as a sequential dict would do.
+    was absent) at its first occurrence only, as a sequential dict would do. `first` (int32, filled
+    with INT32_MAX) and `last` (int32, filled with -1) are per-slot scratch, left as found.
     """
     keys = sanitize(keys)
     n = keys.shape[0]
-    new = torch.zeros(n, dtype=torch.bool, device=keys.device)
+    dev = keys.device
     if n == 0:
-        return new, 0
-    first, last, _ = _first_and_last(keys)
-    ukeys, uvals = keys[last], values[last]
-    slots = find_slots(tkeys, ukeys)
-    found = slots >= 0
-    tvals[slots[found]] = uvals[found]
-    absent = (~found).nonzero().squeeze(1)
-    new[first[absent]] = True
-    # Claim the first free slot (tombstone or empty) on each absent key's probe sequence; where
-    # several keys pick one slot the lowest index wins and the others walk on.
-    mask = tkeys.shape[0] - 1
-    pending = absent
-    pos = home_slot(ukeys[pending], tkeys.shape[0])
+        return torch.zeros(0, dtype=torch.bool, device=dev), 0
+    slots = find_slots(tkeys, keys)
+    absent = (slots < 0).nonzero().squeeze(1)
+    fresh = torch.zeros(n, dtype=torch.bool, device=dev)
     reused = 0
-    while pending.numel():
-        s0 = tkeys[pos, 0]
-        free = (s0 == EMPTY) | (s0 == TOMBSTONE)
-        cand, cpos = pending[free], pos[free]
-        uslots, inv = torch.unique(cpos, return_inverse=True)
-        winner = torch.full((uslots.shape[0],), n, dtype=torch.int64, device=keys.device)
-        winner.scatter_reduce_(0, inv, cand, reduce="amin")
-        won = winner[inv] == cand
-        wpos, wk = cpos[won], cand[won]
-        reused += int((tkeys[wpos, 0] == TOMBSTONE).sum())
-        tkeys[wpos] = ukeys[wk]
-        tvals[wpos] = uvals[wk]
-        placed = torch.zeros(n, dtype=torch.bool, device=keys.device)
-        placed[wk] = True
-        keep = ~placed[pending]
-        # Losers retry the same slot only to find it taken: advance everyone not placed.
-        pending, pos = pending[keep], (pos[keep] + 1) & mask
+    if absent.numel():
+        got, claimed, reused = _claim(tkeys, keys, absent, first)
+        slots[absent] = got
+        fresh[absent[claimed]] = True
+    lane = torch.arange(n, dtype=torch.int32, device=dev)
+    first.scatter_reduce_(0, slots, lane, reduce="amin")
+    last.scatter_reduce_(0, slots, lane, reduce="amax")
+    is_first = first[slots] == lane
+    is_last = last[slots] == lane
+    tvals[slots[is_last]] = values[is_last]
+    # The slot was claimed in this call by some lane; report it at the key's first occurrence.
+    slot_fresh = torch.zeros(n, dtype=torch.bool, device=dev)
+    slot_fresh[first[slots[fresh]].long()] = True
+    new = is_first & slot_fresh
+    first[slots] = _I32_MAX
+    last[slots] = -1
     return new, reused
 
 
-def remove(tkeys: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def remove(tkeys: torch.Tensor, first: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Tombstone each present key; for a key repeated in the batch only the first occurrence is True."""
     keys = sanitize(keys)
     n = keys.shape[0]
     removed = torch.zeros(n, dtype=torch.bool, device=keys.device)
     if n == 0:
         return removed
-    first, _, _ = _first_and_last(keys)
-    slots = find_slots(tkeys, keys[first])
-    found = slots >= 0
-    tkeys[slots[found], 0] = TOMBSTONE
-    removed[first[found]] = True
+    slots = find_slots(tkeys, keys)
+    found = (slots >= 0).nonzero().squeeze(1)
+    fs, lane = slots[found], found.to(torch.int32)
+    first.scatter_reduce_(0, fs, lane, reduce="amin")
+    win = first[fs] == lane
+    first[fs] = _I32_MAX
+    tkeys[fs[win], 0] = TOMBSTONE
+    removed[found[win]] = True
     return removed
 
 
