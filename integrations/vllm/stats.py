@@ -1,0 +1,140 @@
+"""The connector's counters in vLLM's connector-stats form: the log line and Prometheus.
+
+Both sides fill one `TPCStats`: the scheduler side (hits per tier, drops, its own time) and the
+worker side (bytes and seconds of copies each way). vLLM aggregates the worker's and the
+scheduler's objects every step, rebuilds them in the logger process from `data` (plain numbers,
+so they cross process boundaries as they are), prints `reduce()` in its "KV Transfer metrics"
+line and hands `data` to `TPCPromMetrics.observe`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
+
+#: Counters (summed on aggregate). Names are the keys of `TPCStats.data`.
+COUNTERS = (
+    "queried_tokens",  # prompt tokens the adapter was asked about (after vLLM's own GPU hit)
+    "gpu_hit_tokens",  # vLLM's own GPU prefix hit, as handed to the adapter
+    "host_hit_tokens",  # tokens the adapter served from the host tier
+    "lookups",  # get_num_new_matched_tokens calls that looked at the index
+    "load_bytes",
+    "load_seconds",
+    "loads",
+    "store_bytes",
+    "store_seconds",
+    "stores",
+    "dropped_stores",  # demotions skipped: host tier full of pinned slots, or block gone
+    "failed_loads",
+    "sched_seconds",  # scheduler time spent inside the adapter (key derivation + lookup + bookkeeping)
+    "sched_requests",  # requests that time is spread over
+    "step_seconds",  # per-step adapter time (planning demotions, handling completions)
+)
+#: Gauges (the latest value wins on aggregate).
+GAUGES = ("inflight_loads", "inflight_stores", "host_used_slots", "host_slots")
+
+
+@dataclass
+class TPCStats(KVConnectorStats):
+    """Counters and gauges of one interval; `data` holds plain numbers only."""
+
+    def __post_init__(self) -> None:
+        for k in COUNTERS:
+            self.data.setdefault(k, 0)
+
+    def reset(self) -> None:
+        self.data = {k: 0 for k in COUNTERS}
+
+    def add(self, key: str, value: float) -> None:
+        self.data[key] = self.data.get(key, 0) + value
+
+    def set(self, key: str, value: float) -> None:
+        self.data[key] = value
+
+    def aggregate(self, other: KVConnectorStats) -> TPCStats:
+        for k, v in other.data.items():
+            if k in GAUGES:
+                self.data[k] = v
+            else:
+                self.data[k] = self.data.get(k, 0) + v
+        return self
+
+    def is_empty(self) -> bool:
+        return not any(self.data.get(k, 0) for k in COUNTERS) and not any(
+            self.data.get(k, 0) for k in ("inflight_loads", "inflight_stores")
+        )
+
+    def reduce(self) -> dict[str, int | float]:
+        d = self.data
+
+        def gbps(nbytes: str, secs: str) -> float:
+            return round(d.get(nbytes, 0) / d[secs] / 1e9, 2) if d.get(secs, 0) > 0 else 0.0
+
+        sched_us = 1e6 * d.get("sched_seconds", 0) / d["sched_requests"] if d.get("sched_requests") else 0.0
+        return {
+            "gpu_hit_tokens": int(d.get("gpu_hit_tokens", 0)),
+            "host_hit_tokens": int(d.get("host_hit_tokens", 0)),
+            "queried_tokens": int(d.get("queried_tokens", 0)),
+            "load_GB": round(d.get("load_bytes", 0) / 1e9, 3),
+            "load_GBps": gbps("load_bytes", "load_seconds"),
+            "store_GB": round(d.get("store_bytes", 0) / 1e9, 3),
+            "store_GBps": gbps("store_bytes", "store_seconds"),
+            "dropped_stores": int(d.get("dropped_stores", 0)),
+            "failed_loads": int(d.get("failed_loads", 0)),
+            "inflight_loads": int(d.get("inflight_loads", 0)),
+            "host_used_slots": int(d.get("host_used_slots", 0)),
+            "sched_us_per_req": round(sched_us, 1),
+        }
+
+
+# Prometheus names: counters get `_total` appended by the client library.
+_PROM_COUNTERS = {
+    "host_hit_tokens": ("vllm:tpc_host_hit_tokens", "Prompt tokens served from the host tier."),
+    "gpu_hit_tokens": ("vllm:tpc_gpu_hit_tokens", "Prompt tokens vLLM served from its own GPU prefix cache."),
+    "queried_tokens": ("vllm:tpc_queried_tokens", "Prompt tokens looked up in the host tier."),
+    "load_bytes": ("vllm:tpc_load_bytes", "Bytes copied host -> GPU."),
+    "load_seconds": ("vllm:tpc_load_seconds", "Seconds spent in host -> GPU copies."),
+    "store_bytes": ("vllm:tpc_store_bytes", "Bytes copied GPU -> host."),
+    "store_seconds": ("vllm:tpc_store_seconds", "Seconds spent in GPU -> host copies."),
+    "dropped_stores": ("vllm:tpc_dropped_stores", "Demotions dropped (host tier full of pinned slots)."),
+    "failed_loads": ("vllm:tpc_failed_loads", "Host-tier loads that failed."),
+    "sched_seconds": ("vllm:tpc_scheduler_seconds", "Scheduler time spent in the adapter's lookups."),
+    "step_seconds": ("vllm:tpc_step_seconds", "Scheduler time spent in the adapter's per-step planning."),
+    "sched_requests": ("vllm:tpc_scheduler_requests", "Requests the adapter looked up."),
+}
+_PROM_GAUGES = {
+    "inflight_loads": ("vllm:tpc_inflight_loads", "Host -> GPU loads in flight."),
+    "host_used_slots": ("vllm:tpc_host_used_slots", "Host-tier slots holding a block."),
+}
+
+
+class TPCPromMetrics(KVConnectorPromMetrics):
+    """Registers the counters above per engine and adds each interval's values to them."""
+
+    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues) -> None:
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+        def per_engine(metric) -> dict[int, Any]:
+            return {i: metric.labels(*vals) for i, vals in per_engine_labelvalues.items()}
+
+        self._counters = {
+            key: per_engine(self._counter_cls(name=name, documentation=doc, labelnames=labelnames))
+            for key, (name, doc) in _PROM_COUNTERS.items()
+        }
+        self._gauges = {
+            key: per_engine(self._gauge_cls(name=name, documentation=doc, labelnames=labelnames))
+            for key, (name, doc) in _PROM_GAUGES.items()
+        }
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        for key, children in self._counters.items():
+            v = transfer_stats_data.get(key, 0)
+            if v:
+                children[engine_idx].inc(v)
+        for key, children in self._gauges.items():
+            if key in transfer_stats_data:
+                children[engine_idx].set(transfer_stats_data[key])

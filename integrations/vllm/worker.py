@@ -1,0 +1,225 @@
+"""Worker half of the connector: moves KV pages between vLLM's KV cache and the host pool.
+
+Runs next to the model runner. `register_kv_caches` builds one byte view `[num_blocks, page_bytes]`
+per layer from the tensor's storage (so the copy code does not depend on vLLM's layout) and the
+host pool `[num_slots, num_layers, page_bytes]`. Each step `start_load_kv` submits the step's
+stores and loads on the copy engine's side streams. Completion:
+- stores: waited for at the end of the step (they overlap the forward), reported to the scheduler
+  through the worker metadata, which then releases the GPU blocks it held for them;
+- layer-wise loads: `wait_for_layer_load` orders each layer's attention after that layer's copy;
+- async loads: polled every step; a finished one is reported through `get_finished` (vLLM then
+  schedules the request) and through the worker metadata (the scheduler unpins its slots).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+
+from triton_prefix_cache.config import PrefixCacheConfig
+from triton_prefix_cache.copy_engine import CopyEngine, CopyHandle
+from triton_prefix_cache.host_pool import HostPool, HostPoolConfig
+
+from .metadata import TPCMetadata, TPCWorkerMetadata
+from .stats import TPCStats
+
+logger = logging.getLogger("triton_prefix_cache_vllm")
+
+
+def page_views(tensors: list[torch.Tensor], num_blocks: int | None = None) -> list[torch.Tensor]:
+    """uint8 `[num_blocks, page_bytes]` views over each layer's storage (no copy).
+
+    Dim 0 of each tensor must index blocks and each block's elements must fill one dense page in
+    some dimension order (vLLM's NHD/HND layouts, permuted or not, and 0.32's shared buffer).
+    """
+    out = []
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor) or t.dim() < 2:
+            raise ValueError(f"kv cache {i}: expected a tensor [num_blocks, ...], got {type(t).__name__}")
+        if num_blocks is not None and t.shape[0] != num_blocks:
+            raise ValueError(f"kv cache {i}: dim 0 has {t.shape[0]} entries, expected {num_blocks} blocks")
+        inner = sorted(zip(t.stride()[1:], t.shape[1:]))
+        expect = 1
+        for stride, size in inner:
+            if size > 1 and stride != expect:
+                raise ValueError(f"kv cache {i}: a block is not one dense page (shape {tuple(t.shape)}, "
+                                 f"strides {t.stride()}); this layout is not supported")
+            expect *= size
+        es = t.element_size()
+        page = expect * es
+        raw = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+        out.append(torch.as_strided(raw, (t.shape[0], page), (t.stride(0) * es, 1), t.storage_offset() * es))
+    return out
+
+
+class WorkerSide:
+    def __init__(self, cfg: PrefixCacheConfig, vllm_config: Any, kv_cache_config: Any) -> None:
+        self.cfg = cfg
+        self.layer_names: list[str] = []
+        self.num_blocks: int | None = None
+        if kv_cache_config is not None:
+            self.layer_names = list(kv_cache_config.kv_cache_groups[0].layer_names)
+            self.num_blocks = kv_cache_config.num_blocks
+        self.layer_index: dict[str, int] = {}
+        self.layers: list[torch.Tensor] = []
+        self.pool: HostPool | None = None
+        self.engine: CopyEngine | None = None
+        self.stores: list[tuple[int, CopyHandle, float]] = []
+        self.sync_loads: list[tuple[str, CopyHandle, float]] = []
+        self.async_loads: dict[str, tuple[CopyHandle, float]] = {}
+        self.failed_blocks: set[int] = set()
+        self.report = TPCWorkerMetadata()
+        self.stats = TPCStats()
+        # Tests: remember what every store wrote and check every load restores exactly that.
+        self.debug_pages: dict[int, torch.Tensor] | None = {} if os.environ.get("TPC_DEBUG_PAGES") == "1" else None
+        self.debug_checked = 0
+        self.debug_mismatches: list[tuple[int, int]] = []
+
+    # ---- setup ---------------------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        names = [n for n in self.layer_names if n in kv_caches] or list(kv_caches)
+        missing = [n for n in self.layer_names if n not in kv_caches]
+        if missing:
+            raise ValueError(f"TritonPrefixCacheConnector: no KV cache tensor for layers {missing}")
+        self.layer_index = {n: i for i, n in enumerate(names)}
+        self.layers = page_views([kv_caches[n] for n in names], self.num_blocks)
+        page_bytes = self.layers[0].shape[1]
+        device = self.layers[0].device
+        self.pool = HostPool(HostPoolConfig(
+            size_bytes=self.cfg.host_cache_bytes, num_layers=len(self.layers), page_bytes=page_bytes,
+            device=device if device.type == "cuda" else "cpu"))
+        self.engine = CopyEngine(self.layers, self.pool, backend="auto")
+        self.report.pool_slots = self.pool.num_slots
+        logger.info("triton-prefix-cache: %r, copies %s", self.pool, self.engine.backend)
+
+    # ---- per step --------------------------------------------------------------------------------------
+    def start_load_kv(self, meta: TPCMetadata) -> None:
+        eng = self.engine
+        if eng is None:
+            return
+        for job in meta.stores:
+            t0 = time.perf_counter()
+            try:
+                h = eng.demote(job.block_ids, job.slots)
+            except Exception as e:  # a failed store is a future miss, never an error
+                logger.warning("triton-prefix-cache: store of %d blocks failed: %r", len(job.slots), e)
+                self.report.stores_failed.append(job.job_id)
+                continue
+            self.stores.append((job.job_id, h, t0))
+            if self.debug_pages is not None:
+                self._debug_record(job.block_ids, job.slots, h)
+        for job in meta.loads:
+            t0 = time.perf_counter()
+            try:
+                h = eng.promote(job.slots, job.block_ids, layerwise=job.layerwise)
+            except Exception as e:
+                logger.warning("triton-prefix-cache: load of %d blocks failed: %r", len(job.slots), e)
+                self.failed_blocks.update(job.block_ids)
+                self.report.loads_failed.append(job.req_id)
+                if not job.layerwise:
+                    self.async_loads[job.req_id] = (_DONE, t0)  # still reported as finished receiving
+                continue
+            if self.debug_pages is not None:
+                self._debug_check(job.block_ids, job.slots, h)
+            if job.layerwise:
+                self.sync_loads.append((job.req_id, h, t0))
+            else:
+                self.async_loads[job.req_id] = (h, t0)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        if not self.sync_loads:
+            return
+        layer = self.layer_index.get(layer_name)
+        if layer is None:
+            return
+        for _, h, _ in self.sync_loads:
+            h.wait_layer(layer)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        s = self.stats
+        for job_id, h, t0 in self.stores:
+            h.wait()
+            s.add("store_seconds", time.perf_counter() - t0)
+            s.add("store_bytes", h.nbytes)
+            s.add("stores", 1)
+            self.report.stores_done.append(job_id)
+        self.stores = []
+        for req_id, h, t0 in self.sync_loads:
+            h.wait()
+            self._load_done(req_id, h, t0)
+        self.sync_loads = []
+        recving: set[str] = set()
+        for req_id, (h, t0) in list(self.async_loads.items()):
+            if h.done():
+                del self.async_loads[req_id]
+                recving.add(req_id)
+                if h is not _DONE:
+                    self._load_done(req_id, h, t0)
+        return None, (recving or None)
+
+    def _load_done(self, req_id: str, h: CopyHandle, t0: float) -> None:
+        s = self.stats
+        s.add("load_seconds", time.perf_counter() - t0)
+        s.add("load_bytes", h.nbytes)
+        s.add("loads", 1)
+        self.report.loads_done.append(req_id)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        out, self.failed_blocks = self.failed_blocks, set()
+        return out
+
+    def build_worker_meta(self) -> TPCWorkerMetadata | None:
+        if self.report.is_empty():
+            return None
+        out, self.report = self.report, TPCWorkerMetadata()
+        return out
+
+    def get_stats(self) -> TPCStats | None:
+        self.stats.set("inflight_loads", len(self.async_loads))
+        if self.stats.is_empty():
+            return None
+        out, self.stats = self.stats, TPCStats()
+        return out
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        if self.pool is not None:
+            self.layers = []
+            self.pool.close()
+            self.pool = None
+
+    # ---- debug checks (tests) ------------------------------------------------------------------------
+    def _pages(self, block: int) -> torch.Tensor:
+        return torch.stack([layer[block] for layer in self.layers]).cpu()
+
+    def _debug_record(self, block_ids: list[int], slots: list[int], h: CopyHandle) -> None:
+        h.wait()
+        assert self.debug_pages is not None and self.pool is not None
+        for b, s in zip(block_ids, slots):
+            self.debug_pages[s] = self._pages(b).clone()
+
+    def _debug_check(self, block_ids: list[int], slots: list[int], h: CopyHandle) -> None:
+        h.wait()
+        assert self.debug_pages is not None
+        for b, s in zip(block_ids, slots):
+            want = self.debug_pages.get(s)
+            self.debug_checked += 1
+            if want is None or not torch.equal(self._pages(b), want):
+                self.debug_mismatches.append((b, s))
+
+
+class _Done:
+    """Stands in for the handle of a load that failed at submission: done, nothing moved."""
+
+    nbytes = 0
+
+    def done(self) -> bool:
+        return True
+
+
+_DONE: Any = _Done()

@@ -1,0 +1,163 @@
+"""Engine harness for the end-to-end tests: the tiny model, workloads, one engine at a time.
+
+An engine start costs seconds on 2 cores, so each configuration runs once per session: start
+vllm.LLM in-process, play every workload through it, keep the outputs and whatever connector
+state the tests inspect, shut it down. Tests then compare these records between configurations.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+BLOCK = 32  # the CPU attention backend needs a multiple of 32
+PAGE_BYTES_PER_BLOCK = 2 * 2 * 2 * 32 * 4 * BLOCK  # K+V, 2 layers, 2 KV heads, head_dim 32, fp32
+MAX_MODEL_LEN = 2048
+CONNECTOR = "TritonPrefixCacheConnector"
+
+
+@dataclass
+class Workload:
+    """Prompts played one `generate` call per batch, in order."""
+
+    name: str
+    batches: list[list[list[int]]]
+    max_tokens: int = 4
+
+
+def docqa(num_docs: int = 6, doc_blocks: int = 24, rounds: int = 3, seed: int = 1) -> Workload:
+    """Document QA in tile order: every round asks one new question about each document, in the same order.
+
+    Documents are whole blocks, so the reusable prefix ends on a block boundary; questions differ per
+    round, so only the document is reused. With the KV cache smaller than all documents, LRU evicts
+    each document before its next use (the worst case for a GPU-only cache).
+    """
+    rng = random.Random(seed)
+    docs = [[rng.randrange(100, 30000) for _ in range(doc_blocks * BLOCK)] for _ in range(num_docs)]
+    batches = []
+    for _ in range(rounds):
+        for d in docs:
+            q = [rng.randrange(100, 30000) for _ in range(20)]
+            batches.append([d + q])
+    return Workload("docqa", batches)
+
+
+def chat(num_sessions: int = 5, turns: int = 4, first_blocks: int = 10, turn_tokens: int = 150,
+         seed: int = 2) -> Workload:
+    """Multi-turn chat: each turn's prompt is the previous turn's prompt plus new tokens; sessions interleave."""
+    rng = random.Random(seed)
+    hist = [[rng.randrange(100, 30000) for _ in range(first_blocks * BLOCK)] for _ in range(num_sessions)]
+    batches = []
+    for _ in range(turns):
+        for s in range(num_sessions):
+            hist[s] = hist[s] + [rng.randrange(100, 30000) for _ in range(turn_tokens)]
+            batches.append([list(hist[s])])
+    return Workload("chat", batches)
+
+
+def concurrent(num_docs: int = 6, doc_blocks: int = 20, seed: int = 3) -> Workload:
+    """Many requests at once over shared documents: vLLM batches, preempts and re-schedules them."""
+    rng = random.Random(seed)
+    docs = [[rng.randrange(100, 30000) for _ in range(doc_blocks * BLOCK)] for _ in range(num_docs)]
+    batch = []
+    for r in range(2):
+        for d in docs:
+            batch.append(d + [rng.randrange(100, 30000) for _ in range(40 + r)])
+    return Workload("concurrent", [batch, batch[::-1]], max_tokens=24)
+
+
+@dataclass
+class Record:
+    """What one request produced."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    num_cached_tokens: int
+
+
+@dataclass
+class RunResult:
+    config: str
+    outputs: dict[str, list[list[Record]]] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def tpc_config(**extra: Any) -> dict:
+    return {"kv_connector": CONNECTOR, "kv_role": "kv_both",
+            "kv_connector_extra_config": {"host_cache_gib": 0.0625, **extra}}
+
+
+def make_llm(model_path: str, *, kv_blocks: int, prefix_caching: bool = True,
+             kv_transfer_config: dict | None = None, max_num_seqs: int = 8, **kw: Any):
+    from vllm import LLM
+
+    return LLM(
+        model=str(model_path),
+        skip_tokenizer_init=True,
+        block_size=BLOCK,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=MAX_MODEL_LEN,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=MAX_MODEL_LEN,
+        kv_cache_memory_bytes=kv_blocks * PAGE_BYTES_PER_BLOCK,
+        enable_prefix_caching=prefix_caching,
+        disable_log_stats=False,
+        seed=0,
+        kv_transfer_config=kv_transfer_config,
+        **kw,
+    )
+
+
+def play(llm, workload: Workload) -> list[list[Record]]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    sp = SamplingParams(max_tokens=workload.max_tokens, temperature=0.0, ignore_eos=True, detokenize=False,
+                        logprobs=0)
+    out = []
+    for batch in workload.batches:
+        res = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], sp, use_tqdm=False)
+        recs = []
+        for r in res:
+            c = r.outputs[0]
+            lps = [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]
+            recs.append(Record(list(c.token_ids), lps, r.num_cached_tokens or 0))
+        out.append(recs)
+    return out
+
+
+def metric_values(llm) -> dict[str, float]:
+    vals: dict[str, float] = {}
+    for m in llm.get_metrics():
+        v = getattr(m, "value", None)
+        if isinstance(v, (int, float)):
+            vals[m.name] = vals.get(m.name, 0) + v
+    return vals
+
+
+def scheduler_of(llm):
+    """The in-process Scheduler (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def shutdown(llm) -> None:
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # noqa: BLE001 - best effort between tests
+        pass
+    try:
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+    except Exception:  # noqa: BLE001
+        pass
+    del llm
+    gc.collect()
+
+
+def in_process() -> bool:
+    return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
