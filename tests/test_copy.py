@@ -1,0 +1,328 @@
+"""Demote/promote between per-layer KV pages and host slots, against the obvious reference
+`dst[dst_idx] = src[src_idx]` applied per layer (numpy), over random permutations, dtypes, page
+sizes, layer counts and layouts (one tensor per layer, or all layers interleaved in one buffer).
+
+Backends: "torch" and "triton" (interpreted) here; on the GPU host also "dma", everything compiled
+and reading/writing pinned memory.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+
+from triton_prefix_cache.copy_engine import CopyEngine, byte_views, dma_descriptors
+from triton_prefix_cache.host_pool import HostPool, HostPoolConfig
+from triton_prefix_cache.kernels.copy import layout_of
+
+HAS_CUDA = torch.cuda.is_available()
+BACKENDS = ["torch", "triton"] + (["dma"] if HAS_CUDA else [])
+
+
+def make_kv(nb: int, layers: int, block_shape: tuple[int, ...], dtype: torch.dtype, layout: str,
+            device: str, seed: int = 0) -> list[torch.Tensor]:
+    """Per-layer KV tensors [nb, *block_shape] filled with random bytes."""
+    g = torch.Generator().manual_seed(seed)
+    if layout == "separate":
+        kv = [torch.empty((nb, *block_shape), dtype=dtype, device=device) for _ in range(layers)]
+    else:  # one buffer, blocks outermost, layers next (vLLM 0.32's shared-buffer shape)
+        buf = torch.empty((nb, layers, *block_shape), dtype=dtype, device=device)
+        kv = [buf[:, i] for i in range(layers)]
+    for t in kv:
+        v = byte_views([t])[0]
+        v.copy_(torch.randint(0, 256, tuple(v.shape), dtype=torch.uint8, generator=g).to(device))
+    return kv
+
+
+def make_pool(num_slots: int, layers: int, page: int, device: str) -> HostPool:
+    return HostPool(HostPoolConfig(size_bytes=num_slots * layers * page, num_layers=layers, page_bytes=page,
+                                   device=device, chunk_bytes=1 << 20))
+
+
+def np_layers(views: list[torch.Tensor]) -> list[np.ndarray]:
+    return [v.cpu().numpy().copy() for v in views]
+
+
+def assert_bytes_equal(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    if not np.array_equal(got, want):
+        bad = np.argwhere((got != want).reshape(got.shape[0], -1).any(axis=1)).ravel()
+        raise AssertionError(f"{what}: {len(bad)} rows differ, first {bad[:8].tolist()}")
+
+
+def run_round_trip(kernel_device: str, backend: str, layers: int, block_shape, dtype, layout: str,
+                   nb: int, nslots: int, n: int, seed: int = 0, **engine_kw) -> None:
+    kv = make_kv(nb, layers, block_shape, dtype, layout, kernel_device, seed)
+    views = byte_views(kv)
+    page = views[0].shape[1]
+    pool = make_pool(nslots, layers, page, kernel_device)
+    pool.slots.copy_(torch.randint(0, 256, tuple(pool.slots.shape), dtype=torch.uint8))
+    eng = CopyEngine(views, pool, backend=backend, **engine_kw)
+    try:
+        assert eng.backend == {"demote": backend, "promote": backend}
+        rng = np.random.default_rng(seed)
+        blocks = rng.permutation(nb)[:n]
+        slots = rng.permutation(nslots)[:n]
+
+        # demote: host[slot_i, l] = layer_l[block_i]
+        want = pool.slots.numpy().copy()
+        src = np_layers(views)
+        for layer in range(layers):
+            want[slots, layer] = src[layer][blocks]
+        eng.demote(blocks, slots).wait()
+        assert_bytes_equal(pool.slots.numpy(), want, f"demote ({backend})")
+
+        # promote, whole and layer-wise: layer_l[block_i] = host[slot_i, l]
+        for layerwise in (False, True):
+            blocks2 = rng.permutation(nb)[:n]
+            slots2 = rng.permutation(nslots)[:n]
+            want_l = np_layers(views)
+            host = pool.slots.numpy().copy()
+            for layer in range(layers):
+                want_l[layer][blocks2] = host[slots2, layer]
+            h = eng.promote(torch.from_numpy(slots2), torch.from_numpy(blocks2), layerwise=layerwise)
+            assert h.layerwise == layerwise
+            h.wait()
+            assert h.done()
+            for layer in range(layers):
+                assert_bytes_equal(views[layer].cpu().numpy(), want_l[layer], f"promote layer {layer} ({backend})")
+        assert eng.stats.backend_fallbacks == 0, eng.unavailable
+        assert eng.stats.blocks_to_host == n and eng.stats.blocks_from_host == 2 * n
+    finally:
+        eng.close()
+        pool.close()
+
+
+# 64 B pages with 16-byte alignment, 15-element pages (odd bytes: 1-byte words, masked tail), and a
+# bigger page (several 16 KiB chunks per page when compiled).
+GEOMETRIES = [(2, 4, 2), (3, 5), (4, 16, 64)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("block_shape", GEOMETRIES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layers", [1, 3])
+@pytest.mark.parametrize("layout", ["separate", "interleaved"])
+def test_round_trip_matches_reference(kernel_device, backend, dtype, block_shape, layers, layout):
+    run_round_trip(kernel_device, backend, layers, block_shape, dtype, layout, nb=11, nslots=9, n=6,
+                   seed=layers * 7 + len(block_shape))
+
+
+def test_grid_stride_loop_with_few_programs(kernel_device):
+    """Fewer programs than pages: each program walks several (the persistent-kernel path)."""
+    run_round_trip(kernel_device, "triton", 3, (4, 16, 64), torch.float16, "separate", nb=10, nslots=8, n=7,
+                   triton_max_programs=2, triton_chunk_bytes=1024)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["separate", "interleaved"])
+def test_gpu_llama_8b_geometry(kernel_device, backend, layout):
+    """32 layers of 64 KiB pages (Llama-3.1-8B, 16-token blocks): 2 MiB per block."""
+    run_round_trip(kernel_device, backend, 32, (16, 8, 256), torch.bfloat16, layout, nb=160, nslots=140, n=128)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float8_e4m3fn, torch.float32])
+@pytest.mark.parametrize("block_shape", [(16, 2, 128), (32, 4, 64), (7, 3, 5)], ids=str)
+def test_gpu_dtypes_and_page_sizes(kernel_device, backend, dtype, block_shape):
+    run_round_trip(kernel_device, backend, 5, block_shape, dtype, "separate", nb=300, nslots=257, n=200)
+
+
+def simulate_dma(dst: np.ndarray, src: np.ndarray, size: np.ndarray) -> None:
+    for d, s, z in zip(dst.tolist(), src.tolist(), size.tolist()):
+        ctypes.memmove(d, s, z)
+
+
+@pytest.mark.parametrize("layout", ["separate", "interleaved"])
+@pytest.mark.parametrize("to_host", [True, False])
+def test_dma_descriptors_cover_exactly_the_pages(layout, to_host):
+    """The descriptor plan, executed by memmove on the CPU, equals the reference; adjacent pages merge."""
+    layers, nb, nslots, n = 4, 12, 10, 8
+    views = byte_views(make_kv(nb, layers, (4, 8), torch.float32, layout, "cpu"))
+    page = views[0].shape[1]
+    pool = make_pool(nslots, layers, page, "cpu")
+    try:
+        pool.slots.copy_(torch.randint(0, 256, tuple(pool.slots.shape), dtype=torch.uint8))
+        lay = layout_of(views, pool.address, nslots)
+        addrs = np.array(lay.layer_addresses, dtype=np.int64)
+        strides = np.array(lay.layer_strides, dtype=np.int64)
+        rng = np.random.default_rng(1)
+        blocks, slots = rng.permutation(nb)[:n], rng.permutation(nslots)[:n]
+        host_want, layer_want = pool.slots.numpy().copy(), np_layers(views)
+        for layer in range(layers):
+            if to_host:
+                host_want[slots, layer] = layer_want[layer][blocks]
+            else:
+                layer_want[layer][blocks] = host_want[slots, layer]
+        dst, src, size = dma_descriptors(lay, addrs, strides, blocks, slots, to_host, 0, layers)
+        # Interleaved: a block's pages are adjacent on both sides, so at most one descriptor per
+        # block, and one per run of consecutive blocks going to consecutive slots.
+        if layout == "interleaved":
+            runs = 1 + int(np.count_nonzero((np.diff(blocks) != 1) | (np.diff(slots) != 1)))
+            assert len(dst) == runs
+        else:
+            assert len(dst) <= n * layers
+        assert int(size.sum()) == n * layers * page
+        simulate_dma(dst, src, size)
+        assert_bytes_equal(pool.slots.numpy(), host_want, "host")
+        for layer in range(layers):
+            assert_bytes_equal(views[layer].numpy(), layer_want[layer], f"layer {layer}")
+        # One layer at a time, layer-major (the layer-wise promote plan).
+        d1, _, s1 = dma_descriptors(lay, addrs, strides, blocks, slots, to_host, 2, 1, block_major=False)
+        assert len(d1) == n and int(s1.sum()) == n * page
+    finally:
+        pool.close()
+
+
+def test_runs_of_adjacent_pages_merge_for_one_layer():
+    views = byte_views(make_kv(8, 1, (16,), torch.float32, "separate", "cpu"))
+    lay = layout_of(views, 1 << 20, 8)
+    addrs = np.array(lay.layer_addresses, dtype=np.int64)
+    strides = np.array(lay.layer_strides, dtype=np.int64)
+    blocks = np.array([0, 1, 2, 5, 6, 3])
+    slots = np.array([4, 5, 6, 0, 1, 7])
+    dst, src, size = dma_descriptors(lay, addrs, strides, blocks, slots, True, 0, 1)
+    assert (size // 64).tolist() == [3, 2, 1]
+    assert src.tolist() == [addrs[0], addrs[0] + 5 * 64, addrs[0] + 3 * 64]
+    assert dst.tolist() == [(1 << 20) + 4 * 64, (1 << 20), (1 << 20) + 7 * 64]
+
+
+def test_byte_views_of_any_dtype_and_stride():
+    t = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4)
+    v = byte_views([t])[0]
+    assert v.shape == (2, 48) and v.dtype == torch.uint8 and v.data_ptr() == t.data_ptr()
+    buf = torch.zeros(5, 2, 3, dtype=torch.bfloat16)
+    v1 = byte_views([buf[:, 0], buf[:, 1]])[1]
+    assert v1.stride() == (12, 1) and v1.data_ptr() == buf[:, 1].data_ptr()
+    with pytest.raises(ValueError, match="not one contiguous page"):
+        byte_views([torch.zeros(4, 6).t()])
+
+
+def test_bad_arguments_raise_clear_errors():
+    views = byte_views(make_kv(6, 2, (8,), torch.float32, "separate", "cpu"))
+    pool = make_pool(4, 2, 32, "cpu")
+    eng = CopyEngine(views, pool, backend="torch")
+    try:
+        with pytest.raises(ValueError, match="lengths differ"):
+            eng.demote([0, 1], [0])
+        with pytest.raises(ValueError, match=r"host_slots: ids must lie in \[0, 4\)"):
+            eng.demote([0], [4])
+        with pytest.raises(ValueError, match=r"gpu_block_ids: ids must lie in \[0, 6\)"):
+            eng.promote([0], [-1])
+        with pytest.raises(ValueError, match="host_slots: destinations must be distinct"):
+            eng.demote([0, 1], [2, 2])
+        with pytest.raises(ValueError, match="gpu_block_ids: destinations must be distinct"):
+            eng.promote([0, 1], [3, 3])
+        with pytest.raises(TypeError, match="integer ids"):
+            eng.demote([0.5], [1])
+        eng.promote([1, 1], [0, 2]).wait()  # one slot into two blocks is fine
+        assert eng.demote([], []).done()
+    finally:
+        eng.close()
+    with pytest.raises(ValueError, match="backend"):
+        CopyEngine(views, pool, backend="nvlink")
+    with pytest.raises(ValueError, match="'dma' is not available"):
+        CopyEngine(views, pool, backend="dma")
+    with pytest.raises(ValueError, match="layers: 1 views"):
+        CopyEngine(views[:1], pool)
+    with pytest.raises(ValueError, match="pages of 16 bytes"):
+        CopyEngine(byte_views(make_kv(6, 2, (4,), torch.float32, "separate", "cpu")), pool)
+    with pytest.raises(ValueError, match=r"layers\[1\]: shape"):
+        CopyEngine([views[0], views[1][:3]], pool)
+    pool.close()
+    with pytest.raises(ValueError, match="closed"):
+        CopyEngine(views, pool)
+
+
+def test_a_failing_backend_falls_back_to_torch(kernel_device, monkeypatch, caplog):
+    views = byte_views(make_kv(6, 2, (16,), torch.float32, "separate", kernel_device))
+    pool = make_pool(5, 2, 64, kernel_device)
+    eng = CopyEngine(views, pool, backend="triton")
+
+    def broken(*a, **k):
+        raise RuntimeError("simulated launch failure")
+
+    monkeypatch.setattr(eng._copiers["triton"], "run", broken)
+    try:
+        h = eng.demote([4, 0], [1, 3])
+        h.wait()
+        assert h.backend == "torch" and eng.backend == {"demote": "torch", "promote": "torch"}
+        assert eng.stats.backend_fallbacks == 1 and "triton" in eng.unavailable
+        assert "falling back to torch" in caplog.text
+        assert torch.equal(pool.slots[1, 1], views[1][4].cpu()) and torch.equal(pool.slots[3, 0], views[0][0].cpu())
+    finally:
+        eng.close()
+        pool.close()
+
+
+# ---- GPU host only ---------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_layerwise_events_order_each_layer(kernel_device, backend):
+    """After wait_layer(l) on the current stream, work queued there sees layer l restored."""
+    layers, nb, n = 8, 64, 48
+    views = byte_views(make_kv(nb, layers, (16, 8, 256), torch.bfloat16, "separate", kernel_device))
+    pool = make_pool(n, layers, views[0].shape[1], kernel_device)
+    pool.slots.copy_(torch.randint(0, 256, tuple(pool.slots.shape), dtype=torch.uint8))
+    eng = CopyEngine(views, pool, backend=backend)
+    try:
+        blocks = torch.randperm(nb)[:n]
+        h = eng.promote(torch.arange(n), blocks, layerwise=True)
+        snaps = []
+        for layer in range(layers):
+            h.wait_layer(layer)
+            snaps.append(views[layer][blocks.to(kernel_device)].clone())  # queued on the current stream
+        torch.cuda.synchronize()
+        for layer in range(layers):
+            assert torch.equal(snaps[layer].cpu(), pool.slots[:, layer]), f"layer {layer} read before it landed"
+    finally:
+        eng.close()
+        pool.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_demote_waits_for_the_writer_on_the_current_stream(kernel_device, backend):
+    layers, nb = 4, 32
+    kv = make_kv(nb, layers, (16, 8, 256), torch.bfloat16, "separate", kernel_device)
+    views = byte_views(kv)
+    pool = make_pool(nb, layers, views[0].shape[1], kernel_device)
+    eng = CopyEngine(views, pool, backend=backend)
+    try:
+        torch.cuda._sleep(50_000_000)  # keep the current stream busy, then write the KV there
+        for t in kv:
+            t.fill_(3.0)
+        eng.demote(torch.arange(nb), torch.arange(nb)).wait()
+        want = byte_views([torch.full_like(kv[0][:1], 3.0)])[0].cpu()
+        assert all(torch.equal(pool.slots[s, layer], want[0]) for s in (0, nb - 1) for layer in range(layers))
+    finally:
+        eng.close()
+        pool.close()
+
+
+@pytest.mark.gpu
+def test_gpu_auto_calibrates_and_both_directions_overlap(kernel_device):
+    layers, nb = 32, 256
+    views = byte_views(make_kv(nb, layers, (16, 8, 256), torch.bfloat16, "separate", kernel_device))
+    pool = make_pool(256, layers, views[0].shape[1], kernel_device)
+    pool.slots.copy_(torch.randint(0, 256, tuple(pool.slots.shape), dtype=torch.uint8))
+    eng = CopyEngine(views, pool, backend="auto")
+    try:
+        assert set(eng.calibration) == {"demote", "promote"}
+        assert all(v > 0 for d in eng.calibration.values() for v in d.values()), eng.calibration
+        assert eng.backend["demote"] in eng.calibration["demote"]
+        host_before = pool.slots[128:].clone()
+        dev_before = [v[:128].cpu() for v in views]
+        h1 = eng.demote(torch.arange(128), torch.arange(128))  # blocks 0..127 -> slots 0..127
+        h2 = eng.promote(torch.arange(128, 256), torch.arange(128, 256))  # slots 128.. -> blocks 128..
+        h1.wait()
+        h2.wait()
+        for layer in range(layers):
+            assert torch.equal(pool.slots[:128, layer], dev_before[layer])
+            assert torch.equal(views[layer][128:].cpu(), host_before[:, layer])
+    finally:
+        eng.close()
+        pool.close()

@@ -1,0 +1,498 @@
+"""CopyEngine: demote (device blocks -> host slots) and promote (host slots -> device blocks).
+
+The engine's KV cache arrives as per-layer byte views `[num_blocks, page_bytes]` (`byte_views`
+makes them from KV tensors of any dtype); the host tier is a HostPool `[num_slots, L, page_bytes]`.
+Three backends move the pages, every one batched (never a Python loop per page):
+- "dma": cuMemcpyBatchAsync, one descriptor per page (contiguous runs merged), no SMs used;
+- "triton": PageCopyKernel reading/writing the pinned pool through its device address;
+- "torch": one index_select + index_copy_ per layer, over a device view of the pool (or, where the
+  pool has no device address, staged through pageable CPU memory; slow but always correct).
+backend="auto" measures the available ones on scratch memory of the same geometry and picks the
+fastest per direction, keeping "dma" unless another is more than 5% faster (DMA takes no SMs from
+the model). A backend that fails at run time is logged, counted and replaced by "torch".
+
+On CUDA, demotes and promotes run on two side streams (so both directions overlap), each ordered
+after the caller's current stream at submission; the returned CopyHandle polls or waits, and a
+layer-wise promote records one event per layer. On the CPU copies are synchronous and the handle
+is done at once. Callers keep the TierManager's invariants: a slot is never written while read.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .host_pool import HostPool, HostPoolConfig
+from .kernels.copy import PageLayout, check_layer_views, copy_pages_torch, layout_of, word_views
+from .stats import CopyStats
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "dma", "triton", "torch")
+DIRECTIONS = ("demote", "promote")
+#: "auto" keeps DMA unless another backend beats it by more than this factor.
+DMA_PREFERENCE = 1.05
+
+
+def byte_views(kv_caches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """uint8 `[num_blocks, page_bytes]` views of per-layer KV tensors whose dim 0 is the block.
+
+    Each block must be one contiguous page (true of vLLM's FlashAttention layouts with the block
+    dimension first); any dtype, any stride between blocks.
+    """
+    out = []
+    for i, t in enumerate(kv_caches):
+        if not isinstance(t, torch.Tensor) or t.dim() < 1:
+            raise ValueError(f"kv_caches[{i}]: expected a tensor whose dim 0 indexes blocks")
+        try:
+            flat = t.view(t.shape[0], -1)
+        except RuntimeError:
+            flat = None
+        if flat is None or (flat.shape[1] > 1 and flat.stride(1) != 1):
+            raise ValueError(f"kv_caches[{i}]: a block is not one contiguous page (strides {t.stride()})")
+        out.append(flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat)
+    return out
+
+
+@dataclass
+class CopyHandle:
+    """One submitted demote or promote. `done()` polls, `wait()` blocks the host; for a layer-wise
+    promote, `wait_layer(l)` makes a stream wait (on the device) until layer l has landed."""
+
+    direction: str
+    backend: str
+    num_blocks: int
+    nbytes: int
+    _event: Any = None
+    _layer_events: list | None = None
+    _keep: tuple = field(default=(), repr=False)
+
+    def done(self) -> bool:
+        return self._event is None or bool(self._event.query())
+
+    def wait(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()
+        self._keep = ()
+
+    @property
+    def layerwise(self) -> bool:
+        return self._layer_events is not None
+
+    def layer_done(self, layer: int) -> bool:
+        ev = self._layer_event(layer)
+        return ev is None or bool(ev.query())
+
+    def wait_layer(self, layer: int, stream: torch.cuda.Stream | None = None) -> None:
+        """Order `stream` (default: the current one) after layer `layer`'s copy; the host does not block."""
+        ev = self._layer_event(layer)
+        if ev is not None:
+            (stream or torch.cuda.current_stream()).wait_event(ev)
+
+    def synchronize_layer(self, layer: int) -> None:
+        ev = self._layer_event(layer)
+        if ev is not None:
+            ev.synchronize()
+
+    def _layer_event(self, layer: int):
+        if self._layer_events is None:
+            return self._event
+        return self._layer_events[layer]
+
+
+# ---- backends --------------------------------------------------------------------------------------
+class _Copier:
+    """Enqueues one copy on the current stream (or runs it, on the CPU)."""
+
+    name = "?"
+    device_indices = True  # whether run() needs the ids as device tensors
+
+    def run(self, blocks: np.ndarray, slots: np.ndarray, blocks_t, slots_t, to_host: bool,
+            layer_begin: int, layer_count: int) -> None:
+        raise NotImplementedError
+
+
+class _DmaCopier(_Copier):
+    name = "dma"
+    device_indices = False
+
+    def __init__(self, layout: PageLayout, batch) -> None:
+        self.layout = layout
+        self.batch = batch
+        self._addrs = np.array(layout.layer_addresses, dtype=np.int64)
+        self._strides = np.array(layout.layer_strides, dtype=np.int64)
+
+    def run(self, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count) -> None:
+        dst, src, size = dma_descriptors(self.layout, self._addrs, self._strides, blocks, slots, to_host,
+                                         layer_begin, layer_count, block_major=layer_count > 1)
+        self.batch(dst, src, size, torch.cuda.current_stream().cuda_stream)
+
+
+def dma_descriptors(layout: PageLayout, addrs: np.ndarray, strides: np.ndarray, blocks: np.ndarray,
+                    slots: np.ndarray, to_host: bool, layer_begin: int, layer_count: int,
+                    block_major: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dsts, srcs, sizes) as uint64 arrays, one per page, runs of adjacent pages merged."""
+    ls = np.arange(layer_begin, layer_begin + layer_count, dtype=np.int64)
+    dev = addrs[ls][None, :] + blocks[:, None] * strides[ls][None, :]
+    host = layout.host_address + slots[:, None] * layout.slot_bytes + ls[None, :] * layout.page_bytes
+    if not block_major:
+        dev, host = dev.T, host.T
+    dev, host = dev.ravel(), host.ravel()
+    src, dst = (dev, host) if to_host else (host, dev)
+    page = layout.page_bytes
+    n = src.shape[0]
+    if n > 1:
+        joined = (src[1:] == src[:-1] + page) & (dst[1:] == dst[:-1] + page)
+        if joined.any():
+            starts = np.flatnonzero(np.concatenate(([True], ~joined)))
+            sizes = np.diff(np.append(starts, n)) * page
+            return dst[starts].view(np.uint64), src[starts].view(np.uint64), sizes.astype(np.uint64)
+    return dst.view(np.uint64), src.view(np.uint64), np.full(n, page, dtype=np.uint64)
+
+
+class _TritonCopier(_Copier):
+    name = "triton"
+
+    def __init__(self, layout: PageLayout, device: torch.device, chunk_bytes: int, max_programs: int | None):
+        from .kernels.copy import PageCopyKernel
+
+        self.kernel = PageCopyKernel(layout, device, chunk_bytes=chunk_bytes, max_programs=max_programs)
+
+    def run(self, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count) -> None:
+        self.kernel(blocks_t, slots_t, to_host, layer_begin, layer_count)
+
+
+class _TorchCopier(_Copier):
+    """Per-layer index ops. `host` is a device view of the pool (direct) or the CPU pool (staged)."""
+
+    name = "torch"
+
+    def __init__(self, layers: list[torch.Tensor], host: torch.Tensor, word_bytes: int) -> None:
+        self.layers, self.host = word_views(layers, host, word_bytes)
+        self.staged = self.host.device != self.layers[0].device
+
+    def run(self, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count) -> None:
+        if not self.staged:
+            copy_pages_torch(self.layers, self.host, blocks_t, slots_t, to_host, layer_begin, layer_count)
+            return
+        slots_c = torch.from_numpy(slots)
+        for layer in range(layer_begin, layer_begin + layer_count):
+            if to_host:
+                pages = self.layers[layer].index_select(0, blocks_t).cpu()
+                self.host[:, layer].index_copy_(0, slots_c, pages)
+            else:
+                pages = self.host[:, layer].index_select(0, slots_c).to(self.layers[layer].device)
+                self.layers[layer].index_copy_(0, blocks_t, pages)
+
+
+class _CudaArray:
+    """Just enough of __cuda_array_interface__ (v2, no stream semantics) for torch.as_tensor."""
+
+    def __init__(self, address: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,), "typestr": "|u1", "data": (address, False), "strides": None, "version": 2,
+        }
+
+
+def device_view(address: int, nbytes: int, device: torch.device) -> torch.Tensor:
+    """A uint8 CUDA tensor over device-visible memory (e.g. a registered host pool); no copy."""
+    t = torch.as_tensor(_CudaArray(address, nbytes), device=device)
+    if t.data_ptr() != address or t.device != device:
+        raise RuntimeError(f"device view landed at {t.data_ptr():#x} on {t.device}, not {address:#x} on {device}")
+    return t
+
+
+# ---- the engine --------------------------------------------------------------------------------------
+class CopyEngine:
+    """Moves KV blocks between per-layer device pages and a HostPool (see the module docstring).
+
+    layers: one uint8 `[num_blocks, page_bytes]` view per layer, all on one device (`byte_views`).
+    backend: "auto", "dma", "triton" or "torch" (CPU engines: "torch", or "triton" under
+        TRITON_INTERPRET=1 for tests).
+    wait_for_current_stream: order each copy after the work already queued on the caller's stream
+        (the forward that wrote the KV, earlier users of reused blocks).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[torch.Tensor],
+        pool: HostPool,
+        backend: str = "auto",
+        *,
+        wait_for_current_stream: bool = True,
+        triton_chunk_bytes: int = 16384,
+        triton_max_programs: int | None = None,
+        calibrate_blocks: int = 64,
+    ) -> None:
+        layers = list(layers)
+        check_layer_views(layers)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+        if pool.closed:
+            raise ValueError("pool: the HostPool is closed")
+        if len(layers) != pool.num_layers:
+            raise ValueError(f"layers: {len(layers)} views, but the pool holds {pool.num_layers} layers per slot")
+        if layers[0].shape[1] != pool.page_bytes:
+            raise ValueError(f"layers: pages of {layers[0].shape[1]} bytes, but the pool's are {pool.page_bytes}")
+        self.device = layers[0].device
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"layers: expected CPU or CUDA tensors, got {self.device}")
+        if self.device.type == "cuda" and pool.device != self.device:
+            raise ValueError(f"pool: pinned for {pool.device}, but the layers are on {self.device}")
+        self.layers = layers
+        self.pool = pool
+        self.num_layers = len(layers)
+        self.num_blocks = layers[0].shape[0]
+        self.page_bytes = pool.page_bytes
+        self.slot_bytes = pool.slot_bytes
+        self.wait_for_current_stream = wait_for_current_stream
+        self.stats = CopyStats()
+        self._triton_opts = (triton_chunk_bytes, triton_max_programs)
+        self.calibration: dict[str, dict[str, float]] = {}
+        self._copiers, self.unavailable = self._build_copiers(layers, pool.slots, pool.address, pool.device_address)
+        for name, why in self.unavailable.items():
+            log.info("copy engine: backend %s unavailable: %s", name, why)
+        self._streams: dict[str, Any] = {}
+        if self.device.type == "cuda":
+            self._streams = {d: torch.cuda.Stream(self.device) for d in DIRECTIONS}
+
+        if backend == "auto":
+            if self.device.type == "cuda" and len(self._copiers) > 1:
+                self.calibration = self.calibrate(calibrate_blocks)
+                self.backend = {d: _choose(self.calibration[d]) for d in DIRECTIONS}
+            else:
+                self.backend = {d: ("dma" if "dma" in self._copiers else "torch") for d in DIRECTIONS}
+        else:
+            if backend not in self._copiers:
+                raise ValueError(f"backend: {backend!r} is not available here: {self.unavailable.get(backend)}")
+            self.backend = {d: backend for d in DIRECTIONS}
+        log.info("copy engine: %s, backends %s%s", self.device, self.backend,
+                 f", calibration GB/s {self.calibration}" if self.calibration else "")
+
+    # ---- construction helpers -------------------------------------------------------------------
+    def _build_copiers(self, layers: list[torch.Tensor], host: torch.Tensor, host_address: int,
+                       device_address: int | None) -> tuple[dict[str, _Copier], dict[str, str]]:
+        """(copiers by name, why each missing backend is missing) for one set of layers and pool."""
+        copiers: dict[str, _Copier] = {}
+        missing: dict[str, str] = {}
+        nslots = host.shape[0]
+        if self.device.type == "cpu":
+            layout = layout_of(layers, host_address, nslots)
+            copiers["torch"] = _TorchCopier(layers, host, layout.word_bytes)
+            if os.environ.get("TRITON_INTERPRET") == "1":
+                copiers["triton"] = _TritonCopier(layout, self.device, *self._triton_opts)
+            else:
+                missing["triton"] = "Triton has no CPU backend (TRITON_INTERPRET=1 runs it interpreted, for tests)"
+            missing["dma"] = "DMA needs a CUDA engine"
+            return copiers, missing
+        try:
+            from .cuda_driver import BatchMemcpy
+
+            copiers["dma"] = _DmaCopier(layout_of(layers, host_address, nslots), BatchMemcpy())
+        except (RuntimeError, OSError) as e:  # CudaDriverError included
+            missing["dma"] = f"{e}"
+        if device_address is not None:
+            dlayout = layout_of(layers, device_address, nslots)
+            copiers["triton"] = _TritonCopier(dlayout, self.device, *self._triton_opts)
+            try:
+                view = device_view(device_address, host.numel(), self.device).view(host.shape)
+                copiers["torch"] = _TorchCopier(layers, view, dlayout.word_bytes)
+            except (RuntimeError, TypeError, ValueError) as e:
+                log.info("copy engine: no device view of the pool (%r); the torch path is staged", e)
+        else:
+            missing["triton"] = "the pool has no device address (not pinned, or not mapped flat)"
+        if "torch" not in copiers:
+            copiers["torch"] = _TorchCopier(layers, host, layout_of(layers, host_address, nslots).word_bytes)
+        return copiers, missing
+
+    # ---- public API -----------------------------------------------------------------------------
+    def demote(self, gpu_block_ids, host_slots) -> CopyHandle:
+        """Copy device blocks into host slots: host[slot_i, l] = layer_l[block_i] for every layer."""
+        blocks = _ids(gpu_block_ids, "gpu_block_ids", self.num_blocks)
+        slots = _ids(host_slots, "host_slots", self.pool.num_slots)
+        _same_len(blocks, slots, "gpu_block_ids", "host_slots")
+        _unique(slots, "host_slots")
+        self.stats.demotes += 1
+        self.stats.blocks_to_host += len(blocks)
+        self.stats.bytes_to_host += len(blocks) * self.slot_bytes
+        return self._submit("demote", blocks, slots, layerwise=False)
+
+    def promote(self, host_slots, gpu_block_ids, layerwise: bool = False) -> CopyHandle:
+        """Copy host slots into device blocks: layer_l[block_i] = host[slot_i, l] for every layer.
+
+        layerwise: one event per layer (layers copied in order), for `CopyHandle.wait_layer`.
+        """
+        slots = _ids(host_slots, "host_slots", self.pool.num_slots)
+        blocks = _ids(gpu_block_ids, "gpu_block_ids", self.num_blocks)
+        _same_len(blocks, slots, "gpu_block_ids", "host_slots")
+        _unique(blocks, "gpu_block_ids")
+        self.stats.promotes += 1
+        self.stats.blocks_from_host += len(blocks)
+        self.stats.bytes_from_host += len(blocks) * self.slot_bytes
+        return self._submit("promote", blocks, slots, layerwise=layerwise)
+
+    def synchronize(self) -> None:
+        for s in self._streams.values():
+            s.synchronize()
+
+    def close(self) -> None:
+        """Wait for every copy, then drop the views of the pool and the layers."""
+        self.synchronize()
+        self._copiers = {}
+        self.layers = []
+
+    # ---- submission -----------------------------------------------------------------------------
+    def _submit(self, direction: str, blocks: np.ndarray, slots: np.ndarray, layerwise: bool) -> CopyHandle:
+        if not self._copiers:
+            raise RuntimeError("copy engine is closed")
+        to_host = direction == "demote"
+        nbytes = len(blocks) * self.slot_bytes
+        if self.device.type == "cpu":
+            self._run_with_fallback(direction, blocks, slots, torch.from_numpy(blocks), torch.from_numpy(slots),
+                                    to_host, 0, self.num_layers)
+            return CopyHandle(direction, self.backend[direction], len(blocks), nbytes,
+                              _layer_events=[None] * self.num_layers if layerwise else None)
+        stream = self._streams[direction]
+        if self.wait_for_current_stream:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            blocks_t = slots_t = None
+            if any(c.device_indices for c in self._copiers.values()):
+                blocks_t = torch.from_numpy(blocks).to(self.device, non_blocking=True)
+                slots_t = torch.from_numpy(slots).to(self.device, non_blocking=True)
+            layer_events = None
+            if layerwise and len(blocks):
+                layer_events = []
+                for layer in range(self.num_layers):
+                    self._run_with_fallback(direction, blocks, slots, blocks_t, slots_t, to_host, layer, 1)
+                    ev = torch.cuda.Event()
+                    ev.record(stream)
+                    layer_events.append(ev)
+                done = layer_events[-1]
+            else:
+                self._run_with_fallback(direction, blocks, slots, blocks_t, slots_t, to_host, 0, self.num_layers)
+                done = torch.cuda.Event()
+                done.record(stream)
+                if layerwise:
+                    layer_events = [done] * self.num_layers
+        return CopyHandle(direction, self.backend[direction], len(blocks), nbytes, done, layer_events,
+                          (blocks, slots, blocks_t, slots_t))
+
+    def _run_with_fallback(self, direction, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count):
+        if len(blocks) == 0:
+            return
+        name = self.backend[direction]
+        try:
+            self._copiers[name].run(blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count)
+            return
+        except Exception as e:  # any failure of a fast path falls back to torch (re-raised for torch)
+            if name == "torch":
+                raise
+            log.warning("copy engine: %s backend failed for %s (%r); falling back to torch", name, direction, e)
+            self.stats.backend_fallbacks += 1
+            self.unavailable[name] = f"failed at run time: {e!r}"
+            self._copiers.pop(name, None)
+            for d in DIRECTIONS:
+                if self.backend[d] == name:
+                    self.backend[d] = "torch"
+        if blocks_t is None:
+            blocks_t = torch.from_numpy(blocks).to(self.device)
+            slots_t = torch.from_numpy(slots).to(self.device)
+        self._copiers["torch"].run(blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count)
+
+    # ---- measurement ------------------------------------------------------------------------------
+    def calibrate(self, num_blocks: int = 64, repeats: int = 3) -> dict[str, dict[str, float]]:
+        """GB/s of each available backend, each direction, on scratch memory of this geometry.
+
+        Uses its own device pages and its own pinned pool, so no cached KV is touched.
+        """
+        if self.device.type != "cuda":
+            return {}
+        nb = max(1, num_blocks)
+        scratch = [torch.empty(nb, self.page_bytes, dtype=torch.uint8, device=self.device)
+                   for _ in range(self.num_layers)]
+        spool = HostPool(HostPoolConfig(nb * self.slot_bytes, self.num_layers, self.page_bytes, device=self.device))
+        results: dict[str, dict[str, float]] = {d: {} for d in DIRECTIONS}
+        try:
+            if spool.num_slots < nb:
+                log.warning("copy engine: calibration pool could not be pinned; keeping default backends")
+                return {}
+            copiers, _ = self._build_copiers(scratch, spool.slots, spool.address, spool.device_address)
+            rng = np.random.default_rng(0)
+            blocks = rng.permutation(nb).astype(np.int64)
+            slots = rng.permutation(nb).astype(np.int64)
+            stream = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(stream):
+                blocks_t = torch.from_numpy(blocks).to(self.device)
+                slots_t = torch.from_numpy(slots).to(self.device)
+                for name, c in copiers.items():
+                    if name not in self._copiers:
+                        continue
+                    for d in DIRECTIONS:
+                        try:
+                            results[d][name] = _time_copy(c, stream, blocks, slots, blocks_t, slots_t,
+                                                          d == "demote", self.num_layers, nb * self.slot_bytes,
+                                                          repeats)
+                        except Exception as e:  # noqa: BLE001 (a backend that fails is left out)
+                            log.warning("copy engine: calibrating %s %s failed: %r", name, d, e)
+            stream.synchronize()
+        finally:
+            copiers = None
+            spool.close()
+            del scratch
+        return results
+
+
+def _time_copy(copier: _Copier, stream, blocks, slots, blocks_t, slots_t, to_host: bool, num_layers: int,
+               nbytes: int, repeats: int) -> float:
+    copier.run(blocks, slots, blocks_t, slots_t, to_host, 0, num_layers)  # warm-up (compiles the kernel)
+    stream.synchronize()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        copier.run(blocks, slots, blocks_t, slots_t, to_host, 0, num_layers)
+        stream.synchronize()
+        times.append(time.perf_counter() - t0)
+    return nbytes / sorted(times)[len(times) // 2] / 1e9
+
+
+def _choose(gbps: dict[str, float]) -> str:
+    if not gbps:
+        return "torch"
+    best = max(gbps, key=gbps.get)
+    if "dma" in gbps and gbps["dma"] * DMA_PREFERENCE >= gbps[best]:
+        return "dma"
+    return best
+
+
+def _ids(x, name: str, limit: int) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x)
+    if a.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if a.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D sequence of ids, got shape {a.shape}")
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected integer ids, got dtype {a.dtype}")
+    a = a.astype(np.int64, copy=False)
+    lo, hi = int(a.min()), int(a.max())
+    if lo < 0 or hi >= limit:
+        raise ValueError(f"{name}: ids must lie in [0, {limit}), got min {lo}, max {hi}")
+    return np.ascontiguousarray(a)
+
+
+def _same_len(a: np.ndarray, b: np.ndarray, na: str, nb: str) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"{na} and {nb}: lengths differ ({len(a)} vs {len(b)})")
+
+
+def _unique(a: np.ndarray, name: str) -> None:
+    if len(a) > 1 and len(np.unique(a)) != len(a):
+        raise ValueError(f"{name}: destinations must be distinct (two copies into one place)")
