@@ -43,11 +43,20 @@ def bench_index(provider: str, n: int) -> list[dict]:
     vals = torch.randperm(n, device=device).to(torch.int32)
     perm = torch.randperm(n, device=device)
     queries, want = keys[perm].contiguous(), vals[perm]
+    # Capacity for N keys rounds the slots up to a power of two; filler keys bring the table to a
+    # load of 0.5 once the N measured keys are in, so every size is measured at the same load.
     idx = PrefixIndex(n, device=device, backend=backend)
+    idx = PrefixIndex(idx.num_slots // 2, device=device, backend=backend)
+    filler = rand_keys(idx.capacity - n, n + 1, device)
+    fill_vals = torch.arange(filler.shape[0], dtype=torch.int32, device=device)
     rows = []
 
+    def prefill() -> None:
+        idx.clear()
+        idx.insert(filler, fill_vals)
+
     def row(op: str, seconds: float) -> None:
-        rows.append({"provider": provider, "op": op, "n": n, "load": n / idx.num_slots,
+        rows.append({"provider": provider, "op": op, "n": n, "load": idx.capacity / idx.num_slots,
                      "us": seconds * 1e6, "keys_per_s": n / seconds})
 
     if provider == "triton":
@@ -58,20 +67,21 @@ def bench_index(provider: str, n: int) -> list[dict]:
         def raw_insert():
             ht.insert(idx._tkeys, idx._tvals, idx._first, idx._last, idx._fresh, keys, vals)
 
-        row("insert", time_with_setup(raw_insert, idx._reset_table))
-        idx._live = n  # the raw launcher bypassed the bookkeeping
+        row("insert", time_with_setup(raw_insert, prefill))
+        idx._live = idx.capacity  # the raw launcher bypassed the bookkeeping
         check(torch.equal(idx.lookup(queries), want), "triton insert+lookup")
-        row("insert_api", time_with_setup(lambda: idx.insert(keys, vals), idx.clear))
+        row("insert_api", time_with_setup(lambda: idx.insert(keys, vals), prefill))
         row("lookup", do_bench(lambda: ht.lookup(idx._tkeys, idx._tvals, queries), return_mode="median") / 1e3)
         row("lookup_api", do_bench(lambda: idx.lookup(queries), return_mode="median") / 1e3)
         check(torch.equal(ht.lookup(idx._tkeys, idx._tvals, queries), want), "triton lookup")
         saved = idx._tkeys.clone()
         row("remove", time_with_setup(lambda: ht.remove(idx._tkeys, idx._first, keys), lambda: idx._tkeys.copy_(saved)))
         idx._tkeys.copy_(saved)
+        idx._tombstones = 0
         check(bool(idx.remove(keys).all()) and bool((idx.lookup(queries) == -1).all()), "triton remove")
     elif provider in ("torch-cuda", "torch-cpu"):
         reps = 10 if device == "cuda" else 3
-        row("insert", time_with_setup(lambda: idx.insert(keys, vals), idx.clear, reps=reps, warmup=1, device=device))
+        row("insert", time_with_setup(lambda: idx.insert(keys, vals), prefill, reps=reps, warmup=1, device=device))
         got = None
 
         def lookup():
@@ -84,7 +94,7 @@ def bench_index(provider: str, n: int) -> list[dict]:
 
         def restore():
             idx._tkeys.copy_(saved)
-            idx._live, idx._tombstones = n, 0
+            idx._live, idx._tombstones = idx.capacity, 0
 
         row("remove", time_with_setup(lambda: idx.remove(keys), restore, reps=reps, warmup=1, device=device))
         restore()
