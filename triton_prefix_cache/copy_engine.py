@@ -363,7 +363,7 @@ class CopyEngine:
             stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             blocks_t = slots_t = None
-            if any(c.device_indices for c in self._copiers.values()):
+            if self._copiers[self.backend[direction]].device_indices:  # a fallback uploads its own
                 blocks_t = torch.from_numpy(blocks).to(self.device, non_blocking=True)
                 slots_t = torch.from_numpy(slots).to(self.device, non_blocking=True)
             layer_events = None
@@ -389,7 +389,7 @@ class CopyEngine:
             return
         name = self.backend[direction]
         try:
-            self._copiers[name].run(blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count)
+            self._run(self._copiers[name], blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count)
             return
         except Exception as e:  # any failure of a fast path falls back to torch (re-raised for torch)
             if name == "torch":
@@ -401,10 +401,13 @@ class CopyEngine:
             for d in DIRECTIONS:
                 if self.backend[d] == name:
                     self.backend[d] = "torch"
-        if blocks_t is None:
-            blocks_t = torch.from_numpy(blocks).to(self.device)
-            slots_t = torch.from_numpy(slots).to(self.device)
-        self._copiers["torch"].run(blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count)
+        self._run(self._copiers["torch"], blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count)
+
+    def _run(self, copier: _Copier, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count) -> None:
+        if copier.device_indices and blocks_t is None:  # uploaded on the current (side) stream
+            blocks_t = torch.from_numpy(blocks).to(self.device, non_blocking=True)
+            slots_t = torch.from_numpy(slots).to(self.device, non_blocking=True)
+        copier.run(blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count)
 
     # ---- measurement ------------------------------------------------------------------------------
     def calibrate(self, num_blocks: int = 64, repeats: int = 3) -> dict[str, dict[str, float]]:
