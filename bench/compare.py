@@ -1,0 +1,324 @@
+"""Engine comparison: this plugin against vLLM's built-in prefix caching and CPU offloading.
+
+    python -m bench.compare --workload docqa                 # defaults for this machine
+    python -m bench.compare --workload docqa chat --configs prefix ours --eager
+
+Every config runs in its own process, one after another, with the same model, KV cache size,
+workload and sampling settings; the three host tiers (built-in offloading, SimpleCPUOffload and
+ours) get the same host memory. Defaults: on a GPU the Llama-3.1-8B shape with dummy weights, a
+4 GiB KV cache, 16 GiB of host memory and vLLM's default compiled mode; on a CPU the tiny random
+Llama. Prints a table, writes JSON (exact command, device, versions, every number) and a PNG chart
+(TTFT per config per round) to bench/results/compare-<device>-<date>.{json,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import workloads as W
+from bench.common import environment, print_table, write_result
+from bench.models import get_model
+
+CONFIGS = {
+    "none": "no prefix caching",
+    "prefix": "built-in prefix caching",
+    "offload": "built-in CPU offloading (native)",
+    "simple": "SimpleCPUOffloadConnector (lazy)",
+    "ours": "TritonPrefixCacheConnector",
+}
+MODEL_CACHE = Path(os.environ.get("TPC_MODEL_CACHE", Path.home() / ".cache" / "triton-prefix-cache" / "models"))
+
+
+def engine_kwargs(config: str, host_gib: float) -> dict:
+    """What distinguishes one config from another; everything else is shared."""
+    if config == "none":
+        return {"enable_prefix_caching": False}
+    if config == "prefix":
+        return {"enable_prefix_caching": True}
+    if config == "offload":
+        return {"enable_prefix_caching": True, "kv_offloading_size": host_gib, "kv_offloading_backend": "native"}
+    if config == "simple":
+        return {"enable_prefix_caching": True, "kv_transfer_config": {
+            "kv_connector": "SimpleCPUOffloadConnector", "kv_role": "kv_both",
+            "kv_connector_extra_config": {"cpu_bytes_to_use": int(host_gib * 2**30), "lazy_offload": True}}}
+    if config == "ours":
+        return {"enable_prefix_caching": True, "kv_transfer_config": {
+            "kv_connector": "TritonPrefixCacheConnector", "kv_role": "kv_both",
+            "kv_connector_extra_config": {"host_cache_gib": host_gib}}}
+    raise ValueError(f"config: expected one of {list(CONFIGS)}, got {config!r}")
+
+
+# ---- child: one config, one workload, one process ---------------------------------------------
+
+
+def _flat_metrics(llm) -> dict:
+    out = {}
+    try:
+        for m in llm.get_metrics():
+            value = getattr(m, "value", None)
+            if isinstance(value, (int, float)):
+                key = m.name + ("" if not getattr(m, "labels", None) else "{" + ",".join(
+                    f"{k}={v}" for k, v in sorted(m.labels.items()) if k not in ("engine", "model_name")) + "}")
+                out[key] = value
+    except Exception as e:  # metrics are a bonus; never lose the timings over them
+        out["error"] = repr(e)
+    return out
+
+
+def run_child(spec: dict) -> dict:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from tqdm import tqdm
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    workload = W.make(spec["workload"], spec["kv_tokens"], spec["doc_tokens"], spec["vocab"], spec["seed"])
+    t0 = time.perf_counter()
+    llm = LLM(**spec["engine"], **engine_kwargs(spec["config"], spec["host_gib"]))
+    start_s = time.perf_counter() - t0
+    warm = W.noreuse(spec["kv_tokens"], spec["vocab"], requests=2, prompt_tokens=256, output_tokens=2, seed=999)
+    llm.generate([TokensPrompt(prompt_token_ids=r.prompt) for r in warm.batches[0]],
+                 SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, detokenize=False), use_tqdm=False)
+    before = _flat_metrics(llm)
+    rows = []
+    wall0 = time.perf_counter()
+    for batch in tqdm(workload.batches, desc=f"{spec['config']:>7} {spec['workload']}", file=sys.stderr,
+                      mininterval=2.0):
+        prompts = [TokensPrompt(prompt_token_ids=r.prompt) for r in batch]
+        params = [SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True, detokenize=False)
+                  for r in batch]
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        batch_s = time.perf_counter() - t
+        for r, o in zip(batch, outs):
+            m = getattr(o, "metrics", None)
+            ftl = getattr(m, "first_token_latency", 0.0) if m is not None else 0.0
+            rows.append({
+                "label": r.label,
+                "prompt_tokens": len(r.prompt),
+                "output_tokens": len(o.outputs[0].token_ids),
+                "cached_tokens": o.num_cached_tokens or 0,
+                # One request at a time: the generate call is the latency. Batches: vLLM's own TTFT.
+                "ttft_s": batch_s if len(batch) == 1 or not ftl else ftl,
+                "batch_s": batch_s,
+            })
+    wall = time.perf_counter() - wall0
+    after = _flat_metrics(llm)
+    delta = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))}
+    return {"engine_start_s": start_s, "wall_s": wall, "requests": rows, "metrics_delta": delta}
+
+
+# ---- parent ------------------------------------------------------------------------------------
+
+
+def pinned_memcpy_gbps(size: int = 1 << 30, reps: int = 5) -> float | None:
+    """Host (pinned) -> device copy bandwidth, the transfer floor's denominator."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    src = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(size, dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(reps + 1):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return size / statistics.median(times[1:]) / 1e9
+
+
+def summarize(workload: W.Workload, result: dict) -> dict:
+    reqs = result["requests"]
+    labels = list(dict.fromkeys(r["label"] for r in reqs))
+    per = {}
+    for lab in labels:
+        t = sorted(r["ttft_s"] * 1e3 for r in reqs if r["label"] == lab)
+        per[lab] = {"mean_ms": statistics.fmean(t), "p50_ms": statistics.median(t),
+                    "p99_ms": t[min(len(t) - 1, int(0.99 * len(t)))], "n": len(t)}
+    focus = [r["ttft_s"] * 1e3 for r in reqs if r["label"] in workload.focus]
+    out_tokens = sum(r["output_tokens"] for r in reqs)
+    hits = {k: v for k, v in result["metrics_delta"].items() if "prefix_cache" in k or "kv" in k.lower()}
+    return {
+        "per_label": per,
+        "focus_mean_ttft_ms": statistics.fmean(focus) if focus else None,
+        "focus_p50_ttft_ms": statistics.median(focus) if focus else None,
+        "focus_p99_ttft_ms": sorted(focus)[min(len(focus) - 1, int(0.99 * len(focus)))] if focus else None,
+        "requests_per_s": len(reqs) / result["wall_s"],
+        "output_tokens_per_s": out_tokens / result["wall_s"],
+        "cached_tokens": sum(r["cached_tokens"] for r in reqs),
+        "prompt_tokens": sum(r["prompt_tokens"] for r in reqs),
+        "wall_s": result["wall_s"],
+        "engine_start_s": result["engine_start_s"],
+        "metrics": hits,
+    }
+
+
+def plot(results: dict, path: Path, device: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    names = [w for w in results if any("summary" in c for c in results[w]["configs"].values())]
+    if not names:
+        return None
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5), squeeze=False)
+    for ax, wname in zip(axes[0], names):
+        configs = {c: v for c, v in results[wname]["configs"].items() if "summary" in v}
+        labels = list(dict.fromkeys(lab for v in configs.values() for lab in v["summary"]["per_label"]))
+        width = 0.8 / max(1, len(configs))
+        for i, (c, v) in enumerate(configs.items()):
+            ys = [v["summary"]["per_label"].get(lab, {}).get("mean_ms", 0) for lab in labels]
+            ax.bar([x + i * width for x in range(len(labels))], ys, width, label=CONFIGS[c])
+        floor = results[wname].get("transfer_floor_ms")
+        if floor:
+            ax.axhline(floor, color="k", ls="--", lw=1, label=f"transfer floor {floor:.0f} ms")
+        ax.set_xticks([x + width * (len(configs) - 1) / 2 for x in range(len(labels))], labels)
+        ax.set_ylabel("mean TTFT (ms)")
+        ax.set_title(wname)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"TTFT per config and round on {device}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return str(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", nargs="+", default=["docqa"], choices=W.WORKLOADS)
+    ap.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS),
+                    help="default: all five on a GPU; none, prefix and ours on a CPU")
+    ap.add_argument("--model", default=None, help="bench.models name (default: llama-3.1-8b on GPU, tiny-llama on CPU)")
+    ap.add_argument("--kv-gib", type=float, default=None, help="engine KV cache size (GPU default 4, CPU 1/128)")
+    ap.add_argument("--host-gib", type=float, default=None, help="host memory of every host tier (GPU default 16)")
+    ap.add_argument("--doc-tokens", type=int, default=None, help="document length (GPU default 8000, CPU 1024)")
+    ap.add_argument("--eager", action="store_true", help="enforce_eager (quick iterations; not for headlines)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        spec = json.loads(Path(args.child).read_text())
+        try:
+            res = run_child(spec)
+        except Exception as e:
+            import traceback
+
+            res = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
+        Path(spec["result_path"]).write_text(json.dumps(res))
+        return 0
+
+    import torch
+
+    gpu = torch.cuda.is_available()
+    env = environment()
+    model = get_model(args.model or ("llama-3.1-8b" if gpu else "tiny-llama"))
+    path = model.materialize(MODEL_CACHE)
+    dtype_bytes = 4 if model.dtype == "float32" else 2
+    kv_gib = args.kv_gib or (4.0 if gpu else 1 / 128)
+    host_gib = args.host_gib or (16.0 if gpu else 0.25)
+    block = 16 if gpu else 32
+    kv_tokens = int(kv_gib * 2**30) // model.kv_bytes_per_token(dtype_bytes)
+    doc_tokens = args.doc_tokens or (8000 if gpu else 1024)
+    configs = args.configs or (list(CONFIGS) if gpu else ["none", "prefix", "ours"])
+    engine = {
+        "model": str(path), "skip_tokenizer_init": True, "load_format": "dummy" if model.weights == "dummy" else "auto",
+        "dtype": model.dtype, "block_size": block, "kv_cache_memory_bytes": int(kv_gib * 2**30),
+        "max_model_len": max(4096, doc_tokens + 1024), "enforce_eager": args.eager or not gpu, "seed": 0,
+        "disable_log_stats": False, "gpu_memory_utilization": 0.9,
+    }
+    print(f"# {env['command']}\n# device: {env['device']} | torch {env['torch']} | vllm {env['vllm']} | "
+          f"model {model.name} | KV {kv_gib:g} GiB = {kv_tokens:,} tokens | host tiers {host_gib:g} GiB | "
+          f"{'eager' if engine['enforce_eager'] else 'compiled + CUDA graphs'}", flush=True)
+    gbps = pinned_memcpy_gbps()
+    results: dict = {}
+    for wname in args.workload:
+        wl = W.make(wname, kv_tokens, doc_tokens, model.vocab_size, args.seed)
+        print(f"\n== {wname}: {wl.description} ({wl.num_requests} requests)", flush=True)
+        entry: dict = {"description": wl.description, "params": wl.params, "focus": wl.focus, "configs": {}}
+        if wname in ("docqa", "fits") and gbps:
+            entry["transfer_floor_ms"] = doc_tokens * model.kv_bytes_per_token(dtype_bytes) / (gbps * 1e9) * 1e3
+        for cfg in configs:
+            with tempfile.TemporaryDirectory() as tmp:
+                spec = {"workload": wname, "config": cfg, "kv_tokens": kv_tokens, "doc_tokens": doc_tokens,
+                        "vocab": model.vocab_size, "seed": args.seed, "host_gib": host_gib, "engine": engine,
+                        "result_path": f"{tmp}/result.json"}
+                Path(f"{tmp}/spec.json").write_text(json.dumps(spec))
+                child_env = dict(os.environ, VLLM_LOGGING_LEVEL=os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
+                                 PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"))
+                t = time.perf_counter()
+                proc = subprocess.run([sys.executable, "-m", "bench.compare", "--child", f"{tmp}/spec.json"],
+                                      env=child_env, cwd=Path(__file__).resolve().parent.parent)
+                res_file = Path(spec["result_path"])
+                res = json.loads(res_file.read_text()) if res_file.exists() else {"error": f"child exited {proc.returncode}"}
+            if "error" in res:
+                print(f"   {cfg}: FAILED ({res['error'][:300]})", flush=True)
+                entry["configs"][cfg] = {"error": res["error"], "traceback": res.get("traceback")}
+                continue
+            summ = summarize(wl, res)
+            entry["configs"][cfg] = {"summary": summ, "requests": res["requests"], "metrics_delta": res["metrics_delta"]}
+            print(f"   {cfg}: focus mean TTFT {summ['focus_mean_ttft_ms']:.1f} ms, "
+                  f"{summ['requests_per_s']:.2f} req/s ({time.perf_counter() - t:.0f} s with start-up)", flush=True)
+        results[wname] = entry
+    rows = []
+    for wname, entry in results.items():
+        for cfg, v in entry["configs"].items():
+            if "summary" not in v:
+                rows.append({"workload": wname, "config": cfg, "note": "failed: " + v["error"][:60]})
+                continue
+            s = v["summary"]
+            row = {"workload": wname, "config": cfg, "focus_mean_ms": s["focus_mean_ttft_ms"],
+                   "focus_p50_ms": s["focus_p50_ttft_ms"], "focus_p99_ms": s["focus_p99_ttft_ms"],
+                   "req_per_s": s["requests_per_s"], "out_tok_per_s": s["output_tokens_per_s"],
+                   "cached_frac": s["cached_tokens"] / max(1, s["prompt_tokens"]), "wall_s": s["wall_s"]}
+            for lab, p in s["per_label"].items():
+                row[lab] = p["mean_ms"]
+            rows.append(row)
+    labels = list(dict.fromkeys(k for r in rows for k in r if k.startswith(("round", "turn"))))
+    print()
+    print_table(rows, ["workload", "config", *labels, "focus_mean_ms", "focus_p50_ms", "focus_p99_ms",
+                       "req_per_s", "out_tok_per_s", "cached_frac", "wall_s", "note"])
+    ratios = _ratios(results)
+    if ratios:
+        print("\nratios:", json.dumps(ratios, indent=1))
+    payload = {"environment": env, "model": model.name, "kv_gib": kv_gib, "kv_tokens": kv_tokens,
+               "host_gib": host_gib, "engine": engine, "pinned_memcpy_gbps": gbps, "ratios": ratios,
+               "workloads": results}
+    out = write_result("compare", payload, args.out)
+    png = plot(results, out.with_suffix(".png"), env["device"])
+    print(f"\nwrote {out}" + (f"\nchart {png}" if png else ""))
+    return 0
+
+
+def _ratios(results: dict) -> dict:
+    """The target ratios: ours over each baseline, on each workload's focus statistic."""
+    out = {}
+    for wname, entry in results.items():
+        s = {c: v["summary"] for c, v in entry["configs"].items() if "summary" in v}
+        if "ours" not in s:
+            continue
+        stat = "focus_p50_ttft_ms" if wname == "chat" else "focus_mean_ttft_ms"
+        r = {}
+        for base in ("offload", "simple", "prefix", "none"):
+            if base in s and s[base][stat]:
+                r[f"ttft_ours_over_{base}"] = s["ours"][stat] / s[base][stat]
+            if base in s and s[base]["requests_per_s"]:
+                r[f"throughput_ours_over_{base}"] = s["ours"]["requests_per_s"] / s[base]["requests_per_s"]
+        if entry.get("transfer_floor_ms"):
+            r["ttft_ours_over_floor"] = s["ours"]["focus_mean_ttft_ms"] / entry["transfer_floor_ms"]
+        out[wname] = r
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
