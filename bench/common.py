@@ -1,4 +1,5 @@
 """What every benchmark shares: the environment record, result files, and a GPU timer."""
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -9,8 +10,8 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -35,7 +36,9 @@ def environment() -> dict:
     env = {
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"cpu ({platform.processor() or platform.machine()})",
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -60,7 +63,11 @@ def write_result(kind: str, payload: dict, out: str | Path | None = None) -> Pat
 
 
 def time_with_setup(
-    fn: Callable[[], object], setup: Callable[[], object], reps: int = 10, warmup: int = 2, device: str = "cuda"
+    fn: Callable[[], object],
+    setup: Callable[[], object],
+    reps: int = 10,
+    warmup: int = 2,
+    device: str = "cuda",
 ) -> float:
     """Median seconds of `fn`, with `setup` run (untimed) before each call.
 

@@ -10,6 +10,7 @@ ours) get the same host memory. Defaults: on a GPU the Llama-3.1-8B shape with d
 Llama. Prints a table, writes JSON (exact command, device, versions, every number) and a PNG chart
 (TTFT per config per round) to bench/results/compare-<device>-<date>.{json,png}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,9 @@ CONFIGS = {
     "simple": "SimpleCPUOffloadConnector (lazy)",
     "ours": "TritonPrefixCacheConnector",
 }
-MODEL_CACHE = Path(os.environ.get("TPC_MODEL_CACHE", Path.home() / ".cache" / "triton-prefix-cache" / "models"))
+MODEL_CACHE = Path(
+    os.environ.get("TPC_MODEL_CACHE", Path.home() / ".cache" / "triton-prefix-cache" / "models")
+)
 
 
 def engine_kwargs(config: str, host_gib: float) -> dict:
@@ -43,15 +46,32 @@ def engine_kwargs(config: str, host_gib: float) -> dict:
     if config == "prefix":
         return {"enable_prefix_caching": True}
     if config == "offload":
-        return {"enable_prefix_caching": True, "kv_offloading_size": host_gib, "kv_offloading_backend": "native"}
+        return {
+            "enable_prefix_caching": True,
+            "kv_offloading_size": host_gib,
+            "kv_offloading_backend": "native",
+        }
     if config == "simple":
-        return {"enable_prefix_caching": True, "kv_transfer_config": {
-            "kv_connector": "SimpleCPUOffloadConnector", "kv_role": "kv_both",
-            "kv_connector_extra_config": {"cpu_bytes_to_use": int(host_gib * 2**30), "lazy_offload": True}}}
+        return {
+            "enable_prefix_caching": True,
+            "kv_transfer_config": {
+                "kv_connector": "SimpleCPUOffloadConnector",
+                "kv_role": "kv_both",
+                "kv_connector_extra_config": {
+                    "cpu_bytes_to_use": int(host_gib * 2**30),
+                    "lazy_offload": True,
+                },
+            },
+        }
     if config == "ours":
-        return {"enable_prefix_caching": True, "kv_transfer_config": {
-            "kv_connector": "TritonPrefixCacheConnector", "kv_role": "kv_both",
-            "kv_connector_extra_config": {"host_cache_gib": host_gib}}}
+        return {
+            "enable_prefix_caching": True,
+            "kv_transfer_config": {
+                "kv_connector": "TritonPrefixCacheConnector",
+                "kv_role": "kv_both",
+                "kv_connector_extra_config": {"host_cache_gib": host_gib},
+            },
+        }
     raise ValueError(f"config: expected one of {list(CONFIGS)}, got {config!r}")
 
 
@@ -64,8 +84,15 @@ def _flat_metrics(llm) -> dict:
         for m in llm.get_metrics():
             value = getattr(m, "value", None)
             if isinstance(value, (int, float)):
-                key = m.name + ("" if not getattr(m, "labels", None) else "{" + ",".join(
-                    f"{k}={v}" for k, v in sorted(m.labels.items()) if k not in ("engine", "model_name")) + "}")
+                key = m.name + (
+                    ""
+                    if not getattr(m, "labels", None)
+                    else "{"
+                    + ",".join(
+                        f"{k}={v}" for k, v in sorted(m.labels.items()) if k not in ("engine", "model_name")
+                    )
+                    + "}"
+                )
                 out[key] = value
     except Exception as e:  # metrics are a bonus; never lose the timings over them
         out["error"] = repr(e)
@@ -82,32 +109,42 @@ def run_child(spec: dict) -> dict:
     t0 = time.perf_counter()
     llm = LLM(**spec["engine"], **engine_kwargs(spec["config"], spec["host_gib"]))
     start_s = time.perf_counter() - t0
-    warm = W.noreuse(spec["kv_tokens"], spec["vocab"], requests=2, prompt_tokens=256, output_tokens=2, seed=999)
-    llm.generate([TokensPrompt(prompt_token_ids=r.prompt) for r in warm.batches[0]],
-                 SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, detokenize=False), use_tqdm=False)
+    warm = W.noreuse(
+        spec["kv_tokens"], spec["vocab"], requests=2, prompt_tokens=256, output_tokens=2, seed=999
+    )
+    llm.generate(
+        [TokensPrompt(prompt_token_ids=r.prompt) for r in warm.batches[0]],
+        SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, detokenize=False),
+        use_tqdm=False,
+    )
     before = _flat_metrics(llm)
     rows = []
     wall0 = time.perf_counter()
-    for batch in tqdm(workload.batches, desc=f"{spec['config']:>7} {spec['workload']}", file=sys.stderr,
-                      mininterval=2.0):
+    for batch in tqdm(
+        workload.batches, desc=f"{spec['config']:>7} {spec['workload']}", file=sys.stderr, mininterval=2.0
+    ):
         prompts = [TokensPrompt(prompt_token_ids=r.prompt) for r in batch]
-        params = [SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True, detokenize=False)
-                  for r in batch]
+        params = [
+            SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True, detokenize=False)
+            for r in batch
+        ]
         t = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         batch_s = time.perf_counter() - t
         for r, o in zip(batch, outs):
             m = getattr(o, "metrics", None)
             ftl = getattr(m, "first_token_latency", 0.0) if m is not None else 0.0
-            rows.append({
-                "label": r.label,
-                "prompt_tokens": len(r.prompt),
-                "output_tokens": len(o.outputs[0].token_ids),
-                "cached_tokens": o.num_cached_tokens or 0,
-                # One request at a time: the generate call is the latency. Batches: vLLM's own TTFT.
-                "ttft_s": batch_s if len(batch) == 1 or not ftl else ftl,
-                "batch_s": batch_s,
-            })
+            rows.append(
+                {
+                    "label": r.label,
+                    "prompt_tokens": len(r.prompt),
+                    "output_tokens": len(o.outputs[0].token_ids),
+                    "cached_tokens": o.num_cached_tokens or 0,
+                    # One request at a time: the generate call is the latency. Batches: vLLM's own TTFT.
+                    "ttft_s": batch_s if len(batch) == 1 or not ftl else ftl,
+                    "batch_s": batch_s,
+                }
+            )
     wall = time.perf_counter() - wall0
     after = _flat_metrics(llm)
     delta = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))}
@@ -141,8 +178,12 @@ def summarize(workload: W.Workload, result: dict) -> dict:
     per = {}
     for lab in labels:
         t = sorted(r["ttft_s"] * 1e3 for r in reqs if r["label"] == lab)
-        per[lab] = {"mean_ms": statistics.fmean(t), "p50_ms": statistics.median(t),
-                    "p99_ms": t[min(len(t) - 1, int(0.99 * len(t)))], "n": len(t)}
+        per[lab] = {
+            "mean_ms": statistics.fmean(t),
+            "p50_ms": statistics.median(t),
+            "p99_ms": t[min(len(t) - 1, int(0.99 * len(t)))],
+            "n": len(t),
+        }
     focus = [r["ttft_s"] * 1e3 for r in reqs if r["label"] in workload.focus]
     out_tokens = sum(r["output_tokens"] for r in reqs)
     hits = {k: v for k, v in result["metrics_delta"].items() if "prefix_cache" in k or "kv" in k.lower()}
@@ -196,13 +237,28 @@ def plot(results: dict, path: Path, device: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", nargs="+", default=["docqa"], choices=W.WORKLOADS)
-    ap.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS),
-                    help="default: all five on a GPU; none, prefix and ours on a CPU")
-    ap.add_argument("--model", default=None, help="bench.models name (default: llama-3.1-8b on GPU, tiny-llama on CPU)")
-    ap.add_argument("--kv-gib", type=float, default=None, help="engine KV cache size (GPU default 4, CPU 1/128)")
-    ap.add_argument("--host-gib", type=float, default=None, help="host memory of every host tier (GPU default 16)")
-    ap.add_argument("--doc-tokens", type=int, default=None, help="document length (GPU default 8000, CPU 1024)")
-    ap.add_argument("--eager", action="store_true", help="enforce_eager (quick iterations; not for headlines)")
+    ap.add_argument(
+        "--configs",
+        nargs="+",
+        default=None,
+        choices=list(CONFIGS),
+        help="default: all five on a GPU; none, prefix and ours on a CPU",
+    )
+    ap.add_argument(
+        "--model", default=None, help="bench.models name (default: llama-3.1-8b on GPU, tiny-llama on CPU)"
+    )
+    ap.add_argument(
+        "--kv-gib", type=float, default=None, help="engine KV cache size (GPU default 4, CPU 1/128)"
+    )
+    ap.add_argument(
+        "--host-gib", type=float, default=None, help="host memory of every host tier (GPU default 16)"
+    )
+    ap.add_argument(
+        "--doc-tokens", type=int, default=None, help="document length (GPU default 8000, CPU 1024)"
+    )
+    ap.add_argument(
+        "--eager", action="store_true", help="enforce_eager (quick iterations; not for headlines)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -232,14 +288,24 @@ def main(argv: list[str] | None = None) -> int:
     doc_tokens = args.doc_tokens or (8000 if gpu else 1024)
     configs = args.configs or (list(CONFIGS) if gpu else ["none", "prefix", "ours"])
     engine = {
-        "model": str(path), "skip_tokenizer_init": True, "load_format": "dummy" if model.weights == "dummy" else "auto",
-        "dtype": model.dtype, "block_size": block, "kv_cache_memory_bytes": int(kv_gib * 2**30),
-        "max_model_len": max(4096, doc_tokens + 1024), "enforce_eager": args.eager or not gpu, "seed": 0,
-        "disable_log_stats": False, "gpu_memory_utilization": 0.9,
+        "model": str(path),
+        "skip_tokenizer_init": True,
+        "load_format": "dummy" if model.weights == "dummy" else "auto",
+        "dtype": model.dtype,
+        "block_size": block,
+        "kv_cache_memory_bytes": int(kv_gib * 2**30),
+        "max_model_len": max(4096, doc_tokens + 1024),
+        "enforce_eager": args.eager or not gpu,
+        "seed": 0,
+        "disable_log_stats": False,
+        "gpu_memory_utilization": 0.9,
     }
-    print(f"# {env['command']}\n# device: {env['device']} | torch {env['torch']} | vllm {env['vllm']} | "
-          f"model {model.name} | KV {kv_gib:g} GiB = {kv_tokens:,} tokens | host tiers {host_gib:g} GiB | "
-          f"{'eager' if engine['enforce_eager'] else 'compiled + CUDA graphs'}", flush=True)
+    print(
+        f"# {env['command']}\n# device: {env['device']} | torch {env['torch']} | vllm {env['vllm']} | "
+        f"model {model.name} | KV {kv_gib:g} GiB = {kv_tokens:,} tokens | host tiers {host_gib:g} GiB | "
+        f"{'eager' if engine['enforce_eager'] else 'compiled + CUDA graphs'}",
+        flush=True,
+    )
     gbps = pinned_memcpy_gbps()
     results: dict = {}
     for wname in args.workload:
@@ -247,28 +313,55 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== {wname}: {wl.description} ({wl.num_requests} requests)", flush=True)
         entry: dict = {"description": wl.description, "params": wl.params, "focus": wl.focus, "configs": {}}
         if wname in ("docqa", "fits") and gbps:
-            entry["transfer_floor_ms"] = doc_tokens * model.kv_bytes_per_token(dtype_bytes) / (gbps * 1e9) * 1e3
+            entry["transfer_floor_ms"] = (
+                doc_tokens * model.kv_bytes_per_token(dtype_bytes) / (gbps * 1e9) * 1e3
+            )
         for cfg in configs:
             with tempfile.TemporaryDirectory() as tmp:
-                spec = {"workload": wname, "config": cfg, "kv_tokens": kv_tokens, "doc_tokens": doc_tokens,
-                        "vocab": model.vocab_size, "seed": args.seed, "host_gib": host_gib, "engine": engine,
-                        "result_path": f"{tmp}/result.json"}
+                spec = {
+                    "workload": wname,
+                    "config": cfg,
+                    "kv_tokens": kv_tokens,
+                    "doc_tokens": doc_tokens,
+                    "vocab": model.vocab_size,
+                    "seed": args.seed,
+                    "host_gib": host_gib,
+                    "engine": engine,
+                    "result_path": f"{tmp}/result.json",
+                }
                 Path(f"{tmp}/spec.json").write_text(json.dumps(spec))
-                child_env = dict(os.environ, VLLM_LOGGING_LEVEL=os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
-                                 PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"))
+                child_env = dict(
+                    os.environ,
+                    VLLM_LOGGING_LEVEL=os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
+                    PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"),
+                )
                 t = time.perf_counter()
-                proc = subprocess.run([sys.executable, "-m", "bench.compare", "--child", f"{tmp}/spec.json"],
-                                      env=child_env, cwd=Path(__file__).resolve().parent.parent)
+                proc = subprocess.run(
+                    [sys.executable, "-m", "bench.compare", "--child", f"{tmp}/spec.json"],
+                    env=child_env,
+                    cwd=Path(__file__).resolve().parent.parent,
+                )
                 res_file = Path(spec["result_path"])
-                res = json.loads(res_file.read_text()) if res_file.exists() else {"error": f"child exited {proc.returncode}"}
+                res = (
+                    json.loads(res_file.read_text())
+                    if res_file.exists()
+                    else {"error": f"child exited {proc.returncode}"}
+                )
             if "error" in res:
                 print(f"   {cfg}: FAILED ({res['error'][:300]})", flush=True)
                 entry["configs"][cfg] = {"error": res["error"], "traceback": res.get("traceback")}
                 continue
             summ = summarize(wl, res)
-            entry["configs"][cfg] = {"summary": summ, "requests": res["requests"], "metrics_delta": res["metrics_delta"]}
-            print(f"   {cfg}: focus mean TTFT {summ['focus_mean_ttft_ms']:.1f} ms, "
-                  f"{summ['requests_per_s']:.2f} req/s ({time.perf_counter() - t:.0f} s with start-up)", flush=True)
+            entry["configs"][cfg] = {
+                "summary": summ,
+                "requests": res["requests"],
+                "metrics_delta": res["metrics_delta"],
+            }
+            print(
+                f"   {cfg}: focus mean TTFT {summ['focus_mean_ttft_ms']:.1f} ms, "
+                f"{summ['requests_per_s']:.2f} req/s ({time.perf_counter() - t:.0f} s with start-up)",
+                flush=True,
+            )
         results[wname] = entry
     rows = []
     for wname, entry in results.items():
@@ -277,23 +370,52 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"workload": wname, "config": cfg, "note": "failed: " + v["error"][:60]})
                 continue
             s = v["summary"]
-            row = {"workload": wname, "config": cfg, "focus_mean_ms": s["focus_mean_ttft_ms"],
-                   "focus_p50_ms": s["focus_p50_ttft_ms"], "focus_p99_ms": s["focus_p99_ttft_ms"],
-                   "req_per_s": s["requests_per_s"], "out_tok_per_s": s["output_tokens_per_s"],
-                   "cached_frac": s["cached_tokens"] / max(1, s["prompt_tokens"]), "wall_s": s["wall_s"]}
+            row = {
+                "workload": wname,
+                "config": cfg,
+                "focus_mean_ms": s["focus_mean_ttft_ms"],
+                "focus_p50_ms": s["focus_p50_ttft_ms"],
+                "focus_p99_ms": s["focus_p99_ttft_ms"],
+                "req_per_s": s["requests_per_s"],
+                "out_tok_per_s": s["output_tokens_per_s"],
+                "cached_frac": s["cached_tokens"] / max(1, s["prompt_tokens"]),
+                "wall_s": s["wall_s"],
+            }
             for lab, p in s["per_label"].items():
                 row[lab] = p["mean_ms"]
             rows.append(row)
     labels = list(dict.fromkeys(k for r in rows for k in r if k.startswith(("round", "turn"))))
     print()
-    print_table(rows, ["workload", "config", *labels, "focus_mean_ms", "focus_p50_ms", "focus_p99_ms",
-                       "req_per_s", "out_tok_per_s", "cached_frac", "wall_s", "note"])
+    print_table(
+        rows,
+        [
+            "workload",
+            "config",
+            *labels,
+            "focus_mean_ms",
+            "focus_p50_ms",
+            "focus_p99_ms",
+            "req_per_s",
+            "out_tok_per_s",
+            "cached_frac",
+            "wall_s",
+            "note",
+        ],
+    )
     ratios = _ratios(results)
     if ratios:
         print("\nratios:", json.dumps(ratios, indent=1))
-    payload = {"environment": env, "model": model.name, "kv_gib": kv_gib, "kv_tokens": kv_tokens,
-               "host_gib": host_gib, "engine": engine, "pinned_memcpy_gbps": gbps, "ratios": ratios,
-               "workloads": results}
+    payload = {
+        "environment": env,
+        "model": model.name,
+        "kv_gib": kv_gib,
+        "kv_tokens": kv_tokens,
+        "host_gib": host_gib,
+        "engine": engine,
+        "pinned_memcpy_gbps": gbps,
+        "ratios": ratios,
+        "workloads": results,
+    }
     out = write_result("compare", payload, args.out)
     png = plot(results, out.with_suffix(".png"), env["device"])
     print(f"\nwrote {out}" + (f"\nchart {png}" if png else ""))

@@ -9,6 +9,7 @@ result is checked against the known answer in the same run. Triton/torch-cuda ti
 times (CUDA events / triton.testing.do_bench) of the launchers; the `*_api` rows time the public
 PrefixIndex call with its validation, stream hand-off and host sync.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,16 @@ def bench_index(provider: str, n: int) -> list[dict]:
         idx.insert(filler, fill_vals)
 
     def row(op: str, seconds: float) -> None:
-        rows.append({"provider": provider, "op": op, "n": n, "load": idx.capacity / idx.num_slots,
-                     "us": seconds * 1e6, "keys_per_s": n / seconds})
+        rows.append(
+            {
+                "provider": provider,
+                "op": op,
+                "n": n,
+                "load": idx.capacity / idx.num_slots,
+                "us": seconds * 1e6,
+                "keys_per_s": n / seconds,
+            }
+        )
 
     if provider == "triton":
         from triton.testing import do_bench
@@ -71,17 +80,25 @@ def bench_index(provider: str, n: int) -> list[dict]:
         idx._live = idx.capacity  # the raw launcher bypassed the bookkeeping
         check(torch.equal(idx.lookup(queries), want), "triton insert+lookup")
         row("insert_api", time_with_setup(lambda: idx.insert(keys, vals), prefill))
-        row("lookup", do_bench(lambda: ht.lookup(idx._tkeys, idx._tvals, queries), return_mode="median") / 1e3)
+        row(
+            "lookup", do_bench(lambda: ht.lookup(idx._tkeys, idx._tvals, queries), return_mode="median") / 1e3
+        )
         row("lookup_api", do_bench(lambda: idx.lookup(queries), return_mode="median") / 1e3)
         check(torch.equal(ht.lookup(idx._tkeys, idx._tvals, queries), want), "triton lookup")
         saved = idx._tkeys.clone()
-        row("remove", time_with_setup(lambda: ht.remove(idx._tkeys, idx._first, keys), lambda: idx._tkeys.copy_(saved)))
+        row(
+            "remove",
+            time_with_setup(lambda: ht.remove(idx._tkeys, idx._first, keys), lambda: idx._tkeys.copy_(saved)),
+        )
         idx._tkeys.copy_(saved)
         idx._tombstones = 0
         check(bool(idx.remove(keys).all()) and bool((idx.lookup(queries) == -1).all()), "triton remove")
     elif provider in ("torch-cuda", "torch-cpu"):
         reps = 10 if device == "cuda" else 3
-        row("insert", time_with_setup(lambda: idx.insert(keys, vals), prefill, reps=reps, warmup=1, device=device))
+        row(
+            "insert",
+            time_with_setup(lambda: idx.insert(keys, vals), prefill, reps=reps, warmup=1, device=device),
+        )
         got = None
 
         def lookup():
@@ -134,7 +151,9 @@ def bench_dict(n: int) -> list[dict]:
     return rows
 
 
-def bench_match_prefix(provider: str, requests: int = 256, blocks: int = 512, fill: int = 1_000_000) -> list[dict]:
+def bench_match_prefix(
+    provider: str, requests: int = 256, blocks: int = 512, fill: int = 1_000_000
+) -> list[dict]:
     device = "cuda" if provider in ("triton", "torch-cuda") else "cpu"
     backend = "triton" if provider == "triton" else "torch"
     g = torch.Generator().manual_seed(7)
@@ -162,12 +181,19 @@ def bench_match_prefix(provider: str, requests: int = 256, blocks: int = 512, fi
 
         from triton_prefix_cache.kernels import hash_table as ht
 
-        t = do_bench(lambda: ht.match_prefix(idx._tkeys, idx._tvals, keys, offsets), return_mode="median") / 1e3
+        t = (
+            do_bench(lambda: ht.match_prefix(idx._tkeys, idx._tvals, keys, offsets), return_mode="median")
+            / 1e3
+        )
         rows.append({"provider": provider, "op": "match_prefix", "n": n, "us": t * 1e6, "keys_per_s": n / t})
         t = do_bench(lambda: idx.match_prefix(keys, offsets), return_mode="median") / 1e3
-        rows.append({"provider": provider, "op": "match_prefix_api", "n": n, "us": t * 1e6, "keys_per_s": n / t})
+        rows.append(
+            {"provider": provider, "op": "match_prefix_api", "n": n, "us": t * 1e6, "keys_per_s": n / t}
+        )
     else:
-        t = time_with_setup(lambda: idx.match_prefix(keys, offsets), lambda: None, reps=5, warmup=1, device=device)
+        t = time_with_setup(
+            lambda: idx.match_prefix(keys, offsets), lambda: None, reps=5, warmup=1, device=device
+        )
         rows.append({"provider": provider, "op": "match_prefix", "n": n, "us": t * 1e6, "keys_per_s": n / t})
     return rows
 
@@ -238,11 +264,18 @@ def plot(rows: list[dict], path) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", type=float, default=[1e3, 1e4, 1e5, 1e6, 1e7])
-    ap.add_argument("--cpu-max", type=float, default=1e6, help="largest N for the CPU providers (torch-cpu, dict)")
-    ap.add_argument("--out", default=None, help="JSON path (default bench/results/kernels-<device>-<date>.json)")
+    ap.add_argument(
+        "--cpu-max", type=float, default=1e6, help="largest N for the CPU providers (torch-cpu, dict)"
+    )
+    ap.add_argument(
+        "--out", default=None, help="JSON path (default bench/results/kernels-<device>-<date>.json)"
+    )
     args = ap.parse_args(argv)
     env = environment()
-    print(f"# {env['command']}\n# device: {env['device']} | torch {env['torch']} | triton {env['triton']}", flush=True)
+    print(
+        f"# {env['command']}\n# device: {env['device']} | torch {env['torch']} | triton {env['triton']}",
+        flush=True,
+    )
     gpu = torch.cuda.is_available()
     providers = (["triton", "torch-cuda"] if gpu else []) + ["torch-cpu", "dict"]
     sizes = [int(s) for s in args.sizes]
@@ -263,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = summarize(rows, device_slug())
     print("\nsummary:", summary)
-    path = write_result("kernels", {"environment": env, "targets": TARGETS, "summary": summary, "rows": rows}, args.out)
+    path = write_result(
+        "kernels", {"environment": env, "targets": TARGETS, "summary": summary, "rows": rows}, args.out
+    )
     png = plot(rows, path.with_suffix(".png"))
     print(f"\nwrote {path}" + (f" and {png}" if png else ""))
     return 0

@@ -4,6 +4,7 @@ A model here is a folder holding a HuggingFace `config.json` (and, for the tiny 
 weights), built locally: nothing is downloaded. Real shapes run with vLLM's `load_format="dummy"`,
 whose near-tied logits make restored bytes and logprobs, not sampled tokens, the thing to compare.
 """
+
 from __future__ import annotations
 
 import json

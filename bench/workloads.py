@@ -7,6 +7,7 @@ Sizes derive from `kv_tokens` (what the engine's KV cache holds), so the intent 
 holds on any machine: document QA and multi-turn chat outgrow the KV cache, the system prompt and
 the fits workload stay inside it.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,8 +44,16 @@ def _tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
     return [rng.randrange(100, vocab) for _ in range(n)]
 
 
-def docqa(kv_tokens: int, doc_tokens: int, vocab: int, ratio: float = 3.0, rounds: int = 3,
-          question_tokens: int = 32, seed: int = 0, name: str = "docqa") -> Workload:
+def docqa(
+    kv_tokens: int,
+    doc_tokens: int,
+    vocab: int,
+    ratio: float = 3.0,
+    rounds: int = 3,
+    question_tokens: int = 32,
+    seed: int = 0,
+    name: str = "docqa",
+) -> Workload:
     """Documents whose total is `ratio` x the KV cache, asked about one at a time, in the same
     order every round (LRU's worst case), with a new question each round and 1 output token, so
     latency is TTFT."""
@@ -57,16 +66,33 @@ def docqa(kv_tokens: int, doc_tokens: int, vocab: int, ratio: float = 3.0, round
         for doc in docs
     ]
     return Workload(
-        name, f"{num_docs} documents x {doc_tokens} tokens + {question_tokens}-token question, "
+        name,
+        f"{num_docs} documents x {doc_tokens} tokens + {question_tokens}-token question, "
         f"{rounds} rounds in tile order, working set {num_docs * doc_tokens / kv_tokens:.1f}x the KV cache",
-        batches, focus=[f"round {r + 1}" for r in range(1, rounds)],
-        params={"num_docs": num_docs, "doc_tokens": doc_tokens, "question_tokens": question_tokens,
-                "rounds": rounds, "kv_tokens": kv_tokens, "ratio": ratio},
+        batches,
+        focus=[f"round {r + 1}" for r in range(1, rounds)],
+        params={
+            "num_docs": num_docs,
+            "doc_tokens": doc_tokens,
+            "question_tokens": question_tokens,
+            "rounds": rounds,
+            "kv_tokens": kv_tokens,
+            "ratio": ratio,
+        },
     )
 
 
-def chat(kv_tokens: int, vocab: int, turns: int = 4, system_tokens: int = 256, user_tokens: int = 128,
-         reply_tokens: int = 64, ratio: float = 2.0, concurrency: int = 8, seed: int = 0) -> Workload:
+def chat(
+    kv_tokens: int,
+    vocab: int,
+    turns: int = 4,
+    system_tokens: int = 256,
+    user_tokens: int = 128,
+    reply_tokens: int = 64,
+    ratio: float = 2.0,
+    concurrency: int = 8,
+    seed: int = 0,
+) -> Workload:
     """Multi-turn sessions, more of them live than the KV cache holds.
 
     Turn t of a session re-sends the whole history (system prompt, earlier user turns and fixed
@@ -88,35 +114,58 @@ def chat(kv_tokens: int, vocab: int, turns: int = 4, system_tokens: int = 256, u
             history[s] = history[s] + _tokens(rng, reply_tokens, vocab)
         batches += [reqs[i : i + concurrency] for i in range(0, len(reqs), concurrency)]
     return Workload(
-        "chat", f"{sessions} sessions x {turns} turns ({user_tokens} user + {reply_tokens} reply tokens a turn, "
+        "chat",
+        f"{sessions} sessions x {turns} turns ({user_tokens} user + {reply_tokens} reply tokens a turn, "
         f"{system_tokens}-token system prompt), {concurrency} at a time; live histories "
         f"{sessions * final_len / kv_tokens:.1f}x the KV cache at the last turn",
-        batches, focus=[f"turn {t + 1}" for t in range(1, turns)],
+        batches,
+        focus=[f"turn {t + 1}" for t in range(1, turns)],
         params={"sessions": sessions, "turns": turns, "concurrency": concurrency, "kv_tokens": kv_tokens},
     )
 
 
-def sysprompt(kv_tokens: int, vocab: int, requests: int = 64, suffix_tokens: int = 128,
-              output_tokens: int = 32, seed: int = 0) -> Workload:
+def sysprompt(
+    kv_tokens: int,
+    vocab: int,
+    requests: int = 64,
+    suffix_tokens: int = 128,
+    output_tokens: int = 32,
+    seed: int = 0,
+) -> Workload:
     """One long system prompt (a quarter of the KV cache, at most 4,096 tokens) shared by every
     request, everything submitted at once: a throughput workload that fits in the KV cache."""
     rng = random.Random(seed)
     system = _tokens(rng, min(4096, kv_tokens // 4), vocab)
     reqs = [Req(system + _tokens(rng, suffix_tokens, vocab), output_tokens, "all") for _ in range(requests)]
-    return Workload("sysprompt", f"{requests} requests sharing a {len(system)}-token system prompt "
-                    f"+ {suffix_tokens} own tokens, {output_tokens} output tokens, all at once",
-                    [reqs], focus=["all"], params={"system_tokens": len(system), "requests": requests})
+    return Workload(
+        "sysprompt",
+        f"{requests} requests sharing a {len(system)}-token system prompt "
+        f"+ {suffix_tokens} own tokens, {output_tokens} output tokens, all at once",
+        [reqs],
+        focus=["all"],
+        params={"system_tokens": len(system), "requests": requests},
+    )
 
 
-def noreuse(kv_tokens: int, vocab: int, requests: int = 64, prompt_tokens: int = 1024,
-            output_tokens: int = 32, seed: int = 0) -> Workload:
+def noreuse(
+    kv_tokens: int,
+    vocab: int,
+    requests: int = 64,
+    prompt_tokens: int = 1024,
+    output_tokens: int = 32,
+    seed: int = 0,
+) -> Workload:
     """Unrelated prompts, all at once: the host tier cannot help; it must not hurt."""
     rng = random.Random(seed)
     prompt_tokens = min(prompt_tokens, kv_tokens // 8)
     reqs = [Req(_tokens(rng, prompt_tokens, vocab), output_tokens, "all") for _ in range(requests)]
-    return Workload("noreuse", f"{requests} unrelated prompts x {prompt_tokens} tokens, "
-                    f"{output_tokens} output tokens, all at once", [reqs], focus=["all"],
-                    params={"prompt_tokens": prompt_tokens, "requests": requests})
+    return Workload(
+        "noreuse",
+        f"{requests} unrelated prompts x {prompt_tokens} tokens, {output_tokens} output tokens, all at once",
+        [reqs],
+        focus=["all"],
+        params={"prompt_tokens": prompt_tokens, "requests": requests},
+    )
 
 
 def fits(kv_tokens: int, doc_tokens: int, vocab: int, seed: int = 0) -> Workload:

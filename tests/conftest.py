@@ -4,6 +4,7 @@ Without a GPU, Triton kernels run in its CPU interpreter, which must be switched
 module that defines a `@triton.jit` kernel is imported: hence this runs first. vLLM runs in the
 test process (no engine subprocesses) so tests can look at connector state directly.
 """
+
 import os
 
 import pytest

@@ -3,6 +3,7 @@
 Every test runs for the Triton backend on `kernel_device` (interpreted on the CPU here and in CI,
 compiled on the GPU host) and for the torch backend.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -12,9 +13,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from triton_prefix_cache import IndexFullError, PrefixIndex, keys_from_block_hashes
+from triton_prefix_cache import IndexFullError, PrefixIndex, keys_from_block_hashes, reference
 from triton_prefix_cache import keys as K
-from triton_prefix_cache import reference
 
 INT64 = (-(2**63), 2**63 - 1)
 
@@ -71,7 +71,10 @@ def test_insert_lookup_matches_dict(make_index, n):
 
 def test_backends_share_one_layout(kernel_device):
     """A table written by the Triton kernels is read correctly by the torch code, and back."""
-    keys, vals = rand_keys(3000, 7).to(kernel_device), torch.arange(3000, dtype=torch.int32, device=kernel_device)
+    keys, vals = (
+        rand_keys(3000, 7).to(kernel_device),
+        torch.arange(3000, dtype=torch.int32, device=kernel_device),
+    )
     a = PrefixIndex(3000, device=kernel_device, backend="triton")
     a.insert(keys, vals)
     assert torch.equal(reference.lookup(a._tkeys, a._tvals, keys), vals)
@@ -184,7 +187,9 @@ def test_remove_reinsert_cycles_past_rebuild(make_index):
         assert bool(idx.remove(rm.to(dev)).all())
         for k in rm.tolist():
             del d[tuple(k)]
-        assert_equal_lists(idx.lookup(universe.to(dev)).cpu().tolist(), expect_lookup(d, universe), f"cycle {cycle}")
+        assert_equal_lists(
+            idx.lookup(universe.to(dev)).cpu().tolist(), expect_lookup(d, universe), f"cycle {cycle}"
+        )
         assert idx.tombstones <= K_REBUILD * idx.num_slots
     assert idx.rebuilds > 0
 
@@ -332,7 +337,11 @@ def test_clear_and_items(make_index):
         (lambda: torch.zeros((4, 2), dtype=torch.int32), TypeError, "keys: expected dtype torch.int64"),
         (lambda: torch.zeros((4, 3), dtype=torch.int64), ValueError, r"keys: expected shape \(n, 2\)"),
         (lambda: torch.zeros(8, dtype=torch.int64), ValueError, r"keys: expected shape \(n, 2\)"),
-        (lambda: torch.zeros((4, 2), dtype=torch.int64, device="meta"), ValueError, "keys: expected a tensor on"),
+        (
+            lambda: torch.zeros((4, 2), dtype=torch.int64, device="meta"),
+            ValueError,
+            "keys: expected a tensor on",
+        ),
         (lambda: [[1, 2]], TypeError, "keys: expected a torch.Tensor"),
     ],
 )
@@ -348,14 +357,14 @@ def test_bad_values_and_offsets(make_index):
     dev = make_index.device
     idx = make_index(8)
     keys = rand_keys(4, 71).to(dev)
-    with pytest.raises(TypeError, match="values: expected dtype torch.int32"):
+    with pytest.raises(TypeError, match=r"values: expected dtype torch\.int32"):
         idx.insert(keys, torch.zeros(4, dtype=torch.int64, device=dev))
     with pytest.raises(ValueError, match=r"values: expected shape \(4,\)"):
         idx.insert(keys, torch.zeros(3, dtype=torch.int32, device=dev))
-    with pytest.raises(ValueError, match="values: must be >= 0"):
+    with pytest.raises(ValueError, match=r"values: must be >= 0"):
         idx.insert(keys, torch.tensor([0, 1, -1, 2], dtype=torch.int32, device=dev))
     assert len(idx) == 0
-    with pytest.raises(TypeError, match="offsets: expected dtype torch.int64"):
+    with pytest.raises(TypeError, match=r"offsets: expected dtype torch\.int64"):
         idx.match_prefix(keys, torch.tensor([0, 4], dtype=torch.int32, device=dev))
     with pytest.raises(ValueError, match="offsets: must be non-decreasing from 0 to len"):
         idx.match_prefix(keys, torch.tensor([0, 3], device=dev))
@@ -364,9 +373,9 @@ def test_bad_values_and_offsets(make_index):
 
 
 def test_bad_constructor_arguments(monkeypatch):
-    with pytest.raises(ValueError, match="capacity: expected a positive int"):
+    with pytest.raises(ValueError, match=r"capacity: expected a positive int"):
         PrefixIndex(0)
-    with pytest.raises(ValueError, match="capacity: expected a positive int"):
+    with pytest.raises(ValueError, match=r"capacity: expected a positive int"):
         PrefixIndex(2.5)
     with pytest.raises(ValueError, match="backend: expected 'auto', 'triton' or 'torch'"):
         PrefixIndex(8, backend="cuda")

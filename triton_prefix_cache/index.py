@@ -8,6 +8,7 @@ TRITON_INTERPRET=1) and "torch" (vectorized, the CPU path and the test oracle). 
 the same layout. On CUDA every operation runs on the index's own stream, ordered after the
 caller's current stream and before its next use of the results.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +20,7 @@ import torch
 from . import reference
 from .keys import EMPTY, TOMBSTONE, check_keys, keys_from_block_hashes
 
-__all__ = ["PrefixIndex", "IndexFullError", "keys_from_block_hashes"]
+__all__ = ["IndexFullError", "PrefixIndex", "keys_from_block_hashes"]
 
 Backend = Literal["auto", "triton", "torch"]
 
@@ -250,7 +251,9 @@ class PrefixIndex:
             raise ValueError(f"offsets: expected a tensor on {self.device}, got one on {offsets.device}")
         bad = (offsets[0] != 0) | (offsets[-1] != n) | (offsets[1:] < offsets[:-1]).any()
         if bool(bad):  # one host sync for all three checks
-            raise ValueError(f"offsets: must be non-decreasing from 0 to len(keys)={n}, got {offsets.tolist()}")
+            raise ValueError(
+                f"offsets: must be non-decreasing from 0 to len(keys)={n}, got {offsets.tolist()}"
+            )
         return offsets.contiguous()
 
     def _run(self, fn, *inputs: torch.Tensor):

@@ -8,6 +8,7 @@ whose first word falls on one of these four is folded onto the next value (`FIRS
 `sanitize`, which every backend applies on the way in: the key space loses 4 of its 2^128 values,
 and keys that differ only by such a first word alias (probability 2^-126 for hashed keys).
 """
+
 from __future__ import annotations
 
 import numpy as np

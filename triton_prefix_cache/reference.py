@@ -5,12 +5,12 @@ open addressing with linear probing from `keys.home_slot`), so a table written b
 be read by the other. Everything is vectorized over the batch: one loop iteration per probe step,
 never one per key.
 """
+
 from __future__ import annotations
 
 import torch
 
 from .keys import EMPTY, TOMBSTONE, home_slot, sanitize
-
 
 #: Slots examined per key and probe round. Linear-probing runs at load <= 0.5 are short, so most
 #: keys finish in the first window: few rounds of wide gathers beat many rounds of narrow ones.
@@ -53,7 +53,9 @@ def lookup(tkeys: torch.Tensor, tvals: torch.Tensor, keys: torch.Tensor) -> torc
     return out
 
 
-def _claim(tkeys: torch.Tensor, keys: torch.Tensor, lanes: torch.Tensor, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _claim(
+    tkeys: torch.Tensor, keys: torch.Tensor, lanes: torch.Tensor, first: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Give each absent key of `lanes` a slot: the first free (EMPTY or tombstone) one on its probe
     sequence. Lanes holding the same key end on one slot; where different keys want one slot the
     lowest lane wins (resolved in the `first` scratch, which is left as found). Returns

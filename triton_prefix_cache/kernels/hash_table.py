@@ -19,6 +19,7 @@ that), so lookups never meet a BUSY slot.
 Only features that Triton 3.6 compiles are used (no masked atomic_cas: idle lanes compare against
 NEVER, a value no slot ever holds; `&` instead of `%`; signed int64 literals).
 """
+
 from __future__ import annotations
 
 import os
@@ -105,7 +106,15 @@ def _lookup_kernel(q_ptr, n, tkeys_ptr, tvals_ptr, out_ptr, mask_bits, BLOCK: tl
 
 @triton.jit
 def _claim_kernel(
-    q_ptr, n, tkeys_ptr, first_ptr, last_ptr, fresh_ptr, slot_out_ptr, reused_out_ptr, mask_bits,
+    q_ptr,
+    n,
+    tkeys_ptr,
+    first_ptr,
+    last_ptr,
+    fresh_ptr,
+    slot_out_ptr,
+    reused_out_ptr,
+    mask_bits,
     BLOCK: tl.constexpr,
 ):
     """Insert step 1: find or claim every key's slot (see module doc)."""
@@ -265,9 +274,7 @@ def insert(
     reused = torch.empty(n, dtype=torch.int8, device=dev)
     new = torch.empty(n, dtype=torch.int8, device=dev)
     b = _block(n)
-    _claim_kernel[_grid(n, b)](
-        keys, n, tkeys, first, last, fresh, slots, reused, tkeys.shape[0] - 1, BLOCK=b
-    )
+    _claim_kernel[_grid(n, b)](keys, n, tkeys, first, last, fresh, slots, reused, tkeys.shape[0] - 1, BLOCK=b)
     _commit_kernel[_grid(n, b)](slots, values, n, tvals, first, last, fresh, new, BLOCK=b)
     return new.view(torch.bool), reused.sum(dtype=torch.int64)
 
