@@ -14,6 +14,7 @@ both directions at once, and the time to create (pin) a 64 GiB host pool.
 Target: every backend chosen by "auto" at >= 85% of the same-size pinned memcpy, 64..4096 blocks,
 both directions; 64 GiB pool in < 10 s.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,7 @@ def extra_versions() -> dict:
         from triton_prefix_cache.cuda_driver import get_driver
 
         out["cuda_driver"] = get_driver().version
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         out["cuda_driver"] = f"unavailable: {e}"
     try:
         import cuda.bindings
@@ -83,8 +84,9 @@ def memcpy_baseline(host: torch.Tensor, dev: torch.Tensor, nbytes: int, iters: i
     return out
 
 
-def verify(pool: HostPool, layers: list[torch.Tensor], direction: str, blocks, slots, run,
-           sample: int = 8) -> bool:
+def verify(
+    pool: HostPool, layers: list[torch.Tensor], direction: str, blocks, slots, run, sample: int = 8
+) -> bool:
     """Scramble the destination of a sample of pairs, copy once more, byte-compare both sides."""
     idx = np.linspace(0, len(blocks) - 1, min(sample, len(blocks))).astype(int)
     probe = (0, len(layers) // 2, len(layers) - 1)
@@ -123,13 +125,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--pool-create-gib", type=float, default=64.0, help="0 skips the pool-creation timing")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/copy-<device>-<date>.json)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                    help="cpu only smoke-tests this script (tiny sizes, torch backend)")
+    ap.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu only smoke-tests this script (tiny sizes, torch backend)",
+    )
     args = ap.parse_args(argv)
     env = environment()
     env.update(extra_versions())
-    print(f"# {env['command']}\n# device: {env['device']} | torch {env['torch']} | triton {env['triton']} | "
-          f"cuda {env['cuda_runtime']} driver {env['cuda_driver']} | cuda.bindings {env['cuda_bindings']}", flush=True)
+    print(
+        f"# {env['command']}\n# device: {env['device']} | torch {env['torch']} | triton {env['triton']} | "
+        f"cuda {env['cuda_runtime']} driver {env['cuda_driver']} | cuda.bindings {env['cuda_bindings']}",
+        flush=True,
+    )
     cuda = args.device.startswith("cuda")
     dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     spec = get_model(args.model)
@@ -137,8 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     page = spec.kv_bytes_per_token() // L * args.block_size
     slot = L * page
     nmax = max(args.batches)
-    geometry = {"model": spec.name, "block_size": args.block_size, "num_layers": L, "page_bytes": page,
-                "block_bytes": slot, "gpu_blocks": nmax + 64, "host_slots": nmax + 64}
+    geometry = {
+        "model": spec.name,
+        "block_size": args.block_size,
+        "num_layers": L,
+        "page_bytes": page,
+        "block_bytes": slot,
+        "gpu_blocks": nmax + 64,
+        "host_slots": nmax + 64,
+    }
     print(f"# geometry: {geometry}", flush=True)
 
     layers = [torch.empty(nmax + 64, page, dtype=torch.uint8, device=dev) for _ in range(L)]
@@ -158,8 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     for n in args.batches:
         baselines[n] = memcpy_baseline(pool.slots, flat_dev, n * slot, args.iters)
-        print(f"[memcpy] {n} blocks ({n * slot / 2**20:.0f} MiB): h2d {baselines[n]['h2d']:.1f} GB/s, "
-              f"d2h {baselines[n]['d2h']:.1f} GB/s", flush=True)
+        print(
+            f"[memcpy] {n} blocks ({n * slot / 2**20:.0f} MiB): h2d {baselines[n]['h2d']:.1f} GB/s, "
+            f"d2h {baselines[n]['d2h']:.1f} GB/s",
+            flush=True,
+        )
     del flat_dev
 
     engines: dict[str, CopyEngine] = {}
@@ -178,15 +196,28 @@ def main(argv: list[str] | None = None) -> int:
             ok = verify(pool, layers, direction, blocks, slots, fn)
             base = baselines[n]["d2h" if direction == "demote" else "h2d"]
             gbps = n * slot / statistics.median(t) / 1e9
-            rows.append({
-                "backend": label or name, "direction": direction + ("-layerwise" if layerwise else ""), "blocks": n,
-                "mib": n * slot / 2**20, "ms_median": statistics.median(t) * 1e3, "ms_min": min(t) * 1e3,
-                "gbps": gbps, "memcpy_gbps": base, "fraction": gbps / base, "verified": ok,
-                "fallbacks": eng.stats.backend_fallbacks, "actual_backend": eng.backend[direction],
-            })
+            rows.append(
+                {
+                    "backend": label or name,
+                    "direction": direction + ("-layerwise" if layerwise else ""),
+                    "blocks": n,
+                    "mib": n * slot / 2**20,
+                    "ms_median": statistics.median(t) * 1e3,
+                    "ms_min": min(t) * 1e3,
+                    "gbps": gbps,
+                    "memcpy_gbps": base,
+                    "fraction": gbps / base,
+                    "verified": ok,
+                    "fallbacks": eng.stats.backend_fallbacks,
+                    "actual_backend": eng.backend[direction],
+                }
+            )
             r = rows[-1]
-            print(f"[{r['backend']}] {r['direction']:>17} {n:5d} blocks: {gbps:6.1f} GB/s "
-                  f"({r['fraction']:.0%} of memcpy){'' if ok else '  WRONG BYTES'}", flush=True)
+            print(
+                f"[{r['backend']}] {r['direction']:>17} {n:5d} blocks: {gbps:6.1f} GB/s "
+                f"({r['fraction']:.0%} of memcpy){'' if ok else '  WRONG BYTES'}",
+                flush=True,
+            )
 
     # Triton launch configs: measured once at a mid size, the best one is used below.
     sweep: list[dict] = []
@@ -196,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         for chunk in (16384, 65536):
             for progs in (None, 4 * sms, sms, 32, 16):
                 try:
-                    e = CopyEngine(layers, pool, backend="triton", triton_chunk_bytes=chunk, triton_max_programs=progs)
+                    e = CopyEngine(
+                        layers, pool, backend="triton", triton_chunk_bytes=chunk, triton_max_programs=progs
+                    )
                 except ValueError:
                     continue
                 blocks = rng.permutation(len(layers[0]))[:1024]
@@ -207,14 +240,22 @@ def main(argv: list[str] | None = None) -> int:
                     res[direction + "_gbps"] = 1024 * slot / statistics.median(wall(fn, 3)) / 1e9
                 res["min_gbps"] = min(res["demote_gbps"], res["promote_gbps"])
                 sweep.append(res)
-                print(f"[triton sweep] chunk {chunk} programs {progs}: demote {res['demote_gbps']:.1f}, "
-                      f"promote {res['promote_gbps']:.1f} GB/s", flush=True)
+                print(
+                    f"[triton sweep] chunk {chunk} programs {progs}: demote {res['demote_gbps']:.1f}, "
+                    f"promote {res['promote_gbps']:.1f} GB/s",
+                    flush=True,
+                )
                 e.close()
         best_cfg = max(sweep, key=lambda r: r["min_gbps"]) if sweep else None
         if best_cfg and (best_cfg["chunk_bytes"], best_cfg["max_programs"]) != (16384, None):
             engines["triton"].close()
-            engines["triton"] = CopyEngine(layers, pool, backend="triton", triton_chunk_bytes=best_cfg["chunk_bytes"],
-                                           triton_max_programs=best_cfg["max_programs"])
+            engines["triton"] = CopyEngine(
+                layers,
+                pool,
+                backend="triton",
+                triton_chunk_bytes=best_cfg["chunk_bytes"],
+                triton_max_programs=best_cfg["max_programs"],
+            )
 
     for n in args.batches:
         for name, eng in engines.items():
@@ -231,13 +272,16 @@ def main(argv: list[str] | None = None) -> int:
 
         def both(eng=eng, pb=perm_b, ps=perm_s):
             h1 = eng.demote(pb[:n], ps[:n])
-            h2 = eng.promote(ps[n:2 * n], pb[n:2 * n])
+            h2 = eng.promote(ps[n : 2 * n], pb[n : 2 * n])
             h1.wait()
             h2.wait()
 
         t = statistics.median(wall(both, args.iters))
         bidir.append({"backend": name, "blocks_each_way": n, "aggregate_gbps": 2 * n * slot / t / 1e9})
-        print(f"[{name}] both directions, {n} blocks each: {bidir[-1]['aggregate_gbps']:.1f} GB/s aggregate", flush=True)
+        print(
+            f"[{name}] both directions, {n} blocks each: {bidir[-1]['aggregate_gbps']:.1f} GB/s aggregate",
+            flush=True,
+        )
 
     auto = CopyEngine(layers, pool, backend="auto")
     auto_choice = {"backend": auto.backend, "calibration_gbps": auto.calibration}
@@ -252,19 +296,42 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         torch.cuda.empty_cache()
 
-    pool_create = create_big_pool(args.pool_create_gib, L, page, dev) if args.pool_create_gib > 0 and cuda else None
+    pool_create = (
+        create_big_pool(args.pool_create_gib, L, page, dev) if args.pool_create_gib > 0 and cuda else None
+    )
 
     summary = summarize(rows, auto_choice["backend"], pool_create)
-    cols = ["backend", "direction", "blocks", "mib", "ms_median", "gbps", "memcpy_gbps", "fraction", "verified"]
+    cols = [
+        "backend",
+        "direction",
+        "blocks",
+        "mib",
+        "ms_median",
+        "gbps",
+        "memcpy_gbps",
+        "fraction",
+        "verified",
+    ]
     print()
     print_table(rows, cols)
     print("\nsummary:", summary)
-    payload = {"environment": env, "geometry": geometry,
-               "targets": {"fraction_of_memcpy": TARGET_FRACTION, "pool_create_seconds": TARGET_POOL_SECONDS,
-                           "pool_create_gib": args.pool_create_gib},
-               "memcpy_baseline_gbps": {str(k): v for k, v in baselines.items()},
-               "summary": summary, "auto": auto_choice, "rows": rows, "triton_sweep": sweep,
-               "triton_config_used": best_cfg, "bidirectional": bidir, "pool_create": pool_create}
+    payload = {
+        "environment": env,
+        "geometry": geometry,
+        "targets": {
+            "fraction_of_memcpy": TARGET_FRACTION,
+            "pool_create_seconds": TARGET_POOL_SECONDS,
+            "pool_create_gib": args.pool_create_gib,
+        },
+        "memcpy_baseline_gbps": {str(k): v for k, v in baselines.items()},
+        "summary": summary,
+        "auto": auto_choice,
+        "rows": rows,
+        "triton_sweep": sweep,
+        "triton_config_used": best_cfg,
+        "bidirectional": bidir,
+        "pool_create": pool_create,
+    }
     path = write_result("copy", payload, args.out)
     print(f"\nwrote {path}")
     return 0
@@ -284,11 +351,19 @@ def create_big_pool(gib: float, layers: int, page: int, dev: torch.device) -> di
     t0 = time.perf_counter()
     pool.close()
     t_close = time.perf_counter() - t0
-    out = {"gib": gib, "create_seconds": t_create, "close_seconds": t_close, **{f"stats_{k}": v for k, v in st.items()},
-           "met": t_create < TARGET_POOL_SECONDS and st["pin_failures"] == 0}
-    print(f"[pool] {gib} GiB: created in {t_create:.2f} s (prefault {st['prefault_seconds']:.2f} s, register "
-          f"{st['register_seconds']:.2f} s, {st['chunks_pinned']} chunks, pinned {st['pinned_bytes'] / 2**30:.1f} GiB), "
-          f"closed in {t_close:.2f} s", flush=True)
+    out = {
+        "gib": gib,
+        "create_seconds": t_create,
+        "close_seconds": t_close,
+        **{f"stats_{k}": v for k, v in st.items()},
+        "met": t_create < TARGET_POOL_SECONDS and st["pin_failures"] == 0,
+    }
+    print(
+        f"[pool] {gib} GiB: created in {t_create:.2f} s (prefault {st['prefault_seconds']:.2f} s, "
+        f"register {st['register_seconds']:.2f} s, {st['chunks_pinned']} chunks, "
+        f"pinned {st['pinned_bytes'] / 2**30:.1f} GiB), closed in {t_close:.2f} s",
+        flush=True,
+    )
     return out
 
 
@@ -311,9 +386,12 @@ def summarize(rows: list[dict], auto_backend: dict, pool_create: dict | None) ->
         key = f"{r['backend']}/{r['direction']}"
         worst[key] = min(worst.get(key, 1e9), r["fraction"])
     chosen = [f"{auto_backend[d]}/{d}" for d in ("demote", "promote")]
-    out = {"worst_fraction": worst, "auto_backends": auto_backend,
-           "auto_worst_fraction": min(worst.get(k, 0.0) for k in chosen),
-           "all_verified": all(r["verified"] for r in rows)}
+    out = {
+        "worst_fraction": worst,
+        "auto_backends": auto_backend,
+        "auto_worst_fraction": min(worst.get(k, 0.0) for k in chosen),
+        "all_verified": all(r["verified"] for r in rows),
+    }
     out["copy_target_met"] = out["auto_worst_fraction"] >= TARGET_FRACTION and out["all_verified"]
     if pool_create is not None:
         out["pool_create_met"] = pool_create.get("met")

@@ -5,15 +5,17 @@ sizes, layer counts and layouts (one tensor per layer, or all layers interleaved
 Backends: "torch" and "triton" (interpreted) here; on the GPU host also "dma", everything compiled
 and reading/writing pinned memory.
 """
+
 from __future__ import annotations
 
 import ctypes
+import logging
 
 import numpy as np
 import pytest
 import torch
 
-from triton_prefix_cache.copy_engine import CopyEngine, byte_views, dma_descriptors
+from triton_prefix_cache.copy_engine import CopyEngine, _choose, byte_views, dma_descriptors
 from triton_prefix_cache.host_pool import HostPool, HostPoolConfig
 from triton_prefix_cache.kernels.copy import layout_of
 
@@ -21,8 +23,15 @@ HAS_CUDA = torch.cuda.is_available()
 BACKENDS = ["torch", "triton"] + (["dma"] if HAS_CUDA else [])
 
 
-def make_kv(nb: int, layers: int, block_shape: tuple[int, ...], dtype: torch.dtype, layout: str,
-            device: str, seed: int = 0) -> list[torch.Tensor]:
+def make_kv(
+    nb: int,
+    layers: int,
+    block_shape: tuple[int, ...],
+    dtype: torch.dtype,
+    layout: str,
+    device: str,
+    seed: int = 0,
+) -> list[torch.Tensor]:
     """Per-layer KV tensors [nb, *block_shape] filled with random bytes."""
     g = torch.Generator().manual_seed(seed)
     if layout == "separate":
@@ -37,8 +46,15 @@ def make_kv(nb: int, layers: int, block_shape: tuple[int, ...], dtype: torch.dty
 
 
 def make_pool(num_slots: int, layers: int, page: int, device: str) -> HostPool:
-    return HostPool(HostPoolConfig(size_bytes=num_slots * layers * page, num_layers=layers, page_bytes=page,
-                                   device=device, chunk_bytes=1 << 20))
+    return HostPool(
+        HostPoolConfig(
+            size_bytes=num_slots * layers * page,
+            num_layers=layers,
+            page_bytes=page,
+            device=device,
+            chunk_bytes=1 << 20,
+        )
+    )
 
 
 def np_layers(views: list[torch.Tensor]) -> list[np.ndarray]:
@@ -51,8 +67,19 @@ def assert_bytes_equal(got: np.ndarray, want: np.ndarray, what: str) -> None:
         raise AssertionError(f"{what}: {len(bad)} rows differ, first {bad[:8].tolist()}")
 
 
-def run_round_trip(kernel_device: str, backend: str, layers: int, block_shape, dtype, layout: str,
-                   nb: int, nslots: int, n: int, seed: int = 0, **engine_kw) -> None:
+def run_round_trip(
+    kernel_device: str,
+    backend: str,
+    layers: int,
+    block_shape,
+    dtype,
+    layout: str,
+    nb: int,
+    nslots: int,
+    n: int,
+    seed: int = 0,
+    **engine_kw,
+) -> None:
     kv = make_kv(nb, layers, block_shape, dtype, layout, kernel_device, seed)
     views = byte_views(kv)
     page = views[0].shape[1]
@@ -86,7 +113,9 @@ def run_round_trip(kernel_device: str, backend: str, layers: int, block_shape, d
             h.wait()
             assert h.done()
             for layer in range(layers):
-                assert_bytes_equal(views[layer].cpu().numpy(), want_l[layer], f"promote layer {layer} ({backend})")
+                assert_bytes_equal(
+                    views[layer].cpu().numpy(), want_l[layer], f"promote layer {layer} ({backend})"
+                )
         assert eng.stats.backend_fallbacks == 0, eng.unavailable
         assert eng.stats.blocks_to_host == n and eng.stats.blocks_from_host == 2 * n
     finally:
@@ -105,14 +134,35 @@ GEOMETRIES = [(2, 4, 2), (3, 5), (4, 16, 64)]
 @pytest.mark.parametrize("layers", [1, 3])
 @pytest.mark.parametrize("layout", ["separate", "interleaved"])
 def test_round_trip_matches_reference(kernel_device, backend, dtype, block_shape, layers, layout):
-    run_round_trip(kernel_device, backend, layers, block_shape, dtype, layout, nb=11, nslots=9, n=6,
-                   seed=layers * 7 + len(block_shape))
+    run_round_trip(
+        kernel_device,
+        backend,
+        layers,
+        block_shape,
+        dtype,
+        layout,
+        nb=11,
+        nslots=9,
+        n=6,
+        seed=layers * 7 + len(block_shape),
+    )
 
 
 def test_grid_stride_loop_with_few_programs(kernel_device):
     """Fewer programs than pages: each program walks several (the persistent-kernel path)."""
-    run_round_trip(kernel_device, "triton", 3, (4, 16, 64), torch.float16, "separate", nb=10, nslots=8, n=7,
-                   triton_max_programs=2, triton_chunk_bytes=1024)
+    run_round_trip(
+        kernel_device,
+        "triton",
+        3,
+        (4, 16, 64),
+        torch.float16,
+        "separate",
+        nb=10,
+        nslots=8,
+        n=7,
+        triton_max_programs=2,
+        triton_chunk_bytes=1024,
+    )
 
 
 @pytest.mark.gpu
@@ -120,7 +170,9 @@ def test_grid_stride_loop_with_few_programs(kernel_device):
 @pytest.mark.parametrize("layout", ["separate", "interleaved"])
 def test_gpu_llama_8b_geometry(kernel_device, backend, layout):
     """32 layers of 64 KiB pages (Llama-3.1-8B, 16-token blocks): 2 MiB per block."""
-    run_round_trip(kernel_device, backend, 32, (16, 8, 256), torch.bfloat16, layout, nb=160, nslots=140, n=128)
+    run_round_trip(
+        kernel_device, backend, 32, (16, 8, 256), torch.bfloat16, layout, nb=160, nslots=140, n=128
+    )
 
 
 @pytest.mark.gpu
@@ -252,10 +304,39 @@ def test_a_failing_backend_falls_back_to_torch(kernel_device, monkeypatch, caplo
         assert h.backend == "torch" and eng.backend == {"demote": "torch", "promote": "torch"}
         assert eng.stats.backend_fallbacks == 1 and "triton" in eng.unavailable
         assert "falling back to torch" in caplog.text
-        assert torch.equal(pool.slots[1, 1], views[1][4].cpu()) and torch.equal(pool.slots[3, 0], views[0][0].cpu())
+        assert torch.equal(pool.slots[1, 1], views[1][4].cpu()) and torch.equal(
+            pool.slots[3, 0], views[0][0].cpu()
+        )
     finally:
         eng.close()
         pool.close()
+
+
+def test_calibration_measures_every_backend_on_scratch_memory(kernel_device, caplog):
+    views = byte_views(make_kv(8, 3, (4, 16), torch.float32, "separate", kernel_device))
+    pool = make_pool(6, 3, views[0].shape[1], kernel_device)
+    pool.slots.fill_(7)
+    before = [v.clone() for v in views]
+    eng = CopyEngine(views, pool, backend="torch")
+    try:
+        with caplog.at_level(logging.WARNING):
+            res = eng.calibrate(num_blocks=4, repeats=1)
+        assert set(res) == {"demote", "promote"}
+        assert set(res["demote"]) == set(eng._copiers) and all(v > 0 for v in res["promote"].values())
+        assert "views of it are alive" not in caplog.text  # the scratch pool was released cleanly
+        assert all(torch.equal(a, b) for a, b in zip(views, before)) and bool((pool.slots == 7).all())
+    finally:
+        eng.close()
+        pool.close()
+
+
+def test_auto_choice_prefers_dma_unless_clearly_beaten():
+    avail = {"dma": 1, "triton": 1, "torch": 1}
+    assert _choose({"dma": 50.0, "triton": 52.0, "torch": 20.0}, avail) == "dma"  # within 5%
+    assert _choose({"dma": 40.0, "triton": 52.0}, avail) == "triton"
+    assert _choose({"triton": 30.0, "torch": 31.0}, avail) == "torch"
+    assert _choose({}, avail) == "dma" and _choose({}, {"torch": 1}) == "torch"
+    assert _choose({"dma": 99.0, "torch": 1.0}, {"torch": 1}) == "torch"  # measured but gone
 
 
 # ---- GPU host only ---------------------------------------------------------------------------------
@@ -277,7 +358,9 @@ def test_gpu_layerwise_events_order_each_layer(kernel_device, backend):
             snaps.append(views[layer][blocks.to(kernel_device)].clone())  # queued on the current stream
         torch.cuda.synchronize()
         for layer in range(layers):
-            assert torch.equal(snaps[layer].cpu(), pool.slots[:, layer]), f"layer {layer} read before it landed"
+            assert torch.equal(snaps[layer].cpu(), pool.slots[:, layer]), (
+                f"layer {layer} read before it landed"
+            )
     finally:
         eng.close()
         pool.close()

@@ -4,6 +4,7 @@ fallback when pinning fails, and no leaks over many create/close cycles.
 On the CPU the pinning logic runs against a recording fake registrar (injected); the `gpu` tests
 pin for real on the GPU host.
 """
+
 from __future__ import annotations
 
 import gc
@@ -23,9 +24,15 @@ class FakeRegistrar:
     """Records live registrations; fails (returns an error, or raises) on chosen calls, numbered in
     call order (in parallel mode that is not necessarily chunk order: `failed` says which address)."""
 
-    def __init__(self, fail_calls: set[int] = frozenset(), raise_calls: set[int] = frozenset(),
-                 parallel: bool = False, alias_offset: int = 0, scatter: bool = False,
-                 fail_unregister: bool = False) -> None:
+    def __init__(
+        self,
+        fail_calls: set[int] = frozenset(),
+        raise_calls: set[int] = frozenset(),
+        parallel: bool = False,
+        alias_offset: int = 0,
+        scatter: bool = False,
+        fail_unregister: bool = False,
+    ) -> None:
         self.fail_calls, self.raise_calls = set(fail_calls), set(raise_calls)
         self.parallel = parallel
         self.alias_offset, self.scatter = alias_offset, scatter
@@ -62,10 +69,12 @@ class FakeRegistrar:
         return f"fake error {code}"
 
 
-def config(size: int, layers: int = 4, page: int = 64 * 1024, chunk: int = 4 * MiB, device: str = "cuda",
-           **kw) -> HostPoolConfig:
-    return HostPoolConfig(size_bytes=size, num_layers=layers, page_bytes=page, chunk_bytes=chunk, device=device,
-                          **kw)
+def config(
+    size: int, layers: int = 4, page: int = 64 * 1024, chunk: int = 4 * MiB, device: str = "cuda", **kw
+) -> HostPoolConfig:
+    return HostPoolConfig(
+        size_bytes=size, num_layers=layers, page_bytes=page, chunk_bytes=chunk, device=device, **kw
+    )
 
 
 def rss_bytes() -> int:
@@ -194,7 +203,7 @@ def test_no_leak_over_many_create_close_cycles(device):
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(ValueError, match="size_bytes.*smaller than one slot"):
+    with pytest.raises(ValueError, match=r"size_bytes.*smaller than one slot"):
         HostPoolConfig(size_bytes=100, num_layers=2, page_bytes=64, device="cpu")
     with pytest.raises(ValueError, match="num_layers"):
         HostPoolConfig(size_bytes=1 << 20, num_layers=0, page_bytes=64, device="cpu")
@@ -211,7 +220,9 @@ def test_gpu_pool_is_pinned_in_chunks_and_device_addressable(registrar):
     dev = torch.device("cuda", torch.cuda.current_device())
     reg = TorchRegistrar(dev) if registrar == "torch" else None
     page, layers = 64 * 1024, 32
-    with HostPool(config(40 * layers * page, layers=layers, page=page, chunk=16 * MiB), registrar=reg) as pool:
+    with HostPool(
+        config(40 * layers * page, layers=layers, page=page, chunk=16 * MiB), registrar=reg
+    ) as pool:
         assert pool.pinned and pool.num_slots == 40 and pool.stats.pin_failures == 0
         assert len(pool.registered_chunks) == 5  # 8 slots of 2 MiB per 16 MiB chunk
         if registrar == "driver":

@@ -4,6 +4,7 @@ The oracle is a plain Python model (dicts of key -> state); `check_consistency()
 step. The index runs on `kernel_device` (the torch backend on the CPU here, the compiled Triton
 backend on the GPU host).
 """
+
 from __future__ import annotations
 
 import random
@@ -76,8 +77,12 @@ def test_store_skips_present_in_flight_and_duplicates(make_tm):
     p1 = tm.begin_store(keys(1, 2))
     tm.finish_store(p1.slots[:1])  # key 1 READY, key 2 STORING
     p2 = tm.begin_store(keys(1, 2, 3, 3))
-    assert p2.status.tolist() == [StoreStatus.PRESENT, StoreStatus.IN_FLIGHT, StoreStatus.ASSIGNED,
-                                  StoreStatus.DUPLICATE]
+    assert p2.status.tolist() == [
+        StoreStatus.PRESENT,
+        StoreStatus.IN_FLIGHT,
+        StoreStatus.ASSIGNED,
+        StoreStatus.DUPLICATE,
+    ]
     assert p2.slots[:2].tolist() == [-1, -1] and p2.slots[3] == -1 and p2.slots[2] >= 0
     assert tm.stats.store_skipped_present == 1 and tm.stats.store_skipped_in_flight == 2
     tm.check_consistency()

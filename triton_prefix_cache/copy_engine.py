@@ -16,8 +16,11 @@ after the caller's current stream at submission; the returned CopyHandle polls o
 layer-wise promote records one event per layer. On the CPU copies are synchronous and the handle
 is done at once. Callers keep the TierManager's invariants: a slot is never written while read.
 """
+
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import time
@@ -113,8 +116,16 @@ class _Copier:
     name = "?"
     device_indices = True  # whether run() needs the ids as device tensors
 
-    def run(self, blocks: np.ndarray, slots: np.ndarray, blocks_t, slots_t, to_host: bool,
-            layer_begin: int, layer_count: int) -> None:
+    def run(
+        self,
+        blocks: np.ndarray,
+        slots: np.ndarray,
+        blocks_t,
+        slots_t,
+        to_host: bool,
+        layer_begin: int,
+        layer_count: int,
+    ) -> None:
         raise NotImplementedError
 
 
@@ -129,14 +140,31 @@ class _DmaCopier(_Copier):
         self._strides = np.array(layout.layer_strides, dtype=np.int64)
 
     def run(self, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count) -> None:
-        dst, src, size = dma_descriptors(self.layout, self._addrs, self._strides, blocks, slots, to_host,
-                                         layer_begin, layer_count, block_major=layer_count > 1)
+        dst, src, size = dma_descriptors(
+            self.layout,
+            self._addrs,
+            self._strides,
+            blocks,
+            slots,
+            to_host,
+            layer_begin,
+            layer_count,
+            block_major=layer_count > 1,
+        )
         self.batch(dst, src, size, torch.cuda.current_stream().cuda_stream)
 
 
-def dma_descriptors(layout: PageLayout, addrs: np.ndarray, strides: np.ndarray, blocks: np.ndarray,
-                    slots: np.ndarray, to_host: bool, layer_begin: int, layer_count: int,
-                    block_major: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def dma_descriptors(
+    layout: PageLayout,
+    addrs: np.ndarray,
+    strides: np.ndarray,
+    blocks: np.ndarray,
+    slots: np.ndarray,
+    to_host: bool,
+    layer_begin: int,
+    layer_count: int,
+    block_major: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(dsts, srcs, sizes) as uint64 arrays, one per page, runs of adjacent pages merged."""
     ls = np.arange(layer_begin, layer_begin + layer_count, dtype=np.int64)
     dev = addrs[ls][None, :] + blocks[:, None] * strides[ls][None, :]
@@ -159,10 +187,24 @@ def dma_descriptors(layout: PageLayout, addrs: np.ndarray, strides: np.ndarray, 
 class _TritonCopier(_Copier):
     name = "triton"
 
-    def __init__(self, layout: PageLayout, device: torch.device, chunk_bytes: int, max_programs: int | None):
+    def __init__(
+        self,
+        layout: PageLayout,
+        layers: list[torch.Tensor],
+        host: torch.Tensor | None,
+        chunk_bytes: int,
+        max_programs: int | None,
+    ) -> None:
         from .kernels.copy import PageCopyKernel
 
-        self.kernel = PageCopyKernel(layout, device, chunk_bytes=chunk_bytes, max_programs=max_programs)
+        self.kernel = PageCopyKernel(
+            layout,
+            layers[0].device,
+            host=host,
+            dev_base=layers[0],
+            chunk_bytes=chunk_bytes,
+            max_programs=max_programs,
+        )
 
     def run(self, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count) -> None:
         self.kernel(blocks_t, slots_t, to_host, layer_begin, layer_count)
@@ -196,7 +238,11 @@ class _CudaArray:
 
     def __init__(self, address: int, nbytes: int) -> None:
         self.__cuda_array_interface__ = {
-            "shape": (nbytes,), "typestr": "|u1", "data": (address, False), "strides": None, "version": 2,
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (address, False),
+            "strides": None,
+            "version": 2,
         }
 
 
@@ -204,7 +250,9 @@ def device_view(address: int, nbytes: int, device: torch.device) -> torch.Tensor
     """A uint8 CUDA tensor over device-visible memory (e.g. a registered host pool); no copy."""
     t = torch.as_tensor(_CudaArray(address, nbytes), device=device)
     if t.data_ptr() != address or t.device != device:
-        raise RuntimeError(f"device view landed at {t.data_ptr():#x} on {t.device}, not {address:#x} on {device}")
+        raise RuntimeError(
+            f"device view landed at {t.data_ptr():#x} on {t.device}, not {address:#x} on {device}"
+        )
     return t
 
 
@@ -237,9 +285,13 @@ class CopyEngine:
         if pool.closed:
             raise ValueError("pool: the HostPool is closed")
         if len(layers) != pool.num_layers:
-            raise ValueError(f"layers: {len(layers)} views, but the pool holds {pool.num_layers} layers per slot")
+            raise ValueError(
+                f"layers: {len(layers)} views, but the pool holds {pool.num_layers} layers per slot"
+            )
         if layers[0].shape[1] != pool.page_bytes:
-            raise ValueError(f"layers: pages of {layers[0].shape[1]} bytes, but the pool's are {pool.page_bytes}")
+            raise ValueError(
+                f"layers: pages of {layers[0].shape[1]} bytes, but the pool's are {pool.page_bytes}"
+            )
         self.device = layers[0].device
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"layers: expected CPU or CUDA tensors, got {self.device}")
@@ -255,7 +307,9 @@ class CopyEngine:
         self.stats = CopyStats()
         self._triton_opts = (triton_chunk_bytes, triton_max_programs)
         self.calibration: dict[str, dict[str, float]] = {}
-        self._copiers, self.unavailable = self._build_copiers(layers, pool.slots, pool.address, pool.device_address)
+        self._copiers, self.unavailable = self._build_copiers(
+            layers, pool.slots, pool.address, pool.device_address
+        )
         for name, why in self.unavailable.items():
             log.info("copy engine: backend %s unavailable: %s", name, why)
         self._streams: dict[str, Any] = {}
@@ -265,19 +319,24 @@ class CopyEngine:
         if backend == "auto":
             if self.device.type == "cuda" and len(self._copiers) > 1:
                 self.calibration = self.calibrate(calibrate_blocks)
-                self.backend = {d: _choose(self.calibration[d]) for d in DIRECTIONS}
-            else:
-                self.backend = {d: ("dma" if "dma" in self._copiers else "torch") for d in DIRECTIONS}
+            self.backend = {d: _choose(self.calibration.get(d, {}), self._copiers) for d in DIRECTIONS}
         else:
             if backend not in self._copiers:
-                raise ValueError(f"backend: {backend!r} is not available here: {self.unavailable.get(backend)}")
+                raise ValueError(
+                    f"backend: {backend!r} is not available here: {self.unavailable.get(backend)}"
+                )
             self.backend = {d: backend for d in DIRECTIONS}
-        log.info("copy engine: %s, backends %s%s", self.device, self.backend,
-                 f", calibration GB/s {self.calibration}" if self.calibration else "")
+        log.info(
+            "copy engine: %s, backends %s%s",
+            self.device,
+            self.backend,
+            f", calibration GB/s {self.calibration}" if self.calibration else "",
+        )
 
     # ---- construction helpers -------------------------------------------------------------------
-    def _build_copiers(self, layers: list[torch.Tensor], host: torch.Tensor, host_address: int,
-                       device_address: int | None) -> tuple[dict[str, _Copier], dict[str, str]]:
+    def _build_copiers(
+        self, layers: list[torch.Tensor], host: torch.Tensor, host_address: int, device_address: int | None
+    ) -> tuple[dict[str, _Copier], dict[str, str]]:
         """(copiers by name, why each missing backend is missing) for one set of layers and pool."""
         copiers: dict[str, _Copier] = {}
         missing: dict[str, str] = {}
@@ -286,9 +345,11 @@ class CopyEngine:
             layout = layout_of(layers, host_address, nslots)
             copiers["torch"] = _TorchCopier(layers, host, layout.word_bytes)
             if os.environ.get("TRITON_INTERPRET") == "1":
-                copiers["triton"] = _TritonCopier(layout, self.device, *self._triton_opts)
+                copiers["triton"] = _TritonCopier(layout, layers, host, *self._triton_opts)
             else:
-                missing["triton"] = "Triton has no CPU backend (TRITON_INTERPRET=1 runs it interpreted, for tests)"
+                missing["triton"] = (
+                    "Triton has no CPU backend (TRITON_INTERPRET=1 runs it interpreted, for tests)"
+                )
             missing["dma"] = "DMA needs a CUDA engine"
             return copiers, missing
         try:
@@ -299,12 +360,14 @@ class CopyEngine:
             missing["dma"] = f"{e}"
         if device_address is not None:
             dlayout = layout_of(layers, device_address, nslots)
-            copiers["triton"] = _TritonCopier(dlayout, self.device, *self._triton_opts)
+            view = None
             try:
                 view = device_view(device_address, host.numel(), self.device).view(host.shape)
                 copiers["torch"] = _TorchCopier(layers, view, dlayout.word_bytes)
             except (RuntimeError, TypeError, ValueError) as e:
                 log.info("copy engine: no device view of the pool (%r); the torch path is staged", e)
+            # Without a view, the kernel gets the pool's device address as a bare pointer.
+            copiers["triton"] = _TritonCopier(dlayout, layers, view, *self._triton_opts)
         else:
             missing["triton"] = "the pool has no device address (not pinned, or not mapped flat)"
         if "torch" not in copiers:
@@ -354,10 +417,23 @@ class CopyEngine:
         to_host = direction == "demote"
         nbytes = len(blocks) * self.slot_bytes
         if self.device.type == "cpu":
-            self._run_with_fallback(direction, blocks, slots, torch.from_numpy(blocks), torch.from_numpy(slots),
-                                    to_host, 0, self.num_layers)
-            return CopyHandle(direction, self.backend[direction], len(blocks), nbytes,
-                              _layer_events=[None] * self.num_layers if layerwise else None)
+            self._run_with_fallback(
+                direction,
+                blocks,
+                slots,
+                torch.from_numpy(blocks),
+                torch.from_numpy(slots),
+                to_host,
+                0,
+                self.num_layers,
+            )
+            return CopyHandle(
+                direction,
+                self.backend[direction],
+                len(blocks),
+                nbytes,
+                _layer_events=[None] * self.num_layers if layerwise else None,
+            )
         stream = self._streams[direction]
         if self.wait_for_current_stream:
             stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -376,25 +452,40 @@ class CopyEngine:
                     layer_events.append(ev)
                 done = layer_events[-1]
             else:
-                self._run_with_fallback(direction, blocks, slots, blocks_t, slots_t, to_host, 0, self.num_layers)
+                self._run_with_fallback(
+                    direction, blocks, slots, blocks_t, slots_t, to_host, 0, self.num_layers
+                )
                 done = torch.cuda.Event()
                 done.record(stream)
                 if layerwise:
                     layer_events = [done] * self.num_layers
-        return CopyHandle(direction, self.backend[direction], len(blocks), nbytes, done, layer_events,
-                          (blocks, slots, blocks_t, slots_t))
+        return CopyHandle(
+            direction,
+            self.backend[direction],
+            len(blocks),
+            nbytes,
+            done,
+            layer_events,
+            (blocks, slots, blocks_t, slots_t),
+        )
 
-    def _run_with_fallback(self, direction, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count):
+    def _run_with_fallback(
+        self, direction, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count
+    ):
         if len(blocks) == 0:
             return
         name = self.backend[direction]
         try:
-            self._run(self._copiers[name], blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count)
+            self._run(
+                self._copiers[name], blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count
+            )
             return
         except Exception as e:  # any failure of a fast path falls back to torch (re-raised for torch)
             if name == "torch":
                 raise
-            log.warning("copy engine: %s backend failed for %s (%r); falling back to torch", name, direction, e)
+            log.warning(
+                "copy engine: %s backend failed for %s (%r); falling back to torch", name, direction, e
+            )
             self.stats.backend_fallbacks += 1
             self.unavailable[name] = f"failed at run time: {e!r}"
             self._copiers.pop(name, None)
@@ -403,7 +494,9 @@ class CopyEngine:
                     self.backend[d] = "torch"
         self._run(self._copiers["torch"], blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count)
 
-    def _run(self, copier: _Copier, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count) -> None:
+    def _run(
+        self, copier: _Copier, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count
+    ) -> None:
         if copier.device_indices and blocks_t is None:  # uploaded on the current (side) stream
             blocks_t = torch.from_numpy(blocks).to(self.device, non_blocking=True)
             slots_t = torch.from_numpy(slots).to(self.device, non_blocking=True)
@@ -413,61 +506,96 @@ class CopyEngine:
     def calibrate(self, num_blocks: int = 64, repeats: int = 3) -> dict[str, dict[str, float]]:
         """GB/s of each available backend, each direction, on scratch memory of this geometry.
 
-        Uses its own device pages and its own pinned pool, so no cached KV is touched.
+        Uses its own device pages and its own pinned pool, so no cached KV is touched. ("auto"
+        calls it on CUDA only; on the CPU it runs when called, e.g. by tests.)
         """
-        if self.device.type != "cuda":
-            return {}
         nb = max(1, num_blocks)
-        scratch = [torch.empty(nb, self.page_bytes, dtype=torch.uint8, device=self.device)
-                   for _ in range(self.num_layers)]
-        spool = HostPool(HostPoolConfig(nb * self.slot_bytes, self.num_layers, self.page_bytes, device=self.device))
-        results: dict[str, dict[str, float]] = {d: {} for d in DIRECTIONS}
+        scratch = [
+            torch.empty(nb, self.page_bytes, dtype=torch.uint8, device=self.device)
+            for _ in range(self.num_layers)
+        ]
+        spool = HostPool(
+            HostPoolConfig(nb * self.slot_bytes, self.num_layers, self.page_bytes, device=self.device)
+        )
+        copiers: dict[str, _Copier] = {}
         try:
             if spool.num_slots < nb:
                 log.warning("copy engine: calibration pool could not be pinned; keeping default backends")
                 return {}
-            copiers, _ = self._build_copiers(scratch, spool.slots, spool.address, spool.device_address)
-            rng = np.random.default_rng(0)
-            blocks = rng.permutation(nb).astype(np.int64)
-            slots = rng.permutation(nb).astype(np.int64)
-            stream = torch.cuda.Stream(self.device)
-            with torch.cuda.stream(stream):
-                blocks_t = torch.from_numpy(blocks).to(self.device)
-                slots_t = torch.from_numpy(slots).to(self.device)
-                for name, c in copiers.items():
-                    if name not in self._copiers:
-                        continue
-                    for d in DIRECTIONS:
-                        try:
-                            results[d][name] = _time_copy(c, stream, blocks, slots, blocks_t, slots_t,
-                                                          d == "demote", self.num_layers, nb * self.slot_bytes,
-                                                          repeats)
-                        except Exception as e:  # noqa: BLE001 (a backend that fails is left out)
-                            log.warning("copy engine: calibrating %s %s failed: %r", name, d, e)
-            stream.synchronize()
+            built, _ = self._build_copiers(scratch, spool.slots, spool.address, spool.device_address)
+            copiers.update((k, c) for k, c in built.items() if k in self._copiers)
+            del built
+            return _measure(copiers, self.device, nb, self.num_layers, self.slot_bytes, repeats)
         finally:
-            copiers = None
+            copiers.clear()  # drop every view of the scratch pool before unmapping it
+            if self.device.type == "cpu":
+                gc.collect()  # the Triton interpreter leaves reference cycles holding its arguments
             spool.close()
-            del scratch
-        return results
 
 
-def _time_copy(copier: _Copier, stream, blocks, slots, blocks_t, slots_t, to_host: bool, num_layers: int,
-               nbytes: int, repeats: int) -> float:
+def _measure(
+    copiers: dict[str, _Copier], device: torch.device, nb: int, num_layers: int, slot_bytes: int, repeats: int
+) -> dict[str, dict[str, float]]:
+    results: dict[str, dict[str, float]] = {d: {} for d in DIRECTIONS}
+    rng = np.random.default_rng(0)
+    blocks = rng.permutation(nb).astype(np.int64)
+    slots = rng.permutation(nb).astype(np.int64)
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        blocks_t = torch.from_numpy(blocks).to(device)
+        slots_t = torch.from_numpy(slots).to(device)
+        for name, c in copiers.items():
+            for d in DIRECTIONS:
+                try:
+                    results[d][name] = _time_copy(
+                        c,
+                        stream,
+                        blocks,
+                        slots,
+                        blocks_t,
+                        slots_t,
+                        d == "demote",
+                        num_layers,
+                        nb * slot_bytes,
+                        repeats,
+                    )
+                except Exception as e:  # a backend that fails is left out
+                    log.warning("copy engine: calibrating %s %s failed: %r", name, d, e)
+    if stream is not None:
+        stream.synchronize()
+    return results
+
+
+def _time_copy(
+    copier: _Copier,
+    stream,
+    blocks,
+    slots,
+    blocks_t,
+    slots_t,
+    to_host: bool,
+    num_layers: int,
+    nbytes: int,
+    repeats: int,
+) -> float:
+    sync = stream.synchronize if stream is not None else (lambda: None)
     copier.run(blocks, slots, blocks_t, slots_t, to_host, 0, num_layers)  # warm-up (compiles the kernel)
-    stream.synchronize()
+    sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         copier.run(blocks, slots, blocks_t, slots_t, to_host, 0, num_layers)
-        stream.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
     return nbytes / sorted(times)[len(times) // 2] / 1e9
 
 
-def _choose(gbps: dict[str, float]) -> str:
+def _choose(gbps: dict[str, float], available) -> str:
+    """The fastest measured backend, DMA unless beaten by more than DMA_PREFERENCE; without
+    measurements, DMA where available, else torch."""
+    gbps = {k: v for k, v in gbps.items() if k in available}
     if not gbps:
-        return "torch"
+        return "dma" if "dma" in available else "torch"
     best = max(gbps, key=gbps.get)
     if "dma" in gbps and gbps["dma"] * DMA_PREFERENCE >= gbps[best]:
         return "dma"

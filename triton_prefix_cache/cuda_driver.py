@@ -10,6 +10,7 @@
 
 Nothing here runs at import; `get_driver()` raises CudaDriverError on a machine without CUDA.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -60,8 +61,14 @@ class Driver:
         self._register = fn("cuMemHostRegister_v2", vp, sz, u32)
         self._unregister = fn("cuMemHostUnregister", vp)
         self._dev_ptr = fn("cuMemHostGetDevicePointer_v2", ctypes.POINTER(ctypes.c_uint64), vp, u32)
-        self._proc = fn("cuGetProcAddress_v2", ctypes.c_char_p, ctypes.POINTER(vp), i32, ctypes.c_uint64,
-                        ctypes.POINTER(i32))
+        self._proc = fn(
+            "cuGetProcAddress_v2",
+            ctypes.c_char_p,
+            ctypes.POINTER(vp),
+            i32,
+            ctypes.c_uint64,
+            ctypes.POINTER(i32),
+        )
         self.check(self._init(0), "cuInit")
 
     def error_name(self, code: int) -> str:
@@ -107,7 +114,9 @@ class Driver:
         code = self._proc(symbol.encode(), ctypes.byref(pfn), cuda_version, 0, ctypes.byref(status))
         self.check(code, f"cuGetProcAddress({symbol})")
         if status.value != 0 or not pfn.value:
-            raise CudaDriverError(f"cuGetProcAddress({symbol}, {cuda_version}): not found (status {status.value})")
+            raise CudaDriverError(
+                f"cuGetProcAddress({symbol}, {cuda_version}): not found (status {status.value})"
+            )
         return pfn.value
 
 
@@ -166,7 +175,7 @@ def _batch_entry_point(driver: Driver) -> tuple[int, str]:
         errors.append(f"cuda.bindings cuGetProcAddress: {err}, status {status}")
     except ImportError as e:
         errors.append(f"cuda.bindings not importable ({e})")
-    except Exception as e:  # noqa: BLE001 (a bindings version with another signature: use the driver)
+    except Exception as e:  # a bindings version with another signature: use the driver
         errors.append(f"cuda.bindings cuGetProcAddress raised {e!r}")
     try:
         return driver.proc_address("cuMemcpyBatchAsync", _BATCH_ABI_VERSION), "libcuda cuGetProcAddress_v2"
@@ -197,17 +206,29 @@ class BatchMemcpy:
         if n == 0:
             return
         if not stream:
-            raise ValueError("stream: cuMemcpyBatchAsync refuses the legacy default stream; pass a side stream")
+            raise ValueError(
+                "stream: cuMemcpyBatchAsync refuses the legacy default stream; pass a side stream"
+            )
         d = np.ascontiguousarray(dsts, dtype=np.uint64)
         s = np.ascontiguousarray(srcs, dtype=np.uint64)
         z = np.ascontiguousarray(sizes, dtype=np.uint64)
         if s.shape[0] != n or z.shape[0] != n:
             raise ValueError(f"dsts, srcs, sizes: lengths differ ({n}, {s.shape[0]}, {z.shape[0]})")
         fail = ctypes.c_size_t(0)
-        code = self._fn(d.ctypes.data, s.ctypes.data, z.ctypes.data, n, ctypes.addressof(self._attrs),
-                        self._attr_idx.ctypes.data, 1, ctypes.addressof(fail), stream)
+        code = self._fn(
+            d.ctypes.data,
+            s.ctypes.data,
+            z.ctypes.data,
+            n,
+            ctypes.addressof(self._attrs),
+            self._attr_idx.ctypes.data,
+            1,
+            ctypes.addressof(fail),
+            stream,
+        )
         if code != 0:
+            i = min(fail.value, n - 1)
             raise CudaDriverError(
-                f"cuMemcpyBatchAsync of {n} copies failed: {self.driver.error_name(code)} at copy {fail.value} "
-                f"(dst {int(d[min(fail.value, n - 1)]):#x}, src {int(s[min(fail.value, n - 1)]):#x})"
+                f"cuMemcpyBatchAsync of {n} copies failed: {self.driver.error_name(code)} at copy "
+                f"{fail.value} (dst {int(d[i]):#x}, src {int(s[i]):#x}, {int(z[i])} bytes)"
             )

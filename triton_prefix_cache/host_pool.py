@@ -11,9 +11,9 @@ as `slots[num_slots, num_layers, page_bytes]` (uint8). Invariants:
 - for a CPU engine it is plain memory;
 - `close()` unregisters every chunk it registered and unmaps the memory.
 """
+
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import mmap
@@ -222,7 +222,7 @@ class HostPool:
         chunks = [(off, min(self.chunk_bytes, nbytes - off)) for off in range(0, nbytes, self.chunk_bytes)]
         try:
             self._registrar = registrar or default_registrar(self.device)
-        except Exception as e:  # noqa: BLE001 (no way to pin at all: an empty tier, not a crash)
+        except Exception as e:  # no way to pin at all: an empty tier, not a crash
             self._fail_tail(0, chunks, f"no CUDA registrar: {e!r}")
             return 0
         reg = self._registrar
@@ -238,7 +238,7 @@ class HostPool:
             off, n = chunks[i]
             try:
                 return reg.register(self.address + off, n)
-            except Exception as e:  # noqa: BLE001 (a registrar that raises: that chunk failed)
+            except Exception as e:  # a registrar that raises: that chunk failed
                 log.warning("host pool: registering chunk %d raised %r", i, e)
                 return -1
 
@@ -274,7 +274,12 @@ class HostPool:
         log.warning(
             "host pool: pinning chunk %d of %d (at byte %d) failed: %s; continuing with a smaller "
             "pinned pool of %.2f GiB of the %.2f GiB asked for",
-            first_bad, len(chunks), off, why, off / 2**30, self.config.size_bytes / 2**30,
+            first_bad,
+            len(chunks),
+            off,
+            why,
+            off / 2**30,
+            self.config.size_bytes / 2**30,
         )
         total = self.requested_slots * self.slot_bytes
         if off < total and hasattr(mmap, "MADV_DONTNEED"):
@@ -289,7 +294,7 @@ class HostPool:
             return
         try:
             aliases = [self._registrar.device_address(a) for a, _ in self._registered]
-        except Exception as e:  # noqa: BLE001 (no alias: only direct access is lost)
+        except Exception as e:  # no alias: only direct access is lost
             log.info("host pool: no device address for the pinned pool (%r); direct access is off", e)
             return
         if any(a is None for a in aliases):
@@ -304,7 +309,7 @@ class HostPool:
         assert self._registrar is not None
         try:
             code = self._registrar.unregister(address)
-        except Exception as e:  # noqa: BLE001 (counted and logged; closing goes on)
+        except Exception as e:  # counted and logged; closing goes on
             code, why = -1, repr(e)
         else:
             why = self._registrar.describe(code)
@@ -345,17 +350,21 @@ class HostPool:
         try:
             mm.close()
         except BufferError:
-            log.warning("host pool: closed while views of it are alive; it is unmapped when they are released")
+            log.warning(
+                "host pool: closed while views of it are alive; it is unmapped when they are released"
+            )
 
-    def __enter__(self) -> HostPool:  # noqa: PYI034
+    def __enter__(self) -> HostPool:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # interpreter shutdown: CUDA may be gone already
+        try:
             self.close()
+        except Exception:  # interpreter shutdown: CUDA, or even the logging module, may be gone
+            pass
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("pinned" if self.pinned else "unpinned")

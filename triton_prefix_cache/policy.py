@@ -5,6 +5,7 @@ It never decides whether a slot may go: the TierManager passes an `evictable(slo
 slot being read or written is not evictable) and removes the victims itself. The interface takes
 the keys at insert time so that policies with ghost lists (ARC, S3-FIFO) can remember evicted keys.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

@@ -5,6 +5,7 @@ Each owner keeps one dataclass of plain numbers and bumps it in place; exporters
 Definitions that matter for hit rates: a *lookup block* is one block the scheduler asked the host
 tier about; a *hit block* is one in the leading run found there; misses = lookup - hit blocks.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields

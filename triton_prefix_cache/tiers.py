@@ -18,6 +18,7 @@ non-retired slots; the eviction policy tracks exactly the READY, non-retired slo
 Not thread-safe: one scheduler drives it. Keys are int64 (n, 2) (tensor or array); every call
 touching the index is one batched index operation.
 """
+
 from __future__ import annotations
 
 import enum
@@ -185,7 +186,9 @@ class TierManager:
         self._keys[got] = k[want[:take]]
         self.stats.stores_started += take
         self.stats.store_skipped_present += int(present.sum())
-        self.stats.store_skipped_in_flight += int(np.count_nonzero(status == StoreStatus.IN_FLIGHT) + dup.sum())
+        self.stats.store_skipped_in_flight += int(
+            np.count_nonzero(status == StoreStatus.IN_FLIGHT) + dup.sum()
+        )
         self.stats.drops_full += len(want) - take
         return StorePlan(slots, status, evicted)
 
@@ -222,7 +225,7 @@ class TierManager:
         if leading_only and len(found):
             miss = np.flatnonzero(found < 0)
             if len(miss):
-                found[miss[0]:] = -1
+                found[miss[0] :] = -1
         s = found[found >= 0]
         np.add.at(self._readers, s, 1)
         self.policy.touch(s)

@@ -5,17 +5,20 @@ address and row stride (any dtype behind it), and a host pool `[num_slots, L, pa
 pairs (block_i, slot_i) and layers l: demote is `host[slot_i, l] = layer_l[block_i]`, promote the
 reverse. One block is L pages in L places, so every copy is a gather/scatter of n * L pages.
 
-`PageCopyKernel` (Triton) reads and writes pinned host memory directly: addresses travel as plain
-int64 values (layer bases in a small device table, the pool's device-visible address as a scalar)
-and are cast to pointers inside the kernel, so Triton's launcher, which only accepts tensors it can
-resolve to device memory, is never asked about the host pool. Each program copies 16 KiB chunks
-of pages in a grid-stride loop (`max_programs` caps the SMs it takes from the model); layers vary
-slowest, so a launch over all layers tends to finish layer 0 first. The word size (up to 8 bytes)
-and a 16-byte alignment hint come from the common alignment of every address, stride and size.
+`PageCopyKernel` (Triton) reads and writes pinned host memory directly: the pool arrives as a CUDA
+tensor over its device-visible (UVA) address, which Triton's launcher accepts because the driver
+resolves registered host memory like device memory. The layers arrive as one base pointer (layer
+0) plus a small table of per-layer word offsets and strides, so one launch covers every layer of
+any layout; pointer arguments (not integers cast to pointers) keep the alignment facts that let
+the compiler emit 16-byte loads and stores. Each program copies 16 KiB chunks of pages in a
+grid-stride loop (`max_programs` caps the SMs it takes from the model); layers vary slowest, so
+a launch over all layers tends to finish layer 0 first. The word size (up to 8 bytes) and the
+alignment hint come from the common alignment of every address, stride and size.
 
 `copy_pages_torch` is the same copy with one index_select/index_copy_ per layer (never per page):
 the CPU path, and on CUDA the path over a device view of the pool.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-_WORD_DTYPES = {1: (tl.uint8, torch.uint8), 2: (tl.int16, torch.int16), 4: (tl.int32, torch.int32),
-                8: (tl.int64, torch.int64)}
+_WORD_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @dataclass(frozen=True)
@@ -85,38 +87,40 @@ def check_layer_views(layers: list[torch.Tensor], name: str = "layers") -> None:
     first = layers[0]
     for i, t in enumerate(layers):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 2:
-            raise ValueError(f"{name}[{i}]: expected a uint8 tensor [num_blocks, page_bytes], got "
-                             f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+            raise ValueError(
+                f"{name}[{i}]: expected a uint8 tensor [num_blocks, page_bytes], got "
+                f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}"
+            )
         if t.shape != first.shape:
-            raise ValueError(f"{name}[{i}]: shape {tuple(t.shape)} differs from {name}[0] {tuple(first.shape)}")
+            raise ValueError(
+                f"{name}[{i}]: shape {tuple(t.shape)} differs from that of {name}[0], {tuple(first.shape)}"
+            )
         if t.device != first.device:
             raise ValueError(f"{name}[{i}]: on {t.device}, {name}[0] on {first.device}")
         if t.shape[1] > 1 and t.stride(1) != 1:
             raise ValueError(f"{name}[{i}]: each page must be contiguous (stride(1) == 1), got {t.stride()}")
         if t.shape[0] > 1 and t.stride(0) < t.shape[1]:
-            raise ValueError(f"{name}[{i}]: pages overlap (stride(0)={t.stride(0)} < page_bytes={t.shape[1]})")
+            raise ValueError(f"{name}[{i}]: pages overlap (stride(0)={t.stride(0)} < {t.shape[1]} bytes)")
 
 
 @triton.jit
 def _page_copy_kernel(
-    layer_addrs,  # *int64 [L]: address of block 0 of each layer
-    layer_strides,  # *int64 [L]: bytes between blocks of that layer
-    host_addr,  # int64: address of slot 0 of the host pool, as the device sees it
+    dev_base,  # *word: block 0 of layer 0; every layer is addressed relative to it
+    layer_offs,  # *int64 [L]: words from dev_base to block 0 of each layer (may be negative)
+    layer_strides,  # *int64 [L]: words between blocks of that layer
+    host_base,  # *word: slot 0 of the host pool, as the device sees it
     blocks,  # *int64 [n]
     slots,  # *int64 [n]
     n,
     layer_begin,
     total,  # n * layers in this launch * chunks per page
     chunks_per_page,
-    slot_bytes,
-    page_bytes,
+    slot_words,
     page_words,
     TO_HOST: tl.constexpr,
-    WORD: tl.constexpr,
-    WORD_BYTES: tl.constexpr,
-    BLOCK: tl.constexpr,
-    ALIGN16: tl.constexpr,
-    EVEN: tl.constexpr,
+    BLOCK: tl.constexpr,  # words per chunk
+    ALIGN: tl.constexpr,  # words every offset is a multiple of (16 bytes' worth, or 1)
+    EVEN: tl.constexpr,  # BLOCK divides page_words
 ):
     item = tl.program_id(0).to(tl.int64)
     step = tl.num_programs(0)
@@ -129,36 +133,53 @@ def _page_copy_kernel(
         layer = layer_begin + lrel
         blk = tl.load(blocks + i)
         slot = tl.load(slots + i)
-        skip = chunk * (BLOCK * WORD_BYTES)
-        dev = tl.load(layer_addrs + layer) + blk * tl.load(layer_strides + layer) + skip
-        host = host_addr + slot * slot_bytes + layer * page_bytes + skip
-        if ALIGN16:
-            dev = tl.multiple_of(dev, 16)
-            host = tl.multiple_of(host, 16)
-        dev_ptr = dev.to(tl.pointer_type(WORD))
-        host_ptr = host.to(tl.pointer_type(WORD))
+        skip = chunk * BLOCK
+        dev_off = tl.load(layer_offs + layer) + blk * tl.load(layer_strides + layer) + skip
+        host_off = slot * slot_words + layer * page_words + skip
+        if ALIGN > 1:  # lets the compiler use 16-byte loads and stores
+            dev_off = tl.multiple_of(dev_off, ALIGN)
+            host_off = tl.multiple_of(host_off, ALIGN)
         if TO_HOST:
-            src = dev_ptr
-            dst = host_ptr
+            src = dev_base + dev_off
+            dst = host_base + host_off
         else:
-            src = host_ptr
-            dst = dev_ptr
+            src = host_base + host_off
+            dst = dev_base + dev_off
         if EVEN:
             tl.store(dst + offs, tl.load(src + offs))
         else:
-            mask = offs < page_words - chunk * BLOCK
+            mask = offs < page_words - skip
             tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
         item += step
 
 
+class _Address:
+    """Stands in for a tensor in a Triton launch: just `data_ptr()` and `dtype` (the launcher
+    resolves the address through the driver, as it does for tensors)."""
+
+    def __init__(self, address: int, dtype: torch.dtype) -> None:
+        self._address = address
+        self.dtype = dtype
+
+    def data_ptr(self) -> int:
+        return self._address
+
+
 class PageCopyKernel:
     """Launcher of `_page_copy_kernel` for one PageLayout on one device (CUDA, or the CPU when
-    Triton interprets). Launches on the current stream; index tensors must be int64 on `device`."""
+    Triton interprets). Launches on the current stream; index tensors must be int64 on `device`.
+
+    `host` is a tensor over the pool's memory as the device sees it (a CUDA view of the pinned
+    pool, or the CPU pool when interpreting); without one, the pool's device address is passed
+    as a bare pointer.
+    """
 
     def __init__(
         self,
         layout: PageLayout,
         device: torch.device,
+        host: torch.Tensor | None = None,
+        dev_base: torch.Tensor | None = None,
         chunk_bytes: int = 16384,
         max_programs: int | None = None,
         num_warps: int = 4,
@@ -169,16 +190,32 @@ class PageCopyKernel:
             raise ValueError(f"max_programs: expected a positive int or None, got {max_programs}")
         self.layout = layout
         self.device = torch.device(device)
-        self.word_bytes = layout.word_bytes
-        self.page_words = layout.page_bytes // self.word_bytes
-        self.block = min(max(1, chunk_bytes // self.word_bytes), triton.next_power_of_2(self.page_words))
+        wb = self.word_bytes = layout.word_bytes
+        dt = _WORD_DTYPES[wb]
+        self.page_words = layout.page_bytes // wb
+        self.slot_words = layout.slot_bytes // wb
+        self.block = min(max(1, chunk_bytes // wb), triton.next_power_of_2(self.page_words))
         self.chunks_per_page = triton.cdiv(self.page_words, self.block)
         self.even = self.page_words % self.block == 0
-        self.aligned16 = layout.aligned16
+        self.align = 16 // wb if layout.aligned16 else 1
         self.max_programs = max_programs
         self.num_warps = num_warps
-        self._addrs = torch.tensor(layout.layer_addresses, dtype=torch.int64, device=self.device)
-        self._strides = torch.tensor(layout.layer_strides, dtype=torch.int64, device=self.device)
+        base = layout.layer_addresses[0]
+        if dev_base is None or dev_base.data_ptr() != base:
+            raise ValueError("dev_base: expected a tensor starting at block 0 of layer 0")
+        self._dev_base = dev_base.view(dt) if dev_base.dtype != dt else dev_base
+        if host is not None:
+            if host.data_ptr() != layout.host_address:
+                raise ValueError("host: expected a tensor starting at the layout's host address")
+            self._host = host.view(-1).view(dt)
+        else:
+            self._host = _Address(layout.host_address, dt)
+        self._offs = torch.tensor(
+            [(a - base) // wb for a in layout.layer_addresses], dtype=torch.int64, device=self.device
+        )
+        self._strides = torch.tensor(
+            [s // wb for s in layout.layer_strides], dtype=torch.int64, device=self.device
+        )
 
     def __call__(
         self,
@@ -200,17 +237,31 @@ class PageCopyKernel:
             raise ValueError(f"too many pages in one launch: {total}")
         grid = (min(total, self.max_programs or total, 2**31 - 1),)
         _page_copy_kernel[grid](
-            self._addrs, self._strides, self.layout.host_address, blocks, slots,
-            n, layer_begin, total, self.chunks_per_page,
-            self.layout.slot_bytes, self.layout.page_bytes, self.page_words,
-            TO_HOST=bool(to_host), WORD=_WORD_DTYPES[self.word_bytes][0], WORD_BYTES=self.word_bytes,
-            BLOCK=self.block, ALIGN16=self.aligned16, EVEN=self.even, num_warps=self.num_warps,
+            self._dev_base,
+            self._offs,
+            self._strides,
+            self._host,
+            blocks,
+            slots,
+            n,
+            layer_begin,
+            total,
+            self.chunks_per_page,
+            self.slot_words,
+            self.page_words,
+            TO_HOST=bool(to_host),
+            BLOCK=self.block,
+            ALIGN=self.align,
+            EVEN=self.even,
+            num_warps=self.num_warps,
         )
 
 
-def word_views(layers: list[torch.Tensor], host: torch.Tensor, word_bytes: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+def word_views(
+    layers: list[torch.Tensor], host: torch.Tensor, word_bytes: int
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The same memory as wider words: layers [nb, page/w], host [S, L, page/w]."""
-    dt = _WORD_DTYPES[word_bytes][1]
+    dt = _WORD_DTYPES[word_bytes]
     return [t.view(dt) for t in layers], host.view(dt)
 
 
