@@ -77,6 +77,10 @@ class WorkerSide:
         self.debug_pages: dict[int, torch.Tensor] | None = {} if os.environ.get("TPC_DEBUG_PAGES") == "1" else None
         self.debug_checked = 0
         self.debug_mismatches: list[tuple[int, int]] = []
+        # Tests: report async loads only after this many extra polls, as a slow copy would be, so the
+        # WAITING_FOR_REMOTE_KVS path (and aborts during it) runs on the CPU too, where copies are instant.
+        self.debug_load_delay = int(os.environ.get("TPC_DEBUG_LOAD_DELAY", "0"))
+        self._polls: dict[str, int] = {}
 
     # ---- setup ---------------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -153,6 +157,11 @@ class WorkerSide:
         self.sync_loads = []
         recving: set[str] = set()
         for req_id, (h, t0) in list(self.async_loads.items()):
+            if self.debug_load_delay:
+                self._polls[req_id] = polls = self._polls.get(req_id, 0) + 1
+                if polls <= self.debug_load_delay:
+                    continue
+                del self._polls[req_id]
             if h.done():
                 del self.async_loads[req_id]
                 recving.add(req_id)

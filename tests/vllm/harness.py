@@ -68,6 +68,16 @@ def concurrent(num_docs: int = 6, doc_blocks: int = 20, seed: int = 3) -> Worklo
     return Workload("concurrent", [batch, batch[::-1]], max_tokens=24)
 
 
+def preempt(num_reqs: int = 5, doc_blocks: int = 12, seed: int = 4) -> Workload:
+    """Long decodes of distinct documents at once: the KV cache runs out mid-decode and vLLM preempts.
+
+    Played twice (second time in reverse order), so re-admitted and repeated prompts hit the host tier.
+    """
+    rng = random.Random(seed)
+    batch = [[rng.randrange(100, 30000) for _ in range(doc_blocks * BLOCK + 30)] for _ in range(num_reqs)]
+    return Workload("preempt", [batch, batch[::-1]], max_tokens=160)
+
+
 @dataclass
 class Record:
     """What one request produced."""

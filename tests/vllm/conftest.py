@@ -1,0 +1,137 @@
+"""Engine fixtures: each configuration starts one in-process engine per session, lazily.
+
+`runs(name)` starts the engine of that configuration the first time a test asks for it, plays
+every workload through it, keeps the results (`harness.RunResult`) and shuts the engine down, so
+at most one engine lives at a time and each starts once. Configurations:
+  oracle     built-in prefix caching, KV cache big enough for every workload (no eviction)
+  nocache    no prefix caching at all
+  tpc        the connector with defaults (lazy demotion, async loads), KV cache far too small
+  layerwise  the connector with load="layerwise"
+  wt         the connector with demote="write_through"
+  smallhost  the connector with a host tier smaller than the working set (host evictions)
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+
+sys.path.insert(0, str(Path(__file__).parent))
+import harness as H  # noqa: E402
+
+BIG_KV_BLOCKS = 1200
+SMALL_KV_BLOCKS = 80  # < 4 documents of the docqa workload: LRU evicts each before its reuse
+WORKLOADS = {"docqa": H.docqa, "chat": H.chat, "concurrent": H.concurrent, "preempt": H.preempt}
+
+CONFIGS: dict[str, dict] = {
+    "oracle": dict(kv_blocks=BIG_KV_BLOCKS),
+    "nocache": dict(kv_blocks=BIG_KV_BLOCKS, prefix_caching=False),
+    "tpc": dict(kv_blocks=SMALL_KV_BLOCKS, kv_transfer_config=H.tpc_config()),
+    "layerwise": dict(kv_blocks=SMALL_KV_BLOCKS, kv_transfer_config=H.tpc_config(load="layerwise")),
+    "wt": dict(kv_blocks=SMALL_KV_BLOCKS, kv_transfer_config=H.tpc_config(demote="write_through")),
+    # 100 slots of 32 KiB: less than the docqa documents (150 blocks), so the host tier evicts too.
+    "smallhost": dict(kv_blocks=SMALL_KV_BLOCKS,
+                      kv_transfer_config=H.tpc_config(host_cache_gib=100 * H.PAGE_BYTES_PER_BLOCK / 2**30)),
+}
+
+
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory) -> Path:
+    from bench.models import get_model
+
+    return get_model("tiny-llama").materialize(tmp_path_factory.mktemp("models"))
+
+
+def _connector_state(llm) -> dict:
+    """Scheduler- and worker-side facts the tests check, taken while the engine is alive."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    sched = H.scheduler_of(llm)
+    side = sched.connector._sched
+    side.tier.check()
+    out = {
+        "tier_ready": len(side.tier),
+        "tier_evictions": side.tier.evictions,
+        "pins": int(side.tier.pins.sum()),
+        "held": len(side.held),
+        "inflight_loads": len(side.inflight_loads),
+        "inflight_stores": len(side.inflight_stores),
+        "gpu_free": sched.kv_cache_manager.block_pool.get_num_free_blocks(),
+        "gpu_total": sched.kv_cache_manager.block_pool.num_gpu_blocks,
+    }
+    if has_kv_transfer_group():
+        wk = get_kv_transfer_group()._worker
+        out.update(debug_checked=wk.debug_checked, debug_mismatches=list(wk.debug_mismatches))
+    return out
+
+
+def _run(name: str, model_path: Path) -> H.RunResult:
+    cfg = dict(CONFIGS[name])
+    res = H.RunResult(name)
+    os.environ["TPC_DEBUG_PAGES"] = "1"
+    # The default run also delays async load completions by two steps (see WorkerSide).
+    os.environ["TPC_DEBUG_LOAD_DELAY"] = "2" if name == "tpc" else "0"
+    llm = H.make_llm(model_path, **cfg)
+    try:
+        is_tpc = cfg.get("kv_transfer_config") is not None
+        for wname, make in WORKLOADS.items():
+            res.outputs[wname] = H.play(llm, make())
+            res.extra[f"metrics_after_{wname}"] = H.metric_values(llm)
+            if is_tpc:
+                res.extra[f"state_after_{wname}"] = _connector_state(llm)
+        res.metrics = H.metric_values(llm)
+        if name == "tpc":
+            _extra_checks_tpc(llm, res)
+    finally:
+        H.shutdown(llm)
+    return res
+
+
+def _extra_checks_tpc(llm, res: H.RunResult) -> None:
+    """Abort mid-load, then reset, on the default configuration's engine (no extra engine start)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    eng = llm.llm_engine
+    sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, detokenize=False)
+    docs = H.docqa()
+    # Ask about documents the host tier holds (round 1 prompts' documents with new questions),
+    # abort one request right after the step that scheduled its load.
+    prompts = [docs.batches[i][0][:-20] + [7] * 20 for i in range(3)]
+    for i, p in enumerate(prompts):
+        eng.add_request(f"abort-{i}", TokensPrompt(prompt_token_ids=p), sp)
+    eng.step()
+    eng.abort_request(["abort-1"])
+    finished = {}
+    for _ in range(200):
+        for o in eng.step():
+            if o.finished:
+                finished[o.request_id] = list(o.outputs[0].token_ids)
+        if not eng.has_unfinished_requests():
+            break
+    res.extra["abort_finished"] = finished
+    res.extra["abort_prompts"] = prompts
+    res.extra["state_after_abort"] = _connector_state(llm)
+    # reset: the host tier empties, and the same document is then a miss everywhere.
+    res.extra["reset_ok"] = llm.reset_prefix_cache(reset_connector=True)
+    res.extra["state_after_reset"] = _connector_state(llm)
+    out = llm.generate([TokensPrompt(prompt_token_ids=prompts[0])], sp, use_tqdm=False)
+    res.extra["after_reset_cached"] = out[0].num_cached_tokens
+    res.extra["after_reset_tokens"] = list(out[0].outputs[0].token_ids)
+
+
+_CACHE: dict[str, H.RunResult] = {}
+
+
+@pytest.fixture(scope="session")
+def runs(model_path):
+    def get(name: str) -> H.RunResult:
+        if name not in _CACHE:
+            _CACHE[name] = _run(name, model_path)
+        return _CACHE[name]
+
+    return get
