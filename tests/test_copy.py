@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from triton_prefix_cache.copy_engine import CopyEngine, _choose, byte_views, dma_descriptors
+from triton_prefix_cache.copy_engine import CopyEngine, _choose, _DmaCopier, byte_views, dma_descriptors
 from triton_prefix_cache.host_pool import HostPool, HostPoolConfig
 from triton_prefix_cache.kernels.copy import layout_of
 
@@ -225,6 +225,41 @@ def test_dma_descriptors_cover_exactly_the_pages(layout, to_host):
         # One layer at a time, layer-major (the layer-wise promote plan).
         d1, _, s1 = dma_descriptors(lay, addrs, strides, blocks, slots, to_host, 2, 1, block_major=False)
         assert len(d1) == n and int(s1.sum()) == n * page
+    finally:
+        pool.close()
+
+
+def test_dma_copier_submits_in_slices(monkeypatch):
+    """The DMA backend's plan, with a memmove standing in for the driver, in slices of 5 copies."""
+    layers, nb, nslots, n = 3, 9, 7, 6
+    views = byte_views(make_kv(nb, layers, (8,), torch.float32, "separate", "cpu"))
+    pool = make_pool(nslots, layers, views[0].shape[1], "cpu")
+    calls = []
+
+    def fake_batch(dst, src, size, stream):
+        calls.append((len(dst), stream))
+        simulate_dma(dst, src, size)
+
+    class FakeStream:
+        cuda_stream = 1234
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: FakeStream())
+    try:
+        copier = _DmaCopier(layout_of(views, pool.address, nslots), fake_batch)
+        copier.max_descriptors = 5
+        rng = np.random.default_rng(3)
+        blocks, slots = rng.permutation(nb)[:n], rng.permutation(nslots)[:n]
+        want = pool.slots.numpy().copy()
+        for layer in range(layers):
+            want[slots, layer] = views[layer].numpy()[blocks]
+        copier.run(blocks, slots, None, None, True, 0, layers)
+        assert_bytes_equal(pool.slots.numpy(), want, "dma demote")
+        total = len(
+            dma_descriptors(copier.layout, copier._addrs, copier._strides, blocks, slots, True, 0, layers)[0]
+        )
+        assert total > 10  # separate layers: (almost) one descriptor per page
+        assert [c[0] for c in calls] == [5] * (total // 5) + ([total % 5] if total % 5 else [])
+        assert {c[1] for c in calls} == {1234}
     finally:
         pool.close()
 

@@ -130,8 +130,13 @@ class _Copier:
 
 
 class _DmaCopier(_Copier):
+    """Descriptors built in numpy, submitted in slices so the copy engines start on the first
+    slice while the driver takes in the next."""
+
     name = "dma"
     device_indices = False
+    #: descriptors per cuMemcpyBatchAsync call (512 MiB of 64 KiB pages)
+    max_descriptors = 8192
 
     def __init__(self, layout: PageLayout, batch) -> None:
         self.layout = layout
@@ -151,7 +156,10 @@ class _DmaCopier(_Copier):
             layer_count,
             block_major=layer_count > 1,
         )
-        self.batch(dst, src, size, torch.cuda.current_stream().cuda_stream)
+        stream = torch.cuda.current_stream().cuda_stream
+        step = self.max_descriptors
+        for i in range(0, len(dst), step):
+            self.batch(dst[i : i + step], src[i : i + step], size[i : i + step], stream)
 
 
 def dma_descriptors(
