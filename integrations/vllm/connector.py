@@ -126,5 +126,7 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict) -> bool:
+        # vLLM asks this while building its config (GPU, CUDA graphs on): validate as early as that.
+        cfg = PrefixCacheConfig.from_dict(extra_config)
         # Layer-wise loads wait between layers: that needs Python between graph pieces.
-        return (extra_config or {}).get("load") == "layerwise"
+        return cfg.load == "layerwise"

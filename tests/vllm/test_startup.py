@@ -1,0 +1,153 @@
+"""Startup: plugin registration, every bad config and every out-of-scope engine fails naming the problem."""
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import harness as H
+from triton_prefix_cache.config import ConfigError
+
+pytestmark = pytest.mark.vllm
+
+
+def test_entry_point_registers_the_connector_name():
+    eps = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "triton_prefix_cache"]
+    assert eps and eps[0].value == "triton_prefix_cache_vllm:register"
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    eps[0].load()()
+    eps[0].load()()  # idempotent: vLLM may load plugins more than once per process
+    from triton_prefix_cache_vllm.connector import TritonPrefixCacheConnector
+
+    assert KVConnectorFactory.get_connector_class_by_name(H.CONNECTOR) is TritonPrefixCacheConnector
+
+
+@pytest.fixture(scope="module")
+def vllm_config(model_path):
+    from vllm.engine.arg_utils import EngineArgs
+
+    ea = EngineArgs(model=str(model_path), skip_tokenizer_init=True, block_size=H.BLOCK, dtype="float32",
+                    enforce_eager=True, max_model_len=H.MAX_MODEL_LEN, kv_transfer_config=H.tpc_config())
+    return ea.create_engine_config()
+
+
+def _kv_cache_config(*specs):
+    groups = [SimpleNamespace(kv_cache_spec=s, layer_names=[f"model.layers.{i}.self_attn.attn"])
+              for i, s in enumerate(specs)]
+    return SimpleNamespace(kv_cache_groups=groups, num_blocks=100)
+
+
+def _spec(cls_name: str = "FullAttentionSpec", **kw):
+    from vllm.v1 import kv_cache_interface as kci
+
+    cls = getattr(kci, cls_name)
+    return cls(block_size=H.BLOCK, num_kv_heads=2, head_size=32, dtype=torch.float32, **kw)
+
+
+def _make(vllm_config, extra, kv_cache_config=None, role="SCHEDULER"):
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from triton_prefix_cache_vllm.connector import TritonPrefixCacheConnector
+
+    old = vllm_config.kv_transfer_config.kv_connector_extra_config
+    vllm_config.kv_transfer_config.kv_connector_extra_config = extra
+    try:
+        return TritonPrefixCacheConnector(vllm_config, getattr(KVConnectorRole, role), kv_cache_config)
+    finally:
+        vllm_config.kv_transfer_config.kv_connector_extra_config = old
+
+
+BAD = [
+    ({}, ["host_cache_gib", "required"]),
+    ({"host_cache_gib": 0}, ["host_cache_gib", "> 0"]),
+    ({"host_cache_gib": -2}, ["host_cache_gib", "> 0"]),
+    ({"host_cache_gib": "16"}, ["host_cache_gib"]),
+    ({"host_cache_gib": 1, "demote": "eager"}, ["demote", "'lazy'", "'write_through'"]),
+    ({"host_cache_gib": 1, "load": "sync"}, ["load", "'async'", "'layerwise'"]),
+    ({"host_cache_gib": 1, "index_backend": "gpu"}, ["index_backend", "'auto'", "'triton'", "'torch'"]),
+    ({"host_cache_gib": 1, "eviction": "fifo"}, ["eviction", "'lru'"]),
+    ({"host_cache_gib": 1, "cpu_bytes_to_use": 1}, ["cpu_bytes_to_use", "allowed keys"]),
+]
+
+
+@pytest.mark.parametrize("extra, words", BAD, ids=[str(i) for i in range(len(BAD))])
+@pytest.mark.parametrize("role", ["SCHEDULER", "WORKER"])
+def test_bad_config_fails_naming_key_and_values(vllm_config, extra, words, role):
+    with pytest.raises(ConfigError) as e:
+        _make(vllm_config, extra, _kv_cache_config(_spec()), role)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_bad_config_fails_before_cuda_graph_setup():
+    """On GPU, vLLM asks the class about CUDA graphs while building its config: validate there too."""
+    from triton_prefix_cache_vllm.connector import TritonPrefixCacheConnector
+
+    with pytest.raises(ConfigError, match="load"):
+        TritonPrefixCacheConnector.requires_piecewise_for_cudagraph({"host_cache_gib": 1, "load": "x"})
+    assert TritonPrefixCacheConnector.requires_piecewise_for_cudagraph({"host_cache_gib": 1, "load": "layerwise"})
+    assert not TritonPrefixCacheConnector.requires_piecewise_for_cudagraph({"host_cache_gib": 1})
+
+
+def test_host_cache_smaller_than_a_block_fails(vllm_config):
+    with pytest.raises(ValueError, match="host_cache_gib"):
+        _make(vllm_config, {"host_cache_gib": 1e-9}, _kv_cache_config(_spec()))
+
+
+def test_good_config_builds_both_roles(vllm_config):
+    c = _make(vllm_config, {"host_cache_gib": 0.01}, _kv_cache_config(_spec()))
+    assert c.cfg.demote == "lazy" and c._sched is not None
+    w = _make(vllm_config, {"host_cache_gib": 0.01, "load": "layerwise"}, _kv_cache_config(_spec()), "WORKER")
+    assert w._worker is not None and w.cfg.load == "layerwise"
+
+
+@pytest.mark.parametrize(
+    "what, words",
+    [
+        ("tp2", ["tensor_parallel_size=1", "2"]),
+        ("pp2", ["pipeline_parallel_size=1", "2"]),
+        ("no_prefix_caching", ["prefix caching"]),
+        ("two_groups", ["dense", "2 groups"]),
+        ("mla", ["dense full attention", "MLAAttentionSpec"]),
+        ("sliding", ["dense full attention", "SlidingWindowSpec"]),
+    ],
+)
+def test_out_of_scope_engines_are_refused(vllm_config, what, words):
+    from triton_prefix_cache_vllm.compat import ScopeError
+
+    kvc = _kv_cache_config(_spec())
+    par = vllm_config.parallel_config
+    saved = (par.tensor_parallel_size, par.pipeline_parallel_size, vllm_config.cache_config.enable_prefix_caching)
+    try:
+        if what == "tp2":
+            par.tensor_parallel_size = 2
+        elif what == "pp2":
+            par.pipeline_parallel_size = 2
+        elif what == "no_prefix_caching":
+            vllm_config.cache_config.enable_prefix_caching = False
+        elif what == "two_groups":
+            kvc = _kv_cache_config(_spec(), _spec("SlidingWindowSpec", sliding_window=64))
+        elif what == "mla":
+            from vllm.v1.kv_cache_interface import MLAAttentionSpec
+
+            kvc = _kv_cache_config(MLAAttentionSpec(block_size=H.BLOCK, num_kv_heads=1, head_size=64,
+                                                    dtype=torch.float32))
+        elif what == "sliding":
+            kvc = _kv_cache_config(_spec("SlidingWindowSpec", sliding_window=64))
+        with pytest.raises(ScopeError) as e:
+            _make(vllm_config, {"host_cache_gib": 1}, kvc)
+    finally:
+        par.tensor_parallel_size, par.pipeline_parallel_size, vllm_config.cache_config.enable_prefix_caching = saved
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+@pytest.mark.slow
+def test_engine_start_fails_on_bad_config(model_path):
+    """Through the real engine: an unknown key stops vllm.LLM at startup, naming the key."""
+    with pytest.raises(Exception) as e:
+        H.make_llm(model_path, kv_blocks=80, kv_transfer_config=H.tpc_config(bogus=1))
+    assert "bogus" in str(e.value) and "host_cache_gib" in str(e.value)
