@@ -195,6 +195,27 @@ def test_remove_and_clear_while_storing(make_tm):
     tm.check_consistency()
 
 
+def test_limit_withdraws_slots_and_waits_for_copies_in_flight(make_tm):
+    tm = make_tm(6)
+    p = tm.begin_store(keys(0, 1, 2, 3, 4))  # slots 0..4
+    tm.finish_store(p.slots[:3])
+    s = tm.begin_load(keys(2))  # slot 2 READY and pinned, 3 and 4 STORING, 5 free
+    tm.limit(2)
+    assert tm.usable_slots == 2 and tm.num_free == 0
+    assert findable(tm, keys(0, 1, 2)).tolist() == [True, True, False]
+    tm.check_consistency()
+    tm.finish_store(p.slots[3:])  # completes after the pool shrank: not published, not reused
+    tm.finish_load(s)
+    assert not findable(tm, keys(3, 4)).any() and tm.num_free == 0
+    tm.check_consistency()
+    plan = tm.begin_store(keys(7, 8, 9))  # only slots 0 and 1 exist: two evictions, one drop
+    assert sorted(plan.slots[plan.assigned].tolist()) == [0, 1] and plan.evicted == 2
+    assert plan.status.tolist().count(StoreStatus.DROPPED) == 1
+    tm.check_consistency()
+    with pytest.raises(ValueError, match="num_slots"):
+        tm.limit(3)
+
+
 def test_bad_calls_raise_clear_errors(make_tm):
     tm = make_tm(4)
     with pytest.raises(ValueError, match="keys"):

@@ -41,6 +41,8 @@ BACKENDS = ("auto", "dma", "triton", "torch")
 DIRECTIONS = ("demote", "promote")
 #: "auto" keeps DMA unless another backend beats it by more than this factor.
 DMA_PREFERENCE = 1.05
+#: Most device (and pinned) scratch memory a calibration takes.
+CALIBRATE_BYTES = 128 << 20
 
 
 def byte_views(kv_caches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -517,7 +519,7 @@ class CopyEngine:
         Uses its own device pages and its own pinned pool, so no cached KV is touched. ("auto"
         calls it on CUDA only; on the CPU it runs when called, e.g. by tests.)
         """
-        nb = max(1, num_blocks)
+        nb = max(1, min(num_blocks, CALIBRATE_BYTES // self.slot_bytes))
         scratch = [
             torch.empty(nb, self.page_bytes, dtype=torch.uint8, device=self.device)
             for _ in range(self.num_layers)

@@ -97,6 +97,7 @@ class TierManager:
         self._keys = np.zeros((num_slots, 2), dtype=np.int64)
         self._free = np.arange(num_slots - 1, -1, -1, dtype=np.int64)  # a stack; slot 0 pops first
         self._nfree = num_slots
+        self._usable = num_slots  # slots at or past this were withdrawn by `limit`
 
     # ---- queries ----------------------------------------------------------------------------------
     def lookup(self, keys) -> np.ndarray:
@@ -274,6 +275,31 @@ class TierManager:
         self._retire_ready(ready)
         self._retired[self._state == SlotState.STORING] = True
 
+    def limit(self, num_slots: int) -> None:
+        """Withdraw the slots from `num_slots` on (the pool came out smaller than planned, e.g.
+        pinning failed part way). Idle ones go now; ones in flight when their copy ends."""
+        if (
+            isinstance(num_slots, bool)
+            or not isinstance(num_slots, int)
+            or not 0 <= num_slots <= self._usable
+        ):
+            raise ValueError(f"num_slots: expected an int in [0, {self._usable}], got {num_slots!r}")
+        self._usable = num_slots
+        free = self._free[: self._nfree]
+        keep = free[free < num_slots]
+        self._free[: len(keep)] = keep
+        self._nfree = len(keep)
+        gone = np.arange(num_slots, self.num_slots)
+        ready = gone[(self._state[gone] == SlotState.READY) & ~self._retired[gone]]
+        if len(ready):
+            self.index.remove(self._dev(self._keys[ready]))
+            self._retire_ready(ready)
+        self._retired[gone[self._state[gone] == SlotState.STORING]] = True
+
+    @property
+    def usable_slots(self) -> int:
+        return self._usable
+
     # ---- checks -------------------------------------------------------------------------------------
     def check_consistency(self) -> None:
         """Raise AssertionError unless the index, the slot table and the policy agree (tests, debug)."""
@@ -284,8 +310,12 @@ class TierManager:
         free = self._free[: self._nfree]
         if len(np.unique(free)) != len(free):
             bad.append("a slot is twice on the free list")
-        if not np.array_equal(np.sort(free), np.flatnonzero(st == SlotState.FREE)):
+        free_usable = np.flatnonzero(st == SlotState.FREE)
+        if not np.array_equal(np.sort(free), free_usable[free_usable < self._usable]):
             bad.append("free list != FREE slots")
+        withdrawn = np.arange(self._usable, self.num_slots)
+        if np.any((st[withdrawn] != SlotState.FREE) & ~ret[withdrawn]):
+            bad.append("a withdrawn slot is in use without being retired")
         if np.any(rd < 0) or np.any((rd > 0) & (st != SlotState.READY)):
             bad.append("readers on a slot that is not READY")
         if np.any(ret & (st == SlotState.FREE)):
@@ -361,6 +391,7 @@ class TierManager:
             return
         self._state[s] = SlotState.FREE
         self._retired[s] = False
+        s = s[s < self._usable]  # withdrawn slots never return to the free list
         self._free[self._nfree : self._nfree + len(s)] = s
         self._nfree += len(s)
 
