@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                     fn = copy_fn(e, direction, blocks, slots)
                     res[direction + "_gbps"] = 1024 * slot / statistics.median(wall(fn, 3)) / 1e9
                 res["min_gbps"] = min(res["demote_gbps"], res["promote_gbps"])
+                res["fallbacks"] = e.stats.backend_fallbacks  # > 0: the kernel failed, torch ran
                 sweep.append(res)
                 print(
                     f"[triton sweep] chunk {chunk} programs {progs}: demote {res['demote_gbps']:.1f}, "
@@ -246,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
                 e.close()
-        best_cfg = max(sweep, key=lambda r: r["min_gbps"]) if sweep else None
+        ok = [r for r in sweep if r["fallbacks"] == 0]
+        best_cfg = max(ok, key=lambda r: r["min_gbps"]) if ok else None
         if best_cfg and (best_cfg["chunk_bytes"], best_cfg["max_programs"]) != (16384, None):
             engines["triton"].close()
             engines["triton"] = CopyEngine(
