@@ -292,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     for eng in engines.values():
         eng.close()
     engines.clear()
+    auto = None
+    gc.collect()  # engines (and the Triton interpreter on a CPU run) hold views of the pool
     pool.close()
     layers.clear()
     gc.collect()
