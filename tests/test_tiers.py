@@ -103,6 +103,16 @@ def test_eviction_follows_lru_and_unpublishes(make_tm):
     tm.check_consistency()
 
 
+def test_store_never_evicts_a_key_the_same_batch_found_present(make_tm):
+    tm = make_tm(2)
+    p = tm.begin_store(keys(0, 1))
+    tm.finish_store(p.slots)
+    plan = tm.begin_store(keys(0, 5, 6))  # key 0 is present; only key 1's slot may go
+    assert plan.status.tolist() == [StoreStatus.PRESENT, StoreStatus.ASSIGNED, StoreStatus.DROPPED]
+    assert findable(tm, keys(0, 1)).tolist() == [True, False]
+    tm.check_consistency()
+
+
 def test_full_pool_with_every_slot_pinned_drops(make_tm):
     tm = make_tm(3)
     p = tm.begin_store(keys(0, 1, 2))

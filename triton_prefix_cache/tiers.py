@@ -178,7 +178,9 @@ class TierManager:
             inflight = np.isin(kv, _void(self._keys[storing])) & (status == StoreStatus.ASSIGNED)
             status[inflight] = StoreStatus.IN_FLIGHT
         want = np.flatnonzero(status == StoreStatus.ASSIGNED)
-        evicted = self._evict(len(want) - self._nfree) if len(want) > self._nfree else 0
+        need = len(want) - self._nfree
+        # Never evict a block this very batch found present (it was just touched, but a small pool...).
+        evicted = self._evict(need, protect=set(found[present].tolist())) if need > 0 else 0
         take = min(len(want), self._nfree)
         got = self._pop_free(take)
         slots[want[:take]] = got
@@ -400,11 +402,11 @@ class TierManager:
         self._nfree -= n
         return out
 
-    def _evict(self, need: int) -> int:
+    def _evict(self, need: int, protect: set[int] | frozenset[int] = frozenset()) -> int:
         st, rd, ret = self._state, self._readers, self._retired
 
         def evictable(s: int) -> bool:
-            return st[s] == SlotState.READY and rd[s] == 0 and not ret[s]
+            return st[s] == SlotState.READY and rd[s] == 0 and not ret[s] and s not in protect
 
         victims = np.array(self.policy.victims(need, evictable), dtype=np.int64)
         if len(victims) == 0:
