@@ -133,7 +133,9 @@ class HostPoolConfig:
     num_layers, page_bytes: the KV geometry, one page per layer per block.
     device: the engine's KV device; a CUDA device gets pinned memory, "cpu" plain memory.
     chunk_bytes: target size of one pinned registration (rounded to whole slots and OS pages).
-    huge_pages: ask for transparent huge pages (faster faulting and pinning).
+    huge_pages: ask for transparent huge pages. Off by default: where the kernel compacts memory on
+        a huge-page fault (THP defrag "madvise"), faulting them in was 5x slower than 4 KiB pages
+        on a test machine; bench/copy_bench.py times both on the GPU host.
     prefault: touch every page (in parallel) before pinning; the driver would fault them one thread
         at a time. Only used when pinning.
     register_threads: chunks registered at once, where the registrar allows it.
@@ -144,7 +146,7 @@ class HostPoolConfig:
     page_bytes: int
     device: str | torch.device = "cuda"
     chunk_bytes: int = 1 << 30
-    huge_pages: bool = True
+    huge_pages: bool = False
     prefault: bool = True
     register_threads: int = 8
 
