@@ -151,6 +151,27 @@ def test_first_chunk_failure_or_raise_is_an_empty_tier_not_a_crash(caplog):
         assert reg.live == {}
 
 
+def test_failed_allocation_halves_until_it_fits(monkeypatch, caplog):
+    real_mmap = mmap.mmap
+
+    def small_mmap(fd, length, *a, **k):
+        if length > 5 * MiB:
+            raise OSError(12, "Cannot allocate memory")
+        return real_mmap(fd, length, *a, **k)
+
+    monkeypatch.setattr("triton_prefix_cache.host_pool.mmap.mmap", small_mmap)
+    with caplog.at_level(logging.WARNING):
+        pool = HostPool(config(16 * MiB, device="cpu"))  # 64 slots of 256 KiB: 32, then 16 fit
+    assert pool.num_slots == 16 and pool.stats.alloc_failures == 2 and pool.stats.allocated_bytes == 4 * MiB
+    assert "trying half as many" in caplog.text
+    pool.close()
+    monkeypatch.setattr(
+        "triton_prefix_cache.host_pool.mmap.mmap", lambda *a, **k: (_ for _ in ()).throw(OSError())
+    )
+    with pytest.raises(MemoryError, match="cannot map even one slot"):
+        HostPool(config(1 * MiB, device="cpu"))
+
+
 def test_device_address_needs_a_flat_mapping():
     with HostPool(config(16 * MiB), registrar=FakeRegistrar(alias_offset=1 << 40)) as pool:
         assert pool.device_address == pool.address + (1 << 40)

@@ -193,8 +193,8 @@ class HostPool:
         self._registrar: Registrar | None = None
         self._registered: list[tuple[int, int]] = []
 
-        nbytes = self.requested_slots * self.slot_bytes
-        self._mmap = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.allocated_slots = self._allocate(self.requested_slots)
+        nbytes = self.allocated_slots * self.slot_bytes
         if config.huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
             try:
                 self._mmap.madvise(mmap.MADV_HUGEPAGE)
@@ -209,7 +209,7 @@ class HostPool:
         if self.device.type == "cuda":
             self.num_slots = self._pin(registrar)
         else:
-            self.num_slots = self.requested_slots
+            self.num_slots = self.allocated_slots
         self.pinned = self.device.type == "cuda" and self.num_slots > 0
         self.slots = self._tensor[: self.num_slots * self.slot_bytes].view(
             self.num_slots, self.num_layers, self.page_bytes
@@ -217,10 +217,36 @@ class HostPool:
         self.stats.num_slots = self.num_slots
         self.stats.create_seconds = time.perf_counter() - t0
 
+    def _allocate(self, nslots: int) -> int:
+        """Map `nslots` slots of anonymous memory, halving on failure (a warning and a stat each
+        time); only when not even one slot can be mapped is that an error."""
+        while True:
+            try:
+                self._mmap = mmap.mmap(
+                    -1,
+                    nslots * self.slot_bytes,
+                    flags=mmap.MAP_PRIVATE,
+                    prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                )
+                return nslots
+            except (OSError, OverflowError) as e:
+                if nslots <= 1:
+                    raise MemoryError(
+                        f"host pool: cannot map even one slot ({self.slot_bytes} bytes): {e}"
+                    ) from e
+                self.stats.alloc_failures += 1
+                log.warning(
+                    "host pool: mapping %d slots (%.2f GiB) failed (%s); trying half as many",
+                    nslots,
+                    nslots * self.slot_bytes / 2**30,
+                    e,
+                )
+                nslots //= 2
+
     # ---- pinning --------------------------------------------------------------------------------
     def _pin(self, registrar: Registrar | None) -> int:
         """Register the chunks in order; the pool is the prefix that got pinned. Returns its slots."""
-        nbytes = self.requested_slots * self.slot_bytes
+        nbytes = self.allocated_slots * self.slot_bytes
         chunks = [(off, min(self.chunk_bytes, nbytes - off)) for off in range(0, nbytes, self.chunk_bytes)]
         try:
             self._registrar = registrar or default_registrar(self.device)
@@ -283,7 +309,7 @@ class HostPool:
             off / 2**30,
             self.config.size_bytes / 2**30,
         )
-        total = self.requested_slots * self.slot_bytes
+        total = self.allocated_slots * self.slot_bytes
         if off < total and hasattr(mmap, "MADV_DONTNEED"):
             try:  # the tail was prefaulted: give its memory back (chunk starts are page-aligned)
                 self._mmap.madvise(mmap.MADV_DONTNEED, off, total - off)

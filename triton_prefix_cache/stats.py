@@ -58,6 +58,7 @@ class PoolStats(Counters):
     create_seconds: float = gauge(0.0)
     prefault_seconds: float = gauge(0.0)
     register_seconds: float = gauge(0.0)
+    alloc_failures: int = 0
     pin_failures: int = 0
     unregister_failures: int = 0
 
