@@ -25,8 +25,10 @@ class HostTier:
         if device is None:
             device = "cuda" if (index_backend != "torch" and torch.cuda.is_available()) else "cpu"
         self.device = torch.device(device)
-        self.index = PrefixIndex(num_slots, device=self.device, backend=index_backend)
-        self._stream: Any = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # On CUDA every index operation runs on this high-priority stream, never behind the forward
+        # that the engine has queued on its own stream (async scheduling overlaps the two).
+        self._stream: Any = torch.cuda.Stream(self.device, priority=-1) if self.device.type == "cuda" else None
+        self.index = PrefixIndex(num_slots, device=self.device, backend=index_backend, stream=self._stream)
         self.num_slots = num_slots
         self.state = np.zeros(num_slots, dtype=np.int8)
         self.pins = np.zeros(num_slots, dtype=np.int32)
@@ -37,6 +39,16 @@ class HostTier:
         self.policy = make_policy(eviction)
         self.usable = num_slots
         self.evictions = 0
+        if self._stream is not None:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compile the index kernels now, not inside the first request's lookup."""
+        k = torch.tensor([[12345, 67890]], dtype=torch.int64)
+        self._insert(k, np.zeros(1, dtype=np.int64))
+        self._lookup(k)
+        self._remove(k)
+        torch.cuda.synchronize(self.device)
 
     def __len__(self) -> int:
         return len(self.index)

@@ -1,0 +1,285 @@
+"""Document QA on the GPU host: TTFT of this plugin against vLLM's own options, and scheduler time.
+
+Workload (issue 4, item 7): 12 documents x 8,000 tokens + a 32-token question, GPU KV cache capped
+at 4 GiB (about a third of the documents), one request at a time, 1 output token (latency = TTFT),
+3 rounds in the same document order (the LRU worst case). Llama-3.1-8B shape, dummy weights.
+Configurations, each in its own process (a fresh engine, nothing shared):
+  nocache        no prefix caching
+  builtin        vLLM's prefix caching (GPU only)
+  offload        vLLM's built-in CPU offloading (kv_offloading_size, native OffloadingConnector)
+  tpc            this plugin, defaults (lazy demotion, async loads)
+  tpc_layerwise  this plugin, load="layerwise"
+Target: mean TTFT of rounds 2-3 of tpc <= 0.6 x that of offload.
+
+Scheduler time: the time each connector spends in get_num_new_matched_tokens (key derivation +
+lookup) per request, measured by wrapping the method in-process, for the 8k documents (from the
+runs above) and, with --long, for 128k-token prompts (prompt A, then B, then A again, with a GPU
+KV cache that holds one of them: A's second lookup finds most of A in the host tier).
+Target: ours <= 0.5 x OffloadingConnector's, at 8k and at 128k.
+
+Run on the GPU host (vLLM 0.26.0), from the repo root:
+  VLLM_ENABLE_V1_MULTIPROCESSING=0 python bench/docqa_gpu.py                 # compiled (CUDA graphs)
+  VLLM_ENABLE_V1_MULTIPROCESSING=0 python bench/docqa_gpu.py --eager         # quick check
+  VLLM_ENABLE_V1_MULTIPROCESSING=0 python bench/docqa_gpu.py --configs tpc,offload --long
+Each configuration takes about 1-2 minutes (engine start included); --configs splits a run across
+several commands, and --merge adds to an existing result file. Writes
+bench/results/compare-docqa-<device>-<date>.json (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ALL_CONFIGS = ("nocache", "builtin", "offload", "tpc", "tpc_layerwise")
+GiB = 1 << 30
+
+
+def engine_kwargs(config: str, args: argparse.Namespace, kv_gib: float, max_len: int) -> dict:
+    kw: dict = dict(enable_prefix_caching=config != "nocache")
+    tpc_extra = {"host_cache_gib": args.host_gib}
+    if config == "offload":
+        kw.update(kv_offloading_size=args.host_gib, kv_offloading_backend="native")
+    elif config in ("tpc", "tpc_layerwise"):
+        if config == "tpc_layerwise":
+            tpc_extra["load"] = "layerwise"
+        kw["kv_transfer_config"] = {"kv_connector": "TritonPrefixCacheConnector", "kv_role": "kv_both",
+                                    "kv_connector_extra_config": tpc_extra}
+    kw.update(kv_cache_memory_bytes=int(kv_gib * GiB), max_model_len=max_len)
+    return kw
+
+
+def make_llm(config: str, args: argparse.Namespace, kv_gib: float, max_len: int, eager: bool):
+    from vllm import LLM
+
+    from bench.models import get_model
+
+    path = get_model(args.model).materialize(Path(tempfile.gettempdir()) / "tpc-models")
+    return LLM(model=str(path), load_format="dummy", skip_tokenizer_init=True, enforce_eager=eager,
+               max_num_seqs=4, seed=0, disable_log_stats=False,
+               **engine_kwargs(config, args, kv_gib, max_len))
+
+
+class SchedTimer:
+    """Accumulates the time the engine's connector spends in get_num_new_matched_tokens, per request."""
+
+    def __init__(self, llm) -> None:
+        self.per_req: dict[str, float] = {}
+        core = getattr(llm.llm_engine.engine_core, "engine_core", None)
+        conn = getattr(getattr(core, "scheduler", None), "connector", None)
+        self.available = conn is not None
+        if conn is None:
+            return
+        orig = conn.get_num_new_matched_tokens
+
+        def timed(request, num_computed_tokens, *a, **k):
+            t0 = time.perf_counter()
+            try:
+                return orig(request, num_computed_tokens, *a, **k)
+            finally:
+                rid = request.request_id
+                self.per_req[rid] = self.per_req.get(rid, 0.0) + time.perf_counter() - t0
+
+        conn.get_num_new_matched_tokens = timed
+
+
+def metric_values(llm) -> dict:
+    vals: dict = {}
+    for m in llm.get_metrics():
+        v = getattr(m, "value", None)
+        if isinstance(v, (int, float)) and ("prefix_cache" in m.name or m.name.startswith("vllm:tpc")):
+            vals[m.name] = vals.get(m.name, 0) + v
+    return vals
+
+
+def generate_one(llm, prompt: list[int], max_tokens: int = 1) -> tuple[float, object]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False, logprobs=0)
+    t0 = time.perf_counter()
+    out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], sp, use_tqdm=False)[0]
+    return time.perf_counter() - t0, out
+
+
+def token_sampler(args: argparse.Namespace, seed: int):
+    from bench.models import get_model
+
+    vocab = get_model(args.model).vocab_size
+    rng = random.Random(seed)
+    return lambda n: [rng.randrange(100, vocab - 1) for _ in range(n)]
+
+
+def run_docqa(config: str, args: argparse.Namespace) -> dict:
+    tokens = token_sampler(args, args.seed)
+    docs = [tokens(args.doc_tokens) for _ in range(args.docs)]
+    qs = [[tokens(args.question_tokens) for _ in docs] for _ in range(args.rounds)]
+    t0 = time.perf_counter()
+    llm = make_llm(config, args, args.kv_gib, args.doc_tokens + args.question_tokens + 64, args.eager)
+    start_s = time.perf_counter() - t0
+    # Warm-up on tokens no round uses (first-call costs: allocator, graphs, kernel compiles).
+    generate_one(llm, tokens(min(2048, args.doc_tokens)))
+    timer = SchedTimer(llm)
+    rounds = []
+    for r in range(args.rounds):
+        rows = []
+        for d, doc in enumerate(docs):
+            secs, out = generate_one(llm, doc + qs[r][d])
+            c = out.outputs[0]
+            rows.append({"doc": d, "ttft_ms": 1e3 * secs, "cached_tokens": out.num_cached_tokens or 0,
+                         "token": c.token_ids[0], "logprob": c.logprobs[0][c.token_ids[0]].logprob,
+                         "sched_us": 1e6 * timer.per_req.get(out.request_id, float("nan"))})
+        rounds.append(rows)
+        print(f"[{config}] round {r + 1}: mean TTFT {statistics.mean(x['ttft_ms'] for x in rows):.1f} ms, "
+              f"cached {sum(x['cached_tokens'] for x in rows)} tokens", flush=True)
+    res = {"config": config, "engine_start_s": start_s, "rounds": rounds,
+           "mean_ttft_ms": [statistics.mean(x["ttft_ms"] for x in rows) for rows in rounds],
+           "metrics": metric_values(llm)}
+    if args.rounds >= 3:
+        res["mean_ttft_rounds_2_3_ms"] = statistics.mean(x["ttft_ms"] for rows in rounds[1:3] for x in rows)
+    if timer.available:
+        res["sched_us_per_request"] = {
+            "round1": statistics.mean(x["sched_us"] for x in rounds[0]),
+            "later": statistics.mean(x["sched_us"] for rows in rounds[1:] for x in rows) if len(rounds) > 1 else None,
+        }
+    return res
+
+
+def run_long(config: str, args: argparse.Namespace) -> dict:
+    """Scheduler time for 128k-token prompts: A (cold), B (A in the host tier, B misses), A again (host hits)."""
+    n = args.long_tokens
+    tokens = token_sampler(args, args.seed + 1)
+    a, b = tokens(n), tokens(n)
+    kv_gib = 1.1 * n * 128 * 1024 / GiB  # holds one prompt (Llama-3.1-8B: 128 KiB per token)
+    llm = make_llm(config, args, kv_gib, n + 64, eager=True)
+    timer = SchedTimer(llm)
+    out = {"config": config, "prompt_tokens": n, "kv_gib": kv_gib, "steps": []}
+    for name, prompt in (("A_cold", a), ("B_miss", b), ("A_again", a)):
+        secs, o = generate_one(llm, prompt)
+        out["steps"].append({"name": name, "ttft_ms": 1e3 * secs, "cached_tokens": o.num_cached_tokens or 0,
+                             "sched_us": 1e6 * timer.per_req.get(o.request_id, float("nan"))})
+        print(f"[{config} long] {out['steps'][-1]}", flush=True)
+    out["metrics"] = metric_values(llm)
+    return out
+
+
+def child(args: argparse.Namespace) -> None:
+    res = run_long(args.child, args) if args.long_child else run_docqa(args.child, args)
+    Path(args.child_out).write_text(json.dumps(res))
+
+
+def summarize(results: dict) -> dict:
+    s: dict = {}
+    dq = results.get("docqa", {})
+    if "tpc" in dq and "offload" in dq:
+        s["ttft_rounds_2_3_ratio_tpc_vs_offload"] = (dq["tpc"]["mean_ttft_rounds_2_3_ms"]
+                                                     / dq["offload"]["mean_ttft_rounds_2_3_ms"])
+        s["ttft_target_met"] = s["ttft_rounds_2_3_ratio_tpc_vs_offload"] <= 0.6
+    if "tpc_layerwise" in dq and "offload" in dq:
+        s["ttft_rounds_2_3_ratio_tpc_layerwise_vs_offload"] = (dq["tpc_layerwise"]["mean_ttft_rounds_2_3_ms"]
+                                                               / dq["offload"]["mean_ttft_rounds_2_3_ms"])
+    for key in ("round1", "later"):
+        try:
+            s[f"sched_ratio_8k_{key}"] = (dq["tpc"]["sched_us_per_request"][key]
+                                          / dq["offload"]["sched_us_per_request"][key])
+        except (KeyError, TypeError, ZeroDivisionError):
+            pass
+    lg = results.get("long", {})
+    if "tpc" in lg and "offload" in lg:
+        for i, step in enumerate(lg["tpc"]["steps"]):
+            s[f"sched_ratio_128k_{step['name']}"] = step["sched_us"] / lg["offload"]["steps"][i]["sched_us"]
+    # Same prefill boundaries -> compare the sampled token's logprob (dummy weights: near-tied logits).
+    if "builtin" in dq:
+        for c in ("tpc", "tpc_layerwise", "offload"):
+            if c in dq:
+                s[f"max_logprob_diff_{c}_vs_builtin"] = max(
+                    abs(x["logprob"] - y["logprob"])
+                    for rx, ry in zip(dq[c]["rounds"], dq["builtin"]["rounds"]) for x, y in zip(rx, ry))
+    return s
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default=",".join(ALL_CONFIGS))
+    p.add_argument("--model", default="llama-3.1-8b")
+    p.add_argument("--docs", type=int, default=12)
+    p.add_argument("--doc-tokens", type=int, default=8000)
+    p.add_argument("--question-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--kv-gib", type=float, default=4.0)
+    p.add_argument("--host-gib", type=float, default=16.0)
+    p.add_argument("--eager", action="store_true", help="enforce_eager (default: compiled, CUDA graphs)")
+    p.add_argument("--long", action="store_true", help="also measure scheduler time at --long-tokens")
+    p.add_argument("--long-only", action="store_true")
+    p.add_argument("--long-tokens", type=int, default=131072 - 64)
+    p.add_argument("--long-host-gib", type=float, default=40.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None)
+    p.add_argument("--merge", action="store_true", help="add to the result file instead of replacing it")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--long-child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if args.child:
+        return child(args)
+
+    from bench.common import RESULTS, device_slug, environment, write_result
+
+    import datetime
+
+    out = Path(args.out) if args.out else RESULTS / (
+        f"compare-docqa-{device_slug()}-{datetime.date.today().isoformat()}{'-eager' if args.eager else ''}.json")
+    payload = json.loads(out.read_text()) if args.merge and out.exists() else {}
+    payload.setdefault("runs", []).append(environment())
+    payload["workload"] = {k: getattr(args, k) for k in ("model", "docs", "doc_tokens", "question_tokens",
+                                                         "rounds", "kv_gib", "host_gib", "eager", "seed")}
+    results = payload.setdefault("results", {})
+    configs = [c for c in args.configs.split(",") if c]
+    for c in configs:
+        if c not in ALL_CONFIGS:
+            raise SystemExit(f"--configs: unknown config {c!r}; known: {list(ALL_CONFIGS)}")
+    jobs = [] if args.long_only else [("docqa", c) for c in configs]
+    if args.long or args.long_only:
+        jobs += [("long", c) for c in configs if c in ("tpc", "offload")]
+    for kind, c in jobs:
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            tmp = f.name
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", c, "--child-out", tmp,
+               *sys.argv[1:]]
+        if kind == "long":
+            cmd += ["--long-child", "--host-gib", str(args.long_host_gib)]
+        print(f"=== {kind} {c}: {' '.join(cmd)}", flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.run(cmd, cwd=str(ROOT)).returncode
+        if rc != 0:
+            results.setdefault(kind, {})[c] = {"error": f"exit code {rc}"}
+            print(f"=== {kind} {c} FAILED (rc={rc})", flush=True)
+            continue
+        results.setdefault(kind, {})[c] = json.loads(Path(tmp).read_text())
+        results[kind][c]["wall_s"] = time.perf_counter() - t0
+        os.unlink(tmp)
+        payload["summary"] = summarize(results)
+        write_result("compare-docqa", payload, out)  # after every config: a partial run still leaves data
+    payload["summary"] = summarize(results)
+    path = write_result("compare-docqa", payload, out)
+    print(json.dumps(payload["summary"], indent=2))
+    for c, r in results.get("docqa", {}).items():
+        if "mean_ttft_ms" in r:
+            print(f"{c:14s} TTFT per round (ms): {[round(x, 1) for x in r['mean_ttft_ms']]}"
+                  f"  sched us/req: {r.get('sched_us_per_request')}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
