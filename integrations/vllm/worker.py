@@ -39,6 +39,11 @@ def page_views(tensors: list[torch.Tensor], num_blocks: int | None = None) -> li
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor) or t.dim() < 2:
             raise ValueError(f"kv cache {i}: expected a tensor [num_blocks, ...], got {type(t).__name__}")
+        if num_blocks is not None and t.shape[0] == 2 and t.shape[1] == num_blocks and num_blocks != 2:
+            # [2, num_blocks, ...] (K and V apart): two half pages per block, each its own "layer";
+            # a host slot still holds the whole block.
+            out.extend(page_views([t[0], t[1]], num_blocks))
+            continue
         if num_blocks is not None and t.shape[0] != num_blocks:
             raise ValueError(f"kv cache {i}: dim 0 has {t.shape[0]} entries, expected {num_blocks} blocks")
         inner = sorted(zip(t.stride()[1:], t.shape[1:]))
@@ -88,8 +93,10 @@ class WorkerSide:
         missing = [n for n in self.layer_names if n not in kv_caches]
         if missing:
             raise ValueError(f"TritonPrefixCacheConnector: no KV cache tensor for layers {missing}")
-        self.layer_index = {n: i for i, n in enumerate(names)}
-        self.layers = page_views([kv_caches[n] for n in names], self.num_blocks)
+        self.layers = []
+        for n in names:
+            self.layers.extend(page_views([kv_caches[n]], self.num_blocks))
+            self.layer_index[n] = len(self.layers) - 1  # its last page view: wait for that one
         page_bytes = self.layers[0].shape[1]
         device = self.layers[0].device
         self.pool = HostPool(HostPoolConfig(

@@ -102,14 +102,18 @@ def tpc_config(**extra: Any) -> dict:
 
 def make_llm(model_path: str, *, kv_blocks: int, prefix_caching: bool = True,
              kv_transfer_config: dict | None = None, max_num_seqs: int = 8, **kw: Any):
+    """The tiny model in vLLM. On the GPU host the same tests run compiled (CUDA graphs) unless
+    TPC_TEST_EAGER=1; TPC_TEST_DTYPE overrides float32 where an attention backend lacks it."""
+    import torch
     from vllm import LLM
 
+    eager = os.environ.get("TPC_TEST_EAGER", "0" if torch.cuda.is_available() else "1") == "1"
     return LLM(
         model=str(model_path),
         skip_tokenizer_init=True,
         block_size=BLOCK,
-        dtype="float32",
-        enforce_eager=True,
+        dtype=os.environ.get("TPC_TEST_DTYPE", "float32"),
+        enforce_eager=eager,
         max_model_len=MAX_MODEL_LEN,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=MAX_MODEL_LEN,

@@ -1,0 +1,137 @@
+"""Adapter pieces without an engine: page views, host-tier bookkeeping, stats, LRU-preserving release."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from triton_prefix_cache.keys import keys_from_block_hashes
+
+pytestmark = pytest.mark.vllm
+
+
+def _keys(n: int, base: int = 0) -> torch.Tensor:
+    return keys_from_block_hashes([(base + i).to_bytes(4, "little") * 8 for i in range(n)])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "permuted", "kv_split"])
+def test_page_views_are_the_blocks_bytes(layout):
+    from triton_prefix_cache_vllm.worker import page_views
+
+    nb, h, n, d = 6, 2, 4, 8
+    if layout == "contiguous":
+        t = torch.randn(nb, h, n, 2 * d)
+        blocks = [t[b].contiguous() for b in range(nb)]
+        views = page_views([t], nb)
+    elif layout == "permuted":  # vLLM's NHD: physical [B, N, H, C], logical [B, H, N, C]
+        phys = torch.randn(nb, n, h, 2 * d)
+        t = phys.permute(0, 2, 1, 3)
+        blocks = [phys[b].contiguous() for b in range(nb)]
+        views = page_views([t], nb)
+    else:  # [2, num_blocks, ...]: K and V apart, two half pages per block
+        t = torch.randn(2, nb, n, h, d)
+        views = page_views([t], nb)
+        assert len(views) == 2
+        for b in range(nb):
+            assert torch.equal(views[0][b], t[0, b].contiguous().view(torch.uint8).flatten())
+            assert torch.equal(views[1][b], t[1, b].contiguous().view(torch.uint8).flatten())
+        return
+    (v,) = views
+    assert v.shape == (nb, blocks[0].numel() * 4) and v.dtype == torch.uint8
+    for b in range(nb):
+        assert torch.equal(v[b], blocks[b].view(torch.uint8).flatten())
+    v[2].zero_()  # a view, not a copy
+    assert t[2].abs().sum() == 0
+
+
+def test_page_views_refuse_scattered_blocks():
+    from triton_prefix_cache_vllm.worker import page_views
+
+    t = torch.randn(8, 4, 16)[:, :, ::2]  # every other element: not a dense page
+    with pytest.raises(ValueError, match="dense page"):
+        page_views([t], 8)
+    with pytest.raises(ValueError, match="blocks"):
+        page_views([torch.randn(5, 4)], 8)
+
+
+def test_host_tier_lifecycle():
+    from triton_prefix_cache_vllm.host_tier import HostTier
+
+    tier = HostTier(4, index_backend="torch")
+    k = _keys(6)
+    slots = tier.begin_store(k[:3])
+    assert sorted(slots) == [0, 1, 2]
+    assert tier.match(k[:3]) == []  # not findable before the copy completes
+    assert tier.present(k[:3]).all() and not tier.present(k[3:]).any()
+    assert tier.begin_store(k[:1]) == [-1]  # already being stored
+    tier.end_store(slots, ok=True)
+    assert tier.match(k[:3]) == slots and tier.match(k[1:3]) == slots[1:]
+    assert tier.match(k[3:]) == [] and tier.match(torch.cat([k[:1], k[4:5], k[1:2]])) == slots[:1]
+    tier.check()
+    tier.pin(slots[:2])  # a load reads slots 0, 1
+    s2 = tier.begin_store(k[3:6])  # 1 free slot + evict the one unpinned ready slot (k[2])
+    assert sorted(s2) == sorted([3, slots[2]]) or -1 in s2
+    assert s2.count(-1) == 1
+    tier.end_store([s for s in s2 if s >= 0], ok=True)
+    assert tier.match(k[:2]) == slots[:2] and tier.match(k[2:3]) == []
+    tier.check()
+    # reset while slots are pinned and a store is in flight: nothing from before is served after
+    s3 = tier.begin_store(_keys(1, 100))
+    assert tier.clear() is True
+    assert len(tier) == 0 and tier.match(k) == []
+    tier.end_store(s3, ok=True)  # completes after the reset: discarded
+    assert tier.match(_keys(1, 100)) == []
+    tier.unpin(slots[:2])
+    tier.check()
+    assert sorted(tier.free) == [0, 1, 2, 3]
+
+
+def test_host_tier_failed_store_frees_slot():
+    from triton_prefix_cache_vllm.host_tier import HostTier
+
+    tier = HostTier(2, index_backend="torch")
+    s = tier.begin_store(_keys(2))
+    tier.end_store(s, ok=False)
+    assert len(tier) == 0 and sorted(tier.free) == [0, 1]
+    tier.limit(1)
+    assert tier.free == [0]
+    assert tier.begin_store(_keys(2, 10)).count(-1) == 1
+
+
+def test_stats_aggregate_and_reduce():
+    from triton_prefix_cache_vllm.stats import TPCStats
+
+    a, b = TPCStats(), TPCStats()
+    a.add("host_hit_tokens", 64)
+    a.add("load_bytes", 2e9)
+    a.add("load_seconds", 1.0)
+    a.set("inflight_loads", 3)
+    b.add("host_hit_tokens", 32)
+    b.add("sched_seconds", 1e-3)
+    b.add("sched_requests", 2)
+    b.set("inflight_loads", 1)
+    r = a.aggregate(b).reduce()
+    assert r["host_hit_tokens"] == 96 and r["load_GBps"] == 2.0
+    assert r["inflight_loads"] == 1 and r["sched_us_per_req"] == 500.0
+    assert TPCStats().is_empty() and not a.is_empty()
+
+
+def test_release_keeps_lru_position():
+    """A block held for demotion goes back to the head of vLLM's free queue unless a request used it."""
+    from vllm.v1.core.block_pool import BlockPool
+
+    from triton_prefix_cache_vllm import compat
+
+    pool = BlockPool(num_gpu_blocks=8, enable_caching=True, hash_block_size=32)
+    order = [b.block_id for b in compat.iter_free_blocks(pool)]
+    head = [pool.blocks[order[0]], pool.blocks[order[1]]]
+    for i, b in enumerate(head):  # cached blocks (hashless ones always go to the head)
+        if hasattr(b, "set_block_hash"):
+            b.set_block_hash(bytes([i]) * 36)
+        else:
+            b.block_hash = bytes([i]) * 36
+    compat.hold_blocks(pool, head)
+    assert [b.block_id for b in compat.iter_free_blocks(pool)][:1] == [order[2]]
+    compat.release_blocks(pool, head, [True, False])
+    after = [b.block_id for b in compat.iter_free_blocks(pool)]
+    assert after[0] == order[0] and after[-1] == order[1]
+    assert all(b.ref_cnt == 0 for b in head)
