@@ -65,7 +65,11 @@ def wall(fn, iters: int, warmup: int = 1) -> list[float]:
 
 
 def memcpy_baseline(host: torch.Tensor, dev: torch.Tensor, nbytes: int, iters: int) -> dict:
-    """GB/s of one contiguous pinned copy of nbytes each way (on a side stream, like the engine)."""
+    """GB/s of one contiguous pinned copy of nbytes each way (on a side stream, like the engine).
+
+    `host` is a buffer from the CUDA pinned allocator, not the pool: the driver rejects one DMA
+    that spans two of the pool's chunk registrations.
+    """
     s = torch.cuda.Stream() if dev.is_cuda else None
     h, d = host.view(-1)[:nbytes], dev.view(-1)[:nbytes]
 
@@ -167,18 +171,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pinned pool too small ({pool.num_slots} slots); reduce --batches", file=sys.stderr)
         return 1
     flat_dev = torch.empty(nmax * slot, dtype=torch.uint8, device=dev)
+    flat_host = torch.empty(nmax * slot, dtype=torch.uint8, pin_memory=dev.type == "cuda")
 
     rows: list[dict] = []
     baselines: dict[int, dict] = {}
     rng = np.random.default_rng(0)
     for n in args.batches:
-        baselines[n] = memcpy_baseline(pool.slots, flat_dev, n * slot, args.iters)
+        baselines[n] = memcpy_baseline(flat_host, flat_dev, n * slot, args.iters)
         print(
             f"[memcpy] {n} blocks ({n * slot / 2**20:.0f} MiB): h2d {baselines[n]['h2d']:.1f} GB/s, "
             f"d2h {baselines[n]['d2h']:.1f} GB/s",
             flush=True,
         )
-    del flat_dev
+    del flat_dev, flat_host
 
     engines: dict[str, CopyEngine] = {}
     for name in args.backends:

@@ -250,7 +250,12 @@ def test_gpu_pool_is_pinned_in_chunks_and_device_addressable(registrar):
             assert pool.device_address is not None
         src = torch.randint(0, 255, (pool.nbytes,), dtype=torch.uint8, device=dev)
         flat = pool.slots.view(-1)
-        flat.copy_(src, non_blocking=True)  # pinned: a real async DMA
+        # Pinned: real async DMAs. One copy per registration: the driver rejects a DMA that spans
+        # two registrations (cudaErrorInvalidValue), which is why no slot straddles a chunk.
+        base = pool.address
+        for addr, size in pool.registered_chunks:
+            lo = addr - base
+            flat[lo : lo + size].copy_(src[lo : lo + size], non_blocking=True)
         torch.cuda.synchronize()
         assert torch.equal(flat.to(dev), src)
         if pool.device_address is not None:
