@@ -43,10 +43,10 @@ class _ReqState:
     """What the adapter remembers about one request between hooks."""
 
     keys: torch.Tensor = field(default_factory=lambda: torch.empty((0, 2), dtype=torch.int64))
-    # Lookup result of the last get_num_new_matched_tokens: first block looked at, and the slots
+    # Lookup result of the last get_num_new_matched_tokens: first block looked at, and the length
     # of the leading run found in the host tier.
     plan_start: int = 0
-    plan_slots: list[int] = field(default_factory=list)
+    plan_n: int = 0
     # write_through: the request's GPU block ids, and how many leading full blocks were handled.
     block_ids: list[int] = field(default_factory=list)
     wt_done: int = 0
@@ -85,7 +85,7 @@ class SchedulerSide:
                 f"config key 'host_cache_gib' = {cfg.host_cache_gib} holds no block: one block of this model "
                 f"takes {self.slot_bytes} bytes ({self.num_layers} layers x {self.page_bytes})"
             )
-        self.tier = HostTier(num_slots, index_backend=cfg.index_backend, eviction=cfg.eviction)
+        self.tier = HostTier(num_slots, self.slot_bytes, index_backend=cfg.index_backend, eviction=cfg.eviction)
         sched = vllm_config.scheduler_config
         # Lazy demotion copies the blocks vLLM will reuse next: one step can take up to this many.
         self.lookahead = -(-sched.max_num_batched_tokens // self.block_size) + sched.max_num_seqs
@@ -115,11 +115,11 @@ class SchedulerSide:
         start = num_computed_tokens // bs
         # At least one prompt token is left to compute, so the forward produces logits.
         end = (request.num_tokens - 1) // bs
-        st.plan_start, st.plan_slots, st.fresh, st.request = start, [], True, request
+        st.plan_start, st.plan_n, st.fresh, st.request = start, 0, True, request
         if end > start and num_computed_tokens % bs == 0 and len(self.tier):
             keys = st.keys_for(request)
-            st.plan_slots = self.tier.match(keys[start:end])
-        n = len(st.plan_slots)
+            st.plan_n = self.tier.match(keys[start:end])
+        n = st.plan_n
         s = self.stats
         if not st.counted:  # one request counts once, however often vLLM asks
             st.counted = True
@@ -144,17 +144,16 @@ class SchedulerSide:
                     self.held[b] = True  # a request reads it: release to the LRU tail, not the head
         if num_external_tokens > 0:
             n = num_external_tokens // self.block_size
-            assert n <= len(st.plan_slots), (n, len(st.plan_slots))
+            assert n <= st.plan_n, (n, st.plan_n)
             if ids is None:
                 ids = compat.request_block_ids(blocks)
-            slots = st.plan_slots[:n]
+            slots = self.tier.pin(st.keys[st.plan_start : st.plan_start + n])
             block_ids = ids[st.plan_start : st.plan_start + n]
-            self.tier.pin(slots)
             self.pending_loads.append(LoadJob(request.request_id, slots, block_ids, not self.load_async))
             self.inflight_loads[request.request_id] = slots
             s = self.stats
             s.add("host_hit_tokens", num_external_tokens)
-            st.plan_slots = []
+            st.plan_n = 0
         self.stats.add("sched_seconds", time.perf_counter() - t0)
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict:
@@ -197,10 +196,11 @@ class SchedulerSide:
             self._release(st_)
             if not ok:
                 self.stats.add("dropped_stores", len(st_.slots))
-        for req_id in itertools.chain(meta.loads_done, meta.loads_failed):
+        for req_id, ok in itertools.chain(((r, True) for r in meta.loads_done),
+                                          ((r, False) for r in meta.loads_failed)):
             slots = self.inflight_loads.pop(req_id, None)
             if slots is not None:
-                self.tier.unpin(slots)
+                self.tier.unpin(slots, ok)
         if meta.loads_failed:
             self.stats.add("failed_loads", len(meta.loads_failed))
         self.stats.add("step_seconds", time.perf_counter() - t0)
@@ -253,25 +253,21 @@ class SchedulerSide:
             hashes.append(h)
         if not cands:
             return
-        keys = keys_from_block_hashes(hashes)
-        absent = ~self.tier.present(keys)
-        if not bool(absent.any()):
-            return
-        idx = absent.nonzero().flatten().tolist()
-        self._plan_store([cands[i] for i in idx], keys[absent], lazy=True)
+        self._plan_store(cands, keys_from_block_hashes(hashes), lazy=True)
 
     def _plan_store(self, blocks: list[KVCacheBlock], keys: torch.Tensor, lazy: bool) -> None:
-        slots = self.tier.begin_store(keys)
-        ok = [i for i, s in enumerate(slots) if s >= 0]
-        if len(ok) < len(slots):
-            self.stats.add("dropped_stores", len(slots) - len(ok))
+        """Copy these GPU blocks to the host unless the tier has (or is storing) their keys already."""
+        slots, dropped = self.tier.begin_store(keys)
+        if dropped:
+            self.stats.add("dropped_stores", dropped)
+        ok = [i for i, s in enumerate(slots.tolist()) if s >= 0]
         if not ok:
             return
         blocks = [blocks[i] for i in ok]
         compat.hold_blocks(self.pool, blocks)
         for b in blocks:
             self.held[b.block_id] = not lazy
-        self.pending_stores.append(_Store(blocks, [slots[i] for i in ok], lazy))
+        self.pending_stores.append(_Store(blocks, [int(slots[i]) for i in ok], lazy))
 
     def _release(self, st_: _Store) -> None:
         back_to_head = []
@@ -316,10 +312,6 @@ class SchedulerSide:
         lo, st.wt_done = st.wt_done, max(st.wt_done, n_full)
         blocks = [self.pool.blocks[b] for b in block_ids[lo:n_full]]
         k = keys[lo:n_full]
-        keep = torch.tensor([b.block_hash is not None and not b.is_null for b in blocks], dtype=torch.bool)
-        if k.shape[0]:
-            keep &= ~self.tier.present(k)
-        if not bool(keep.any()):
-            return
-        idx = keep.nonzero().flatten().tolist()
-        self._plan_store([blocks[i] for i in idx], k[keep], lazy=False)
+        keep = [i for i, b in enumerate(blocks) if b.block_hash is not None and not b.is_null]
+        if keep:
+            self._plan_store([blocks[i] for i in keep], k[keep], lazy=False)

@@ -56,7 +56,7 @@ def _connector_state(llm) -> dict:
     out = {
         "tier_ready": len(side.tier),
         "tier_evictions": side.tier.evictions,
-        "pins": int(side.tier.pins.sum()),
+        "pins": side.tier.pinned(),
         "held": len(side.held),
         "inflight_loads": len(side.inflight_loads),
         "inflight_stores": len(side.inflight_stores),

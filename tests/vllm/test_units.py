@@ -56,45 +56,48 @@ def test_page_views_refuse_scattered_blocks():
 def test_host_tier_lifecycle():
     from triton_prefix_cache_vllm.host_tier import HostTier
 
-    tier = HostTier(4, index_backend="torch")
+    tier = HostTier(4, 100, index_backend="torch")
     k = _keys(6)
-    slots = tier.begin_store(k[:3])
-    assert sorted(slots) == [0, 1, 2]
-    assert tier.match(k[:3]) == []  # not findable before the copy completes
-    assert tier.present(k[:3]).all() and not tier.present(k[3:]).any()
-    assert tier.begin_store(k[:1]) == [-1]  # already being stored
-    tier.end_store(slots, ok=True)
-    assert tier.match(k[:3]) == slots and tier.match(k[1:3]) == slots[1:]
-    assert tier.match(k[3:]) == [] and tier.match(torch.cat([k[:1], k[4:5], k[1:2]])) == slots[:1]
+    slots, dropped = tier.begin_store(k[:3])
+    assert sorted(slots.tolist()) == [0, 1, 2] and dropped == 0
+    assert tier.match(k[:3]) == 0  # not findable before the copy completes
+    again, _ = tier.begin_store(k[:1])
+    assert again.tolist() == [-1]  # already being stored
+    tier.end_store(slots.tolist(), ok=True)
+    assert tier.match(k[:3]) == 3 and tier.match(k[1:3]) == 2 and tier.match(k[3:]) == 0
+    assert tier.match(torch.cat([k[:1], k[4:5], k[1:2]])) == 1
     tier.check()
-    tier.pin(slots[:2])  # a load reads slots 0, 1
-    s2 = tier.begin_store(k[3:6])  # 1 free slot + evict the one unpinned ready slot (k[2])
-    assert sorted(s2) == sorted([3, slots[2]]) or -1 in s2
-    assert s2.count(-1) == 1
-    tier.end_store([s for s in s2 if s >= 0], ok=True)
-    assert tier.match(k[:2]) == slots[:2] and tier.match(k[2:3]) == []
+    pinned = tier.pin(k[:2])  # a load reads the first two
+    assert pinned == slots[:2].tolist() and tier.pinned() == 2
+    s2, dropped = tier.begin_store(k[3:6])  # 1 free slot + the one unpinned ready slot (k[2])
+    assert dropped == 1 and sorted(s2[s2 >= 0].tolist()) == sorted([3, int(slots[2])])
+    tier.end_store(s2[s2 >= 0].tolist(), ok=True)
+    assert tier.match(k[:2]) == 2 and tier.match(k[2:3]) == 0
     tier.check()
     # reset while slots are pinned and a store is in flight: nothing from before is served after
-    s3 = tier.begin_store(_keys(1, 100))
+    s3, _ = tier.begin_store(_keys(1, 100))
     assert tier.clear() is True
-    assert len(tier) == 0 and tier.match(k) == []
-    tier.end_store(s3, ok=True)  # completes after the reset: discarded
-    assert tier.match(_keys(1, 100)) == []
-    tier.unpin(slots[:2])
+    assert len(tier) == 0 and tier.match(k) == 0
+    tier.end_store(s3.tolist(), ok=True)  # completes after the reset: discarded
+    assert tier.match(_keys(1, 100)) == 0
+    tier.unpin(pinned)
     tier.check()
-    assert sorted(tier.free) == [0, 1, 2, 3]
+    assert tier.pinned() == 0 and tier.tm.num_free == 4
 
 
-def test_host_tier_failed_store_frees_slot():
+def test_host_tier_failed_store_and_shrink():
     from triton_prefix_cache_vllm.host_tier import HostTier
 
-    tier = HostTier(2, index_backend="torch")
-    s = tier.begin_store(_keys(2))
-    tier.end_store(s, ok=False)
-    assert len(tier) == 0 and sorted(tier.free) == [0, 1]
+    tier = HostTier(2, 100, index_backend="torch")
+    s, _ = tier.begin_store(_keys(2))
+    tier.end_store(s.tolist(), ok=False)
+    assert len(tier) == 0 and tier.tm.num_free == 2
     tier.limit(1)
-    assert tier.free == [0]
-    assert tier.begin_store(_keys(2, 10)).count(-1) == 1
+    assert tier.num_slots == 1
+    s, dropped = tier.begin_store(_keys(2, 10))
+    assert dropped == 1 and s.tolist().count(-1) == 1
+    with pytest.raises(RuntimeError, match="vanished"):
+        tier.pin(_keys(1, 50))
 
 
 def test_stats_aggregate_and_reduce():
