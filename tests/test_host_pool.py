@@ -253,11 +253,12 @@ def test_gpu_pool_is_pinned_in_chunks_and_device_addressable(registrar):
         # Pinned: real async DMAs. One copy per registration: the driver rejects a DMA that spans
         # two registrations (cudaErrorInvalidValue), which is why no slot straddles a chunk.
         base = pool.address
-        for addr, size in pool.registered_chunks:
-            lo = addr - base
+        chunks = [(addr - base, size) for addr, size in pool.registered_chunks]
+        for lo, size in chunks:
             flat[lo : lo + size].copy_(src[lo : lo + size], non_blocking=True)
         torch.cuda.synchronize()
-        assert torch.equal(flat.to(dev), src)
+        for lo, size in chunks:
+            assert torch.equal(flat[lo : lo + size].to(dev), src[lo : lo + size])
         if pool.device_address is not None:
             from triton_prefix_cache.copy_engine import device_view
 
