@@ -150,13 +150,14 @@ def run_docqa(config: str, args: argparse.Namespace) -> dict:
     if timer.available:
         res["sched_us_per_request"] = {
             "round1": statistics.mean(x["sched_us"] for x in rounds[0]),
-            "later": statistics.mean(x["sched_us"] for rows in rounds[1:] for x in rows) if len(rounds) > 1 else None,
+            "later": (statistics.mean(x["sched_us"] for rows in rounds[1:] for x in rows)
+                      if len(rounds) > 1 else None),
         }
     return res
 
 
 def run_long(config: str, args: argparse.Namespace) -> dict:
-    """Scheduler time for 128k-token prompts: A (cold), B (A in the host tier, B misses), A again (host hits)."""
+    """Scheduler time at 128k tokens: A (cold), B (A in the host tier, B misses), A again (host hits)."""
     n = args.long_tokens
     tokens = token_sampler(args, args.seed + 1)
     a, b = tokens(n), tokens(n)
@@ -239,7 +240,8 @@ def main() -> None:
     import datetime
 
     out = Path(args.out) if args.out else RESULTS / (
-        f"compare-docqa-{device_slug()}-{datetime.date.today().isoformat()}{'-eager' if args.eager else ''}.json")
+        f"compare-docqa-{device_slug()}-{datetime.date.today().isoformat()}"
+        f"{'-eager' if args.eager else ''}.json")
     payload = json.loads(out.read_text()) if args.merge and out.exists() else {}
     payload.setdefault("runs", []).append(environment())
     payload["workload"] = {k: getattr(args, k) for k in ("model", "docs", "doc_tokens", "question_tokens",

@@ -46,7 +46,8 @@ def test_frozen():
         ({"host_cache_gib": 1, "index_backend": "cuda"}, ["index_backend", "auto", "triton", "torch"]),
         ({"host_cache_gib": 1, "eviction": "arc"}, ["eviction", "lru", "arc"]),
         ({"host_cache_gib": 1, "demote": None}, ["demote", "lazy"]),
-        ({"host_cache_gib": 1, "cpu_bytes_to_use": 5}, ["cpu_bytes_to_use", "host_cache_gib", "allowed keys"]),
+        ({"host_cache_gib": 1, "cpu_bytes_to_use": 5},
+         ["cpu_bytes_to_use", "host_cache_gib", "allowed keys"]),
         ("host_cache_gib=1", ["dict"]),
     ],
 )

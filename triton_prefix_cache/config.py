@@ -57,7 +57,7 @@ class PrefixCacheConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> PrefixCacheConfig:
-        """Build from a plain dict; unknown keys, a missing `host_cache_gib` or bad values raise ConfigError."""
+        """Build from a dict. Unknown keys, a missing `host_cache_gib` or bad values raise ConfigError."""
         if raw is None:
             raw = {}
         if not isinstance(raw, Mapping):
@@ -67,14 +67,19 @@ class PrefixCacheConfig:
         if unknown:
             raise ConfigError(f"unknown config key(s) {unknown}; allowed keys: {list(allowed)}")
         if "host_cache_gib" not in raw:
-            raise ConfigError("config key 'host_cache_gib' is required: the host pool size in GiB (a number > 0)")
+            raise ConfigError(
+                "config key 'host_cache_gib' is required: the host pool size in GiB (a number > 0)"
+            )
         return cls(**dict(raw))
 
 
 def _check_gib(value: Any) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and value > 0
     if not ok:
-        raise ConfigError(f"config key 'host_cache_gib' must be a number > 0 (GiB of host memory), got {value!r}")
+        raise ConfigError(
+            f"config key 'host_cache_gib' must be a number > 0 (GiB of host memory), got {value!r}"
+        )
 
 
 def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -56,7 +56,9 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
         if self._sched is not None:
             self._sched.bind_gpu_block_pool(gpu_block_pool)
 
-    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
         return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: Request, blocks: Any, num_external_tokens: int) -> None:
@@ -121,7 +123,9 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
         return TPCStats(data=dict(data) if data else {})
 
     @classmethod
-    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues) -> TPCPromMetrics:
+    def build_prom_metrics(
+        cls, vllm_config, metric_types, labelnames, per_engine_labelvalues
+    ) -> TPCPromMetrics:
         return TPCPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     @classmethod

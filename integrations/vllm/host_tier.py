@@ -28,9 +28,11 @@ class HostTier:
         if device is None:
             device = "cuda" if (index_backend != "torch" and torch.cuda.is_available()) else "cpu"
         self.device = torch.device(device)
-        self._stream: Any = torch.cuda.Stream(self.device, priority=-1) if self.device.type == "cuda" else None
+        cuda = self.device.type == "cuda"
+        self._stream: Any = torch.cuda.Stream(self.device, priority=-1) if cuda else None
         with self._on_stream():
-            index = PrefixIndex(max(1, num_slots), device=self.device, backend=index_backend, stream=self._stream)
+            index = PrefixIndex(max(1, num_slots), device=self.device, backend=index_backend,
+                                stream=self._stream)
             self.tm = TierManager(num_slots, slot_bytes, index=index, policy=eviction)
             if self._stream is not None:
                 self._warm_up()
@@ -61,8 +63,12 @@ class HostTier:
     # ---- lookups and loads -------------------------------------------------------------------------
     def match(self, keys: torch.Tensor) -> int:
         """How many leading keys are READY (findable). Pins nothing."""
+        # One batched lookup, then the first miss on the host: fewer operations than the segmented
+        # match_prefix for the single request the scheduler asks about at a time.
         with self._on_stream():
-            return int(self.tm.match_prefix(keys)[0])
+            found = self.tm.lookup(keys)
+        miss = np.flatnonzero(found < 0)
+        return int(miss[0]) if miss.size else len(found)
 
     def pin(self, keys: torch.Tensor) -> list[int]:
         """Pin the slots of keys that `match` found (same scheduling pass: they are still READY)."""

@@ -85,7 +85,8 @@ class SchedulerSide:
                 f"config key 'host_cache_gib' = {cfg.host_cache_gib} holds no block: one block of this model "
                 f"takes {self.slot_bytes} bytes ({self.num_layers} layers x {self.page_bytes})"
             )
-        self.tier = HostTier(num_slots, self.slot_bytes, index_backend=cfg.index_backend, eviction=cfg.eviction)
+        self.tier = HostTier(num_slots, self.slot_bytes, index_backend=cfg.index_backend,
+                             eviction=cfg.eviction)
         sched = vllm_config.scheduler_config
         # Lazy demotion copies the blocks vLLM will reuse next: one step can take up to this many.
         self.lookahead = -(-sched.max_num_batched_tokens // self.block_size) + sched.max_num_seqs

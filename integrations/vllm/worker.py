@@ -79,7 +79,8 @@ class WorkerSide:
         self.report = TPCWorkerMetadata()
         self.stats = TPCStats()
         # Tests: remember what every store wrote and check every load restores exactly that.
-        self.debug_pages: dict[int, torch.Tensor] | None = {} if os.environ.get("TPC_DEBUG_PAGES") == "1" else None
+        debug = os.environ.get("TPC_DEBUG_PAGES") == "1"
+        self.debug_pages: dict[int, torch.Tensor] | None = {} if debug else None
         self.debug_checked = 0
         self.debug_mismatches: list[tuple[int, int]] = []
         # Tests: report async loads only after this many extra polls, as a slow copy would be, so the

@@ -46,7 +46,7 @@ def docqa(num_docs: int = 6, doc_blocks: int = 24, rounds: int = 3, seed: int = 
 
 def chat(num_sessions: int = 5, turns: int = 4, first_blocks: int = 10, turn_tokens: int = 150,
          seed: int = 2) -> Workload:
-    """Multi-turn chat: each turn's prompt is the previous turn's prompt plus new tokens; sessions interleave."""
+    """Multi-turn chat: each turn's prompt is the previous one plus new tokens; sessions interleave."""
     rng = random.Random(seed)
     hist = [[rng.randrange(100, 30000) for _ in range(first_blocks * BLOCK)] for _ in range(num_sessions)]
     batches = []

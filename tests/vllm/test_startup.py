@@ -88,7 +88,8 @@ def test_bad_config_fails_before_cuda_graph_setup():
 
     with pytest.raises(ConfigError, match="load"):
         TritonPrefixCacheConnector.requires_piecewise_for_cudagraph({"host_cache_gib": 1, "load": "x"})
-    assert TritonPrefixCacheConnector.requires_piecewise_for_cudagraph({"host_cache_gib": 1, "load": "layerwise"})
+    layerwise = {"host_cache_gib": 1, "load": "layerwise"}
+    assert TritonPrefixCacheConnector.requires_piecewise_for_cudagraph(layerwise)
     assert not TritonPrefixCacheConnector.requires_piecewise_for_cudagraph({"host_cache_gib": 1})
 
 
@@ -120,7 +121,8 @@ def test_out_of_scope_engines_are_refused(vllm_config, what, words):
 
     kvc = _kv_cache_config(_spec())
     par = vllm_config.parallel_config
-    saved = (par.tensor_parallel_size, par.pipeline_parallel_size, vllm_config.cache_config.enable_prefix_caching)
+    cache = vllm_config.cache_config
+    saved = (par.tensor_parallel_size, par.pipeline_parallel_size, cache.enable_prefix_caching)
     try:
         if what == "tp2":
             par.tensor_parallel_size = 2
@@ -140,7 +142,7 @@ def test_out_of_scope_engines_are_refused(vllm_config, what, words):
         with pytest.raises(ScopeError) as e:
             _make(vllm_config, {"host_cache_gib": 1}, kvc)
     finally:
-        par.tensor_parallel_size, par.pipeline_parallel_size, vllm_config.cache_config.enable_prefix_caching = saved
+        par.tensor_parallel_size, par.pipeline_parallel_size, cache.enable_prefix_caching = saved
     for w in words:
         assert w in str(e.value), (w, str(e.value))
 
