@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 BLOCK = 32  # the CPU attention backend needs a multiple of 32
-PAGE_BYTES_PER_BLOCK = 2 * 2 * 2 * 32 * 4 * BLOCK  # K+V, 2 layers, 2 KV heads, head_dim 32, fp32
+DTYPE = os.environ.get("TPC_TEST_DTYPE", "float32")
+# K+V, 2 layers, 2 KV heads, head_dim 32, 4 or 2 bytes per element
+PAGE_BYTES_PER_BLOCK = 2 * 2 * 2 * 32 * (4 if DTYPE == "float32" else 2) * BLOCK
 MAX_MODEL_LEN = 2048
 CONNECTOR = "TritonPrefixCacheConnector"
 
@@ -112,7 +114,7 @@ def make_llm(model_path: str, *, kv_blocks: int, prefix_caching: bool = True,
         model=str(model_path),
         skip_tokenizer_init=True,
         block_size=BLOCK,
-        dtype=os.environ.get("TPC_TEST_DTYPE", "float32"),
+        dtype=DTYPE,
         enforce_eager=eager,
         max_model_len=MAX_MODEL_LEN,
         max_num_seqs=max_num_seqs,
