@@ -86,12 +86,13 @@ class HostTier:
             (self.tm.finish_load if ok else self.tm.abort_load)(np.asarray(slots, dtype=np.int64))
 
     # ---- stores ------------------------------------------------------------------------------------
-    def begin_store(self, keys: torch.Tensor) -> tuple[np.ndarray, int]:
-        """(slot per key, -1 where nothing is to be copied; how many were dropped for lack of room)."""
+    def begin_store(self, keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
+        """(slot per key, -1 where nothing is to be copied; which keys the tier already holds;
+        how many were dropped for lack of room)."""
         with self._on_stream():
             plan = self.tm.begin_store(keys)
         dropped = int(np.count_nonzero(plan.status == StoreStatus.DROPPED))
-        return np.where(plan.assigned, plan.slots, -1), dropped
+        return np.where(plan.assigned, plan.slots, -1), plan.status == StoreStatus.PRESENT, dropped
 
     def end_store(self, slots: list[int], ok: bool) -> None:
         with self._on_stream():

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from triton_prefix_cache.config import PrefixCacheConfig
@@ -98,6 +99,11 @@ class SchedulerSide:
         self.pending_stores: list[_Store] = []  # write_through: planned at request finish
         self.inflight_stores: dict[int, _Store] = {}
         self.held: dict[int, bool] = {}  # GPU block id held by a store -> "used by a request meanwhile"
+        # GPU block id -> the vLLM block hash it had when we last saw its copy in the host tier. Lets
+        # the per-step demotion scan skip blocks it already settled; forgotten whenever the host tier
+        # evicts or resets (a host copy may be gone then).
+        self._known: dict[int, bytes] = {}
+        self._known_evictions = 0
         self._job_ids = itertools.count()
         self.stats = TPCStats()
         self.stats.set("host_slots", num_slots)
@@ -188,12 +194,16 @@ class SchedulerSide:
             logger.warning("host tier: the worker's pool holds %d slots, not %d; shrinking",
                            meta.pool_slots, self.tier.num_slots)
             self.tier.limit(meta.pool_slots)
+            self._known.clear()
         for job, ok in itertools.chain(((j, True) for j in meta.stores_done),
                                        ((j, False) for j in meta.stores_failed)):
             st_ = self.inflight_stores.pop(job, None)
             if st_ is None:
                 continue
             self.tier.end_store(st_.slots, ok)
+            if ok:
+                for b in st_.blocks:
+                    self._known[b.block_id] = b.block_hash
             self._release(st_)
             if not ok:
                 self.stats.add("dropped_stores", len(st_.slots))
@@ -219,6 +229,7 @@ class SchedulerSide:
     def reset_cache(self) -> bool:
         """Clear the host tier (vLLM's reset_prefix_cache(reset_connector=True))."""
         ok = self.tier.clear()
+        self._known.clear()
         if not ok:
             logger.warning("host tier: reset deferred entries still being copied; they are dropped when done")
         return ok
@@ -240,6 +251,10 @@ class SchedulerSide:
         pool = self.pool
         if pool is None:
             return
+        if self.tier.evictions != self._known_evictions:
+            self._known.clear()
+            self._known_evictions = self.tier.evictions
+        known = self._known
         cands: list[KVCacheBlock] = []
         hashes: list[bytes] = []
         scanned = 0
@@ -247,20 +262,22 @@ class SchedulerSide:
             if scanned >= self.lookahead:
                 break
             scanned += 1
-            h = compat.block_hash_of(blk)
-            if h is None:
+            bh = blk.block_hash
+            if bh is None or known.get(blk.block_id) == bh:
                 continue
             cands.append(blk)
-            hashes.append(h)
+            hashes.append(compat.block_hash_of(blk))
         if not cands:
             return
         self._plan_store(cands, keys_from_block_hashes(hashes), lazy=True)
 
     def _plan_store(self, blocks: list[KVCacheBlock], keys: torch.Tensor, lazy: bool) -> None:
         """Copy these GPU blocks to the host unless the tier has (or is storing) their keys already."""
-        slots, dropped = self.tier.begin_store(keys)
+        slots, present, dropped = self.tier.begin_store(keys)
         if dropped:
             self.stats.add("dropped_stores", dropped)
+        for i in np.flatnonzero(present).tolist():
+            self._known[blocks[i].block_id] = blocks[i].block_hash
         ok = [i for i, s in enumerate(slots.tolist()) if s >= 0]
         if not ok:
             return

@@ -58,10 +58,10 @@ def test_host_tier_lifecycle():
 
     tier = HostTier(4, 100, index_backend="torch")
     k = _keys(6)
-    slots, dropped = tier.begin_store(k[:3])
-    assert sorted(slots.tolist()) == [0, 1, 2] and dropped == 0
+    slots, present, dropped = tier.begin_store(k[:3])
+    assert sorted(slots.tolist()) == [0, 1, 2] and dropped == 0 and not present.any()
     assert tier.match(k[:3]) == 0  # not findable before the copy completes
-    again, _ = tier.begin_store(k[:1])
+    again, _, _ = tier.begin_store(k[:1])
     assert again.tolist() == [-1]  # already being stored
     tier.end_store(slots.tolist(), ok=True)
     assert tier.match(k[:3]) == 3 and tier.match(k[1:3]) == 2 and tier.match(k[3:]) == 0
@@ -69,13 +69,16 @@ def test_host_tier_lifecycle():
     tier.check()
     pinned = tier.pin(k[:2])  # a load reads the first two
     assert pinned == slots[:2].tolist() and tier.pinned() == 2
-    s2, dropped = tier.begin_store(k[3:6])  # 1 free slot + the one unpinned ready slot (k[2])
+    s2, _, dropped = tier.begin_store(k[3:6])  # 1 free slot + the one unpinned ready slot (k[2])
     assert dropped == 1 and sorted(s2[s2 >= 0].tolist()) == sorted([3, int(slots[2])])
     tier.end_store(s2[s2 >= 0].tolist(), ok=True)
     assert tier.match(k[:2]) == 2 and tier.match(k[2:3]) == 0
+    s4, present, _ = tier.begin_store(k[:3])  # the first two are held; the third is gone
+    assert present.tolist() == [True, True, False]
+    tier.end_store(s4[s4 >= 0].tolist(), ok=False)
     tier.check()
     # reset while slots are pinned and a store is in flight: nothing from before is served after
-    s3, _ = tier.begin_store(_keys(1, 100))
+    s3, _, _ = tier.begin_store(_keys(1, 100))
     assert tier.clear() is True
     assert len(tier) == 0 and tier.match(k) == 0
     tier.end_store(s3.tolist(), ok=True)  # completes after the reset: discarded
@@ -89,12 +92,12 @@ def test_host_tier_failed_store_and_shrink():
     from triton_prefix_cache_vllm.host_tier import HostTier
 
     tier = HostTier(2, 100, index_backend="torch")
-    s, _ = tier.begin_store(_keys(2))
+    s, _, _ = tier.begin_store(_keys(2))
     tier.end_store(s.tolist(), ok=False)
     assert len(tier) == 0 and tier.tm.num_free == 2
     tier.limit(1)
     assert tier.num_slots == 1
-    s, dropped = tier.begin_store(_keys(2, 10))
+    s, _, dropped = tier.begin_store(_keys(2, 10))
     assert dropped == 1 and s.tolist().count(-1) == 1
     with pytest.raises(RuntimeError, match="vanished"):
         tier.pin(_keys(1, 50))
