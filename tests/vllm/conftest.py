@@ -72,10 +72,18 @@ def _connector_state(llm) -> dict:
 def _run(name: str, model_path: Path) -> H.RunResult:
     cfg = dict(CONFIGS[name])
     res = H.RunResult(name)
+    saved_env = {k: os.environ.get(k) for k in ("TPC_DEBUG_PAGES", "TPC_DEBUG_LOAD_DELAY")}
     os.environ["TPC_DEBUG_PAGES"] = "1"
     # The default run also delays async load completions by two steps (see WorkerSide).
     os.environ["TPC_DEBUG_LOAD_DELAY"] = "2" if name == "tpc" else "0"
-    llm = H.make_llm(model_path, **cfg)
+    try:
+        llm = H.make_llm(model_path, **cfg)
+    finally:
+        for k, v in saved_env.items():  # the worker read them at startup; leave no trace for others
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     try:
         is_tpc = cfg.get("kv_transfer_config") is not None
         for wname, make in WORKLOADS.items():

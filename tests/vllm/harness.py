@@ -165,6 +165,12 @@ def shutdown(llm) -> None:
         llm.llm_engine.engine_core.shutdown()
     except Exception:  # noqa: BLE001 - best effort between tests
         pass
+    try:  # the worker-side connector is a process-wide global: never let it outlive its engine
+        from vllm.distributed.kv_transfer import ensure_kv_transfer_shutdown
+
+        ensure_kv_transfer_shutdown()
+    except Exception:  # noqa: BLE001
+        pass
     try:
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
