@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import vllm
+from vllm.v1.core.kv_cache_utils import get_block_hash as _get_block_hash
 
 if TYPE_CHECKING:
     from vllm.v1.core.block_pool import BlockPool
@@ -62,9 +63,7 @@ def block_hash_of(block: KVCacheBlock) -> bytes | None:
     h = block.block_hash
     if h is None:
         return None
-    from vllm.v1.core.kv_cache_utils import get_block_hash
-
-    return get_block_hash(h)
+    return _get_block_hash(h)
 
 
 def iter_free_blocks(pool: BlockPool) -> Iterator[KVCacheBlock]:

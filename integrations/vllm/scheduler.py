@@ -104,6 +104,7 @@ class SchedulerSide:
         # evicts or resets (a host copy may be gone then).
         self._known: dict[int, bytes] = {}
         self._known_evictions = 0
+        self._last_scan: tuple | None = None
         self._job_ids = itertools.count()
         self.stats = TPCStats()
         self.stats.set("host_slots", num_slots)
@@ -195,6 +196,7 @@ class SchedulerSide:
                            meta.pool_slots, self.tier.num_slots)
             self.tier.limit(meta.pool_slots)
             self._known.clear()
+            self._last_scan = None
         for job, ok in itertools.chain(((j, True) for j in meta.stores_done),
                                        ((j, False) for j in meta.stores_failed)):
             st_ = self.inflight_stores.pop(job, None)
@@ -230,6 +232,7 @@ class SchedulerSide:
         """Clear the host tier (vLLM's reset_prefix_cache(reset_connector=True))."""
         ok = self.tier.clear()
         self._known.clear()
+        self._last_scan = None
         if not ok:
             logger.warning("host tier: reset deferred entries still being copied; they are dropped when done")
         return ok
@@ -254,6 +257,13 @@ class SchedulerSide:
         if self.tier.evictions != self._known_evictions:
             self._known.clear()
             self._known_evictions = self.tier.evictions
+        # Nothing entered or left the head of the free queue since the last scan (typical of decode
+        # steps): the window holds what it held then, all of it already settled.
+        head = next(compat.iter_free_blocks(pool), None)
+        sig = (head.block_id if head is not None else -1, head.block_hash if head is not None else None,
+               pool.get_num_free_blocks(), self._known_evictions)
+        if sig == self._last_scan:
+            return
         known = self._known
         cands: list[KVCacheBlock] = []
         hashes: list[bytes] = []
@@ -267,9 +277,10 @@ class SchedulerSide:
                 continue
             cands.append(blk)
             hashes.append(compat.block_hash_of(blk))
-        if not cands:
-            return
-        self._plan_store(cands, keys_from_block_hashes(hashes), lazy=True)
+        if cands:
+            self._plan_store(cands, keys_from_block_hashes(hashes), lazy=True)
+        if not self.pending_stores:  # settled: every block in the window has a host copy or is gone
+            self._last_scan = sig
 
     def _plan_store(self, blocks: list[KVCacheBlock], keys: torch.Tensor, lazy: bool) -> None:
         """Copy these GPU blocks to the host unless the tier has (or is storing) their keys already."""
