@@ -63,10 +63,13 @@ class HostTier:
     # ---- lookups and loads -------------------------------------------------------------------------
     def match(self, keys: torch.Tensor) -> int:
         """How many leading keys are READY (findable). Pins nothing."""
-        # One batched lookup, then the first miss on the host: fewer operations than the segmented
-        # match_prefix for the single request the scheduler asks about at a time.
+        # One batched lookup straight on the index (TierManager keeps it equal to the READY keys),
+        # then the first miss on the host: the fewest operations for the one request asked about.
+        if keys.shape[0] == 0:
+            return 0
         with self._on_stream():
-            found = self.tm.lookup(keys)
+            dev = keys if self.device.type == "cpu" else keys.to(self.device)
+            found = self.tm.index.lookup(dev).cpu().numpy()
         miss = np.flatnonzero(found < 0)
         return int(miss[0]) if miss.size else len(found)
 
