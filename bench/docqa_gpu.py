@@ -335,7 +335,8 @@ def main() -> None:
     p.add_argument("--eager", action="store_true", help="enforce_eager (default: compiled, CUDA graphs)")
     p.add_argument("--long", action="store_true", help="also measure scheduler time at --long-tokens")
     p.add_argument("--long-only", action="store_true")
-    p.add_argument("--micro-only", action="store_true", help="only the engine-free scheduler-time measurement")
+    p.add_argument("--micro-only", action="store_true",
+                   help="only the engine-free scheduler-time measurement")
     p.add_argument("--long-tokens", type=int, default=131072 - 64)
     p.add_argument("--long-host-gib", type=float, default=40.0)
     p.add_argument("--sched-micro", action="store_true",
