@@ -15,12 +15,15 @@ Scheduler time: the time each connector spends in get_num_new_matched_tokens (ke
 lookup) per request, measured by wrapping the method in-process, for the 8k documents (from the
 runs above) and, with --long, for 128k-token prompts (prompt A, then B, then A again, with a GPU
 KV cache that holds one of them: A's second lookup finds most of A in the host tier).
-Target: ours <= 0.5 x OffloadingConnector's, at 8k and at 128k.
+Target: ours <= 0.5 x OffloadingConnector's, at 8k and at 128k. --sched-micro (or --micro-only)
+times the same without an engine: both connectors' scheduler halves, identical Request objects, the
+host tiers pre-filled with one prompt, hit and miss, in seconds.
 
 Run on the GPU host (vLLM 0.26.0), from the repo root:
   VLLM_ENABLE_V1_MULTIPROCESSING=0 python bench/docqa_gpu.py                 # compiled (CUDA graphs)
   VLLM_ENABLE_V1_MULTIPROCESSING=0 python bench/docqa_gpu.py --eager         # quick check
   VLLM_ENABLE_V1_MULTIPROCESSING=0 python bench/docqa_gpu.py --configs tpc,offload --long
+  VLLM_ENABLE_V1_MULTIPROCESSING=0 python bench/docqa_gpu.py --micro-only --merge
 Each configuration takes about 1-2 minutes (engine start included); --configs splits a run across
 several commands, and --merge adds to an existing result file. Writes
 bench/results/compare-docqa-<device>-<date>.json (or --out).
