@@ -117,6 +117,7 @@ def run_child(spec: dict) -> dict:
         SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, detokenize=False),
         use_tqdm=False,
     )
+    sched = _time_connector_lookups(llm)
     before = _flat_metrics(llm)
     rows = []
     wall0 = time.perf_counter()
@@ -148,7 +149,37 @@ def run_child(spec: dict) -> dict:
     wall = time.perf_counter() - wall0
     after = _flat_metrics(llm)
     delta = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))}
-    return {"engine_start_s": start_s, "wall_s": wall, "requests": rows, "metrics_delta": delta}
+    return {
+        "engine_start_s": start_s,
+        "wall_s": wall,
+        "requests": rows,
+        "metrics_delta": delta,
+        "connector_lookup_ms": sched,
+    }
+
+
+def _time_connector_lookups(llm) -> list[float]:
+    """Time the scheduler-side connector's get_num_new_matched_tokens (key derivation + lookup).
+
+    Only in-process engines (VLLM_ENABLE_V1_MULTIPROCESSING=0) expose the scheduler; the list
+    stays empty otherwise, or when the config has no connector.
+    """
+    calls: list[float] = []
+    core = getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
+    conn = getattr(getattr(core, "scheduler", None), "connector", None)
+    if conn is None:
+        return calls
+    orig = conn.get_num_new_matched_tokens
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            calls.append((time.perf_counter() - t) * 1e3)
+
+    conn.get_num_new_matched_tokens = timed
+    return calls
 
 
 # ---- parent ------------------------------------------------------------------------------------
@@ -198,6 +229,9 @@ def summarize(workload: W.Workload, result: dict) -> dict:
         "prompt_tokens": sum(r["prompt_tokens"] for r in reqs),
         "wall_s": result["wall_s"],
         "engine_start_s": result["engine_start_s"],
+        "connector_lookup_ms_mean": statistics.fmean(result["connector_lookup_ms"])
+        if result.get("connector_lookup_ms")
+        else None,
         "metrics": hits,
     }
 
@@ -308,6 +342,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     gbps = pinned_memcpy_gbps()
     results: dict = {}
+
+    def save(partial: bool = False) -> Path:
+        payload = {
+            "environment": env,
+            "partial": partial,
+            "model": model.name,
+            "kv_gib": kv_gib,
+            "kv_tokens": kv_tokens,
+            "host_gib": host_gib,
+            "engine": engine,
+            "pinned_memcpy_gbps": gbps,
+            "ratios": _ratios(results),
+            "workloads": results,
+        }
+        return write_result("compare", payload, args.out)
+
     for wname in args.workload:
         wl = W.make(wname, kv_tokens, doc_tokens, model.vocab_size, args.seed)
         print(f"\n== {wname}: {wl.description} ({wl.num_requests} requests)", flush=True)
@@ -316,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             entry["transfer_floor_ms"] = (
                 doc_tokens * model.kv_bytes_per_token(dtype_bytes) / (gbps * 1e9) * 1e3
             )
+        results[wname] = entry
         for cfg in configs:
             with tempfile.TemporaryDirectory() as tmp:
                 spec = {
@@ -357,12 +408,12 @@ def main(argv: list[str] | None = None) -> int:
                 "requests": res["requests"],
                 "metrics_delta": res["metrics_delta"],
             }
+            save(partial=True)  # a run cut short still leaves every finished config on disk
             print(
                 f"   {cfg}: focus mean TTFT {summ['focus_mean_ttft_ms']:.1f} ms, "
                 f"{summ['requests_per_s']:.2f} req/s ({time.perf_counter() - t:.0f} s with start-up)",
                 flush=True,
             )
-        results[wname] = entry
     rows = []
     for wname, entry in results.items():
         for cfg, v in entry["configs"].items():
@@ -380,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                 "out_tok_per_s": s["output_tokens_per_s"],
                 "cached_frac": s["cached_tokens"] / max(1, s["prompt_tokens"]),
                 "wall_s": s["wall_s"],
+                "conn_lookup_ms": s["connector_lookup_ms_mean"],
             }
             for lab, p in s["per_label"].items():
                 row[lab] = p["mean_ms"]
@@ -399,24 +451,14 @@ def main(argv: list[str] | None = None) -> int:
             "out_tok_per_s",
             "cached_frac",
             "wall_s",
+            "conn_lookup_ms",
             "note",
         ],
     )
     ratios = _ratios(results)
     if ratios:
         print("\nratios:", json.dumps(ratios, indent=1))
-    payload = {
-        "environment": env,
-        "model": model.name,
-        "kv_gib": kv_gib,
-        "kv_tokens": kv_tokens,
-        "host_gib": host_gib,
-        "engine": engine,
-        "pinned_memcpy_gbps": gbps,
-        "ratios": ratios,
-        "workloads": results,
-    }
-    out = write_result("compare", payload, args.out)
+    out = save()
     png = plot(results, out.with_suffix(".png"), env["device"])
     print(f"\nwrote {out}" + (f"\nchart {png}" if png else ""))
     return 0
