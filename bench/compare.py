@@ -131,7 +131,7 @@ def run_child(spec: dict) -> dict:
         SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, detokenize=False),
         use_tqdm=False,
     )
-    sched = _time_connector_lookups(llm)
+    hooks = _time_connector_hooks(llm)
     before = _flat_metrics(llm)
     rows = []
     wall0 = time.perf_counter()
@@ -168,31 +168,47 @@ def run_child(spec: dict) -> dict:
         "wall_s": wall,
         "requests": rows,
         "metrics_delta": delta,
-        "connector_lookup_ms": sched,
+        "connector_lookup_ms": hooks.get("get_num_new_matched_tokens", []),
+        "connector_hook_ms_total": {k: sum(v) for k, v in hooks.items()},
+        "connector_hook_calls": {k: len(v) for k, v in hooks.items()},
     }
 
 
-def _time_connector_lookups(llm) -> list[float]:
-    """Time the scheduler-side connector's get_num_new_matched_tokens (key derivation + lookup).
+SCHEDULER_HOOKS = (
+    "get_num_new_matched_tokens",
+    "update_state_after_alloc",
+    "build_connector_meta",
+    "update_connector_output",
+    "request_finished",
+)
 
-    Only in-process engines (VLLM_ENABLE_V1_MULTIPROCESSING=0) expose the scheduler; the list
-    stays empty otherwise, or when the config has no connector.
+
+def _time_connector_hooks(llm) -> dict[str, list[float]]:
+    """Time the scheduler-side connector's hooks (ms per call), get_num_new_matched_tokens first:
+    that one is the adapter's per-request scheduler time (key derivation + lookup).
+
+    Only in-process engines (VLLM_ENABLE_V1_MULTIPROCESSING=0) expose the scheduler; nothing is
+    timed otherwise, or when the config has no connector.
     """
-    calls: list[float] = []
+    calls: dict[str, list[float]] = {}
     core = getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
     conn = getattr(getattr(core, "scheduler", None), "connector", None)
     if conn is None:
         return calls
-    orig = conn.get_num_new_matched_tokens
+    for name in SCHEDULER_HOOKS:
+        orig = getattr(conn, name, None)
+        if orig is None:
+            continue
+        calls[name] = times = []
 
-    def timed(*args, **kwargs):
-        t = time.perf_counter()
-        try:
-            return orig(*args, **kwargs)
-        finally:
-            calls.append((time.perf_counter() - t) * 1e3)
+        def timed(*args, _orig=orig, _times=times, **kwargs):
+            t = time.perf_counter()
+            try:
+                return _orig(*args, **kwargs)
+            finally:
+                _times.append((time.perf_counter() - t) * 1e3)
 
-    conn.get_num_new_matched_tokens = timed
+        setattr(conn, name, timed)
     return calls
 
 
@@ -246,6 +262,9 @@ def summarize(workload: W.Workload, result: dict) -> dict:
         "connector_lookup_ms_mean": statistics.fmean(result["connector_lookup_ms"])
         if result.get("connector_lookup_ms")
         else None,
+        "connector_hook_ms_per_request": {
+            k: v / len(reqs) for k, v in result.get("connector_hook_ms_total", {}).items()
+        },
         "metrics": hits,
     }
 
