@@ -14,6 +14,7 @@ from typing import Any
 DEMOTE_MODES = ("lazy", "write_through")
 LOAD_MODES = ("async", "layerwise")
 INDEX_BACKENDS = ("auto", "triton", "torch")
+COPY_BACKENDS = ("auto", "dma", "triton", "torch")
 EVICTION_POLICIES = ("lru",)
 
 
@@ -31,6 +32,8 @@ class PrefixCacheConfig:
     load: "async" lets the request wait while its blocks load and other requests run;
         "layerwise" loads inside the request's own step, overlapped with the forward per layer.
     index_backend: which PrefixIndex backend serves host-tier lookups.
+    copy_backend: how pages move between the KV cache and the host pool: batched DMA descriptors,
+        the Triton gather/scatter kernel, per-layer torch index ops, or "auto" (measured at start).
     eviction: the host tier's eviction policy.
     """
 
@@ -39,6 +42,7 @@ class PrefixCacheConfig:
     load: str = "async"
     index_backend: str = "auto"
     eviction: str = "lru"
+    copy_backend: str = "auto"
 
     def __post_init__(self) -> None:
         _check_gib(self.host_cache_gib)
@@ -46,6 +50,7 @@ class PrefixCacheConfig:
         _check_choice("load", self.load, LOAD_MODES)
         _check_choice("index_backend", self.index_backend, INDEX_BACKENDS)
         _check_choice("eviction", self.eviction, EVICTION_POLICIES)
+        _check_choice("copy_backend", self.copy_backend, COPY_BACKENDS)
 
     @property
     def host_cache_bytes(self) -> int:

@@ -103,7 +103,12 @@ class WorkerSide:
         self.pool = HostPool(HostPoolConfig(
             size_bytes=self.cfg.host_cache_bytes, num_layers=len(self.layers), page_bytes=page_bytes,
             device=device if device.type == "cuda" else "cpu"))
-        self.engine = CopyEngine(self.layers, self.pool, backend="auto")
+        backend = self.cfg.copy_backend
+        if device.type != "cuda" and backend not in ("auto", "torch"):
+            logger.warning("triton-prefix-cache: copy_backend=%r needs CUDA; a CPU engine copies with torch",
+                           backend)
+            backend = "torch"
+        self.engine = CopyEngine(self.layers, self.pool, backend=backend)
         self.report.pool_slots = self.pool.num_slots
         logger.info("triton-prefix-cache: %r, copies %s", self.pool, self.engine.backend)
 
