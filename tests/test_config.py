@@ -6,12 +6,13 @@ from triton_prefix_cache.config import ConfigError, PrefixCacheConfig
 
 def test_defaults():
     cfg = PrefixCacheConfig.from_dict({"host_cache_gib": 16})
-    assert (cfg.host_cache_gib, cfg.demote, cfg.load, cfg.index_backend, cfg.eviction) == (
+    assert (cfg.host_cache_gib, cfg.demote, cfg.load, cfg.index_backend, cfg.eviction, cfg.copy_backend) == (
         16,
         "lazy",
-        "async",
+        "layerwise",
         "auto",
         "lru",
+        "auto",
     )
     assert cfg.host_cache_bytes == 16 << 30
 
@@ -43,6 +44,7 @@ def test_frozen():
         ({"host_cache_gib": float("inf")}, ["host_cache_gib"]),
         ({"host_cache_gib": 1, "demote": "eager"}, ["demote", "lazy", "write_through", "eager"]),
         ({"host_cache_gib": 1, "load": "sync"}, ["load", "async", "layerwise"]),
+        ({"host_cache_gib": 1, "copy_backend": "cuda"}, ["copy_backend", "auto", "dma", "triton", "torch"]),
         ({"host_cache_gib": 1, "index_backend": "cuda"}, ["index_backend", "auto", "triton", "torch"]),
         ({"host_cache_gib": 1, "eviction": "arc"}, ["eviction", "lru", "arc"]),
         ({"host_cache_gib": 1, "demote": None}, ["demote", "lazy"]),

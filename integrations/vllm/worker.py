@@ -108,7 +108,16 @@ class WorkerSide:
             logger.warning("triton-prefix-cache: copy_backend=%r needs CUDA; a CPU engine copies with torch",
                            backend)
             backend = "torch"
-        self.engine = CopyEngine(self.layers, self.pool, backend=backend)
+        self.engine = None
+        if backend == "auto" and device.type == "cuda":
+            # In an engine the copies run beside the forward: the DMA engines leave it every SM,
+            # where the Triton copy kernel (faster alone, bench/copy_bench.py) competes for them.
+            try:
+                self.engine = CopyEngine(self.layers, self.pool, backend="dma")
+            except ValueError as e:
+                logger.info("triton-prefix-cache: no batched DMA (%s); measuring the other copy paths", e)
+        if self.engine is None:
+            self.engine = CopyEngine(self.layers, self.pool, backend=backend)
         self.report.pool_slots = self.pool.num_slots
         logger.info("triton-prefix-cache: %r, copies %s", self.pool, self.engine.backend)
 

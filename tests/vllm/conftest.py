@@ -5,8 +5,8 @@ every workload through it, keeps the results (`harness.RunResult`) and shuts the
 at most one engine lives at a time and each starts once. Configurations:
   oracle     built-in prefix caching, KV cache big enough for every workload (no eviction)
   nocache    no prefix caching at all
-  tpc        the connector with defaults (lazy demotion, async loads), KV cache far too small
-  layerwise  the connector with load="layerwise"
+  tpc        the connector with load="async" (lazy demotion), KV cache far too small
+  layerwise  the connector's defaults (lazy demotion, layer-wise loads)
   wt         the connector with demote="write_through"
   smallhost  the connector with a host tier smaller than the working set (host evictions)
 """
@@ -30,8 +30,8 @@ WORKLOADS = {"docqa": H.docqa, "chat": H.chat, "concurrent": H.concurrent, "pree
 CONFIGS: dict[str, dict] = {
     "oracle": dict(kv_blocks=BIG_KV_BLOCKS),
     "nocache": dict(kv_blocks=BIG_KV_BLOCKS, prefix_caching=False),
-    "tpc": dict(kv_blocks=SMALL_KV_BLOCKS, kv_transfer_config=H.tpc_config()),
-    "layerwise": dict(kv_blocks=SMALL_KV_BLOCKS, kv_transfer_config=H.tpc_config(load="layerwise")),
+    "tpc": dict(kv_blocks=SMALL_KV_BLOCKS, kv_transfer_config=H.tpc_config(load="async")),
+    "layerwise": dict(kv_blocks=SMALL_KV_BLOCKS, kv_transfer_config=H.tpc_config()),
     "wt": dict(kv_blocks=SMALL_KV_BLOCKS, kv_transfer_config=H.tpc_config(demote="write_through")),
     # 100 slots of 32 KiB: less than the docqa documents (150 blocks), so the host tier evicts too.
     "smallhost": dict(kv_blocks=SMALL_KV_BLOCKS,

@@ -1,0 +1,183 @@
+"""Scheduler time: what each connector's scheduler half spends per request, without an engine.
+
+    python -m bench.sched_time                    # 8k- and 128k-token prompts, Llama-3.1-8B shape
+
+Both scheduler halves (ours and vLLM's OffloadingConnector) get the same vLLM Request objects and
+host tiers holding prompt A's blocks; get_num_new_matched_tokens (key derivation + lookup) is timed
+for fresh requests of A (every block hits) and of random prompts (the first block misses), median
+of --reps. Target (issue 4): ours at most half of OffloadingConnector's, at 8k and at 128k tokens.
+The in-engine counterpart is the `conn_lookup_ms` column of `python -m bench.compare`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import environment, write_result
+
+GiB = 1 << 30
+
+
+def token_sampler(args: argparse.Namespace, seed: int):
+    from bench.models import get_model
+
+    vocab = get_model(args.model).vocab_size
+    rng = random.Random(seed)
+    return lambda n: [rng.randrange(100, vocab - 1) for _ in range(n)]
+
+
+def run_sched_micro(args: argparse.Namespace) -> dict:
+    """Scheduler time without an engine: both connectors' scheduler halves, the same Request objects.
+
+    Each host tier first holds prompt A's blocks (ours through the TierManager, OffloadingConnector's
+    through its manager's prepare_store/complete_store); then get_num_new_matched_tokens is timed
+    for fresh requests of A (all blocks hit) and of random prompts (first block misses), at 8k and
+    --long-tokens tokens, median of --micro-reps. Our index uses index_backend "auto" (the Triton
+    table on this GPU).
+    """
+    import torch
+    import triton_prefix_cache_vllm
+    from vllm import SamplingParams
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.request import Request
+
+    from bench.models import get_model
+    from triton_prefix_cache.keys import keys_from_block_hashes
+
+    triton_prefix_cache_vllm.register()
+    spec_m = get_model(args.model)
+    path = spec_m.materialize(Path(tempfile.gettempdir()) / "tpc-models")
+    bs = 16
+    os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+
+    def vconfig(kvt: dict):
+        return EngineArgs(
+            model=str(path),
+            load_format="dummy",
+            skip_tokenizer_init=True,
+            block_size=bs,
+            max_model_len=args.long_tokens + 64,
+            kv_transfer_config=kvt,
+        ).create_engine_config()
+
+    spec = FullAttentionSpec(
+        block_size=bs, num_kv_heads=spec_m.num_kv_heads, head_size=spec_m.head_dim, dtype=torch.bfloat16
+    )
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(spec_m.num_layers)]
+    kvc = KVCacheConfig(num_blocks=4096, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(names, spec)])
+    hash_fn = get_hash_fn_by_name("sha256")
+    init_none_hash(hash_fn)
+    hasher = get_request_block_hasher(bs, hash_fn)
+    host_bytes = int(args.long_host_gib * GiB)
+    tpc = KVConnectorFactory.create_connector(
+        vconfig(
+            {
+                "kv_connector": "TritonPrefixCacheConnector",
+                "kv_role": "kv_both",
+                "kv_connector_extra_config": {"host_cache_gib": args.long_host_gib},
+            }
+        ),
+        KVConnectorRole.SCHEDULER,
+        kvc,
+    )
+    off = KVConnectorFactory.create_connector(
+        vconfig(
+            {
+                "kv_connector": "OffloadingConnector",
+                "kv_role": "kv_both",
+                "kv_connector_extra_config": {"cpu_bytes_to_use": host_bytes},
+            }
+        ),
+        KVConnectorRole.SCHEDULER,
+        kvc,
+    )
+    osched = off.connector_scheduler
+    tokens = token_sampler(args, args.seed + 2)
+    n_req = [0]
+
+    def request(toks):
+        n_req[0] += 1
+        return Request(f"r{n_req[0]}", toks, SamplingParams(max_tokens=1), None, block_hasher=hasher)
+
+    def fill(r) -> None:
+        k = keys_from_block_hashes(r.block_hashes)
+        slots, _, _ = tpc._sched.tier.begin_store(k)
+        tpc._sched.tier.end_store(slots[slots >= 0].tolist(), True)
+        off.on_new_request(r)
+        st = osched._req_status[r.request_id]
+        st.update_offload_keys()
+        keys = st.group_states[0].offload_keys
+        osched.manager.prepare_store(keys, st.req_context)
+        osched.manager.complete_store(keys, st.req_context, True)
+
+    def timed(conn, r, is_off: bool) -> tuple[float, int]:
+        if is_off:
+            conn.on_new_request(r)
+        t0 = time.perf_counter()
+        n, _ = conn.get_num_new_matched_tokens(r, 0)
+        return time.perf_counter() - t0, n or 0
+
+    out: dict = {"block_size": bs, "reps": args.reps, "sizes": {}}
+    for ntok in (args.doc_tokens, args.long_tokens):
+        a = tokens(ntok)
+        fill(request(a))
+        row: dict = {}
+        for name, conn, is_off in (("tpc", tpc, False), ("offload", off, True)):
+            hit, miss, got = [], [], (0, 0)
+            for _ in range(args.reps):
+                th, nh = timed(conn, request(a), is_off)
+                tm, nm = timed(conn, request(tokens(ntok)), is_off)
+                hit.append(th)
+                miss.append(tm)
+                got = (nh, nm)
+            row[name] = {
+                "hit_us": 1e6 * statistics.median(hit),
+                "miss_us": 1e6 * statistics.median(miss),
+                "hit_tokens": got[0],
+                "miss_tokens": got[1],
+            }
+        row["ratio_hit"] = row["tpc"]["hit_us"] / row["offload"]["hit_us"]
+        row["ratio_miss"] = row["tpc"]["miss_us"] / row["offload"]["miss_us"]
+        out["sizes"][str(ntok)] = row
+        print(f"[sched-micro] {ntok} tokens: {json.dumps(row)}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-3.1-8b")
+    p.add_argument("--doc-tokens", type=int, default=8000)
+    p.add_argument("--long-tokens", type=int, default=131072 - 64)
+    p.add_argument("--long-host-gib", type=float, default=40.0)
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    env = environment()
+    print(f"# {env['command']}\n# device: {env['device']} | vllm {env['vllm']}", flush=True)
+    res = run_sched_micro(args)
+    summary = {
+        f"ratio_{size}_{k}": row[f"ratio_{k}"] for size, row in res["sizes"].items() for k in ("hit", "miss")
+    }
+    summary["target_met"] = all(v <= 0.5 for v in summary.values())
+    path = write_result("sched", {"environment": env, "summary": summary, **res}, args.out)
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
