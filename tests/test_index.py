@@ -84,6 +84,8 @@ def test_backends_share_one_layout(kernel_device):
 
     assert torch.equal(hash_table.lookup(b._tkeys, b._tvals, keys), vals)
     assert torch.equal(hash_table.home_slot(keys, 1 << 12), K.home_slot(keys, 1 << 12))
+    # ... and so does the numpy twin that serves CPU lookups
+    assert (reference._home_np(keys.cpu().numpy(), 1 << 12) == K.home_slot(keys.cpu(), 1 << 12).numpy()).all()
 
 
 def test_keys_sharing_first_word(make_index):

@@ -8,9 +8,10 @@ never one per key.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from .keys import EMPTY, TOMBSTONE, home_slot, sanitize
+from .keys import EMPTY, FIRST_REAL, TOMBSTONE, home_slot, sanitize
 
 #: Slots examined per key and probe round. Linear-probing runs at load <= 0.5 are short, so most
 #: keys finish in the first window: few rounds of wide gathers beat many rounds of narrow ones.
@@ -23,8 +24,49 @@ def _first_true(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return m.any(1), m.to(torch.uint8).argmax(1)
 
 
+# splitmix64's constants as uint64, for the numpy twin of keys.hash_words (same bits).
+_U_IN = np.uint64(0x9E3779B97F4A7C15)
+_U_1 = np.uint64(0xBF58476D1CE4E5B9)
+_U_2 = np.uint64(0x94D049BB133111EB)
+
+
+def _home_np(k: np.ndarray, num_slots: int) -> np.ndarray:
+    w0, w1 = k[:, 0].view(np.uint64), k[:, 1].view(np.uint64)
+    with np.errstate(over="ignore"):
+        x = w0 ^ (w1 * _U_IN)
+        x = (x ^ (x >> np.uint64(30))) * _U_1
+        x = (x ^ (x >> np.uint64(27))) * _U_2
+    x = x ^ (x >> np.uint64(31))
+    return (x & np.uint64(num_slots - 1)).astype(np.int64)
+
+
+def _find_slots_np(tk: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """find_slots on CPU arrays. numpy's per-call cost is a few microseconds where torch's is tens:
+    this is what keeps a scheduler's per-request lookup of a few hundred keys cheap."""
+    n, mask = len(k), len(tk) - 1
+    out = np.full(n, -1, dtype=np.int64)
+    idx = np.arange(n)
+    pos = _home_np(k, len(tk))
+    w0, w1 = k[:, 0:1], k[:, 1:2]
+    steps = np.arange(WINDOW)
+    while idx.size:
+        p = (pos[:, None] + steps) & mask
+        s = tk[p]
+        hit = (s[..., 0] == w0) & (s[..., 1] == w1)
+        stop = hit | (s[..., 0] == EMPTY)
+        stopped, j = stop.any(1), stop.argmax(1)
+        rows = np.arange(idx.size)
+        is_hit = stopped & hit[rows, j]
+        out[idx[is_hit]] = p[rows, j][is_hit]
+        go = ~stopped
+        idx, pos, w0, w1 = idx[go], (pos[go] + WINDOW) & mask, w0[go], w1[go]
+    return out
+
+
 def find_slots(tkeys: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Slot of each (sanitized) key, or -1: walk each probe sequence to the key or to an EMPTY."""
+    if keys.device.type == "cpu":
+        return torch.from_numpy(_find_slots_np(tkeys.numpy(), keys.numpy()))
     n, mask = keys.shape[0], tkeys.shape[0] - 1
     out = torch.full((n,), -1, dtype=torch.int64, device=keys.device)
     idx = torch.arange(n, device=keys.device)
@@ -46,6 +88,15 @@ def find_slots(tkeys: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 def lookup(tkeys: torch.Tensor, tvals: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Value of each key, or -1."""
+    if keys.device.type == "cpu":  # the whole lookup in numpy (see _find_slots_np)
+        k = keys.numpy()
+        if (k[:, 0] < FIRST_REAL).any():
+            k = sanitize(keys).numpy()
+        slots = _find_slots_np(tkeys.numpy(), k)
+        out = np.full(len(k), -1, dtype=np.int32)
+        hit = slots >= 0
+        out[hit] = tvals.numpy()[slots[hit]]
+        return torch.from_numpy(out)
     slots = find_slots(tkeys, sanitize(keys))
     out = torch.full((keys.shape[0],), -1, dtype=torch.int32, device=keys.device)
     hit = slots >= 0

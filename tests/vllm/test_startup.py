@@ -88,9 +88,10 @@ def test_bad_config_fails_before_cuda_graph_setup():
 
     with pytest.raises(ConfigError, match="load"):
         TritonPrefixCacheConnector.requires_piecewise_for_cudagraph({"host_cache_gib": 1, "load": "x"})
-    layerwise = {"host_cache_gib": 1, "load": "layerwise"}
-    assert TritonPrefixCacheConnector.requires_piecewise_for_cudagraph(layerwise)
-    assert not TritonPrefixCacheConnector.requires_piecewise_for_cudagraph({"host_cache_gib": 1})
+    # Layer-wise loads (the default) wait between layers, so they need piecewise graphs.
+    assert TritonPrefixCacheConnector.requires_piecewise_for_cudagraph({"host_cache_gib": 1})
+    async_ = {"host_cache_gib": 1, "load": "async"}
+    assert not TritonPrefixCacheConnector.requires_piecewise_for_cudagraph(async_)
 
 
 def test_host_cache_smaller_than_a_block_fails(vllm_config):
