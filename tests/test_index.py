@@ -19,9 +19,12 @@ from triton_prefix_cache import keys as K
 INT64 = (-(2**63), 2**63 - 1)
 
 
-@pytest.fixture(params=["triton", "torch"])
-def make_index(request, kernel_device):
+@pytest.fixture(params=["triton", "torch", "torch-no-numpy"])
+def make_index(request, kernel_device, monkeypatch):
     backend = request.param
+    if backend == "torch-no-numpy":  # the torch code that serves CUDA tensors, run on this device
+        monkeypatch.setattr(reference, "NUMPY_ON_CPU", False)
+        backend = "torch"
 
     def make(capacity: int) -> PrefixIndex:
         return PrefixIndex(capacity, device=kernel_device, backend=backend)

@@ -1,5 +1,8 @@
 """Plain-torch versions of the hash-table kernels: the CPU backend and the kernels' test oracle.
 
+On CPU tensors the same algorithms run in numpy (zero-copy views): its per-call cost is a few
+microseconds where torch's is tens, which decides small batches such as a scheduler's lookups.
+
 They work on the same table layout as the Triton kernels (keys int64 [S, 2], values int32 [S],
 open addressing with linear probing from `keys.home_slot`), so a table written by one backend can
 be read by the other. Everything is vectorized over the batch: one loop iteration per probe step,
@@ -16,6 +19,9 @@ from .keys import EMPTY, FIRST_REAL, TOMBSTONE, home_slot, sanitize
 #: Slots examined per key and probe round. Linear-probing runs at load <= 0.5 are short, so most
 #: keys finish in the first window: few rounds of wide gathers beat many rounds of narrow ones.
 WINDOW = 8
+#: Run CPU tensors through the numpy twins (tests turn it off to exercise the torch code on CPU;
+#: the torch code is what runs for the torch backend on CUDA).
+NUMPY_ON_CPU = True
 _I32_MAX = 2**31 - 1
 
 
@@ -63,9 +69,78 @@ def _find_slots_np(tk: np.ndarray, k: np.ndarray) -> np.ndarray:
     return out
 
 
+def _claim_np(tk: np.ndarray, k: np.ndarray, lanes: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """_claim on CPU arrays (same rule: first free slot on the probe sequence, lowest lane wins)."""
+    mask = len(tk) - 1
+    slots = np.full(lanes.size, -1, dtype=np.int64)
+    claimed = np.zeros(lanes.size, dtype=bool)
+    at = np.arange(lanes.size)  # ascending, so np.unique's first index is the lowest lane
+    pos = _home_np(k[lanes], len(tk))
+    w0, w1 = k[lanes, 0:1], k[lanes, 1:2]
+    steps = np.arange(WINDOW)
+    reused = 0
+    while at.size:
+        p = (pos[:, None] + steps) & mask
+        s = tk[p]
+        mine = (s[..., 0] == w0) & (s[..., 1] == w1)
+        free = (s[..., 0] == EMPTY) | (s[..., 0] == TOMBSTONE)
+        stop = mine | free
+        stopped, j = stop.any(1), stop.argmax(1)
+        rows = np.arange(at.size)
+        target = p[rows, j]
+        is_mine = stopped & mine[rows, j]
+        cand = np.flatnonzero(stopped & ~is_mine)
+        won = np.zeros(at.size, dtype=bool)
+        if cand.size:
+            won[cand[np.unique(target[cand], return_index=True)[1]]] = True
+        wpos = target[won]
+        reused += int(np.count_nonzero(tk[wpos, 0] == TOMBSTONE))
+        tk[wpos, 0] = w0[won, 0]
+        tk[wpos, 1] = w1[won, 0]
+        done = is_mine | won
+        slots[at[done]] = target[done]
+        claimed[at[won]] = True
+        keep = ~done
+        nxt = np.where(stopped, target, (pos + WINDOW) & mask)
+        at, pos, w0, w1 = at[keep], nxt[keep], w0[keep], w1[keep]
+    return slots, claimed, reused
+
+
+def _insert_np(tk: np.ndarray, tv: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, int]:
+    """insert on CPU arrays; groups lanes by slot with one stable sort instead of scratch arrays."""
+    n = len(k)
+    slots = _find_slots_np(tk, k)
+    absent = np.flatnonzero(slots < 0)
+    fresh = np.zeros(n, dtype=bool)
+    reused = 0
+    if absent.size:
+        got, claimed, reused = _claim_np(tk, k, absent)
+        slots[absent] = got
+        fresh[absent[claimed]] = True
+    order = np.argsort(slots, kind="stable")
+    ss = slots[order]
+    starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
+    ends = np.r_[starts[1:], n] - 1
+    tv[ss[starts]] = v[order[ends]]  # the last occurrence's value
+    new = np.zeros(n, dtype=bool)
+    new[order[starts][np.logical_or.reduceat(fresh[order], starts)]] = True  # at the first occurrence
+    return new, reused
+
+
+def _remove_np(tk: np.ndarray, k: np.ndarray) -> np.ndarray:
+    slots = _find_slots_np(tk, k)
+    found = np.flatnonzero(slots >= 0)
+    removed = np.zeros(len(k), dtype=bool)
+    if found.size:
+        win = found[np.unique(slots[found], return_index=True)[1]]  # first occurrence per slot
+        tk[slots[win], 0] = TOMBSTONE
+        removed[win] = True
+    return removed
+
+
 def find_slots(tkeys: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Slot of each (sanitized) key, or -1: walk each probe sequence to the key or to an EMPTY."""
-    if keys.device.type == "cpu":
+    if keys.device.type == "cpu" and NUMPY_ON_CPU:
         return torch.from_numpy(_find_slots_np(tkeys.numpy(), keys.numpy()))
     n, mask = keys.shape[0], tkeys.shape[0] - 1
     out = torch.full((n,), -1, dtype=torch.int64, device=keys.device)
@@ -88,7 +163,7 @@ def find_slots(tkeys: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 def lookup(tkeys: torch.Tensor, tvals: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Value of each key, or -1."""
-    if keys.device.type == "cpu":  # the whole lookup in numpy (see _find_slots_np)
+    if keys.device.type == "cpu" and NUMPY_ON_CPU:  # the whole lookup in numpy (see _find_slots_np)
         k = keys.numpy()
         if (k[:, 0] < FIRST_REAL).any():
             k = sanitize(keys).numpy()
@@ -170,6 +245,9 @@ def insert(
     dev = keys.device
     if n == 0:
         return torch.zeros(0, dtype=torch.bool, device=dev), 0
+    if dev.type == "cpu" and NUMPY_ON_CPU:
+        new, reused = _insert_np(tkeys.numpy(), tvals.numpy(), keys.numpy(), values.numpy())
+        return torch.from_numpy(new), reused
     slots = find_slots(tkeys, keys)
     absent = (slots < 0).nonzero().squeeze(1)
     fresh = torch.zeros(n, dtype=torch.bool, device=dev)
@@ -197,6 +275,8 @@ def remove(tkeys: torch.Tensor, first: torch.Tensor, keys: torch.Tensor) -> torc
     """Tombstone each present key; for a key repeated in the batch only the first occurrence is True."""
     keys = sanitize(keys)
     n = keys.shape[0]
+    if keys.device.type == "cpu" and NUMPY_ON_CPU:
+        return torch.from_numpy(_remove_np(tkeys.numpy(), keys.numpy()))
     removed = torch.zeros(n, dtype=torch.bool, device=keys.device)
     if n == 0:
         return removed

@@ -26,7 +26,12 @@ class HostTier:
     def __init__(self, num_slots: int, slot_bytes: int = 0, index_backend: str = "auto",
                  eviction: str = "lru", device: str | None = None) -> None:
         if device is None:
-            device = "cuda" if (index_backend != "torch" and torch.cuda.is_available()) else "cpu"
+            # "auto" keeps the scheduler's table on the CPU: its lookups are a few hundred keys per
+            # request, latency-bound, and on a GPU that is busy with the forward and the KV copies
+            # they waited for both (measured: README, "Results"). "triton" puts it on the GPU.
+            device = "cuda" if (index_backend == "triton" and torch.cuda.is_available()) else "cpu"
+            if index_backend == "auto":
+                index_backend = "torch"
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         self._stream: Any = torch.cuda.Stream(self.device, priority=-1) if cuda else None
