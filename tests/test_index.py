@@ -19,12 +19,15 @@ from triton_prefix_cache import keys as K
 INT64 = (-(2**63), 2**63 - 1)
 
 
-@pytest.fixture(params=["triton", "torch", "torch-no-numpy"])
+@pytest.fixture(params=["triton", "torch", "torch/numpy", "torch/torch"])
 def make_index(request, kernel_device, monkeypatch):
-    backend = request.param
-    if backend == "torch-no-numpy":  # the torch code that serves CUDA tensors, run on this device
-        monkeypatch.setattr(reference, "NUMPY_ON_CPU", False)
-        backend = "torch"
+    """The torch backend serves CPU tensors with numba (where installed), numpy, or the torch code
+    that serves CUDA tensors: each of them runs here."""
+    backend, _, cpu_impl = request.param.partition("/")
+    if cpu_impl:
+        if kernel_device != "cpu":
+            pytest.skip("CPU implementations of the torch backend run on the CPU machines")
+        monkeypatch.setattr(reference, "CPU_IMPL", cpu_impl)
 
     def make(capacity: int) -> PrefixIndex:
         return PrefixIndex(capacity, device=kernel_device, backend=backend)

