@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     env = environment()
-    env["cpu_index"] = reference.CPU_IMPL  # how the torch backend serves CPU tensors (TPC_CPU_INDEX)
+    env["cpu_index"] = reference._cpu_impl()  # how the torch backend serves CPU tensors (TPC_CPU_INDEX)
     print(
         f"# {env['command']}\n# device: {env['device']} | torch {env['torch']} | triton {env['triton']}",
         flush=True,

@@ -25,10 +25,11 @@ INT64 = (-(2**63), 2**63 - 1)
 NUMBA_RUN = os.environ.get("TPC_CPU_INDEX") == "numba"  # set by test_numba_cpu_index_in_a_subprocess
 
 
-@pytest.fixture(params=["triton", "torch", "torch/torch", "torch/numba"])
+@pytest.fixture(params=["triton", "torch", "torch/numpy", "torch/torch", "torch/numba"])
 def make_index(request, kernel_device, monkeypatch):
-    """The torch backend serves CPU tensors with numpy (default), numba (opt-in), or the torch code
-    that serves CUDA tensors: each of them runs here. numba runs only in its own process (see
+    """The torch backend serves CPU tensors with C loops (default where a compiler works), numpy,
+    numba (opt-in), or the torch code that serves CUDA tensors: each of them runs here. numba runs
+    only in its own process (see
     test_numba_cpu_index_in_a_subprocess): LLVM in this process would break later vLLM engines."""
     backend, _, cpu_impl = request.param.partition("/")
     if cpu_impl:

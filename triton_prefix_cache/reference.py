@@ -16,23 +16,33 @@ import os
 import numpy as np
 import torch
 
+from . import cprobe
 from .keys import EMPTY, FIRST_REAL, TOMBSTONE, home_slot, sanitize
 
 #: Slots examined per key and probe round. Linear-probing runs at load <= 0.5 are short, so most
 #: keys finish in the first window: few rounds of wide gathers beat many rounds of narrow ones.
 WINDOW = 4
-#: How CPU tensors are served: "numpy" (the vectorized twins below; the default), "numba" (a
-#: compiled sequential probe, 3-40x faster; opt in with TPC_CPU_INDEX=numba) or "torch" (the code
-#: that serves CUDA tensors; tests set it to run that code on the CPU too). numba is not the
-#: default because loading LLVM into a vLLM 0.32 process breaks vLLM's kernel-override scan
-#: (vllm/triton_utils/dispatcher.py calls vars() on every module attribute, and llvmlite's lazily
-#: loaded library wrapper answers with a function wrapper), so engines started after it fail.
-CPU_IMPL = os.environ.get("TPC_CPU_INDEX", "numpy")
-if CPU_IMPL not in ("numpy", "numba", "torch"):
-    raise ValueError(f"TPC_CPU_INDEX: expected 'numpy', 'numba' or 'torch', got {CPU_IMPL!r}")
+#: How CPU tensors are served: "c" (sequential probe loops in C, compiled on first use: cprobe.py),
+#: "numpy" (the vectorized twins below), "numba" (the same loops through numba, opt-in) or "torch"
+#: (the code that serves CUDA tensors; tests set it to run that code on the CPU too). "auto", the
+#: default, is "c" where a C compiler works, else "numpy". numba is never the default: loading LLVM
+#: into a vLLM 0.32 process breaks vLLM's kernel-override scan (vllm/triton_utils/dispatcher.py calls
+#: vars() on every module attribute, and llvmlite's lazily loaded library wrapper answers with a
+#: function wrapper), so engines started after it fail.
+CPU_IMPL = os.environ.get("TPC_CPU_INDEX", "auto")
+if CPU_IMPL not in ("auto", "c", "numpy", "numba", "torch"):
+    raise ValueError(f"TPC_CPU_INDEX: expected 'auto', 'c', 'numpy', 'numba' or 'torch', got {CPU_IMPL!r}")
 _numba = None
 if CPU_IMPL == "numba":
     import numba as _numba
+
+
+def _cpu_impl() -> str:
+    """Resolve "auto" (and an unbuildable "c") once, on first use."""
+    global CPU_IMPL
+    if CPU_IMPL in ("auto", "c"):
+        CPU_IMPL = "c" if cprobe.load() is not None else "numpy"
+    return CPU_IMPL
 _I32_MAX = 2**31 - 1
 
 
@@ -234,11 +244,14 @@ def find_slots(tkeys: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 def lookup(tkeys: torch.Tensor, tvals: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Value of each key, or -1."""
-    if keys.device.type == "cpu" and CPU_IMPL == "numba":
+    impl = _cpu_impl() if keys.device.type == "cpu" else "torch"
+    if impl == "c":
+        return torch.from_numpy(cprobe.lookup(cprobe.load(), tkeys.numpy(), tvals.numpy(), keys.numpy()))
+    if impl == "numba":
         out = np.empty(keys.shape[0], dtype=np.int32)
         _lookup_nb(tkeys.numpy(), tvals.numpy(), keys.numpy(), out)
         return torch.from_numpy(out)
-    if keys.device.type == "cpu" and CPU_IMPL != "torch":  # the whole lookup in numpy (see _find_slots_np)
+    if impl == "numpy":  # the whole lookup in numpy (see _find_slots_np)
         k = keys.numpy()
         if (k[:, 0] < FIRST_REAL).any():
             k = sanitize(keys).numpy()
@@ -320,11 +333,15 @@ def insert(
     dev = keys.device
     if n == 0:
         return torch.zeros(0, dtype=torch.bool, device=dev), 0
-    if dev.type == "cpu" and CPU_IMPL == "numba":
+    impl = _cpu_impl() if dev.type == "cpu" else "torch"
+    if impl == "c":
+        new, reused = cprobe.insert(cprobe.load(), tkeys.numpy(), tvals.numpy(), keys.numpy(), values.numpy())
+        return torch.from_numpy(new), reused
+    if impl == "numba":
         new = np.zeros(n, dtype=bool)
         reused = _insert_nb(tkeys.numpy(), tvals.numpy(), keys.numpy(), values.numpy(), new)
         return torch.from_numpy(new), int(reused)
-    if dev.type == "cpu" and CPU_IMPL != "torch":
+    if impl == "numpy":
         new, reused = _insert_np(tkeys.numpy(), tvals.numpy(), keys.numpy(), values.numpy())
         return torch.from_numpy(new), reused
     slots = find_slots(tkeys, keys)
@@ -354,11 +371,14 @@ def remove(tkeys: torch.Tensor, first: torch.Tensor, keys: torch.Tensor) -> torc
     """Tombstone each present key; for a key repeated in the batch only the first occurrence is True."""
     keys = sanitize(keys)
     n = keys.shape[0]
-    if keys.device.type == "cpu" and CPU_IMPL == "numba":
+    impl = _cpu_impl() if keys.device.type == "cpu" else "torch"
+    if impl == "c":
+        return torch.from_numpy(cprobe.remove(cprobe.load(), tkeys.numpy(), keys.numpy()))
+    if impl == "numba":
         removed = np.zeros(n, dtype=bool)
         _remove_nb(tkeys.numpy(), keys.numpy(), removed)
         return torch.from_numpy(removed)
-    if keys.device.type == "cpu" and CPU_IMPL != "torch":
+    if impl == "numpy":
         return torch.from_numpy(_remove_np(tkeys.numpy(), keys.numpy()))
     removed = torch.zeros(n, dtype=torch.bool, device=keys.device)
     if n == 0:
