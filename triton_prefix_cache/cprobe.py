@@ -4,8 +4,8 @@ Per-key loops are what a CPU does best with a hash table; vectorized numpy pays 
 microseconds per probe round instead. The C code follows the same layout and hash as every other
 backend (keys.py). It is built once per machine with the system C compiler into a cache folder
 (`$TPC_CACHE_DIR`, default ~/.cache/triton-prefix-cache); where no compiler works, `load()`
-returns None and the caller stays on numpy. No LLVM is loaded into the process (unlike numba,
-which breaks vLLM 0.32's kernel scan: reference.py).
+returns None and the caller stays on numpy. No LLVM is loaded into the process (numba would load
+it, which breaks vLLM 0.32's kernel scan: reference.py).
 """
 
 from __future__ import annotations

@@ -23,18 +23,13 @@ from .keys import EMPTY, FIRST_REAL, TOMBSTONE, home_slot, sanitize
 #: keys finish in the first window: few rounds of wide gathers beat many rounds of narrow ones.
 WINDOW = 4
 #: How CPU tensors are served: "c" (sequential probe loops in C, compiled on first use: cprobe.py),
-#: "numpy" (the vectorized twins below), "numba" (the same loops through numba, opt-in) or "torch"
-#: (the code that serves CUDA tensors; tests set it to run that code on the CPU too). "auto", the
-#: default, is "c" where a C compiler works, else "numpy". numba is never the default: loading LLVM
-#: into a vLLM 0.32 process breaks vLLM's kernel-override scan (vllm/triton_utils/dispatcher.py calls
-#: vars() on every module attribute, and llvmlite's lazily loaded library wrapper answers with a
-#: function wrapper), so engines started after it fail.
+#: "numpy" (the vectorized twins below) or "torch" (the code that serves CUDA tensors; tests set it
+#: to run that code on the CPU too). "auto", the default, is "c" where a C compiler works, else
+#: "numpy". (numba would do the loops too, but loading LLVM into a vLLM 0.32 process breaks vLLM's
+#: kernel-override scan, vllm/triton_utils/dispatcher.py, for every engine started after it.)
 CPU_IMPL = os.environ.get("TPC_CPU_INDEX", "auto")
-if CPU_IMPL not in ("auto", "c", "numpy", "numba", "torch"):
-    raise ValueError(f"TPC_CPU_INDEX: expected 'auto', 'c', 'numpy', 'numba' or 'torch', got {CPU_IMPL!r}")
-_numba = None
-if CPU_IMPL == "numba":
-    import numba as _numba
+if CPU_IMPL not in ("auto", "c", "numpy", "torch"):
+    raise ValueError(f"TPC_CPU_INDEX: expected 'auto', 'c', 'numpy' or 'torch', got {CPU_IMPL!r}")
 
 
 def _cpu_impl() -> str:
@@ -88,66 +83,6 @@ def _find_slots_np(tk: np.ndarray, k: np.ndarray) -> np.ndarray:
         go = ~stopped
         idx, pos, w0, w1 = idx[go], (pos[go] + WINDOW) & mask, w0[go], w1[go]
     return out
-
-
-if _numba is not None:
-    _njit = _numba.njit(cache=True, nogil=True)
-
-    @_njit
-    def _home_nb(w0, w1, mask):
-        x = np.uint64(w0) ^ (np.uint64(w1) * _U_IN)
-        x = (x ^ (x >> np.uint64(30))) * _U_1
-        x = (x ^ (x >> np.uint64(27))) * _U_2
-        x = x ^ (x >> np.uint64(31))
-        return np.int64(x & np.uint64(mask))
-
-    @_njit
-    def _find_nb(tk, w0, w1, mask):
-        """(slot of the key or -1, first tombstone on the way or -1, the EMPTY slot that ended it)."""
-        pos = _home_nb(w0, w1, mask)
-        tomb = -1
-        while True:
-            s0 = tk[pos, 0]
-            if s0 == w0 and tk[pos, 1] == w1:
-                return pos, tomb, -1
-            if s0 == EMPTY:
-                return -1, tomb, pos
-            if s0 == TOMBSTONE and tomb < 0:
-                tomb = pos
-            pos = (pos + 1) & mask
-
-    @_njit
-    def _lookup_nb(tk, tv, k, out):
-        mask = tk.shape[0] - 1
-        for i in range(k.shape[0]):
-            slot, _, _ = _find_nb(tk, max(k[i, 0], FIRST_REAL), k[i, 1], mask)
-            out[i] = tv[slot] if slot >= 0 else -1
-
-    @_njit
-    def _insert_nb(tk, tv, k, v, new):
-        """One key after the other, as a dict would: later occurrences update, the first is new."""
-        mask = tk.shape[0] - 1
-        reused = 0
-        for i in range(k.shape[0]):
-            w0 = max(k[i, 0], FIRST_REAL)
-            slot, tomb, empty = _find_nb(tk, w0, k[i, 1], mask)
-            if slot < 0:
-                slot = tomb if tomb >= 0 else empty
-                reused += tomb >= 0
-                tk[slot, 0] = w0
-                tk[slot, 1] = k[i, 1]
-                new[i] = True
-            tv[slot] = v[i]
-        return reused
-
-    @_njit
-    def _remove_nb(tk, k, removed):
-        mask = tk.shape[0] - 1
-        for i in range(k.shape[0]):
-            slot, _, _ = _find_nb(tk, max(k[i, 0], FIRST_REAL), k[i, 1], mask)
-            if slot >= 0:
-                tk[slot, 0] = TOMBSTONE
-                removed[i] = True
 
 
 def _claim_np(tk: np.ndarray, k: np.ndarray, lanes: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -247,10 +182,6 @@ def lookup(tkeys: torch.Tensor, tvals: torch.Tensor, keys: torch.Tensor) -> torc
     impl = _cpu_impl() if keys.device.type == "cpu" else "torch"
     if impl == "c":
         return torch.from_numpy(cprobe.lookup(cprobe.load(), tkeys.numpy(), tvals.numpy(), keys.numpy()))
-    if impl == "numba":
-        out = np.empty(keys.shape[0], dtype=np.int32)
-        _lookup_nb(tkeys.numpy(), tvals.numpy(), keys.numpy(), out)
-        return torch.from_numpy(out)
     if impl == "numpy":  # the whole lookup in numpy (see _find_slots_np)
         k = keys.numpy()
         if (k[:, 0] < FIRST_REAL).any():
@@ -337,10 +268,6 @@ def insert(
     if impl == "c":
         new, reused = cprobe.insert(cprobe.load(), tkeys.numpy(), tvals.numpy(), keys.numpy(), values.numpy())
         return torch.from_numpy(new), reused
-    if impl == "numba":
-        new = np.zeros(n, dtype=bool)
-        reused = _insert_nb(tkeys.numpy(), tvals.numpy(), keys.numpy(), values.numpy(), new)
-        return torch.from_numpy(new), int(reused)
     if impl == "numpy":
         new, reused = _insert_np(tkeys.numpy(), tvals.numpy(), keys.numpy(), values.numpy())
         return torch.from_numpy(new), reused
@@ -374,10 +301,6 @@ def remove(tkeys: torch.Tensor, first: torch.Tensor, keys: torch.Tensor) -> torc
     impl = _cpu_impl() if keys.device.type == "cpu" else "torch"
     if impl == "c":
         return torch.from_numpy(cprobe.remove(cprobe.load(), tkeys.numpy(), keys.numpy()))
-    if impl == "numba":
-        removed = np.zeros(n, dtype=bool)
-        _remove_nb(tkeys.numpy(), keys.numpy(), removed)
-        return torch.from_numpy(removed)
     if impl == "numpy":
         return torch.from_numpy(_remove_np(tkeys.numpy(), keys.numpy()))
     removed = torch.zeros(n, dtype=torch.bool, device=keys.device)
