@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from triton_prefix_cache.config import PrefixCacheConfig
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
 )
-
-from triton_prefix_cache.config import PrefixCacheConfig
 
 from . import compat
 from .metadata import TPCMetadata

@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("vllm")
 
 sys.path.insert(0, str(Path(__file__).parent))
-import harness as H  # noqa: E402
+import harness as H
 
 BIG_KV_BLOCKS = 1200
 SMALL_KV_BLOCKS = 80  # < 4 documents of the docqa workload: LRU evicts each before its reuse

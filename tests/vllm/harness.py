@@ -163,19 +163,19 @@ def scheduler_of(llm):
 def shutdown(llm) -> None:
     try:
         llm.llm_engine.engine_core.shutdown()
-    except Exception:  # noqa: BLE001 - best effort between tests
+    except Exception:
         pass
     try:  # the worker-side connector is a process-wide global: never let it outlive its engine
         from vllm.distributed.kv_transfer import ensure_kv_transfer_shutdown
 
         ensure_kv_transfer_shutdown()
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     try:
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
         cleanup_dist_env_and_memory()
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     del llm
     gc.collect()

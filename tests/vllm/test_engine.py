@@ -36,7 +36,7 @@ def test_same_as_builtin_caching_with_big_kv(runs, config, workload):
     _compare(ours, ref, 1e-5, f"{config}/{workload} vs built-in caching")
 
 
-@pytest.mark.parametrize("config", TPC_CONFIGS + ["smallhost"])
+@pytest.mark.parametrize("config", [*TPC_CONFIGS, "smallhost"])
 @pytest.mark.parametrize("workload", ["docqa", "chat", "concurrent", "preempt"])
 def test_same_tokens_as_no_caching(runs, config, workload):
     _compare(runs(config).outputs[workload], runs("nocache").outputs[workload], 1e-3,
@@ -57,7 +57,7 @@ def test_workloads_overflow_the_kv_cache(runs):
     assert m["vllm:external_prefix_cache_hits"] > 0
 
 
-@pytest.mark.parametrize("config", TPC_CONFIGS + ["smallhost"])
+@pytest.mark.parametrize("config", [*TPC_CONFIGS, "smallhost"])
 def test_restored_pages_equal_demoted_pages(runs, config):
     st = runs(config).extra["state_after_preempt"]
     assert st["debug_checked"] > 0
@@ -80,7 +80,7 @@ def test_external_hit_counter_shows_host_hits(runs):
     assert m["vllm:tpc_scheduler_requests"] == len(res.outputs["docqa"])
 
 
-@pytest.mark.parametrize("config", TPC_CONFIGS + ["smallhost"])
+@pytest.mark.parametrize("config", [*TPC_CONFIGS, "smallhost"])
 def test_nothing_leaks_between_workloads(runs, config):
     """After each workload: no pinned slot, no held GPU block, no copy in flight, index == tier."""
     res = runs(config)

@@ -4,10 +4,10 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from types import SimpleNamespace
 
+import harness as H
 import pytest
 import torch
 
-import harness as H
 from triton_prefix_cache.config import ConfigError
 
 pytestmark = pytest.mark.vllm
@@ -48,9 +48,8 @@ def _spec(cls_name: str = "FullAttentionSpec", **kw):
 
 
 def _make(vllm_config, extra, kv_cache_config=None, role="SCHEDULER"):
-    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
-
     from triton_prefix_cache_vllm.connector import TritonPrefixCacheConnector
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
     old = vllm_config.kv_transfer_config.kv_connector_extra_config
     vllm_config.kv_transfer_config.kv_connector_extra_config = extra

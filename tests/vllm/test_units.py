@@ -123,9 +123,8 @@ def test_stats_aggregate_and_reduce():
 
 def test_release_keeps_lru_position():
     """A block held for demotion goes back to the head of vLLM's free queue unless a request used it."""
-    from vllm.v1.core.block_pool import BlockPool
-
     from triton_prefix_cache_vllm import compat
+    from vllm.v1.core.block_pool import BlockPool
 
     pool = BlockPool(num_gpu_blocks=8, enable_caching=True, hash_block_size=32)
     order = [b.block_id for b in compat.iter_free_blocks(pool)]
