@@ -142,28 +142,36 @@ def load() -> ctypes.CDLL | None:
     return lib
 
 
+def _loaded() -> ctypes.CDLL:
+    lib = load()
+    if lib is None:
+        raise RuntimeError("cprobe: the C probe could not be built here (see the log); use numpy")
+    return lib
+
+
 def _ptr(a: np.ndarray) -> int:
     assert a.flags.c_contiguous
     return a.ctypes.data
 
 
-def lookup(lib: ctypes.CDLL, tk: np.ndarray, tv: np.ndarray, k: np.ndarray) -> np.ndarray:
+def lookup(tk: np.ndarray, tv: np.ndarray, k: np.ndarray) -> np.ndarray:
+    lib = _loaded()
     k = np.ascontiguousarray(k)
     out = np.empty(len(k), dtype=np.int32)
     lib.tpc_lookup(_ptr(tk), _ptr(tv), len(tk) - 1, _ptr(k), len(k), _ptr(out))
     return out
 
 
-def insert(
-    lib: ctypes.CDLL, tk: np.ndarray, tv: np.ndarray, k: np.ndarray, v: np.ndarray
-) -> tuple[np.ndarray, int]:
+def insert(tk: np.ndarray, tv: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, int]:
+    lib = _loaded()
     k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
     new = np.zeros(len(k), dtype=np.uint8)
     reused = lib.tpc_insert(_ptr(tk), _ptr(tv), len(tk) - 1, _ptr(k), _ptr(v), len(k), _ptr(new))
     return new.view(bool), int(reused)
 
 
-def remove(lib: ctypes.CDLL, tk: np.ndarray, k: np.ndarray) -> np.ndarray:
+def remove(tk: np.ndarray, k: np.ndarray) -> np.ndarray:
+    lib = _loaded()
     k = np.ascontiguousarray(k)
     removed = np.zeros(len(k), dtype=np.uint8)
     lib.tpc_remove(_ptr(tk), len(tk) - 1, _ptr(k), len(k), _ptr(removed))

@@ -38,6 +38,8 @@ def _cpu_impl() -> str:
     if CPU_IMPL in ("auto", "c"):
         CPU_IMPL = "c" if cprobe.load() is not None else "numpy"
     return CPU_IMPL
+
+
 _I32_MAX = 2**31 - 1
 
 
@@ -156,8 +158,6 @@ def _remove_np(tk: np.ndarray, k: np.ndarray) -> np.ndarray:
 
 def find_slots(tkeys: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Slot of each (sanitized) key, or -1: walk each probe sequence to the key or to an EMPTY."""
-    if keys.device.type == "cpu" and CPU_IMPL != "torch":
-        return torch.from_numpy(_find_slots_np(tkeys.numpy(), keys.numpy()))
     n, mask = keys.shape[0], tkeys.shape[0] - 1
     out = torch.full((n,), -1, dtype=torch.int64, device=keys.device)
     idx = torch.arange(n, device=keys.device)
@@ -181,7 +181,7 @@ def lookup(tkeys: torch.Tensor, tvals: torch.Tensor, keys: torch.Tensor) -> torc
     """Value of each key, or -1."""
     impl = _cpu_impl() if keys.device.type == "cpu" else "torch"
     if impl == "c":
-        return torch.from_numpy(cprobe.lookup(cprobe.load(), tkeys.numpy(), tvals.numpy(), keys.numpy()))
+        return torch.from_numpy(cprobe.lookup(tkeys.numpy(), tvals.numpy(), keys.numpy()))
     if impl == "numpy":  # the whole lookup in numpy (see _find_slots_np)
         k = keys.numpy()
         if (k[:, 0] < FIRST_REAL).any():
@@ -266,7 +266,7 @@ def insert(
         return torch.zeros(0, dtype=torch.bool, device=dev), 0
     impl = _cpu_impl() if dev.type == "cpu" else "torch"
     if impl == "c":
-        new, reused = cprobe.insert(cprobe.load(), tkeys.numpy(), tvals.numpy(), keys.numpy(), values.numpy())
+        new, reused = cprobe.insert(tkeys.numpy(), tvals.numpy(), keys.numpy(), values.numpy())
         return torch.from_numpy(new), reused
     if impl == "numpy":
         new, reused = _insert_np(tkeys.numpy(), tvals.numpy(), keys.numpy(), values.numpy())
@@ -300,7 +300,7 @@ def remove(tkeys: torch.Tensor, first: torch.Tensor, keys: torch.Tensor) -> torc
     n = keys.shape[0]
     impl = _cpu_impl() if keys.device.type == "cpu" else "torch"
     if impl == "c":
-        return torch.from_numpy(cprobe.remove(cprobe.load(), tkeys.numpy(), keys.numpy()))
+        return torch.from_numpy(cprobe.remove(tkeys.numpy(), keys.numpy()))
     if impl == "numpy":
         return torch.from_numpy(_remove_np(tkeys.numpy(), keys.numpy()))
     removed = torch.zeros(n, dtype=torch.bool, device=keys.device)
