@@ -14,8 +14,10 @@ Llama. Prints a table, writes JSON (exact command, device, versions, every numbe
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import statistics
 import subprocess
 import sys
@@ -135,9 +137,10 @@ def run_child(spec: dict) -> dict:
     before = _flat_metrics(llm)
     rows = []
     wall0 = time.perf_counter()
-    for batch in tqdm(
+    tier0 = _tier_counters(llm)
+    for bi, batch in enumerate(tqdm(
         workload.batches, desc=f"{spec['config']:>7} {spec['workload']}", file=sys.stderr, mininterval=2.0
-    ):
+    )):
         prompts = [TokensPrompt(prompt_token_ids=r.prompt) for r in batch]
         params = [
             SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True, detokenize=False)
@@ -158,9 +161,13 @@ def run_child(spec: dict) -> dict:
                     # One request at a time: the generate call is the latency. Batches: vLLM's own TTFT.
                     "ttft_s": batch_s if len(batch) == 1 or not ftl else ftl,
                     "batch_s": batch_s,
+                    "batch": bi,
                 }
             )
     wall = time.perf_counter() - wall0
+    tier1 = _tier_counters(llm)
+    loads = _recent_loads()
+    _dump_profile(spec["config"])
     after = _flat_metrics(llm)
     delta = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))}
     return {
@@ -171,7 +178,42 @@ def run_child(spec: dict) -> dict:
         "connector_lookup_ms": hooks.get("get_num_new_matched_tokens", []),
         "connector_hook_ms_total": {k: sum(v) for k, v in hooks.items()},
         "connector_hook_calls": {k: len(v) for k, v in hooks.items()},
+        "host_tier": {k: tier1[k] - tier0.get(k, 0) for k in tier1},
+        "loads": loads,
     }
+
+
+def _recent_loads() -> dict | None:
+    """Our worker's host -> GPU loads as the device timed them (in-process engines on CUDA)."""
+    try:
+        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+    except ImportError:
+        return None
+    if not has_kv_transfer_group():
+        return None
+    wk = getattr(get_kv_transfer_group(), "_worker", None)
+    rec = list(getattr(wk, "recent_loads", ()))
+    if not rec:
+        return None
+    ms = sorted(1e3 * s for _, s in rec)
+    return {
+        "n": len(rec),
+        "mean_bytes": statistics.fmean(b for b, _ in rec),
+        "gpu_ms_p50": statistics.median(ms),
+        "gbps": sum(b for b, _ in rec) / sum(s for _, s in rec) / 1e9,
+    }
+
+
+def _tier_counters(llm) -> dict:
+    """Our host tier's counters (blocks and bytes each way), read from the in-process scheduler."""
+    core = getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
+    conn = getattr(getattr(core, "scheduler", None), "connector", None)
+    side = getattr(conn, "_sched", None)
+    if side is None:
+        return {}
+    st = side.tier.tm.stats
+    return {k: getattr(st, k) for k in ("blocks_from_host", "bytes_from_host", "blocks_to_host",
+                                        "bytes_to_host", "evictions", "drops_full")}
 
 
 SCHEDULER_HOOKS = (
@@ -181,6 +223,20 @@ SCHEDULER_HOOKS = (
     "update_connector_output",
     "request_finished",
 )
+
+
+#: TPC_BENCH_PROFILE=<file>: cProfile the scheduler hooks (not the engine) and write the top
+#: functions by own time to <file>.<config>.txt: where the adapter's scheduler time goes.
+_PROFILER = cProfile.Profile() if os.environ.get("TPC_BENCH_PROFILE") else None
+
+
+def _dump_profile(config: str) -> None:
+    if _PROFILER is None:
+        return
+    path = f"{os.environ['TPC_BENCH_PROFILE']}.{config.replace(':', '_').replace(',', '_')}.txt"
+    with open(path, "w") as f:
+        pstats.Stats(_PROFILER, stream=f).sort_stats("tottime").print_stats(40)
+    print(f"scheduler-hook profile: {path}", file=sys.stderr)
 
 
 def _time_connector_hooks(llm) -> dict[str, list[float]]:
@@ -202,11 +258,15 @@ def _time_connector_hooks(llm) -> dict[str, list[float]]:
         calls[name] = times = []
 
         def timed(*args, _orig=orig, _times=times, **kwargs):
+            if _PROFILER is not None:
+                _PROFILER.enable()
             t = time.perf_counter()
             try:
                 return _orig(*args, **kwargs)
             finally:
                 _times.append((time.perf_counter() - t) * 1e3)
+                if _PROFILER is not None:
+                    _PROFILER.disable()
 
         setattr(conn, name, timed)
     return calls
@@ -245,9 +305,17 @@ def summarize(workload: W.Workload, result: dict) -> dict:
             "p99_ms": t[min(len(t) - 1, int(0.99 * len(t)))],
             "n": len(t),
         }
+    for lab in labels:  # throughput per label, over the distinct batches that carry it
+        batches = {r.get("batch", i): r for i, r in enumerate(reqs) if r["label"] == lab}
+        secs = sum(r["batch_s"] for r in batches.values())
+        n = sum(1 for r in reqs if r["label"] == lab)
+        toks = sum(r["output_tokens"] for r in reqs if r["label"] == lab)
+        per[lab].update(requests_per_s=n / secs if secs else None,
+                        output_tokens_per_s=toks / secs if secs else None)
     focus = [r["ttft_s"] * 1e3 for r in reqs if r["label"] in workload.focus]
     out_tokens = sum(r["output_tokens"] for r in reqs)
-    hits = {k: v for k, v in result["metrics_delta"].items() if "prefix_cache" in k or "kv" in k.lower()}
+    hits = {k: v for k, v in result["metrics_delta"].items()
+            if "prefix_cache" in k or "kv" in k.lower() or "preempt" in k}
     return {
         "per_label": per,
         "focus_mean_ttft_ms": statistics.fmean(focus) if focus else None,
@@ -266,6 +334,8 @@ def summarize(workload: W.Workload, result: dict) -> dict:
             k: v / len(reqs) for k, v in result.get("connector_hook_ms_total", {}).items()
         },
         "metrics": hits,
+        "host_tier": result.get("host_tier") or None,
+        "loads": result.get("loads"),
     }
 
 
@@ -508,6 +578,12 @@ def _ratios(results: dict) -> dict:
         s = {c: v["summary"] for c, v in entry["configs"].items() if "summary" in v}
         stat = "focus_p50_ttft_ms" if wname == "chat" else "focus_mean_ttft_ms"
         r = {}
+        for c in s if wname == "burst" else ():  # each config's two bursts: prefix in host RAM vs VRAM
+            pl = s[c]["per_label"]
+            if pl.get("burst in VRAM", {}).get("requests_per_s"):
+                r[f"throughput_{c}_host_over_vram"] = (
+                    pl["burst from host"]["requests_per_s"] / pl["burst in VRAM"]["requests_per_s"]
+                )
         for ours in (c for c in s if c.startswith("ours")):
             for base in ("offload", "simple", "prefix", "none"):
                 if base in s and s[base][stat]:

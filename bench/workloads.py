@@ -175,6 +175,46 @@ def fits(kv_tokens: int, doc_tokens: int, vocab: int, seed: int = 0) -> Workload
     return w
 
 
+def burst(
+    kv_tokens: int,
+    doc_tokens: int,
+    vocab: int,
+    requests: int = 32,
+    suffix_tokens: int = 64,
+    output_tokens: int = 32,
+    seed: int = 0,
+) -> Workload:
+    """A burst of concurrent requests sharing one long prefix that lives only in the host tier,
+    then the same burst again with the prefix in VRAM (vLLM issue 44294: its offloading lost 40%
+    of throughput on this pattern).
+
+    One request computes the prefix (a `doc_tokens` document); unrelated filler documents (1.5x
+    the KV cache) push it out of VRAM; then `requests` prompts = prefix + own suffix arrive at
+    once ("burst from host"), then `requests` more ("burst in VRAM": the first burst left the
+    prefix in the KV cache). Compare the two bursts' throughput within one config; with a host
+    tier the prefix should cross PCIe once, not once per request.
+    """
+    rng = random.Random(seed)
+    prefix = _tokens(rng, doc_tokens, vocab)
+    fillers = max(2, math.ceil(1.5 * kv_tokens / doc_tokens))
+    batches = [[Req(prefix + _tokens(rng, suffix_tokens, vocab), 1, "warm")]]
+    batches += [[Req(_tokens(rng, doc_tokens, vocab), 1, "filler")] for _ in range(fillers)]
+    for label in ("burst from host", "burst in VRAM"):
+        batches.append(
+            [Req(prefix + _tokens(rng, suffix_tokens, vocab), output_tokens, label) for _ in range(requests)]
+        )
+    return Workload(
+        "burst",
+        f"{requests} concurrent requests sharing a {doc_tokens}-token prefix (+{suffix_tokens} own tokens, "
+        f"{output_tokens} output tokens): once with the prefix pushed out of VRAM by {fillers} filler "
+        "documents, once with it in VRAM",
+        batches,
+        focus=["burst from host"],
+        params={"prefix_tokens": doc_tokens, "requests": requests, "suffix_tokens": suffix_tokens,
+                "output_tokens": output_tokens, "fillers": fillers, "kv_tokens": kv_tokens},
+    )
+
+
 def make(name: str, kv_tokens: int, doc_tokens: int, vocab: int, seed: int = 0) -> Workload:
     if name == "docqa":
         return docqa(kv_tokens, doc_tokens, vocab, seed=seed)
@@ -186,7 +226,9 @@ def make(name: str, kv_tokens: int, doc_tokens: int, vocab: int, seed: int = 0) 
         return noreuse(kv_tokens, vocab, seed=seed)
     if name == "fits":
         return fits(kv_tokens, doc_tokens, vocab, seed=seed)
+    if name == "burst":
+        return burst(kv_tokens, doc_tokens, vocab, seed=seed)
     raise ValueError(f"workload: expected one of {WORKLOADS}, got {name!r}")
 
 
-WORKLOADS = ["docqa", "chat", "sysprompt", "noreuse", "fits"]
+WORKLOADS = ["docqa", "chat", "sysprompt", "noreuse", "fits", "burst"]

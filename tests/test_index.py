@@ -283,6 +283,9 @@ def test_match_prefix(make_index):
     long = torch.cat([stored, foreign[:1], stored[:10]])
     c, _ = idx.match_prefix(long.to(dev), torch.tensor([0, long.shape[0]], device=dev))
     assert c.tolist() == [2000]
+    # count_leading: one request, the same answer as match_prefix's oracle.
+    for r in [*reqs, long]:
+        assert idx.count_leading(r.to(dev)) == match_prefix_oracle(d, r, [0, r.shape[0]])[0][0]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -77,6 +77,8 @@ class CopyHandle:
     _event: Any = None
     _layer_events: list | None = None
     _keep: tuple = field(default=(), repr=False)
+    #: recorded on the copy stream before the first copy (CUDA): `gpu_seconds` measures from it
+    _start: Any = None
 
     def done(self) -> bool:
         return self._event is None or bool(self._event.query())
@@ -85,6 +87,13 @@ class CopyHandle:
         if self._event is not None:
             self._event.synchronize()
         self._keep = ()
+
+    def gpu_seconds(self) -> float | None:
+        """Device time from the copy stream reaching this copy to its last page landing (the copy
+        itself, not the queueing before it); None on the CPU or before the copy is done."""
+        if self._start is None or self._event is None or not self._event.query():
+            return None
+        return self._start.elapsed_time(self._event) / 1e3
 
     @property
     def layerwise(self) -> bool:
@@ -448,6 +457,8 @@ class CopyEngine:
         if self.wait_for_current_stream:
             stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(stream)
             blocks_t = slots_t = None
             if self._copiers[self.backend[direction]].device_indices:  # a fallback uploads its own
                 blocks_t = torch.from_numpy(blocks).to(self.device, non_blocking=True)
@@ -457,7 +468,8 @@ class CopyEngine:
                 layer_events = []
                 for layer in range(self.num_layers):
                     self._run_with_fallback(direction, blocks, slots, blocks_t, slots_t, to_host, layer, 1)
-                    ev = torch.cuda.Event()
+                    last = layer == self.num_layers - 1
+                    ev = torch.cuda.Event(enable_timing=last)
                     ev.record(stream)
                     layer_events.append(ev)
                 done = layer_events[-1]
@@ -465,7 +477,7 @@ class CopyEngine:
                 self._run_with_fallback(
                     direction, blocks, slots, blocks_t, slots_t, to_host, 0, self.num_layers
                 )
-                done = torch.cuda.Event()
+                done = torch.cuda.Event(enable_timing=True)
                 done.record(stream)
                 if layerwise:
                     layer_events = [done] * self.num_layers
@@ -477,6 +489,7 @@ class CopyEngine:
             done,
             layer_events,
             (blocks, slots, blocks_t, slots_t),
+            start,
         )
 
     def _run_with_fallback(

@@ -64,6 +64,14 @@ void tpc_lookup(const int64_t *tk, const int32_t *tv, int64_t mask, const int64_
     }
 }
 
+/* how many leading keys are present: stops at the first miss */
+int64_t tpc_leading(const int64_t *tk, int64_t mask, const int64_t *k, int64_t n) {
+    int64_t tomb, empty;
+    for (int64_t i = 0; i < n; i++)
+        if (find(tk, key0(k[2 * i]), k[2 * i + 1], mask, &tomb, &empty) < 0) return i;
+    return n;
+}
+
 /* one key after the other, as a dict would: the first occurrence is new, later ones update */
 int64_t tpc_insert(int64_t *tk, int32_t *tv, int64_t mask, const int64_t *k, const int32_t *v, int64_t n,
                    uint8_t *new_) {
@@ -134,6 +142,8 @@ def load() -> ctypes.CDLL | None:
         return None
     lib.tpc_lookup.argtypes = [_P, _P, _I64, _P, _I64, _P]
     lib.tpc_lookup.restype = None
+    lib.tpc_leading.argtypes = [_P, _I64, _P, _I64]
+    lib.tpc_leading.restype = _I64
     lib.tpc_insert.argtypes = [_P, _P, _I64, _P, _P, _I64, _P]
     lib.tpc_insert.restype = _I64
     lib.tpc_remove.argtypes = [_P, _I64, _P, _I64, _P]
@@ -160,6 +170,12 @@ def lookup(tk: np.ndarray, tv: np.ndarray, k: np.ndarray) -> np.ndarray:
     out = np.empty(len(k), dtype=np.int32)
     lib.tpc_lookup(_ptr(tk), _ptr(tv), len(tk) - 1, _ptr(k), len(k), _ptr(out))
     return out
+
+
+def leading(tk: np.ndarray, k: np.ndarray) -> int:
+    """How many leading keys of k are in the table (stops at the first miss)."""
+    k = np.ascontiguousarray(k)
+    return int(_loaded().tpc_leading(_ptr(tk), len(tk) - 1, _ptr(k), len(k)))
 
 
 def insert(tk: np.ndarray, tv: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, int]:

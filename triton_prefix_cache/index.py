@@ -159,6 +159,17 @@ class PrefixIndex:
         impl = self._kernels if self.backend == "triton" else reference
         return self._run(lambda: impl.match_prefix(self._tkeys, self._tvals, keys, offsets), keys, offsets)
 
+    def count_leading(self, keys: torch.Tensor) -> int:
+        """How many leading keys are present: one request's prefix hit (`match_prefix` with r=1,
+        answered on the host; on the CPU the probe stops at the first miss)."""
+        keys = self._check_keys(keys)
+        if keys.shape[0] == 0:
+            return 0
+        if self.backend == "triton":
+            counts, _ = self.match_prefix(keys, torch.tensor([0, keys.shape[0]], device=self.device))
+            return int(counts[0])
+        return self._run(lambda: reference.count_leading(self._tkeys, self._tvals, keys), keys)
+
     def clear(self) -> None:
         self._run(self._reset_table)
         self._live = 0

@@ -317,6 +317,14 @@ def remove(tkeys: torch.Tensor, first: torch.Tensor, keys: torch.Tensor) -> torc
     return removed
 
 
+def count_leading(tkeys: torch.Tensor, tvals: torch.Tensor, keys: torch.Tensor) -> int:
+    """How many leading keys are present (the C probe stops at the first miss)."""
+    if keys.device.type == "cpu" and _cpu_impl() == "c":
+        return cprobe.leading(tkeys.numpy(), keys.numpy())
+    miss = torch.nonzero(lookup(tkeys, tvals, keys) < 0)
+    return int(miss[0, 0]) if miss.numel() else keys.shape[0]
+
+
 def segment_first_miss(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """counts[i] = number of leading values >= 0 in values[offsets[i]:offsets[i+1]]."""
     r = offsets.shape[0] - 1

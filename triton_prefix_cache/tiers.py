@@ -137,6 +137,10 @@ class TierManager:
     def readers(self, slot: int) -> int:
         return int(self._readers[self._slot(slot)])
 
+    def readers_of(self, slots) -> np.ndarray:
+        """int32 (n,): loads in progress reading each slot."""
+        return self._readers[_as_slots(slots, self.num_slots, "readers_of")].copy()
+
     @property
     def num_free(self) -> int:
         return self._nfree

@@ -68,15 +68,21 @@ class HostTier:
     # ---- lookups and loads -------------------------------------------------------------------------
     def match(self, keys: torch.Tensor) -> int:
         """How many leading keys are READY (findable). Pins nothing."""
-        # One batched lookup straight on the index (TierManager keeps it equal to the READY keys),
-        # then the first miss on the host: the fewest operations for the one request asked about.
+        # Straight on the index (TierManager keeps it equal to the READY keys): on the CPU one C
+        # loop that stops at the first miss, the fewest operations for the one request asked about.
         if keys.shape[0] == 0:
             return 0
+        if self._stream is None:
+            return self.tm.index.count_leading(keys)
         with self._on_stream():
-            dev = keys if self.device.type == "cpu" else keys.to(self.device)
-            found = self.tm.index.lookup(dev).cpu().numpy()
-        miss = np.flatnonzero(found < 0)
-        return int(miss[0]) if miss.size else len(found)
+            return self.tm.index.count_leading(keys.to(self.device))
+
+    def loading(self, keys: torch.Tensor) -> bool:
+        """Whether a load in flight reads the slot of any of these keys (a few keys: one lookup)."""
+        with self._on_stream():
+            slots = self.tm.lookup(keys)
+        slots = slots[slots >= 0]
+        return bool(slots.size) and bool((self.tm.readers_of(slots) > 0).any())
 
     def pin(self, keys: torch.Tensor) -> list[int]:
         """Pin the slots of keys that `match` found (same scheduling pass: they are still READY)."""

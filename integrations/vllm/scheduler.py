@@ -65,6 +65,11 @@ class _ReqState:
         return self.keys
 
 
+def _first_key(request: Request, i: int) -> torch.Tensor:
+    """Key of block i alone: most prompts that miss do so at their first uncomputed block."""
+    return keys_from_block_hashes(request.block_hashes[i : i + 1])
+
+
 @dataclass
 class _Store:
     blocks: list[KVCacheBlock]
@@ -125,13 +130,24 @@ class SchedulerSide:
         end = (request.num_tokens - 1) // bs
         st.plan_start, st.plan_n, st.fresh, st.request = start, 0, True, request
         if end > start and num_computed_tokens % bs == 0 and len(self.tier):
-            keys = st.keys_for(request)
-            st.plan_n = self.tier.match(keys[start:end])
+            if st.keys.shape[0] <= start and not self.tier.match(_first_key(request, start)):
+                pass  # a miss at the first block: the rest of the prompt is never converted
+            else:
+                keys = st.keys_for(request)
+                st.plan_n = self.tier.match(keys[start:end])
         n = st.plan_n
         s = self.stats
         if not st.counted:  # one request counts once, however often vLLM asks
             st.counted = True
             s.add("sched_requests", 1)
+        if n and self.load_async and self.tier.loading(st.keys[start : start + 1]):
+            # Another request is loading this prefix right now (vLLM caches its blocks only when the
+            # load completes): ask again later and hit them in VRAM then, rather than copying the
+            # same prefix over PCIe once per request (a burst sharing one long prefix).
+            st.plan_n = 0
+            s.add("deferred_requests", 1)
+            s.add("sched_seconds", time.perf_counter() - t0)
+            return None, False
         s.add("sched_seconds", time.perf_counter() - t0)
         return n * bs, bool(n) and self.load_async
 

@@ -24,12 +24,14 @@ COUNTERS = (
     "lookups",  # get_num_new_matched_tokens calls that looked at the index
     "load_bytes",
     "load_seconds",
+    "load_gpu_seconds",  # device time of the loads' copies (CUDA events), for their GB/s
     "loads",
     "store_bytes",
     "store_seconds",
     "stores",
     "dropped_stores",  # demotions skipped: host tier full of pinned slots, or block gone
     "failed_loads",
+    "deferred_requests",  # async loads: asked again later because another request loads that prefix
     "sched_seconds",  # scheduler time spent inside the adapter (key derivation + lookup + bookkeeping)
     "sched_requests",  # requests that time is spread over
     "step_seconds",  # per-step adapter time (planning demotions, handling completions)
@@ -80,7 +82,9 @@ class TPCStats(KVConnectorStats):
             "host_hit_tokens": int(d.get("host_hit_tokens", 0)),
             "queried_tokens": int(d.get("queried_tokens", 0)),
             "load_GB": round(d.get("load_bytes", 0) / 1e9, 3),
-            "load_GBps": gbps("load_bytes", "load_seconds"),
+            # Device time of the copies where measured (CUDA), else wall time submission -> done.
+            "load_GBps": gbps("load_bytes", "load_gpu_seconds" if d.get("load_gpu_seconds")
+                              else "load_seconds"),
             "store_GB": round(d.get("store_bytes", 0) / 1e9, 3),
             "store_GBps": gbps("store_bytes", "store_seconds"),
             "dropped_stores": int(d.get("dropped_stores", 0)),
@@ -102,6 +106,8 @@ _PROM_COUNTERS = {
     "store_seconds": ("vllm:tpc_store_seconds", "Seconds spent in GPU -> host copies."),
     "dropped_stores": ("vllm:tpc_dropped_stores", "Demotions dropped (host tier full of pinned slots)."),
     "failed_loads": ("vllm:tpc_failed_loads", "Host-tier loads that failed."),
+    "deferred_requests": ("vllm:tpc_deferred_requests",
+                          "Lookups deferred because another request was loading the same prefix."),
     "sched_seconds": ("vllm:tpc_scheduler_seconds", "Scheduler time spent in the adapter's lookups."),
     "step_seconds": ("vllm:tpc_step_seconds", "Scheduler time spent in the adapter's per-step planning."),
     "sched_requests": ("vllm:tpc_scheduler_requests", "Requests the adapter looked up."),

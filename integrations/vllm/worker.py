@@ -12,6 +12,7 @@ stores and loads on the copy engine's side streams. Completion:
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -87,6 +88,8 @@ class WorkerSide:
         # WAITING_FOR_REMOTE_KVS path (and aborts during it) runs on the CPU too, where copies are instant.
         self.debug_load_delay = int(os.environ.get("TPC_DEBUG_LOAD_DELAY", "0"))
         self._polls: dict[str, int] = {}
+        #: (bytes, device seconds) of the latest loads, for benchmarks (bench/compare.py)
+        self.recent_loads: collections.deque[tuple[int, float]] = collections.deque(maxlen=4096)
 
     # ---- setup ---------------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -193,6 +196,10 @@ class WorkerSide:
 
     def _load_done(self, req_id: str, h: CopyHandle, t0: float) -> None:
         s = self.stats
+        gpu_s = h.gpu_seconds()
+        if gpu_s is not None:
+            s.add("load_gpu_seconds", gpu_s)
+            self.recent_loads.append((h.nbytes, gpu_s))
         s.add("load_seconds", time.perf_counter() - t0)
         s.add("load_bytes", h.nbytes)
         s.add("loads", 1)

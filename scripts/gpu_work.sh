@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One stretch of GPU-host work per call (after scripts/gpu_host.sh install; see README "GPU host").
+#   bash scripts/gpu_work.sh tests      core tests compiled on the GPU (index, host pool, copies, tiers)
+#   bash scripts/gpu_work.sh docqa      document QA: built-in offloading vs ours (defaults and variants)
+#   bash scripts/gpu_work.sh more       burst, no-reuse, fits, scheduler time at 8k/128k
+#   bash scripts/gpu_work.sh vllm       the adapter's vLLM tests (eager engines)
+# Results and logs go to $OUT (the device tool brings them back); each step has its own time limit
+# so one slow step cannot eat the call.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source scripts/gpu_env.sh
+OUT=${OUT:-/tmp/tpc-out}
+mkdir -p "$OUT"
+export TPC_BENCH_PROFILE="$OUT/prof"
+run() {  # run <seconds> <log name> <command...>
+  local t=$1 name=$2
+  shift 2
+  echo "== $name: $*"
+  timeout "$t" "$@" >"$OUT/$name.log" 2>&1
+  echo "== $name: rc=$? ($(date +%T))"
+  tail -n 25 "$OUT/$name.log" | grep -v "INFO\|WARNING" | tail -n 12
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+case "${1:-}" in
+  tests)
+    run 200 gpu-tests-core python3 -m pytest -q -x -p no:cacheprovider tests/test_host_pool.py tests/test_copy.py \
+      tests/test_index.py tests/test_tiers.py ;;
+  docqa)
+    run 560 compare-docqa python3 -m bench.compare --workload docqa \
+      --configs offload ours ours:copy_backend=triton ours:demote=write_through --out "$OUT/compare-docqa.json" ;;
+  more)
+    run 200 compare-burst python3 -m bench.compare --workload burst --configs offload ours \
+      --out "$OUT/compare-burst.json"
+    run 260 compare-noreuse-fits python3 -m bench.compare --workload noreuse fits --configs prefix ours \
+      --out "$OUT/compare-noreuse-fits.json"
+    run 120 sched python3 -m bench.sched_time --out "$OUT/sched.json" ;;
+  vllm)
+    TPC_TEST_EAGER=1 run 560 gpu-tests-vllm python3 -m pytest -q -p no:cacheprovider tests/vllm ;;
+  *) echo "usage: $0 tests | docqa | more | vllm" >&2; exit 2 ;;
+esac
+ls -la "$OUT"
