@@ -1,6 +1,6 @@
 """The soak of test_soak.py, in a process of its own; writes what the test checks as JSON.
 
-Usage: python tests/vllm/soak_run.py MODEL_DIR OUT_JSON  (spawned by test_soak.py).
+Usage: python tests/vllm/soak_run.py MODEL_DIR OUT_JSON [CONFIG]  (spawned by test_soak.py).
 
 A process of its own, so resident memory is this workload's alone (not whatever earlier tests left
 in the heap), with oneDNN's primitive cache off (ONEDNN_PRIMITIVE_CACHE_CAPACITY=0, set by the
@@ -30,6 +30,12 @@ SOAK_KV_BLOCKS = 80  # as the engine tests' small cache: < 2 long chat histories
 ORACLE_KV_BLOCKS = 6000  # more than all sampled prompts' blocks: built-in caching never evicts
 CHECK_EVERY = 25  # calls between full tier consistency checks and gauge reads
 BLOCK = 32
+#: Connector settings the soak runs with: its defaults (layer-wise loads, lazy demotion), and async
+#: loads (reported a step late, so requests wait in WAITING_FOR_REMOTE_KVS) with write-through demotion.
+CONFIGS: dict[str, tuple[dict, str]] = {
+    "defaults": ({}, "0"),
+    "async_write_through": ({"load": "async", "demote": "write_through"}, "1"),
+}
 
 
 def soak_prompts(n: int = NUM_REQUESTS, seed: int = 2026) -> tuple[list[list[int]], list[str]]:
@@ -111,7 +117,7 @@ def _trim_heap() -> None:
         pass
 
 
-def run(model_path: str) -> SoakResult:
+def run(model_path: str, config: str = "defaults") -> SoakResult:
     import harness as H
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -120,8 +126,10 @@ def run(model_path: str) -> SoakResult:
     res = SoakResult(kinds=kinds, distinct_blocks=distinct_blocks(prompts))
     res.sampled = list(range(0, NUM_REQUESTS, SAMPLE_EVERY))
     host_gib = HOST_SLOTS * H.PAGE_BYTES_PER_BLOCK / 2**30
-    llm = H.with_env({"TPC_DEBUG_PAGES": "1", "TPC_DEBUG_LOAD_DELAY": "0"}, H.make_llm, model_path,
-                     kv_blocks=SOAK_KV_BLOCKS, kv_transfer_config=H.tpc_config(host_cache_gib=host_gib))
+    extra, delay = CONFIGS[config]
+    tpc = H.tpc_config(host_cache_gib=host_gib, **extra)
+    llm = H.with_env({"TPC_DEBUG_PAGES": "1", "TPC_DEBUG_LOAD_DELAY": delay}, H.make_llm, model_path,
+                     kv_blocks=SOAK_KV_BLOCKS, kv_transfer_config=tpc)
     try:
         side = H.scheduler_of(llm).connector._sched
         wk = H.worker_side()
@@ -177,6 +185,7 @@ def run(model_path: str) -> SoakResult:
 if __name__ == "__main__":
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     sys.path.insert(0, str(Path(__file__).parent))
-    result = run(sys.argv[1])
+    cfg = sys.argv[3] if len(sys.argv) > 3 else "defaults"
+    result = run(sys.argv[1], cfg)
     Path(sys.argv[2]).write_text(json.dumps(asdict(result)))
-    print(f"soak: {NUM_REQUESTS} requests in {result.seconds:.1f} s")
+    print(f"soak ({cfg}): {NUM_REQUESTS} requests in {result.seconds:.1f} s")

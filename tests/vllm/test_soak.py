@@ -1,15 +1,16 @@
 """Soak: 2,000 requests of mixed reuse through the connector, against a KV cache far too small.
 
-One engine (the connector's defaults but for a host tier smaller than the working set; restored
-pages checked against demoted ones) plays a seeded stream (soak_run.py): documents asked about
-again and again, chat sessions whose every turn extends the last, prompts sharing a system prefix
-that does not end on a block boundary, prompts never seen again, prompts shorter than one block,
-and exact repeats, 4 per `generate` call. Checked: every 10th request against built-in prefix
-caching with a KV cache big enough for all of them; the host tier never above its size; counters
-that the scheduler, the worker and the tier bookkeeping keep apart agree; from the 1,000th to the
-2,000th request resident memory grows < 5% and live Python objects < 1%.
+One engine plays a seeded stream (soak_run.py), once with the connector's defaults and once with
+async loads and write-through demotion, each with a host tier smaller than the working set and
+restored pages checked against demoted ones. The stream: documents asked about again and again,
+chat sessions whose every turn extends the last, prompts sharing a system prefix that does not end
+on a block boundary, prompts never seen again, prompts shorter than one block, and exact repeats,
+4 per `generate` call. Checked: every 10th request against built-in prefix caching with a KV cache
+big enough for all of them; the host tier never above its size; counters that the scheduler, the
+worker and the tier bookkeeping keep apart agree; from the 1,000th to the 2,000th request resident
+memory grows < 5% and live Python objects < 1%.
 
-The soak runs in a subprocess (see soak_run.py for why); about 30 s on the 2-core CPU machine.
+Each soak runs in a subprocess (see soak_run.py for why); about 30 s each on the 2-core CPU machine.
 """
 from __future__ import annotations
 
@@ -27,16 +28,16 @@ import soak_run as S
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
-@pytest.fixture(scope="module")
-def soak(model_path, tmp_path_factory) -> SimpleNamespace:
-    out = tmp_path_factory.mktemp("soak") / "soak.json"
+@pytest.fixture(scope="module", params=list(S.CONFIGS))
+def soak(request, model_path, tmp_path_factory) -> SimpleNamespace:
+    out = tmp_path_factory.mktemp("soak") / f"soak_{request.param}.json"
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", ONEDNN_PRIMITIVE_CACHE_CAPACITY="0")
     script = Path(__file__).parent / "soak_run.py"
-    proc = subprocess.run([sys.executable, str(script), str(model_path), str(out)], env=env,
+    proc = subprocess.run([sys.executable, str(script), str(model_path), str(out), request.param], env=env,
                           capture_output=True, text=True, timeout=900, cwd=str(Path(__file__).parents[2]))
     assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
     res = SimpleNamespace(**json.loads(out.read_text()))
-    print(f"\nsoak: {S.NUM_REQUESTS} requests in {res.seconds:.1f} s; tier {res.tier}")
+    print(f"\nsoak ({request.param}): {S.NUM_REQUESTS} requests in {res.seconds:.1f} s; tier {res.tier}")
     return res
 
 
