@@ -443,3 +443,29 @@ def test_two_models_side_by_side(runs, model_path, other_model):
         if b is not None:
             H.shutdown(b)
         H.shutdown(a)
+
+
+def test_two_models_side_by_side_multiprocess(runs, model_path, other_model):
+    """The same, in vLLM's default multi-process mode (how an application holds two engines): each
+    engine core and its worker-side connector live in a process of their own."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path1, ref1 = other_model
+    ref0 = _flat(runs("oracle").outputs["docqa"])
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", TPC_DEBUG_PAGES="0", TPC_DEBUG_LOAD_DELAY="0")
+    script = Path(__file__).parent / "mp_two_models.py"
+    proc = subprocess.run([sys.executable, str(script), str(model_path), str(path1)], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=str(Path(__file__).parents[2]))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    got = json.loads(lines[-1][len("RESULT "):])
+    for i, ref in enumerate((ref0, ref1)):
+        cols = zip(got["tokens"][i], got["logprobs"][i], got["cached"][i])
+        ours = [H.Record(t, lp, c) for t, lp, c in cols]
+        assert [r.num_cached_tokens for r in ours] == [r.num_cached_tokens for r in ref]
+        H.compare_records(ours, ref, f"side by side, multi-process/model {i}")
+        assert got["host_hits"][i] > 0
