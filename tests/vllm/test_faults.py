@@ -4,11 +4,13 @@
 - the host tier full with every slot pinned by readers: demotions dropped and counted, requests served;
 - a request aborted while its write-through store is in flight (abort during an async load is
   test_engine.py::test_abort_during_async_load; preemption with stores in flight is the preempt
-  workload of its `wt` configuration);
-- reset_prefix_cache while loads and stores are in flight;
+  workload of its `wt` configuration). Stores run within the step that plans them, so between
+  steps the only store in flight is one `request_finished` planned for the next step;
+- reset_prefix_cache while loads (async, reported late) and such a store are in flight;
 - engine shutdown with loads in flight: no hang, every pinned chunk unpinned, the pool's memory
   given back (three engines in a row);
-- two engines of different models one after another, and side by side, in one process.
+- two engines of different models one after another, and side by side in one process: in-process
+  (both engine cores in this process) and in vLLM's default multi-process mode.
 
 Outputs are compared with built-in prefix caching on a KV cache big enough for everything (the
 `oracle` configuration of conftest.py, same workloads), through `harness.compare_records`.
