@@ -314,6 +314,49 @@ def test_failed_copies_are_recomputed_never_served(runs, model_path, monkeypatch
         H.shutdown(llm)
 
 
+def _slow_stores(monkeypatch, polls: int) -> None:
+    """Make every store look unfinished for its first `polls` polls (`done()`), as a copy that is still
+    running on the GPU's copy engine would; the bytes are there (CPU copies are synchronous)."""
+    import triton_prefix_cache_vllm.worker as worker_mod
+
+    base = worker_mod.CopyEngine
+
+    class SlowHandle:
+        def __init__(self, h) -> None:
+            self._h, self._left, self.nbytes = h, polls, h.nbytes
+
+        def done(self) -> bool:
+            if self._left > 0:
+                self._left -= 1
+                return False
+            return self._h.done()
+
+        def wait(self) -> None:
+            self._left = 0
+            self._h.wait()
+
+    class SlowStoreCopyEngine(base):
+        def demote(self, *a, **kw):
+            return SlowHandle(super().demote(*a, **kw))
+
+    monkeypatch.setattr(worker_mod, "CopyEngine", SlowStoreCopyEngine)
+
+
+def test_idle_engine_settles_slow_stores(runs, model_path, monkeypatch):
+    """Stores still copying when the last request finishes must not keep GPU blocks held while the
+    engine is idle: vLLM's reset_prefix_cache (called after every weight update in RL loops) fails
+    while any block is held, and a failed reset leaves the old weights' KV in the GPU prefix cache."""
+    runs("oracle")
+    _slow_stores(monkeypatch, polls=10)
+    llm = _engine(model_path, H.tpc_config(), debug_pages=False)  # the page check waits for each store
+    try:
+        H.play_prompts(llm, [_docqa_prompt(b) for b in range(4)], per_call=1)
+        _assert_quiet(llm)
+        assert llm.reset_prefix_cache(reset_connector=True) is True
+    finally:
+        H.shutdown(llm)
+
+
 # ---- (b) host tier full, every slot pinned -------------------------------------------------------------
 def test_full_pinned_host_tier_drops_demotions_and_serves(runs, model_path):
     oracle = runs("oracle")
