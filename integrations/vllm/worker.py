@@ -4,8 +4,9 @@ Runs next to the model runner. `register_kv_caches` builds one byte view `[num_b
 per layer from the tensor's storage (so the copy code does not depend on vLLM's layout) and the
 host pool `[num_slots, num_layers, page_bytes]`. Each step `start_load_kv` submits the step's
 stores and loads on the copy engine's side streams. Completion:
-- stores: waited for at the end of the step (they overlap the forward), reported to the scheduler
-  through the worker metadata, which then releases the GPU blocks it held for them;
+- stores: polled at the end of every step (never waited for: they overlap the forward and later
+  steps), reported to the scheduler through the worker metadata once done; the scheduler holds
+  their GPU blocks until then;
 - layer-wise loads: `wait_for_layer_load` orders each layer's attention after that layer's copy;
 - async loads: polled every step; a finished one is reported through `get_finished` (vLLM then
   schedules the request) and through the worker metadata (the scheduler unpins its slots).
@@ -169,13 +170,20 @@ class WorkerSide:
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         s = self.stats
+        # Stores are polled, never waited for: the scheduler holds their GPU blocks until it hears
+        # back, so a store may overlap any number of later steps (waiting here put every demotion's
+        # copy into the step that planned it: measured, README "Results").
+        pending = []
         for job_id, h, t0 in self.stores:
-            h.wait()
+            if not h.done():
+                pending.append((job_id, h, t0))
+                continue
+            h.wait()  # done: releases the handle's index tensors
             s.add("store_seconds", time.perf_counter() - t0)
             s.add("store_bytes", h.nbytes)
             s.add("stores", 1)
             self.report.stores_done.append(job_id)
-        self.stores = []
+        self.stores = pending
         for req_id, h, t0 in self.sync_loads:
             h.wait()
             self._load_done(req_id, h, t0)
