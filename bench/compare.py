@@ -117,6 +117,7 @@ def _flat_metrics(llm) -> dict:
 
 def run_child(spec: dict) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("TPC_STEP_TIMING", "1")  # our worker times the steps that load (events)
     from tqdm import tqdm
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -196,12 +197,18 @@ def _recent_loads() -> dict | None:
     if not rec:
         return None
     ms = sorted(1e3 * s for _, s in rec)
-    return {
+    out = {
         "n": len(rec),
         "mean_bytes": statistics.fmean(b for b, _ in rec),
         "gpu_ms_p50": statistics.median(ms),
         "gbps": sum(b for b, _ in rec) / sum(s for _, s in rec) / 1e9,
     }
+    steps = list(getattr(wk, "step_times", ()))  # TPC_STEP_TIMING=1: steps that loaded
+    for key in ("submit_ms", "host_ms", "device_ms"):
+        vals = [r[key] for r in steps if key in r]
+        if vals:
+            out[f"step_{key}_p50"] = statistics.median(vals)
+    return out
 
 
 def _tier_counters(llm) -> dict:
@@ -231,7 +238,7 @@ _PROFILER = cProfile.Profile() if os.environ.get("TPC_BENCH_PROFILE") else None
 
 
 def _dump_profile(config: str) -> None:
-    if _PROFILER is None:
+    if _PROFILER is None or not _PROFILER.getstats():  # no connector: nothing was profiled
         return
     path = f"{os.environ['TPC_BENCH_PROFILE']}.{config.replace(':', '_').replace(',', '_')}.txt"
     with open(path, "w") as f:

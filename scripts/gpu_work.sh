@@ -4,13 +4,14 @@
 #   bash scripts/gpu_work.sh docqa      document QA: built-in offloading vs ours (defaults and variants)
 #   bash scripts/gpu_work.sh more       burst, no-reuse, fits, scheduler time at 8k/128k
 #   bash scripts/gpu_work.sh vllm       the adapter's vLLM tests (eager engines)
-# Results and logs go to $OUT (the device tool brings them back); each step has its own time limit
-# so one slow step cannot eat the call.
+# Results and logs go to one tarball $OUT/<part>.tgz (the device tool brings back few files); each
+# step has its own time limit so one slow step cannot eat the call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/gpu_env.sh
-OUT=${OUT:-/tmp/tpc-out}
-mkdir -p "$OUT"
+FINAL=${OUT:-/tmp/tpc-out}
+OUT=/tmp/tpc-work-${1:-none}
+mkdir -p "$OUT" "$FINAL"
 export TPC_BENCH_PROFILE="$OUT/prof"
 run() {  # run <seconds> <log name> <command...>
   local t=$1 name=$2
@@ -28,6 +29,11 @@ case "${1:-}" in
   docqa)
     run 560 compare-docqa python3 -m bench.compare --workload docqa \
       --configs offload ours ours:copy_backend=triton ours:demote=write_through --out "$OUT/compare-docqa.json" ;;
+  rerun)
+    run 270 compare-docqa python3 -m bench.compare --workload docqa \
+      --configs offload ours ours:demote=write_through --out "$OUT/compare-docqa.json"
+    run 300 compare-noreuse-fits python3 -m bench.compare --workload noreuse fits \
+      --configs prefix ours ours:demote=write_through --out "$OUT/compare-noreuse-fits.json" ;;
   more)
     run 200 compare-burst python3 -m bench.compare --workload burst --configs offload ours \
       --out "$OUT/compare-burst.json"
@@ -36,6 +42,6 @@ case "${1:-}" in
     run 120 sched python3 -m bench.sched_time --out "$OUT/sched.json" ;;
   vllm)
     TPC_TEST_EAGER=1 run 560 gpu-tests-vllm python3 -m pytest -q -p no:cacheprovider tests/vllm ;;
-  *) echo "usage: $0 tests | docqa | more | vllm" >&2; exit 2 ;;
+  *) echo "usage: $0 tests | docqa | rerun | more | vllm" >&2; exit 2 ;;
 esac
-ls -la "$OUT"
+tar czf "$FINAL/$1.tgz" -C "$OUT" . && ls -la "$OUT"

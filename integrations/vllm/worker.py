@@ -91,6 +91,9 @@ class WorkerSide:
         self._polls: dict[str, int] = {}
         #: (bytes, device seconds) of the latest loads, for benchmarks (bench/compare.py)
         self.recent_loads: collections.deque[tuple[int, float]] = collections.deque(maxlen=4096)
+        #: TPC_STEP_TIMING=1 (bench/compare.py sets it): where the time of steps with loads goes
+        self._step_timer = _StepTimer(os.environ.get("TPC_STEP_TIMING") == "1")
+        self.step_times = self._step_timer.done
 
     # ---- setup ---------------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -130,6 +133,7 @@ class WorkerSide:
         eng = self.engine
         if eng is None:
             return
+        timing = self._step_timer.begin(bool(meta.loads))
         for job in meta.stores:
             t0 = time.perf_counter()
             try:
@@ -158,6 +162,8 @@ class WorkerSide:
                 self.sync_loads.append((job.req_id, h, t0))
             else:
                 self.async_loads[job.req_id] = (h, t0)
+        if timing:
+            self._step_timer.submitted()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if not self.sync_loads:
@@ -188,6 +194,7 @@ class WorkerSide:
             h.wait()
             self._load_done(req_id, h, t0)
         self.sync_loads = []
+        self._step_timer.end()
         recving: set[str] = set()
         for req_id, (h, t0) in list(self.async_loads.items()):
             if self.debug_load_delay:
@@ -257,6 +264,50 @@ class WorkerSide:
             self.debug_checked += 1
             if want is None or not torch.equal(self._pages(b), want):
                 self.debug_mismatches.append((b, s))
+
+
+class _StepTimer:
+    """Timing of the steps that load (benchmarks only): host time to submit the copies, host time
+    from `start_load_kv` to the end of `get_finished` (forward launch and the wait for the layer-wise
+    loads included), and device time of the same span on the compute stream. Device times are read
+    once their events complete, never by waiting."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and torch.cuda.is_available()
+        self.done: collections.deque[dict] = collections.deque(maxlen=4096)
+        self._open: dict | None = None
+        self._unresolved: list[dict] = []
+
+    def begin(self, loads: bool) -> bool:
+        if not (self.enabled and loads):
+            return False
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        self._open = {"t0": time.perf_counter(), "ev0": ev}
+        return True
+
+    def submitted(self) -> None:
+        if self._open is not None:
+            self._open["submit_ms"] = 1e3 * (time.perf_counter() - self._open["t0"])
+
+    def end(self) -> None:
+        if self._open is not None:
+            rec = self._open
+            self._open = None
+            rec["host_ms"] = 1e3 * (time.perf_counter() - rec["t0"])
+            rec["ev1"] = torch.cuda.Event(enable_timing=True)
+            rec["ev1"].record()
+            self._unresolved.append(rec)
+        still = []
+        for rec in self._unresolved:
+            if rec["ev1"].query():
+                ev0, ev1 = rec.pop("ev0"), rec.pop("ev1")
+                rec["device_ms"] = ev0.elapsed_time(ev1)
+                rec.pop("t0")
+                self.done.append(rec)
+            else:
+                still.append(rec)
+        self._unresolved = still
 
 
 class _Done:
