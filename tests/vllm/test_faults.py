@@ -8,7 +8,7 @@
   step, and with a store that takes longer than its step (stores report a poll late);
 - reset_prefix_cache while loads (async, reported late) and stores are in flight; an idle engine
   settles the stores still in flight (else vLLM's own reset fails);
-- engine shutdown with loads in flight: no hang, every pinned chunk unpinned, the pool's memory
+- engine shutdown with loads and stores in flight: no hang, every pinned chunk unpinned, the pool's memory
   given back (three engines in a row);
 - two engines of different models one after another, and side by side in one process: in-process
   (both engine cores in this process) and in vLLM's default multi-process mode;
@@ -571,8 +571,8 @@ class TestSlowStoresInFlight:
         _assert_quiet(llm)
 
 
-# ---- (e) shutdown with loads in flight -----------------------------------------------------------------
-def test_shutdown_with_loads_in_flight_no_hang_no_leak(runs, model_path, monkeypatch):
+# ---- (e) shutdown with loads and stores in flight -------------------------------------------------
+def test_shutdown_with_copies_in_flight_no_hang_no_leak(runs, model_path, monkeypatch):
     runs("oracle")  # (no oracle engine may start while these run)
     pool_slots = 8192  # 256 MiB, prefaulted: a pool that outlived its engine would show in RSS
     rss = []
@@ -580,6 +580,7 @@ def test_shutdown_with_loads_in_flight_no_hang_no_leak(runs, model_path, monkeyp
         reg = CountingRegistrar()
         pools: list = []
         _patch_pool(monkeypatch, reg, chunk_bytes=2048 * H.PAGE_BYTES_PER_BLOCK, pools=pools)
+        _slow_stores(monkeypatch, polls=5)
         llm = _engine(model_path, H.tpc_config(host_cache_gib=_host_gib(pool_slots), load="async"),
                       load_delay=1000, debug_pages=False)
         try:
@@ -589,7 +590,9 @@ def test_shutdown_with_loads_in_flight_no_hang_no_leak(runs, model_path, monkeyp
                 _add(llm, f"c{cycle}-{b}", _docqa_prompt(b))
             for _ in range(3):
                 llm.llm_engine.step()
-            assert len(H.scheduler_of(llm).connector._sched.inflight_loads) == 2
+            side = H.scheduler_of(llm).connector._sched
+            assert side.inflight_loads and side.inflight_stores, "expected loads and stores in flight"
+            del side
         except BaseException:
             H.shutdown(llm)
             raise
