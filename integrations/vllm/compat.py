@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import vllm
 from vllm.v1.core.kv_cache_utils import get_block_hash as _get_block_hash
+from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id as _with_group
 
 if TYPE_CHECKING:
     from vllm.v1.core.block_pool import BlockPool
@@ -64,6 +65,11 @@ def block_hash_of(block: KVCacheBlock) -> bytes | None:
     if h is None:
         return None
     return _get_block_hash(h)
+
+
+def cached_hash(block_hash: bytes) -> Any:
+    """The hash a GPU block of the (single) KV cache group carries once vLLM caches it."""
+    return _with_group(block_hash, 0)
 
 
 def iter_free_blocks(pool: BlockPool) -> Iterator[KVCacheBlock]:

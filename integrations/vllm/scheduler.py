@@ -173,6 +173,11 @@ class SchedulerSide:
                 ids = compat.request_block_ids(blocks)
             slots = self.tier.pin(st.keys[st.plan_start : st.plan_start + n])
             block_ids = ids[st.plan_start : st.plan_start + n]
+            if self.cfg.demote == "lazy":
+                # These GPU blocks will hold copies of host blocks: the demotion scan can skip them
+                # when they near eviction, instead of looking each one up again then.
+                hashes = request.block_hashes[st.plan_start : st.plan_start + n]
+                self._known.update(zip(block_ids, map(compat.cached_hash, hashes)))
             self.pending_loads.append(LoadJob(request.request_id, slots, block_ids, not self.load_async))
             self.inflight_loads[request.request_id] = slots
             s = self.stats
