@@ -76,6 +76,11 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict | None]:
         return self._sched.request_finished(request, block_ids)
 
+    def has_pending_push_work(self) -> bool:
+        # Stores still copying hold GPU blocks: keep the engine stepping until they are reported
+        # (vLLM's engine loop asks this; an idle in-process LLM does not step, see README limits).
+        return self._sched is not None and self._sched.has_pending_stores()
+
     def reset_cache(self) -> bool | None:
         if self._sched is None:
             return None

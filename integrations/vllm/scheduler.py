@@ -249,6 +249,9 @@ class SchedulerSide:
         # keeps the request's blocks until then (it waits for finished_recving).
         return False, None
 
+    def has_pending_stores(self) -> bool:
+        return bool(self.inflight_stores or self.pending_stores)
+
     def reset_cache(self) -> bool:
         """Clear the host tier (vLLM's reset_prefix_cache(reset_connector=True))."""
         ok = self.tier.clear()
