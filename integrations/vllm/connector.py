@@ -7,6 +7,7 @@ only state they share is the per-step metadata (`metadata.py`). The configuratio
 """
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from triton_prefix_cache.config import PrefixCacheConfig
@@ -19,6 +20,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from . import compat
 from .metadata import TPCMetadata
 from .stats import TPCPromMetrics, TPCStats
+
+logger = logging.getLogger("triton_prefix_cache_vllm")
 
 if TYPE_CHECKING:
     from vllm.v1.core.block_pool import BlockPool
@@ -33,6 +36,7 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
         self.cfg = PrefixCacheConfig.from_dict(extra)
         compat.check_scope(vllm_config, kv_cache_config)
+        _recompute_failed_loads(vllm_config)
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self._sched = None
         self._worker = None
@@ -138,3 +142,15 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
         cfg = PrefixCacheConfig.from_dict(extra_config)
         # Layer-wise loads wait between layers: that needs Python between graph pieces.
         return cfg.load == "layerwise"
+
+
+def _recompute_failed_loads(vllm_config: Any) -> None:
+    """A host-tier copy that fails must cost a recompute, never the request: vLLM's default
+    kv_load_failure_policy 'fail' would end it with an error. The scheduler reads the policy after
+    building its connector (vLLM 0.26 and 0.32), so setting it here takes effect."""
+    kvt = vllm_config.kv_transfer_config
+    if getattr(kvt, "kv_load_failure_policy", "recompute") != "recompute":
+        logger.warning("triton-prefix-cache: kv_load_failure_policy=%r would fail requests whose host-tier "
+                       "copy fails; this cache recomputes their blocks instead (policy set to 'recompute')",
+                       kvt.kv_load_failure_policy)
+        kvt.kv_load_failure_policy = "recompute"

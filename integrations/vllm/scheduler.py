@@ -243,7 +243,8 @@ class SchedulerSide:
         st = self.reqs.pop(request.request_id, None)
         if st is not None and self.cfg.demote == "write_through" and self.pool is not None:
             # The last step's KV is written (its output came back): store what is still unstored.
-            n_full = min(request.num_computed_tokens // self.block_size, len(block_ids), st.keys.shape[0])
+            n_full = min(request.num_computed_tokens // self.block_size, len(block_ids),
+                         len(request.block_hashes))
             self._store_range(request, st, block_ids, n_full)
         # A load still in flight keeps its slots pinned until the worker reports it; vLLM itself
         # keeps the request's blocks until then (it waits for finished_recving).

@@ -110,12 +110,17 @@ class WorkerSide:
         self.pool = HostPool(HostPoolConfig(
             size_bytes=self.cfg.host_cache_bytes, num_layers=len(self.layers), page_bytes=page_bytes,
             device=device if device.type == "cuda" else "cpu"))
+        self.report.pool_slots = self.pool.num_slots
+        self.engine = None
+        if self.pool.num_slots == 0:  # pinning failed outright: serve without the host tier
+            logger.warning("triton-prefix-cache: the host pool has no slot (pinning failed); running "
+                           "without a host tier")
+            return
         backend = self.cfg.copy_backend
         if device.type != "cuda" and backend not in ("auto", "torch"):
             logger.warning("triton-prefix-cache: copy_backend=%r needs CUDA; a CPU engine copies with torch",
                            backend)
             backend = "torch"
-        self.engine = None
         if backend == "auto" and device.type == "cuda":
             # In an engine the copies run beside the forward: the DMA engines leave it every SM,
             # where the Triton copy kernel (faster alone, bench/copy_bench.py) competes for them.
@@ -125,13 +130,13 @@ class WorkerSide:
                 logger.info("triton-prefix-cache: no batched DMA (%s); measuring the other copy paths", e)
         if self.engine is None:
             self.engine = CopyEngine(self.layers, self.pool, backend=backend)
-        self.report.pool_slots = self.pool.num_slots
         logger.info("triton-prefix-cache: %r, copies %s", self.pool, self.engine.backend)
 
     # ---- per step --------------------------------------------------------------------------------------
     def start_load_kv(self, meta: TPCMetadata) -> None:
         eng = self.engine
-        if eng is None:
+        if eng is None:  # no host tier (or shut down): nothing can be copied; say so, never hang
+            self._fail_all(meta)
             return
         timing = self._step_timer.begin(bool(meta.loads))
         for job in meta.stores:
@@ -164,6 +169,14 @@ class WorkerSide:
                 self.async_loads[job.req_id] = (h, t0)
         if timing:
             self._step_timer.submitted()
+
+    def _fail_all(self, meta: TPCMetadata) -> None:
+        self.report.stores_failed.extend(job.job_id for job in meta.stores)
+        for job in meta.loads:
+            self.failed_blocks.update(job.block_ids)
+            self.report.loads_failed.append(job.req_id)
+            if not job.layerwise:
+                self.async_loads[job.req_id] = (_DONE, time.perf_counter())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if not self.sync_loads:
