@@ -250,3 +250,28 @@ def with_env(env: dict[str, str], fn, *args: Any, **kw: Any):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def slow_store_copy_engine(base: type, polls: int) -> type:
+    """A CopyEngine subclass whose stores report `polls` polls late (`done()`), as copies still running
+    on a GPU's copy engine would. The bytes are there (CPU copies are synchronous), so `wait()` returns
+    at once and leaves the late report as it is (the debug page check waits on every store)."""
+
+    class SlowHandle:
+        def __init__(self, h: Any) -> None:
+            self._h, self._left, self.nbytes = h, polls, h.nbytes
+
+        def done(self) -> bool:
+            if self._left > 0:
+                self._left -= 1
+                return False
+            return self._h.done()
+
+        def wait(self) -> None:
+            self._h.wait()
+
+    class SlowStoreCopyEngine(base):
+        def demote(self, *a: Any, **kw: Any) -> Any:
+            return SlowHandle(super().demote(*a, **kw))
+
+    return SlowStoreCopyEngine

@@ -324,31 +324,10 @@ def test_failed_copies_are_recomputed_never_served(runs, model_path, monkeypatch
 
 
 def _slow_stores(monkeypatch, polls: int) -> None:
-    """Make every store look unfinished for its first `polls` polls (`done()`), as a copy still running
-    on a GPU's copy engine would. The bytes are there (CPU copies are synchronous), so `wait()` (the
-    debug page check waits on every store) returns at once and leaves the late report as it is."""
+    """Stores that report `polls` polls late (harness.slow_store_copy_engine)."""
     import triton_prefix_cache_vllm.worker as worker_mod
 
-    base = worker_mod.CopyEngine
-
-    class SlowHandle:
-        def __init__(self, h) -> None:
-            self._h, self._left, self.nbytes = h, polls, h.nbytes
-
-        def done(self) -> bool:
-            if self._left > 0:
-                self._left -= 1
-                return False
-            return self._h.done()
-
-        def wait(self) -> None:
-            self._h.wait()
-
-    class SlowStoreCopyEngine(base):
-        def demote(self, *a, **kw):
-            return SlowHandle(super().demote(*a, **kw))
-
-    monkeypatch.setattr(worker_mod, "CopyEngine", SlowStoreCopyEngine)
+    monkeypatch.setattr(worker_mod, "CopyEngine", H.slow_store_copy_engine(worker_mod.CopyEngine, polls))
 
 
 IDLE_STORES_BUG = (
