@@ -88,6 +88,9 @@ class WorkerSide:
         # Tests: report async loads only after this many extra polls, as a slow copy would be, so the
         # WAITING_FOR_REMOTE_KVS path (and aborts during it) runs on the CPU too, where copies are instant.
         self.debug_load_delay = int(os.environ.get("TPC_DEBUG_LOAD_DELAY", "0"))
+        # Tests: stores likewise report this many polls late (a store outliving its step).
+        self.debug_store_delay = int(os.environ.get("TPC_DEBUG_STORE_DELAY", "0"))
+        self._store_polls: dict[int, int] = {}
         self._polls: dict[str, int] = {}
         #: (bytes, device seconds) of the latest loads, for benchmarks (bench/compare.py)
         self.recent_loads: collections.deque[tuple[int, float]] = collections.deque(maxlen=4096)
@@ -194,6 +197,12 @@ class WorkerSide:
         # copy into the step that planned it: measured, README "Results").
         pending = []
         for job_id, h, t0 in self.stores:
+            if self.debug_store_delay:
+                self._store_polls[job_id] = polls = self._store_polls.get(job_id, 0) + 1
+                if polls <= self.debug_store_delay:
+                    pending.append((job_id, h, t0))
+                    continue
+                del self._store_polls[job_id]
             if not h.done():
                 pending.append((job_id, h, t0))
                 continue

@@ -1,7 +1,9 @@
 """Run the docqa workload through the connector in vLLM's default multi-process mode; print JSON.
 
-Usage: python tests/vllm/mp_run.py MODEL_DIR   (spawned by test_multiprocess.py; the __main__ guard is
-required because vLLM spawns its engine and worker processes)."""
+Usage: python tests/vllm/mp_run.py MODEL_DIR [reset]   (spawned by test_multiprocess.py; the __main__ guard
+is required because vLLM spawns its engine and worker processes). With `reset`: play a few prompts, then
+call reset_prefix_cache until it succeeds (stores still copying hold GPU blocks; the engine core must
+keep stepping until they are reported) and print how long that took."""
 import json
 import os
 import sys
@@ -13,6 +15,18 @@ if __name__ == "__main__":
     import harness as H
 
     llm = H.make_llm(sys.argv[1], kv_blocks=80, kv_transfer_config=H.tpc_config())
+    if sys.argv[2:] == ["reset"]:
+        import time
+
+        H.play(llm, H.docqa(num_docs=4, rounds=1))
+        t0, ok = time.monotonic(), False
+        while not ok and time.monotonic() - t0 < 20:
+            ok = llm.reset_prefix_cache(reset_connector=True)
+            if not ok:
+                time.sleep(0.05)
+        print("RESULT " + json.dumps({"reset_ok": ok, "seconds": time.monotonic() - t0}))
+        llm.llm_engine.engine_core.shutdown()
+        sys.exit(0)
     out = H.play(llm, H.docqa())
     m = H.metric_values(llm)
     print("RESULT " + json.dumps({

@@ -33,3 +33,18 @@ def test_multiprocess_mode_matches_builtin_caching(runs, model_path):
             assert max(abs(x - y) for x, y in zip(lp, r.logprobs)) <= 1e-5
     m = got["metrics"]
     assert m["vllm:external_prefix_cache_hits"] == m["vllm:tpc_host_hit_tokens"] > 0
+
+
+def test_multiprocess_idle_engine_settles_stores(model_path):
+    """Stores outliving their step (reported 3 polls late) hold GPU blocks; an idle multi-process
+    engine keeps stepping (has_pending_push_work) until they are reported, so reset_prefix_cache
+    succeeds soon after the last request instead of failing on held blocks forever."""
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", TPC_DEBUG_PAGES="0", TPC_DEBUG_LOAD_DELAY="0",
+               TPC_DEBUG_STORE_DELAY="3")
+    script = Path(__file__).parent / "mp_run.py"
+    proc = subprocess.run([sys.executable, str(script), str(model_path), "reset"], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=str(Path(__file__).parents[2]))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    got = json.loads(lines[-1][len("RESULT "):])
+    assert got["reset_ok"], got
