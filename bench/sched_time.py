@@ -120,6 +120,10 @@ def run_sched_micro(args: argparse.Namespace) -> dict:
         st = osched._req_status[r.request_id]
         st.update_offload_keys()
         keys = st.group_states[0].offload_keys
+        # Some versions (vLLM 0.26) store a key only after it was looked up `store_threshold` times.
+        for _ in range(getattr(osched.manager, "store_threshold", 0) or 0):
+            for k in keys:
+                osched.manager.lookup(k, st.req_context)
         osched.manager.prepare_store(keys, st.req_context)
         osched.manager.complete_store(keys, st.req_context, True)
 
@@ -149,6 +153,8 @@ def run_sched_micro(args: argparse.Namespace) -> dict:
                 "hit_tokens": got[0],
                 "miss_tokens": got[1],
             }
+        if not (row["tpc"]["hit_tokens"] and row["offload"]["hit_tokens"]):
+            raise RuntimeError(f"the hit case missed ({row}): the host tiers were not filled; no comparison")
         row["ratio_hit"] = row["tpc"]["hit_us"] / row["offload"]["hit_us"]
         row["ratio_miss"] = row["tpc"]["miss_us"] / row["offload"]["miss_us"]
         out["sizes"][str(ntok)] = row
