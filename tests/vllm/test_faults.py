@@ -36,14 +36,6 @@ from triton_prefix_cache.tiers import SlotState
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 SMALL_KV_BLOCKS = 80
-#: A known bug these tests found (xfail(strict=True) until fixed).
-WT_FINISH_BUG = (
-    "bug: with demote='write_through', SchedulerSide.request_finished caps the blocks to store at "
-    "st.keys.shape[0] (keys converted so far), which is 0 unless a host-tier lookup converted them; a "
-    "request that finishes or is aborted before a step's write-through planning saw its computed "
-    "tokens (aborted right after its prefill, max_tokens=1) has none of its blocks demoted; fix: cap at "
-    "len(request.block_hashes) (_store_range converts the keys)"
-)
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
@@ -224,12 +216,6 @@ def test_pin_failure_gives_smaller_pool_warning_and_stat(runs, model_path, monke
     assert not reg.live, "pinned chunks left after shutdown"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: when pinning fails at the first chunk the HostPool has 0 slots (by design: 'an empty tier, "
-    "not a crash'), but WorkerSide.register_kv_caches still builds a CopyEngine over it and the Triton "
-    "copier raises ValueError('host: expected a tensor starting at the layout's host address'): the "
-    "engine fails to start; fix: with pool.num_slots == 0 warn, build no CopyEngine, report pool_slots=0 "
-    "(the scheduler then limits the tier to 0), and have start_load_kv report any store/load as failed"))
 def test_pin_failure_at_first_chunk_serves_without_host_tier(runs, model_path, monkeypatch, caplog):
     oracle = runs("oracle")
     reg = CountingRegistrar(fail_at=0)
@@ -277,26 +263,7 @@ def _flaky_copies(monkeypatch, every: dict[str, int], counts: dict[str, int]) ->
     monkeypatch.setattr(worker_mod, "CopyEngine", FlakyCopyEngine)
 
 
-LOAD_FAILURE_POLICY_BUG = (
-    "bug: the connector leaves vLLM's kv_load_failure_policy at its default 'fail', so a host->GPU "
-    "copy that fails ends the user's request with an error (no tokens) instead of recomputing the "
-    "blocks; with 'recompute' the same failures are recomputed and outputs are right (the 'recompute' "
-    "cases here). Fix: the connector sets kv_transfer_config.kv_load_failure_policy = 'recompute' in "
-    "its constructor (vLLM 0.32's Scheduler reads it after building the connector) or refuses to start "
-    "without it, naming the setting"
-)
-
-
-def _vllm_default_load_failure_policy() -> str:
-    from vllm.config import KVTransferConfig
-
-    return KVTransferConfig().kv_load_failure_policy
-
-
-@pytest.mark.parametrize("policy", [
-    pytest.param("default", marks=pytest.mark.xfail(
-        _vllm_default_load_failure_policy() == "fail", strict=True, reason=LOAD_FAILURE_POLICY_BUG)),
-    "recompute"])
+@pytest.mark.parametrize("policy", ["default", "recompute"])
 @pytest.mark.parametrize("load", ["layerwise", "async"])
 def test_failed_copies_are_recomputed_never_served(runs, model_path, monkeypatch, load, policy):
     """Every 3rd store and every 2nd load raises: a failed store is a future miss, a failed load is
@@ -331,12 +298,13 @@ def _slow_stores(monkeypatch, polls: int) -> None:
 
 
 IDLE_STORES_BUG = (
-    "bug (816f972, stores polled instead of waited for): a store still copying when the last request "
-    "finishes is never polled again while the engine is idle, so its GPU blocks stay held: vLLM's "
-    "reset_prefix_cache() then fails ('some blocks are not freed yet') and the GPU prefix cache keeps "
-    "what it held (after a weight update: KV of the old weights), and the held blocks are unavailable "
-    "to vLLM until the next request arrives; fix: wait for the stores still in flight when a step "
-    "leaves no request running (or in SchedulerSide.reset_cache/the worker when asked to reset)"
+    "bug (since 816f972, stores polled instead of waited for): in-process (LLM with "
+    "VLLM_ENABLE_V1_MULTIPROCESSING=0, as RL frameworks run it) a store still copying when the last "
+    "request finishes is never polled again: LLMEngine steps only while requests are unfinished "
+    "(has_pending_push_work keeps only the multi-process engine core stepping, 1fb49ca), so its GPU "
+    "blocks stay held; vLLM's reset_prefix_cache() then fails ('some blocks are not freed yet') and the "
+    "GPU prefix cache keeps what it held (after a weight update: KV of the old weights); fix: wait for "
+    "the stores still in flight when a step leaves no request running, or in reset_cache"
 )
 
 
@@ -406,7 +374,6 @@ def wt_engine(runs, model_path):
 class TestCopiesInFlight:
     """One engine for the class (shut down before the next test's engine starts)."""
 
-    @pytest.mark.xfail(strict=True, reason=WT_FINISH_BUG)
     def test_abort_with_store_in_flight(self, wt_engine, runs):
         llm = wt_engine
         ref = _flat(runs("oracle").outputs["docqa"])
@@ -433,8 +400,7 @@ class TestCopiesInFlight:
         _assert_quiet(llm)
 
 
-    @pytest.mark.parametrize("in_flight", [
-        "loads", pytest.param("loads_and_store", marks=pytest.mark.xfail(strict=True, reason=WT_FINISH_BUG))])
+    @pytest.mark.parametrize("in_flight", ["loads", "loads_and_store"])
     def test_reset_prefix_cache_with_copies_in_flight(self, wt_engine, runs, in_flight):
         llm = wt_engine
         ref = _flat(runs("oracle").outputs["docqa"])
