@@ -118,6 +118,7 @@ def _flat_metrics(llm) -> dict:
 def run_child(spec: dict) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("TPC_STEP_TIMING", "1")  # our worker times the steps that load (events)
+    os.environ.setdefault("TPC_POLL_STORES", "1")  # stores as in vLLM's default multi-process engine
     from tqdm import tqdm
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt

@@ -72,6 +72,14 @@ def cached_hash(block_hash: bytes) -> Any:
     return _with_group(block_hash, 0)
 
 
+def multiprocess_engine() -> bool:
+    """Whether the engine core runs in its own process (vLLM's default). Only there does an idle
+    engine keep stepping for a connector's pending work (`has_pending_push_work`)."""
+    import vllm.envs as envs
+
+    return bool(envs.VLLM_ENABLE_V1_MULTIPROCESSING)
+
+
 def iter_free_blocks(pool: BlockPool) -> Iterator[KVCacheBlock]:
     """GPU blocks in eviction order (the next one vLLM will reuse first)."""
     q = pool.free_block_queue

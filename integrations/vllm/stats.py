@@ -37,7 +37,7 @@ COUNTERS = (
     "step_seconds",  # per-step adapter time (planning demotions, handling completions)
 )
 #: Gauges (the latest value wins on aggregate).
-GAUGES = ("inflight_loads", "inflight_stores", "host_used_slots", "host_slots")
+GAUGES = ("inflight_loads", "inflight_stores", "host_used_slots", "host_slots", "host_pool_pin_failures")
 
 
 @dataclass
@@ -67,7 +67,7 @@ class TPCStats(KVConnectorStats):
 
     def is_empty(self) -> bool:
         return not any(self.data.get(k, 0) for k in COUNTERS) and not any(
-            self.data.get(k, 0) for k in ("inflight_loads", "inflight_stores")
+            self.data.get(k, 0) for k in ("inflight_loads", "inflight_stores", "host_pool_pin_failures")
         )
 
     def reduce(self) -> dict[str, int | float]:
@@ -91,6 +91,7 @@ class TPCStats(KVConnectorStats):
             "failed_loads": int(d.get("failed_loads", 0)),
             "inflight_loads": int(d.get("inflight_loads", 0)),
             "host_used_slots": int(d.get("host_used_slots", 0)),
+            "host_slots": int(d.get("host_slots", 0)),
             "sched_us_per_req": round(sched_us, 1),
         }
 
@@ -115,6 +116,9 @@ _PROM_COUNTERS = {
 _PROM_GAUGES = {
     "inflight_loads": ("vllm:tpc_inflight_loads", "Host -> GPU loads in flight."),
     "host_used_slots": ("vllm:tpc_host_used_slots", "Host-tier slots holding a block."),
+    "host_slots": ("vllm:tpc_host_slots", "Host-tier slots (fewer than configured if pinning failed)."),
+    "host_pool_pin_failures": ("vllm:tpc_host_pool_pin_failures",
+                               "Pinned registrations of the host pool that failed (the pool shrank)."),
 }
 
 

@@ -4,9 +4,9 @@ Runs next to the model runner. `register_kv_caches` builds one byte view `[num_b
 per layer from the tensor's storage (so the copy code does not depend on vLLM's layout) and the
 host pool `[num_slots, num_layers, page_bytes]`. Each step `start_load_kv` submits the step's
 stores and loads on the copy engine's side streams. Completion:
-- stores: polled at the end of every step (never waited for: they overlap the forward and later
-  steps), reported to the scheduler through the worker metadata once done; the scheduler holds
-  their GPU blocks until then;
+- stores: in the default multi-process engine, polled at the end of every step (they overlap the
+  forward and later steps), reported through the worker metadata once done, the scheduler holding
+  their GPU blocks until then; in an in-process engine, waited for at the end of their step;
 - layer-wise loads: `wait_for_layer_load` orders each layer's attention after that layer's copy;
 - async loads: polled every step; a finished one is reported through `get_finished` (vLLM then
   schedules the request) and through the worker metadata (the scheduler unpins its slots).
@@ -25,6 +25,7 @@ from triton_prefix_cache.config import PrefixCacheConfig
 from triton_prefix_cache.copy_engine import CopyEngine, CopyHandle
 from triton_prefix_cache.host_pool import HostPool, HostPoolConfig
 
+from . import compat
 from .metadata import TPCMetadata, TPCWorkerMetadata
 from .stats import TPCStats
 
@@ -91,6 +92,13 @@ class WorkerSide:
         # Tests: stores likewise report this many polls late (a store outliving its step).
         self.debug_store_delay = int(os.environ.get("TPC_DEBUG_STORE_DELAY", "0"))
         self._store_polls: dict[int, int] = {}
+        # Stores are polled where an idle engine keeps stepping until they are reported (the default
+        # multi-process engine core: has_pending_push_work). An in-process engine stops stepping with
+        # its last request, so a store left copying would hold its GPU blocks (and fail
+        # reset_prefix_cache) until the next request: there they are waited for at the end of their
+        # step. TPC_POLL_STORES=1/0 overrides (benchmarks and tests of the polled path).
+        poll = os.environ.get("TPC_POLL_STORES")
+        self.poll_stores = compat.multiprocess_engine() if poll is None else poll == "1"
         self._polls: dict[str, int] = {}
         #: (bytes, device seconds) of the latest loads, for benchmarks (bench/compare.py)
         self.recent_loads: collections.deque[tuple[int, float]] = collections.deque(maxlen=4096)
@@ -100,6 +108,14 @@ class WorkerSide:
 
     # ---- setup ---------------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        if self.pool is not None:
+            # vLLM keeps one worker-side connector per process: a second in-process engine would
+            # re-point the first engine's copies at its own KV cache (wrong KV for the first).
+            raise RuntimeError(
+                "TritonPrefixCacheConnector: a second vLLM engine registered its KV cache with this "
+                "process's connector while the first engine is alive; vLLM keeps one KV connector per "
+                "process, so run each engine in its own process (VLLM_ENABLE_V1_MULTIPROCESSING=1, the "
+                "default) or shut the first engine down before starting the next")
         names = [n for n in self.layer_names if n in kv_caches] or list(kv_caches)
         missing = [n for n in self.layer_names if n not in kv_caches]
         if missing:
@@ -203,10 +219,10 @@ class WorkerSide:
                     pending.append((job_id, h, t0))
                     continue
                 del self._store_polls[job_id]
-            if not h.done():
+            if self.poll_stores and not h.done():
                 pending.append((job_id, h, t0))
                 continue
-            h.wait()  # done: releases the handle's index tensors
+            h.wait()  # done (or, not polling, wait): releases the handle's index tensors
             s.add("store_seconds", time.perf_counter() - t0)
             s.add("store_bytes", h.nbytes)
             s.add("stores", 1)
@@ -254,6 +270,8 @@ class WorkerSide:
 
     def get_stats(self) -> TPCStats | None:
         self.stats.set("inflight_loads", len(self.async_loads))
+        if self.pool is not None and self.pool.stats.pin_failures:
+            self.stats.set("host_pool_pin_failures", self.pool.stats.pin_failures)
         if self.stats.is_empty():
             return None
         out, self.stats = self.stats, TPCStats()

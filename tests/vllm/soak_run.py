@@ -135,8 +135,9 @@ def run(model_path: str, config: str = "defaults") -> SoakResult:
     import triton_prefix_cache_vllm.worker as worker_mod
 
     real_engine = worker_mod.CopyEngine
-    if store_polls:
+    if store_polls:  # stores outlive their step, as in the default multi-process engine
         worker_mod.CopyEngine = H.slow_store_copy_engine(real_engine, store_polls)
+        os.environ["TPC_POLL_STORES"] = "1"
     try:
         llm = H.with_env({"TPC_DEBUG_PAGES": "1", "TPC_DEBUG_LOAD_DELAY": delay}, H.make_llm, model_path,
                          kv_blocks=SOAK_KV_BLOCKS, kv_transfer_config=tpc)

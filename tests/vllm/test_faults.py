@@ -206,7 +206,10 @@ def test_pin_failure_gives_smaller_pool_warning_and_stat(runs, model_path, monke
         assert wk.debug_pages and max(wk.debug_pages) < 256, "a store went past the pinned pool"
         assert wk.debug_checked > 0 and wk.debug_mismatches == []
         assert side.stats.data["host_slots"] == 256  # the gauge the scheduler reports each interval
-        assert H.metric_values(llm)["vllm:tpc_host_used_slots"] <= 256
+        m = H.metric_values(llm)
+        assert m["vllm:tpc_host_used_slots"] <= 256
+        # both gauges reach vLLM's metrics: the real pool size and the failed registration
+        assert m["vllm:tpc_host_slots"] == 256 and m["vllm:tpc_host_pool_pin_failures"] == 1, m
         _assert_quiet(llm)
     finally:
         H.shutdown(llm)
@@ -290,31 +293,24 @@ def test_failed_copies_are_recomputed_never_served(runs, model_path, monkeypatch
         H.shutdown(llm)
 
 
-def _slow_stores(monkeypatch, polls: int) -> None:
-    """Stores that report `polls` polls late (harness.slow_store_copy_engine)."""
+def _slow_stores(monkeypatch, polls: int, poll: bool = True) -> None:
+    """Stores that report `polls` polls late (harness.slow_store_copy_engine). poll: the worker polls
+    its stores as in vLLM's default multi-process engine (TPC_POLL_STORES=1), so stores outlive their
+    step here too; False keeps this in-process engine's own behaviour (wait at the end of the step)."""
     import triton_prefix_cache_vllm.worker as worker_mod
 
     monkeypatch.setattr(worker_mod, "CopyEngine", H.slow_store_copy_engine(worker_mod.CopyEngine, polls))
+    monkeypatch.setenv("TPC_POLL_STORES", "1" if poll else "0")
 
 
-IDLE_STORES_BUG = (
-    "bug (since 816f972, stores polled instead of waited for): in-process (LLM with "
-    "VLLM_ENABLE_V1_MULTIPROCESSING=0, as RL frameworks run it) a store still copying when the last "
-    "request finishes is never polled again: LLMEngine steps only while requests are unfinished "
-    "(has_pending_push_work keeps only the multi-process engine core stepping, 1fb49ca), so its GPU "
-    "blocks stay held; vLLM's reset_prefix_cache() then fails ('some blocks are not freed yet') and the "
-    "GPU prefix cache keeps what it held (after a weight update: KV of the old weights); fix: wait for "
-    "the stores still in flight when a step leaves no request running, or in reset_cache"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=IDLE_STORES_BUG)
 def test_idle_engine_settles_slow_stores(runs, model_path, monkeypatch):
     """Stores still copying when the last request finishes must not keep GPU blocks held while the
     engine is idle: vLLM's reset_prefix_cache (called after every weight update in RL loops) fails
-    while any block is held, and a failed reset leaves the old weights' KV in the GPU prefix cache."""
+    while any block is held, and a failed reset leaves the old weights' KV in the GPU prefix cache.
+    In-process the worker therefore waits for its stores at the end of their step (the multi-process
+    engine keeps stepping instead: test_multiprocess.py)."""
     runs("oracle")
-    _slow_stores(monkeypatch, polls=10)
+    _slow_stores(monkeypatch, polls=10, poll=False)
     llm = _engine(model_path, H.tpc_config())
     try:
         H.play_prompts(llm, [_docqa_prompt(b) for b in range(4)], per_call=1)
@@ -589,10 +585,6 @@ def test_two_models_one_after_another(runs, model_path, other_model):
         H.compare_records(ours, ref, f"sequential/{name}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: vLLM keeps one worker-side connector per process (kv_transfer_state._KV_CONNECTOR_AGENT); "
-    "a second in-process engine re-registers its KV caches on the first engine's WorkerSide, which "
-    "then copies the first engine's host hits into the second engine's KV cache"))
 def test_two_models_side_by_side(runs, model_path, other_model):
     """Both engines alive in one process (in-process mode), requests interleaved. Either both serve
     their own model's KV, or the second is refused at startup with a clear message and the first
