@@ -130,11 +130,9 @@ class SchedulerSide:
         end = (request.num_tokens - 1) // bs
         st.plan_start, st.plan_n, st.fresh, st.request = start, 0, True, request
         if end > start and num_computed_tokens % bs == 0 and len(self.tier):
-            if st.keys.shape[0] <= start and not self.tier.match(_first_key(request, start)):
-                pass  # a miss at the first block: the rest of the prompt is never converted
-            else:
-                keys = st.keys_for(request)
-                st.plan_n = self.tier.match(keys[start:end])
+            # Most misses happen at the first block: then only that block's key is converted and probed.
+            if st.keys.shape[0] > start or self.tier.match(_first_key(request, start)):
+                st.plan_n = self.tier.match(st.keys_for(request)[start:end])
         n = st.plan_n
         s = self.stats
         if not st.counted:  # one request counts once, however often vLLM asks
