@@ -7,6 +7,7 @@ key and what is allowed, before any memory is allocated.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -59,6 +60,19 @@ class PrefixCacheConfig:
     @property
     def host_cache_bytes(self) -> int:
         return int(self.host_cache_gib * (1 << 30))
+
+    def check_fits_host(self) -> None:
+        """Raise ConfigError if the host pool is larger than this machine's physical memory (a typo
+        such as 16000 for 16 would otherwise allocate bookkeeping for it and then fail to pin)."""
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return  # unknown here: the pool's own fallback (a smaller pool, a warning) still applies
+        if self.host_cache_bytes > total:
+            raise ConfigError(
+                f"config key 'host_cache_gib' = {self.host_cache_gib} is more than this machine's physical "
+                f"memory ({total / (1 << 30):.1f} GiB); give the host pool a part of it"
+            )
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:

@@ -35,6 +35,7 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
         # Validate before the base class logs anything or we allocate anything.
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
         self.cfg = PrefixCacheConfig.from_dict(extra)
+        self.cfg.check_fits_host()
         compat.check_scope(vllm_config, kv_cache_config)
         _recompute_failed_loads(vllm_config)
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)

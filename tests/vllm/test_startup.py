@@ -69,6 +69,7 @@ BAD = [
     ({"host_cache_gib": 1, "index_backend": "gpu"}, ["index_backend", "'auto'", "'triton'", "'torch'"]),
     ({"host_cache_gib": 1, "eviction": "fifo"}, ["eviction", "'lru'"]),
     ({"host_cache_gib": 1, "cpu_bytes_to_use": 1}, ["cpu_bytes_to_use", "allowed keys"]),
+    ({"host_cache_gib": 1e6}, ["host_cache_gib", "physical memory"]),  # a million GiB: no such machine
 ]
 
 
