@@ -212,11 +212,15 @@ def _recent_loads() -> dict | None:
     return out
 
 
+def _scheduler_connector(llm):
+    """The scheduler-side connector of an in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0), or None."""
+    core = getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
+    return getattr(getattr(core, "scheduler", None), "connector", None)
+
+
 def _tier_counters(llm) -> dict:
     """Our host tier's counters (blocks and bytes each way), read from the in-process scheduler."""
-    core = getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
-    conn = getattr(getattr(core, "scheduler", None), "connector", None)
-    side = getattr(conn, "_sched", None)
+    side = getattr(_scheduler_connector(llm), "_sched", None)
     if side is None:
         return {}
     st = side.tier.tm.stats
@@ -255,8 +259,7 @@ def _time_connector_hooks(llm) -> dict[str, list[float]]:
     timed otherwise, or when the config has no connector.
     """
     calls: dict[str, list[float]] = {}
-    core = getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
-    conn = getattr(getattr(core, "scheduler", None), "connector", None)
+    conn = _scheduler_connector(llm)
     if conn is None:
         return calls
     for name in SCHEDULER_HOOKS:

@@ -138,16 +138,15 @@ class SchedulerSide:
         if not st.counted:  # one request counts once, however often vLLM asks
             st.counted = True
             s.add("sched_requests", 1)
-        if n and self.load_async and self.tier.loading(st.keys[start : start + 1]):
-            # Another request is loading this prefix right now (vLLM caches its blocks only when the
-            # load completes): ask again later and hit them in VRAM then, rather than copying the
-            # same prefix over PCIe once per request (a burst sharing one long prefix).
+        # Another request loading this prefix right now (vLLM caches its blocks only when that load
+        # completes): ask again later and hit them in VRAM then, rather than copying the same prefix
+        # over PCIe once per request (a burst sharing one long prefix).
+        deferred = bool(n) and self.load_async and self.tier.loading(st.keys[start : start + 1])
+        if deferred:
             st.plan_n = 0
             s.add("deferred_requests", 1)
-            s.add("sched_seconds", time.perf_counter() - t0)
-            return None, False
         s.add("sched_seconds", time.perf_counter() - t0)
-        return n * bs, bool(n) and self.load_async
+        return (None, False) if deferred else (n * bs, bool(n) and self.load_async)
 
     def update_state_after_alloc(self, request: Request, blocks: Any, num_external_tokens: int) -> None:
         t0 = time.perf_counter()
