@@ -148,9 +148,11 @@ def run_child(spec: dict) -> dict:
             SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True, detokenize=False)
             for r in batch
         ]
+        hooks0 = sum(map(sum, hooks.values()))
         t = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         batch_s = time.perf_counter() - t
+        batch_hook_ms = sum(map(sum, hooks.values())) - hooks0
         for r, o in zip(batch, outs):
             m = getattr(o, "metrics", None)
             ftl = getattr(m, "first_token_latency", 0.0) if m is not None else 0.0
@@ -163,6 +165,7 @@ def run_child(spec: dict) -> dict:
                     # One request at a time: the generate call is the latency. Batches: vLLM's own TTFT.
                     "ttft_s": batch_s if len(batch) == 1 or not ftl else ftl,
                     "batch_s": batch_s,
+                    "batch_hook_ms": batch_hook_ms,  # the adapter's scheduler hooks in this batch
                     "batch": bi,
                 }
             )
@@ -323,6 +326,9 @@ def summarize(workload: W.Workload, result: dict) -> dict:
         toks = sum(r["output_tokens"] for r in reqs if r["label"] == lab)
         per[lab].update(requests_per_s=n / secs if secs else None,
                         output_tokens_per_s=toks / secs if secs else None)
+        hook_ms = sum(r.get("batch_hook_ms", 0.0) for r in batches.values())
+        if hook_ms:
+            per[lab]["connector_hook_ms_per_request"] = hook_ms / n
     focus = [r["ttft_s"] * 1e3 for r in reqs if r["label"] in workload.focus]
     out_tokens = sum(r["output_tokens"] for r in reqs)
     hits = {k: v for k, v in result["metrics_delta"].items()

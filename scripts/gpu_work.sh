@@ -4,6 +4,9 @@
 #   bash scripts/gpu_work.sh docqa      document QA: built-in offloading vs ours (defaults and variants)
 #   bash scripts/gpu_work.sh more       burst, no-reuse, fits, scheduler time at 8k/128k
 #   bash scripts/gpu_work.sh vllm       the adapter's vLLM tests (eager engines)
+#   bash scripts/gpu_work.sh engine     the adapter's engine tests compiled, then scheduler time
+#   bash scripts/gpu_work.sh graphs     no-reuse/fits (prefix, ours, ours async), then document QA
+#   bash scripts/gpu_work.sh reliability  soak, faults, collisions, burst tests (eager engines)
 # Results and logs go to one tarball $OUT/<part>.tgz (the device tool brings back few files); each
 # step has its own time limit so one slow step cannot eat the call.
 set -uo pipefail
@@ -42,6 +45,18 @@ case "${1:-}" in
     run 120 sched python3 -m bench.sched_time --out "$OUT/sched.json" ;;
   vllm)
     TPC_TEST_EAGER=1 run 560 gpu-tests-vllm python3 -m pytest -q -p no:cacheprovider tests/vllm ;;
-  *) echo "usage: $0 tests | docqa | rerun | more | vllm" >&2; exit 2 ;;
+  engine)  # the adapter's engine tests compiled (vLLM's default CUDA graphs), then scheduler time
+    run "${TPC_ENGINE_TIMEOUT:-330}" gpu-tests-engine python3 -m pytest -q -p no:cacheprovider -rsx --durations=12 \
+      tests/vllm/test_engine.py tests/vllm/test_units.py tests/vllm/test_startup.py tests/vllm/test_multiprocess.py
+    run 150 sched python3 -m bench.sched_time --out "$OUT/sched.json" ;;
+  graphs)  # full CUDA graphs kept with layer-wise loads: no-reuse and fits, then document QA
+    run 330 compare-noreuse-fits python3 -m bench.compare --workload noreuse fits \
+      --configs prefix ours ours:load=async --out "$OUT/compare-noreuse-fits.json"
+    run 240 compare-docqa python3 -m bench.compare --workload docqa --configs offload ours \
+      --out "$OUT/compare-docqa.json" ;;
+  reliability)  # issue 5's engine tests, eager
+    TPC_TEST_EAGER=1 run 560 gpu-tests-reliability python3 -m pytest -q -p no:cacheprovider -rsx \
+      tests/vllm/test_soak.py tests/vllm/test_faults.py tests/vllm/test_collisions.py tests/vllm/test_burst.py ;;
+  *) echo "usage: $0 tests | docqa | rerun | more | vllm | engine | graphs | reliability" >&2; exit 2 ;;
 esac
 tar czf "$FINAL/$1.tgz" -C "$OUT" . && ls -la "$OUT"

@@ -148,6 +148,29 @@ def test_round_trip_matches_reference(kernel_device, backend, dtype, block_shape
     )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_warm_up_leaves_the_block_as_it_was(kernel_device, backend):
+    """warm_up runs each copy path on one block and slot; only that slot changes, stats do not."""
+    kv = make_kv(6, 3, (4, 16), torch.float16, "separate", kernel_device, seed=3)
+    views = byte_views(kv)
+    pool = make_pool(4, 3, views[0].shape[1], kernel_device)
+    eng = CopyEngine(views, pool, backend=backend)
+    try:
+        before = np_layers(views)
+        pool.slots.numpy()[:] = 7
+        assert eng.warm_up(block=2, slot=1) >= 0
+        for layer in range(3):
+            assert_bytes_equal(views[layer].cpu().numpy(), before[layer], f"layer {layer} ({backend})")
+            assert_bytes_equal(pool.slots.numpy()[1, layer], before[layer][2], f"slot ({backend})")
+        assert (pool.slots.numpy()[[0, 2, 3]] == 7).all()
+        assert eng.stats.demotes == eng.stats.promotes == 0
+        with pytest.raises(ValueError, match="block"):
+            eng.warm_up(block=6)
+    finally:
+        eng.close()
+        pool.close()
+
+
 def test_grid_stride_loop_with_few_programs(kernel_device):
     """Fewer programs than pages: each program walks several (the persistent-kernel path)."""
     run_round_trip(

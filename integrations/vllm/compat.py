@@ -59,6 +59,17 @@ def host_hit_source() -> Any | None:
     return getattr(CacheHitSource, "HOST", None)
 
 
+def replays_full_cuda_graph(forward_context: Any) -> bool:
+    """Whether this step's forward replays one full CUDA graph (vLLM's FULL runtime mode).
+
+    Such a replay runs no Python inside the model, so per-layer `wait_for_layer_load` calls are
+    not made: a layer-wise load must then be waited for whole before the forward. Both versions
+    set `cudagraph_runtime_mode` on the forward context before calling `start_load_kv`.
+    """
+    mode = getattr(forward_context, "cudagraph_runtime_mode", None)
+    return getattr(mode, "name", None) == "FULL"
+
+
 def block_hash_of(block: KVCacheBlock) -> bytes | None:
     """The plain block hash (without vLLM's group-id suffix) of a cached GPU block, else None."""
     h = block.block_hash

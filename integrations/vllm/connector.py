@@ -98,7 +98,7 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._connector_metadata
         if isinstance(meta, TPCMetadata):
-            self._worker.start_load_kv(meta)
+            self._worker.start_load_kv(meta, full_graph=compat.replays_full_cuda_graph(forward_context))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         self._worker.wait_for_layer_load(layer_name)
@@ -140,9 +140,12 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict) -> bool:
         # vLLM asks this while building its config (GPU, CUDA graphs on): validate as early as that.
-        cfg = PrefixCacheConfig.from_dict(extra_config)
-        # Layer-wise loads wait between layers: that needs Python between graph pieces.
-        return cfg.load == "layerwise"
+        PrefixCacheConfig.from_dict(extra_config)
+        # No: layer-wise loads wait per layer where Python runs between graph pieces (piecewise
+        # graphs, eager), and wait whole before the forward where vLLM replays a full graph (it
+        # says so in the forward context, see WorkerSide.start_load_kv). Asking for PIECEWISE would
+        # cost every decode step its full CUDA graph (measured: README "Results", no reuse).
+        return False
 
 
 def _recompute_failed_loads(vllm_config: Any) -> None:

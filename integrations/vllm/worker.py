@@ -77,6 +77,7 @@ class WorkerSide:
         self.engine: CopyEngine | None = None
         self.stores: list[tuple[int, CopyHandle, float]] = []
         self.sync_loads: list[tuple[str, CopyHandle, float]] = []
+        self.full_graph_loads = 0  # layer-wise loads waited for whole (full CUDA graph steps)
         self.async_loads: dict[str, tuple[CopyHandle, float]] = {}
         self.failed_blocks: set[int] = set()
         self.report = TPCWorkerMetadata()
@@ -149,10 +150,18 @@ class WorkerSide:
                 logger.info("triton-prefix-cache: no batched DMA (%s); measuring the other copy paths", e)
         if self.engine is None:
             self.engine = CopyEngine(self.layers, self.pool, backend=backend)
-        logger.info("triton-prefix-cache: %r, copies %s", self.pool, self.engine.backend)
+        warm = ""
+        if device.type == "cuda":
+            # Block 0 is vLLM's null block (never holds a request's KV); the round trip leaves it as
+            # it was. Without this the first host hit paid the copy path's set-up (Triton: ~600 ms).
+            warm = f", warmed up in {1e3 * self.engine.warm_up(block=0, slot=0):.0f} ms"
+        logger.info("triton-prefix-cache: %r, copies %s%s", self.pool, self.engine.backend, warm)
 
     # ---- per step --------------------------------------------------------------------------------------
-    def start_load_kv(self, meta: TPCMetadata) -> None:
+    def start_load_kv(self, meta: TPCMetadata, full_graph: bool = False) -> None:
+        """Submit the step's stores and loads. full_graph: the forward replays one full CUDA graph,
+        which makes no `wait_for_layer_load` calls, so this step's layer-wise loads are waited for
+        whole (on the device) before it."""
         eng = self.engine
         if eng is None:  # no host tier (or shut down): nothing can be copied; say so, never hang
             self._fail_all(meta)
@@ -186,6 +195,11 @@ class WorkerSide:
                 self.sync_loads.append((job.req_id, h, t0))
             else:
                 self.async_loads[job.req_id] = (h, t0)
+        if full_graph and self.sync_loads:
+            for _, h, _ in self.sync_loads:
+                h.wait_all()
+            self.stats.add("full_graph_loads", len(self.sync_loads))
+            self.full_graph_loads += len(self.sync_loads)
         if timing:
             self._step_timer.submitted()
 

@@ -25,7 +25,8 @@ import harness as H
 
 BIG_KV_BLOCKS = 1200
 SMALL_KV_BLOCKS = 80  # < 4 documents of the docqa workload: LRU evicts each before its reuse
-WORKLOADS = {"docqa": H.docqa, "chat": H.chat, "concurrent": H.concurrent, "preempt": H.preempt}
+WORKLOADS = {"docqa": H.docqa, "chat": H.chat, "concurrent": H.concurrent, "preempt": H.preempt,
+             "tail1": H.tail1}
 
 CONFIGS: dict[str, dict] = {
     "oracle": dict(kv_blocks=BIG_KV_BLOCKS),
@@ -65,7 +66,8 @@ def _connector_state(llm) -> dict:
     }
     if has_kv_transfer_group():
         wk = get_kv_transfer_group()._worker
-        out.update(debug_checked=wk.debug_checked, debug_mismatches=list(wk.debug_mismatches))
+        out.update(debug_checked=wk.debug_checked, debug_mismatches=list(wk.debug_mismatches),
+                   full_graph_loads=wk.full_graph_loads)
     return out
 
 
@@ -85,6 +87,8 @@ def _run(name: str, model_path: Path) -> H.RunResult:
             else:
                 os.environ[k] = v
     try:
+        cg = llm.llm_engine.vllm_config.compilation_config.cudagraph_mode
+        res.extra["full_cuda_graphs"] = bool(cg is not None and cg.has_full_cudagraphs())
         is_tpc = cfg.get("kv_transfer_config") is not None
         for wname, make in WORKLOADS.items():
             res.outputs[wname] = H.play(llm, make())

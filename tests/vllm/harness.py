@@ -46,6 +46,16 @@ def docqa(num_docs: int = 6, doc_blocks: int = 24, rounds: int = 3, seed: int = 
     return Workload("docqa", batches)
 
 
+def tail1(num_docs: int = 5, doc_blocks: int = 16, rounds: int = 3, seed: int = 5) -> Workload:
+    """Document QA whose question is one token: a host hit leaves exactly one token to compute, so
+    the loading step is a uniform one-token batch, the kind vLLM runs as one full CUDA graph (on the
+    GPU, compiled) where no per-layer wait can run."""
+    rng = random.Random(seed)
+    docs = [[rng.randrange(100, 30000) for _ in range(doc_blocks * BLOCK)] for _ in range(num_docs)]
+    batches = [[[*d, rng.randrange(100, 30000)]] for _ in range(rounds) for d in docs]
+    return Workload("tail1", batches)
+
+
 def chat(num_sessions: int = 5, turns: int = 4, first_blocks: int = 10, turn_tokens: int = 150,
          seed: int = 2) -> Workload:
     """Multi-turn chat: each turn's prompt is the previous one plus new tokens; sessions interleave."""

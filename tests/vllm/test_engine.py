@@ -25,7 +25,7 @@ def _compare(ours, ref, lp_tol: float, what: str) -> None:
 
 
 @pytest.mark.parametrize("config", TPC_CONFIGS)
-@pytest.mark.parametrize("workload", ["docqa", "chat"])
+@pytest.mark.parametrize("workload", ["docqa", "chat", "tail1"])
 def test_same_as_builtin_caching_with_big_kv(runs, config, workload):
     ours, ref = runs(config).outputs[workload], runs("oracle").outputs[workload]
     # Same hit boundaries: whatever the big GPU cache hit, we served from GPU or host.
@@ -37,7 +37,7 @@ def test_same_as_builtin_caching_with_big_kv(runs, config, workload):
 
 
 @pytest.mark.parametrize("config", [*TPC_CONFIGS, "smallhost"])
-@pytest.mark.parametrize("workload", ["docqa", "chat", "concurrent", "preempt"])
+@pytest.mark.parametrize("workload", ["docqa", "chat", "concurrent", "preempt", "tail1"])
 def test_same_tokens_as_no_caching(runs, config, workload):
     _compare(runs(config).outputs[workload], runs("nocache").outputs[workload], 1e-3,
              f"{config}/{workload} vs no caching")
@@ -59,7 +59,7 @@ def test_workloads_overflow_the_kv_cache(runs):
 
 @pytest.mark.parametrize("config", [*TPC_CONFIGS, "smallhost"])
 def test_restored_pages_equal_demoted_pages(runs, config):
-    st = runs(config).extra["state_after_preempt"]
+    st = runs(config).extra["state_after_tail1"]
     assert st["debug_checked"] > 0
     assert st["debug_mismatches"] == []
 
@@ -84,11 +84,26 @@ def test_external_hit_counter_shows_host_hits(runs):
 def test_nothing_leaks_between_workloads(runs, config):
     """After each workload: no pinned slot, no held GPU block, no copy in flight, index == tier."""
     res = runs(config)
-    for w in ("docqa", "chat", "concurrent", "preempt"):
+    for w in ("docqa", "chat", "concurrent", "preempt", "tail1"):
         st = res.extra[f"state_after_{w}"]
         assert st["pins"] == 0 and st["held"] == 0, (w, st)
         assert st["inflight_loads"] == 0 and st["inflight_stores"] == 0, (w, st)
         assert st["gpu_free"] == st["gpu_total"] - 1, (w, st)  # all but the null block
+
+
+def test_one_token_loads_wait_whole_under_full_cuda_graphs(runs):
+    """A host hit leaving one token to compute makes a uniform one-token batch, which vLLM replays as
+    one full CUDA graph where it captured them (GPU, compiled): no per-layer wait runs inside it, so
+    the worker waits for the whole load first. Outputs: test_same_as_builtin_caching_with_big_kv[tail1]."""
+    res = runs("layerwise")
+    hits = sum(r.num_cached_tokens for batch in res.outputs["tail1"] for r in batch)
+    assert hits > 0
+    st, before = res.extra["state_after_tail1"], res.extra["state_after_preempt"]
+    waited = st["full_graph_loads"] - before["full_graph_loads"]
+    if res.extra["full_cuda_graphs"]:
+        assert waited > 0, "no load step ran as a full CUDA graph: the test did not test the path"
+    else:
+        assert waited == 0  # no full graphs (CPU, eager): every load waits per layer
 
 
 def test_small_host_tier_evicts_and_stays_correct(runs):

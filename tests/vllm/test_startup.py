@@ -88,8 +88,9 @@ def test_bad_config_fails_before_cuda_graph_setup():
 
     with pytest.raises(ConfigError, match="load"):
         TritonPrefixCacheConnector.requires_piecewise_for_cudagraph({"host_cache_gib": 1, "load": "x"})
-    # Layer-wise loads (the default) wait between layers, so they need piecewise graphs.
-    assert TritonPrefixCacheConnector.requires_piecewise_for_cudagraph({"host_cache_gib": 1})
+    # Neither load mode gives up full CUDA graphs: a layer-wise load in a full-graph step is
+    # waited for whole (test_units, test_engine tail1).
+    assert not TritonPrefixCacheConnector.requires_piecewise_for_cudagraph({"host_cache_gib": 1})
     async_ = {"host_cache_gib": 1, "load": "async"}
     assert not TritonPrefixCacheConnector.requires_piecewise_for_cudagraph(async_)
 

@@ -140,3 +140,65 @@ def test_release_keeps_lru_position():
     after = [b.block_id for b in compat.iter_free_blocks(pool)]
     assert after[0] == order[0] and after[-1] == order[1]
     assert all(b.ref_cnt == 0 for b in head)
+
+
+class _RecordingHandle:
+    """Stands in for a CopyHandle: records how the compute stream was ordered after the copy."""
+
+    nbytes = 0
+
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def wait_all(self) -> None:
+        self.log.append("whole")
+
+    def wait_layer(self, layer: int) -> None:
+        self.log.append(layer)
+
+    def wait(self) -> None:
+        pass
+
+    def gpu_seconds(self):
+        return None
+
+
+class _RecordingEngine:
+    def __init__(self) -> None:
+        self.log: list = []
+
+    def promote(self, slots, block_ids, layerwise=False):
+        self.log.append(("promote", layerwise))
+        return _RecordingHandle(self.log)
+
+
+@pytest.mark.parametrize("full_graph", [False, True])
+def test_layerwise_loads_wait_whole_when_the_step_replays_a_full_graph(full_graph):
+    """A full CUDA graph replay calls no wait_for_layer_load: the load must be waited for before it."""
+    from types import SimpleNamespace
+
+    from triton_prefix_cache_vllm import compat
+    from triton_prefix_cache_vllm.metadata import LoadJob, TPCMetadata
+    from triton_prefix_cache_vllm.worker import WorkerSide
+    from vllm.config import CUDAGraphMode
+
+    from triton_prefix_cache.config import PrefixCacheConfig
+
+    mode = CUDAGraphMode.FULL if full_graph else CUDAGraphMode.PIECEWISE
+    assert compat.replays_full_cuda_graph(SimpleNamespace(cudagraph_runtime_mode=mode)) is full_graph
+    assert compat.replays_full_cuda_graph(SimpleNamespace(cudagraph_runtime_mode=CUDAGraphMode.NONE)) is False
+    assert compat.replays_full_cuda_graph(object()) is False
+
+    w = WorkerSide(PrefixCacheConfig(host_cache_gib=1), None, None)
+    eng = w.engine = _RecordingEngine()
+    w.layer_index = {"l0": 0, "l1": 1}
+    meta = TPCMetadata(loads=[LoadJob("a", [0, 1], [5, 6], True), LoadJob("b", [2], [7], False)])
+    ctx = SimpleNamespace(cudagraph_runtime_mode=mode)
+    w.start_load_kv(meta, full_graph=compat.replays_full_cuda_graph(ctx))
+    # only the layer-wise load is waited for whole, and only under a full graph
+    want = [("promote", True), ("promote", False)] + (["whole"] if full_graph else [])
+    assert eng.log == want
+    w.wait_for_layer_load("l0")
+    w.wait_for_layer_load("l1")
+    assert eng.log[len(want):] == [0, 1]  # per-layer waits stay (harmless after a whole wait)
+    assert w.full_graph_loads == (1 if full_graph else 0)
