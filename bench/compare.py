@@ -477,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
             "host_gib": host_gib,
             "engine": engine,
             "pinned_memcpy_gbps": gbps,
+            # cProfile on the scheduler hooks slows them: timings of such a run are not headlines
+            "hook_profiler": _PROFILER is not None,
             "ratios": _ratios(results),
             "workloads": results,
         }

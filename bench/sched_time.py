@@ -51,7 +51,7 @@ def run_sched_micro(args: argparse.Namespace) -> dict:
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.hashing import get_hash_fn_by_name
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
     from vllm.v1.request import Request
 
     from bench.models import get_model
@@ -77,7 +77,16 @@ def run_sched_micro(args: argparse.Namespace) -> dict:
         block_size=bs, num_kv_heads=spec_m.num_kv_heads, head_size=spec_m.head_dim, dtype=torch.bfloat16
     )
     names = [f"model.layers.{i}.self_attn.attn" for i in range(spec_m.num_layers)]
-    kvc = KVCacheConfig(num_blocks=4096, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(names, spec)])
+    # vLLM 0.26's OffloadingConnector sizes its host tier from the KV tensors' sizes (with none it
+    # had 0 blocks and stored nothing, so its "hit" case missed); 0.32 sizes it otherwise and
+    # describes tensors with other fields, so it gets none.
+    nblocks = 4096
+    try:
+        tensors = [KVCacheTensor(size=spec.page_size_bytes * nblocks, shared_by=[n]) for n in names]
+    except TypeError:
+        tensors = []
+    kvc = KVCacheConfig(num_blocks=nblocks, kv_cache_tensors=tensors,
+                        kv_cache_groups=[KVCacheGroupSpec(names, spec)])
     hash_fn = get_hash_fn_by_name("sha256")
     init_none_hash(hash_fn)
     hasher = get_request_block_hasher(bs, hash_fn)

@@ -6,6 +6,8 @@
 #   bash scripts/gpu_work.sh vllm       the adapter's vLLM tests (eager engines)
 #   bash scripts/gpu_work.sh engine     the adapter's engine tests compiled, then scheduler time
 #   bash scripts/gpu_work.sh graphs     no-reuse/fits (prefix, ours, ours async), then document QA
+#   bash scripts/gpu_work.sh bench-a    document QA, no reuse, fits (no hook profiler; TPC_PROFILE=1 adds it)
+#   bash scripts/gpu_work.sh bench-b    chat, shared system prompt, then reliability tests up to a failure
 #   bash scripts/gpu_work.sh reliability  soak, faults, collisions, burst tests (eager engines)
 # Results and logs go to one tarball $OUT/<part>.tgz (the device tool brings back few files); each
 # step has its own time limit so one slow step cannot eat the call.
@@ -15,7 +17,9 @@ source scripts/gpu_env.sh
 FINAL=${OUT:-/tmp/tpc-out}
 OUT=/tmp/tpc-work-${1:-none}
 mkdir -p "$OUT" "$FINAL"
-export TPC_BENCH_PROFILE="$OUT/prof"
+# Hook profiles only on request: cProfile slows the hooks it watches (session 3 found the
+# session-2 GPU timings taken with it on), so timed runs go without it.
+if [ "${TPC_PROFILE:-0}" = 1 ]; then export TPC_BENCH_PROFILE="$OUT/prof"; fi
 run() {  # run <seconds> <log name> <command...>
   local t=$1 name=$2
   shift 2
@@ -46,6 +50,7 @@ case "${1:-}" in
   vllm)
     TPC_TEST_EAGER=1 run 560 gpu-tests-vllm python3 -m pytest -q -p no:cacheprovider tests/vllm ;;
   engine)  # the adapter's engine tests compiled (vLLM's default CUDA graphs), then scheduler time
+    run 120 gpu-tests-copy python3 -m pytest -q -p no:cacheprovider -rsx tests/test_copy.py
     run "${TPC_ENGINE_TIMEOUT:-330}" gpu-tests-engine python3 -m pytest -q -p no:cacheprovider -rsx --durations=12 \
       tests/vllm/test_engine.py tests/vllm/test_units.py tests/vllm/test_startup.py tests/vllm/test_multiprocess.py
     run 150 sched python3 -m bench.sched_time --out "$OUT/sched.json" ;;
@@ -54,9 +59,21 @@ case "${1:-}" in
       --configs prefix ours ours:load=async --out "$OUT/compare-noreuse-fits.json"
     run 240 compare-docqa python3 -m bench.compare --workload docqa --configs offload ours \
       --out "$OUT/compare-docqa.json" ;;
+  bench-a)  # document QA against built-in offloading; no reuse and fits against built-in prefix caching
+    run 200 compare-docqa python3 -m bench.compare --workload docqa --configs offload ours \
+      --out "$OUT/compare-docqa.json"
+    run 330 compare-noreuse-fits python3 -m bench.compare --workload noreuse fits --configs prefix ours \
+      --out "$OUT/compare-noreuse-fits.json" ;;
+  bench-b)  # multi-turn chat and a shared system prompt, then the reliability tests up to a failure
+    run 230 compare-chat python3 -m bench.compare --workload chat --configs offload prefix ours \
+      --out "$OUT/compare-chat.json"
+    run 150 compare-sysprompt python3 -m bench.compare --workload sysprompt --configs prefix ours \
+      --out "$OUT/compare-sysprompt.json"
+    TPC_TEST_EAGER=1 run "${TPC_REL_TIMEOUT:-180}" gpu-tests-reliability python3 -m pytest -x -q -p no:cacheprovider \
+      -rsx tests/vllm/test_faults.py tests/vllm/test_collisions.py tests/vllm/test_burst.py tests/vllm/test_soak.py ;;
   reliability)  # issue 5's engine tests, eager
     TPC_TEST_EAGER=1 run 560 gpu-tests-reliability python3 -m pytest -q -p no:cacheprovider -rsx \
       tests/vllm/test_soak.py tests/vllm/test_faults.py tests/vllm/test_collisions.py tests/vllm/test_burst.py ;;
-  *) echo "usage: $0 tests | docqa | rerun | more | vllm | engine | graphs | reliability" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|reliability" >&2; exit 2 ;;
 esac
 tar czf "$FINAL/$1.tgz" -C "$OUT" . && ls -la "$OUT"

@@ -445,6 +445,41 @@ def test_gpu_demote_waits_for_the_writer_on_the_current_stream(kernel_device, ba
 
 
 @pytest.mark.gpu
+def test_gpu_dma_demotes_queued_to_the_submission_thread(kernel_device, monkeypatch):
+    """DMA demotes are enqueued by a thread: handles are not done before that, every queued demote
+    lands where the reference puts it, and a failure there reaches the handle, not the caller."""
+    layers, nb = 4, 64
+    kv = make_kv(nb, layers, (16, 8, 64), torch.bfloat16, "separate", kernel_device, seed=5)
+    views = byte_views(kv)
+    pool = make_pool(nb, layers, views[0].shape[1], kernel_device)
+    eng = CopyEngine(views, pool, backend="dma")
+    try:
+        rng = np.random.default_rng(1)
+        slots = rng.permutation(nb)
+        torch.cuda._sleep(20_000_000)  # the first demotes queue behind this on the demote stream
+        hs = [eng.demote(np.arange(i * 8, i * 8 + 8), slots[i * 8 : i * 8 + 8]) for i in range(8)]
+        assert hs[0]._submitted is not None
+        for h in hs:
+            h.wait()
+            assert h.done() and h.error is None and h.gpu_seconds() is not None
+        src = np_layers(views)
+        host = pool.slots.numpy()
+        for layer in range(layers):
+            assert_bytes_equal(host[slots, layer], src[layer], f"layer {layer}")
+
+        def boom(*a, **k):
+            raise RuntimeError("injected")
+
+        monkeypatch.setattr(eng, "_enqueue", boom)
+        h = eng.demote([0], [0])
+        h.wait()
+        assert h.done() and isinstance(h.error, RuntimeError)
+    finally:
+        eng.close()
+        pool.close()
+
+
+@pytest.mark.gpu
 def test_gpu_auto_calibrates_and_both_directions_overlap(kernel_device):
     layers, nb = 32, 256
     views = byte_views(make_kv(nb, layers, (16, 8, 256), torch.bfloat16, "separate", kernel_device))

@@ -66,8 +66,13 @@ def replays_full_cuda_graph(forward_context: Any) -> bool:
     not made: a layer-wise load must then be waited for whole before the forward. Both versions
     set `cudagraph_runtime_mode` on the forward context before calling `start_load_kv`.
     """
+    return cuda_graph_mode_name(forward_context) == "FULL"
+
+
+def cuda_graph_mode_name(forward_context: Any) -> str:
+    """The step's CUDA graph runtime mode: "NONE", "PIECEWISE" or "FULL" ("?" if not told)."""
     mode = getattr(forward_context, "cudagraph_runtime_mode", None)
-    return getattr(mode, "name", None) == "FULL"
+    return str(getattr(mode, "name", "?"))
 
 
 def block_hash_of(block: KVCacheBlock) -> bytes | None:

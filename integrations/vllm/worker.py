@@ -78,6 +78,8 @@ class WorkerSide:
         self.stores: list[tuple[int, CopyHandle, float]] = []
         self.sync_loads: list[tuple[str, CopyHandle, float]] = []
         self.full_graph_loads = 0  # layer-wise loads waited for whole (full CUDA graph steps)
+        #: (step has loads, CUDA graph mode) -> steps, for tests and benchmarks
+        self.step_modes: collections.Counter = collections.Counter()
         self.async_loads: dict[str, tuple[CopyHandle, float]] = {}
         self.failed_blocks: set[int] = set()
         self.report = TPCWorkerMetadata()
@@ -158,10 +160,11 @@ class WorkerSide:
         logger.info("triton-prefix-cache: %r, copies %s%s", self.pool, self.engine.backend, warm)
 
     # ---- per step --------------------------------------------------------------------------------------
-    def start_load_kv(self, meta: TPCMetadata, full_graph: bool = False) -> None:
+    def start_load_kv(self, meta: TPCMetadata, full_graph: bool = False, mode: str = "?") -> None:
         """Submit the step's stores and loads. full_graph: the forward replays one full CUDA graph,
         which makes no `wait_for_layer_load` calls, so this step's layer-wise loads are waited for
-        whole (on the device) before it."""
+        whole (on the device) before it. mode: the step's CUDA graph mode, counted for tests."""
+        self.step_modes[(bool(meta.loads), mode)] += 1
         eng = self.engine
         if eng is None:  # no host tier (or shut down): nothing can be copied; say so, never hang
             self._fail_all(meta)
@@ -237,6 +240,10 @@ class WorkerSide:
                 pending.append((job_id, h, t0))
                 continue
             h.wait()  # done (or, not polling, wait): releases the handle's index tensors
+            if h.error is not None:  # failed in the copy engine's submission thread: a future miss
+                logger.warning("triton-prefix-cache: store of %d blocks failed: %r", h.num_blocks, h.error)
+                self.report.stores_failed.append(job_id)
+                continue
             s.add("store_seconds", time.perf_counter() - t0)
             s.add("store_bytes", h.nbytes)
             s.add("stores", 1)

@@ -67,7 +67,7 @@ def _connector_state(llm) -> dict:
     if has_kv_transfer_group():
         wk = get_kv_transfer_group()._worker
         out.update(debug_checked=wk.debug_checked, debug_mismatches=list(wk.debug_mismatches),
-                   full_graph_loads=wk.full_graph_loads)
+                   full_graph_loads=wk.full_graph_loads, step_modes=dict(wk.step_modes))
     return out
 
 

@@ -13,6 +13,7 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 TPC_CONFIGS = ["tpc", "layerwise", "wt"]
+_V026 = __import__("vllm").__version__.startswith("0.26.")
 
 
 def _compare(ours, ref, lp_tol: float, what: str) -> None:
@@ -54,6 +55,9 @@ def test_workloads_overflow_the_kv_cache(runs):
         assert sum(r.num_cached_tokens for batch in res.outputs["docqa"] for r in batch) > 0
         return
     assert m["vllm:prefix_cache_hits"] == 0, "the documents were expected to be evicted from the GPU"
+    if _V026:  # its in-process counters miss the steps that schedule a load (see the next test)
+        assert sum(r.num_cached_tokens for batch in res.outputs["docqa"] for r in batch) > 0
+        return
     assert m["vllm:external_prefix_cache_hits"] > 0
 
 
@@ -101,7 +105,8 @@ def test_one_token_loads_wait_whole_under_full_cuda_graphs(runs):
     st, before = res.extra["state_after_tail1"], res.extra["state_after_preempt"]
     waited = st["full_graph_loads"] - before["full_graph_loads"]
     if res.extra["full_cuda_graphs"]:
-        assert waited > 0, "no load step ran as a full CUDA graph: the test did not test the path"
+        assert waited > 0, ("no load step ran as a full CUDA graph: the test did not test the path; "
+                            f"(has loads, mode) -> steps: {st['step_modes']}")
     else:
         assert waited == 0  # no full graphs (CPU, eager): every load waits per layer
 
@@ -109,6 +114,9 @@ def test_one_token_loads_wait_whole_under_full_cuda_graphs(runs):
 def test_small_host_tier_evicts_and_stays_correct(runs):
     res = runs("smallhost")
     assert res.extra["state_after_docqa"]["tier_evictions"] > 0
+    if _V026:  # no external hit counter in-process: the KV cache cannot hold these hits, the host did
+        assert sum(r.num_cached_tokens for batch in res.outputs["docqa"] for r in batch) > 0
+        return
     assert res.metrics["vllm:external_prefix_cache_hits"] > 0
 
 
