@@ -8,6 +8,8 @@
 #   bash scripts/gpu_work.sh graphs     no-reuse/fits (prefix, ours, ours async), then document QA
 #   bash scripts/gpu_work.sh bench-a    document QA, no reuse, fits (no hook profiler; TPC_PROFILE=1 adds it)
 #   bash scripts/gpu_work.sh bench-b    chat, shared system prompt, then reliability tests up to a failure
+#   bash scripts/gpu_work.sh graphs-check  bf16 engine tests whose loads run in full CUDA graphs; chat DMA vs Triton
+#   bash scripts/gpu_work.sh docqa-triton  document QA, DMA vs Triton copies; reliability tests up to a failure
 #   bash scripts/gpu_work.sh reliability  soak, faults, collisions, burst tests (eager engines)
 # Results and logs go to one tarball $OUT/<part>.tgz (the device tool brings back few files); each
 # step has its own time limit so one slow step cannot eat the call.
@@ -71,9 +73,21 @@ case "${1:-}" in
       --out "$OUT/compare-sysprompt.json"
     TPC_TEST_EAGER=1 run "${TPC_REL_TIMEOUT:-180}" gpu-tests-reliability python3 -m pytest -x -q -p no:cacheprovider \
       -rsx tests/vllm/test_faults.py tests/vllm/test_collisions.py tests/vllm/test_burst.py tests/vllm/test_soak.py ;;
+  graphs-check)  # a load in a full-CUDA-graph step (bf16 runs graphs), copy fallbacks, chat with Triton copies
+    TPC_TEST_DTYPE=bfloat16 run 220 gpu-tests-tail1 python3 -m pytest -q -p no:cacheprovider -rsx \
+      tests/vllm/test_engine.py -k "(big_kv and tail1) or one_token"
+    run 120 gpu-tests-copy python3 -m pytest -q -p no:cacheprovider -rsx tests/test_copy.py
+    run 250 compare-chat python3 -m bench.compare --workload chat --configs offload ours ours:copy_backend=triton \
+      --out "$OUT/compare-chat.json" ;;
+  docqa-triton)  # document QA with DMA and with Triton copies, then the reliability tests up to a failure
+    run 260 compare-docqa python3 -m bench.compare --workload docqa --configs offload ours ours:copy_backend=triton \
+      --out "$OUT/compare-docqa.json"
+    TPC_TEST_EAGER=1 run "${TPC_REL_TIMEOUT:-250}" gpu-tests-reliability python3 -m pytest -x -q -p no:cacheprovider \
+      -rsx tests/vllm/test_faults.py tests/vllm/test_collisions.py tests/vllm/test_burst.py tests/vllm/test_soak.py ;;
   reliability)  # issue 5's engine tests, eager
     TPC_TEST_EAGER=1 run 560 gpu-tests-reliability python3 -m pytest -q -p no:cacheprovider -rsx \
       tests/vllm/test_soak.py tests/vllm/test_faults.py tests/vllm/test_collisions.py tests/vllm/test_burst.py ;;
-  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|reliability" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability" >&2
+     exit 2 ;;
 esac
 tar czf "$FINAL/$1.tgz" -C "$OUT" . && ls -la "$OUT"

@@ -533,6 +533,7 @@ class CopyEngine:
                 if layerwise:
                     layer_events = [done] * self.num_layers
         h._start, h._layer_events, h._keep = start, layer_events, (blocks, slots, blocks_t, slots_t)
+        h.backend = self.backend[direction]  # the one that ran (a failed backend fell back to torch)
         h._event = done  # last: a polling thread sees a complete handle
 
     def _run_with_fallback(

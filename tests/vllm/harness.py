@@ -210,12 +210,16 @@ def lp_tolerance(same_hit: bool) -> float:
 
     On the CPU backend the tiny fp32 model's logprobs do not depend on how much of the prompt came
     from a cache or on the batch (measured: bit-identical), so 1e-5 holds for every request. On a
-    GPU the attention kernel may take another path when the cached prefix differs in length (a host
-    tier smaller than the working set misses what the oracle hits); tokens must still be identical.
+    GPU they do: the attention kernel may take another path when the cached prefix differs in
+    length (a host tier smaller than the working set misses what the oracle hits), and fp32 GEMMs
+    are not batch-invariant (a smaller KV cache batches concurrent requests differently: measured
+    1.2e-5 on an H200 with equal hits). Tokens must still be identical.
     """
     import torch
 
-    return 1e-5 if same_hit or not torch.cuda.is_available() else 1e-3
+    if not torch.cuda.is_available():
+        return 1e-5
+    return 1e-4 if same_hit else 1e-3
 
 
 def compare_records(ours: list[Record], ref: list[Record], what: str) -> None:
@@ -279,6 +283,14 @@ def slow_store_copy_engine(base: type, polls: int) -> type:
 
         def wait(self) -> None:
             self._h.wait()
+
+        @property
+        def error(self) -> BaseException | None:
+            return self._h.error
+
+        @property
+        def num_blocks(self) -> int:
+            return self._h.num_blocks
 
     class SlowStoreCopyEngine(base):
         def demote(self, *a: Any, **kw: Any) -> Any:

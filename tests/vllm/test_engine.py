@@ -104,11 +104,17 @@ def test_one_token_loads_wait_whole_under_full_cuda_graphs(runs):
     assert hits > 0
     st, before = res.extra["state_after_tail1"], res.extra["state_after_preempt"]
     waited = st["full_graph_loads"] - before["full_graph_loads"]
-    if res.extra["full_cuda_graphs"]:
-        assert waited > 0, ("no load step ran as a full CUDA graph: the test did not test the path; "
-                            f"(has loads, mode) -> steps: {st['step_modes']}")
+    modes = st["step_modes"]  # (step has loads, CUDA graph mode) -> steps, as the worker saw them
+    full_load_steps = modes.get((True, "FULL"), 0) - before["step_modes"].get((True, "FULL"), 0)
+    assert waited == full_load_steps  # one layer-wise load per step here
+    if not res.extra["full_cuda_graphs"]:
+        assert waited == 0 and not any(m == "FULL" for _, m in modes)  # CPU, eager
+    elif not any(m == "FULL" for _, m in modes):
+        # vLLM kept full graphs in its config but ran none (its attention backend for this dtype
+        # cannot: fp32 on an H200 ran every step without graphs); TPC_TEST_DTYPE=bfloat16 runs them
+        pytest.skip(f"this engine ran no full CUDA graph at all: {modes}")
     else:
-        assert waited == 0  # no full graphs (CPU, eager): every load waits per layer
+        assert waited > 0, f"no load step ran as a full CUDA graph: {modes}"
 
 
 def test_small_host_tier_evicts_and_stays_correct(runs):
