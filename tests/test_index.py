@@ -234,6 +234,28 @@ def test_reserved_first_words_are_still_keys(make_index):
     assert len(idx) == 4
 
 
+def test_contains_hash_answers_as_a_dict_of_keys(make_index):
+    """contains_hash(h) is `key of h in the index`, keys from keys_from_block_hashes; the reserved
+    first words fold as everywhere else (sha256-sized and 16-byte hashes)."""
+    dev = make_index.device
+    hashes = [hashlib.sha256(str(i).encode()).digest() for i in range(40)]
+    hashes += [hashlib.md5(str(i).encode()).digest() for i in range(40)]
+    # a hash whose first word is a reserved marker, and one that folds onto the same key as it
+    hashes.append(K.TOMBSTONE.to_bytes(8, "little", signed=True) + (9).to_bytes(8, "little") + b"x" * 16)
+    folded = K.EMPTY.to_bytes(8, "little", signed=True) + (9).to_bytes(8, "little") + b"y" * 16
+    keys = keys_from_block_hashes(hashes[:40]), keys_from_block_hashes(hashes[40:80])
+    idx = make_index(256)
+    present = set(range(0, 80, 3)) | {80}
+    for group, base in ((keys[0], 0), (keys[1], 40)):
+        rows = [i - base for i in sorted(present) if base <= i < base + 40]
+        idx.insert(group[rows].to(dev), torch.arange(len(rows), dtype=torch.int32).to(dev))
+    idx.insert(keys_from_block_hashes(hashes[80:]).to(dev), torch.zeros(1, dtype=torch.int32).to(dev))
+    for i, h in enumerate(hashes):
+        assert idx.contains_hash(h) == (i in present), i
+    assert idx.contains_hash(folded)  # same key as hashes[80] once folded
+    assert not idx.contains_hash(hashlib.sha256(b"absent").digest())
+
+
 def match_prefix_oracle(d: dict, keys: torch.Tensor, offsets: list[int]) -> tuple[list[int], list[int]]:
     values = expect_lookup(d, keys)
     counts = []

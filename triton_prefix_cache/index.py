@@ -15,10 +15,11 @@ import contextlib
 import os
 from typing import Literal
 
+import numpy as np
 import torch
 
-from . import reference
-from .keys import EMPTY, TOMBSTONE, check_keys, keys_from_block_hashes
+from . import cprobe, reference
+from .keys import EMPTY, FIRST_REAL, TOMBSTONE, check_keys, keys_from_block_hashes
 
 __all__ = ["IndexFullError", "PrefixIndex", "keys_from_block_hashes"]
 
@@ -169,6 +170,21 @@ class PrefixIndex:
             counts, _ = self.match_prefix(keys, torch.tensor([0, keys.shape[0]], device=self.device))
             return int(counts[0])
         return self._run(lambda: reference.count_leading(self._tkeys, self._tvals, keys), keys)
+
+    def contains_hash(self, block_hash: bytes) -> bool:
+        """Whether the key of one engine block hash (`keys_from_block_hashes`) is present.
+
+        A scheduler asks this of each request's first uncached block, and most requests miss
+        there: on the CPU table with the C probe it reads the two words straight from the bytes
+        and probes once, without the tensor conversions and checks of `count_leading` (measured
+        ~60% of a miss's scheduler time at 8k tokens). Elsewhere it is `count_leading` of one key.
+        """
+        if self.device.type == "cpu" and reference.cpu_impl() == "c":
+            words = np.frombuffer(block_hash, dtype="<i8", count=2).reshape(1, 2).copy()
+            if words[0, 0] < FIRST_REAL:  # the same fold as keys.sanitize
+                words[0, 0] = FIRST_REAL
+            return cprobe.leading(self._tkeys.numpy(), words) == 1
+        return self.count_leading(keys_from_block_hashes([block_hash])) == 1
 
     def clear(self) -> None:
         self._run(self._reset_table)

@@ -39,11 +39,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger("triton_prefix_cache_vllm")
 
 
+#: A request's keys before any are converted (shared: `keys_for` replaces it, never writes into it).
+_NO_KEYS = torch.empty((0, 2), dtype=torch.int64)
+
+
 @dataclass
 class _ReqState:
     """What the adapter remembers about one request between hooks."""
 
-    keys: torch.Tensor = field(default_factory=lambda: torch.empty((0, 2), dtype=torch.int64))
+    keys: torch.Tensor = _NO_KEYS
     # Lookup result of the last get_num_new_matched_tokens: first block looked at, and the length
     # of the leading run found in the host tier.
     plan_start: int = 0
@@ -63,11 +67,6 @@ class _ReqState:
             new = keys_from_block_hashes(hashes[n_have:])
             self.keys = new if n_have == 0 else torch.cat([self.keys, new])
         return self.keys
-
-
-def _first_key(request: Request, i: int) -> torch.Tensor:
-    """Key of block i alone: most prompts that miss do so at their first uncomputed block."""
-    return keys_from_block_hashes(request.block_hashes[i : i + 1])
 
 
 @dataclass
@@ -130,8 +129,8 @@ class SchedulerSide:
         end = (request.num_tokens - 1) // bs
         st.plan_start, st.plan_n, st.fresh, st.request = start, 0, True, request
         if end > start and num_computed_tokens % bs == 0 and len(self.tier):
-            # Most misses happen at the first block: then only that block's key is converted and probed.
-            if st.keys.shape[0] > start or self.tier.match(_first_key(request, start)):
+            # Most misses happen at the first block: then only that block is probed, straight from its hash.
+            if st.keys.shape[0] > start or self.tier.has_block(request.block_hashes[start]):
                 st.plan_n = self.tier.match(st.keys_for(request)[start:end])
         n = st.plan_n
         s = self.stats
