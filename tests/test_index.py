@@ -234,9 +234,9 @@ def test_reserved_first_words_are_still_keys(make_index):
     assert len(idx) == 4
 
 
-def test_contains_hash_answers_as_a_dict_of_keys(make_index):
-    """contains_hash(h) is `key of h in the index`, keys from keys_from_block_hashes; the reserved
-    first words fold as everywhere else (sha256-sized and 16-byte hashes)."""
+def test_contains_one_answers_as_a_dict_of_keys(make_index):
+    """contains_one(key) is `key in the index` for keys from block hashes; the reserved first words
+    fold as everywhere else (sha256-sized and 16-byte hashes)."""
     dev = make_index.device
     hashes = [hashlib.sha256(str(i).encode()).digest() for i in range(40)]
     hashes += [hashlib.md5(str(i).encode()).digest() for i in range(40)]
@@ -250,10 +250,13 @@ def test_contains_hash_answers_as_a_dict_of_keys(make_index):
         rows = [i - base for i in sorted(present) if base <= i < base + 40]
         idx.insert(group[rows].to(dev), torch.arange(len(rows), dtype=torch.int32).to(dev))
     idx.insert(keys_from_block_hashes(hashes[80:]).to(dev), torch.zeros(1, dtype=torch.int32).to(dev))
+    def contains(h: bytes) -> bool:
+        return idx.contains_one(keys_from_block_hashes([h]))
+
     for i, h in enumerate(hashes):
-        assert idx.contains_hash(h) == (i in present), i
-    assert idx.contains_hash(folded)  # same key as hashes[80] once folded
-    assert not idx.contains_hash(hashlib.sha256(b"absent").digest())
+        assert contains(h) == (i in present), i
+    assert contains(folded)  # same key as hashes[80] once folded
+    assert not contains(hashlib.sha256(b"absent").digest())
 
 
 def match_prefix_oracle(d: dict, keys: torch.Tensor, offsets: list[int]) -> tuple[list[int], list[int]]:

@@ -129,8 +129,9 @@ class SchedulerSide:
         end = (request.num_tokens - 1) // bs
         st.plan_start, st.plan_n, st.fresh, st.request = start, 0, True, request
         if end > start and num_computed_tokens % bs == 0 and len(self.tier):
-            # Most misses happen at the first block: then only that block is probed, straight from its hash.
-            if st.keys.shape[0] > start or self.tier.has_block(request.block_hashes[start]):
+            # Most misses happen at the first block: then only that block's key is derived and probed.
+            first = keys_from_block_hashes(request.block_hashes[start : start + 1])
+            if st.keys.shape[0] > start or self.tier.has_key(first):
                 st.plan_n = self.tier.match(st.keys_for(request)[start:end])
         n = st.plan_n
         s = self.stats
