@@ -136,6 +136,7 @@ def run_child(spec: dict) -> dict:
         use_tqdm=False,
     )
     hooks = _time_connector_hooks(llm)
+    wk = _worker_side()
     before = _flat_metrics(llm)
     rows = []
     wall0 = time.perf_counter()
@@ -149,10 +150,13 @@ def run_child(spec: dict) -> dict:
             for r in batch
         ]
         hooks0 = sum(map(sum, hooks.values()))
+        loads0 = _loads_done(wk)
         t = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         batch_s = time.perf_counter() - t
         batch_hook_ms = sum(map(sum, hooks.values())) - hooks0
+        new_loads = min(_loads_done(wk) - loads0, 4096)
+        batch_loads = list(wk.recent_loads)[-new_loads:] if new_loads > 0 else []
         for r, o in zip(batch, outs):
             m = getattr(o, "metrics", None)
             ftl = getattr(m, "first_token_latency", 0.0) if m is not None else 0.0
@@ -166,6 +170,8 @@ def run_child(spec: dict) -> dict:
                     "ttft_s": batch_s if len(batch) == 1 or not ftl else ftl,
                     "batch_s": batch_s,
                     "batch_hook_ms": batch_hook_ms,  # the adapter's scheduler hooks in this batch
+                    # our loads that completed in this batch: device ms each (CUDA only)
+                    "batch_load_ms": [round(1e3 * sec, 3) for _, sec in batch_loads],
                     "batch": bi,
                 }
             )
@@ -186,6 +192,22 @@ def run_child(spec: dict) -> dict:
         "host_tier": {k: tier1[k] - tier0.get(k, 0) for k in tier1},
         "loads": loads,
     }
+
+
+def _worker_side():
+    """Our worker-side connector in this (in-process) engine, or None."""
+    try:
+        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+    except ImportError:
+        return None
+    if not has_kv_transfer_group():
+        return None
+    return getattr(get_kv_transfer_group(), "_worker", None)
+
+
+def _loads_done(wk) -> int:
+    """How many loads the worker has timed so far (its `recent_loads` keeps the latest 4,096)."""
+    return int(wk.stats_loads_timed) if wk is not None and hasattr(wk, "stats_loads_timed") else 0
 
 
 def _recent_loads() -> dict | None:
@@ -212,6 +234,9 @@ def _recent_loads() -> dict | None:
         vals = [r[key] for r in steps if key in r]
         if vals:
             out[f"step_{key}_p50"] = statistics.median(vals)
+    # In order, for finding what slow requests share (the medians above hide them); capped.
+    out["each_load"] = [[b, round(1e3 * s, 3)] for b, s in rec[-512:]]  # [bytes, device ms]
+    out["each_step"] = [{k: round(v, 3) for k, v in r.items()} for r in steps[-512:]]
     return out
 
 

@@ -105,6 +105,7 @@ class WorkerSide:
         self._polls: dict[str, int] = {}
         #: (bytes, device seconds) of the latest loads, for benchmarks (bench/compare.py)
         self.recent_loads: collections.deque[tuple[int, float]] = collections.deque(maxlen=4096)
+        self.stats_loads_timed = 0  # loads ever appended to recent_loads
         #: TPC_STEP_TIMING=1 (bench/compare.py sets it): where the time of steps with loads goes
         self._step_timer = _StepTimer(os.environ.get("TPC_STEP_TIMING") == "1")
         self.step_times = self._step_timer.done
@@ -274,6 +275,7 @@ class WorkerSide:
         if gpu_s is not None:
             s.add("load_gpu_seconds", gpu_s)
             self.recent_loads.append((h.nbytes, gpu_s))
+            self.stats_loads_timed += 1
         s.add("load_seconds", time.perf_counter() - t0)
         s.add("load_bytes", h.nbytes)
         s.add("loads", 1)
