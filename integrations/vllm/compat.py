@@ -60,17 +60,23 @@ def host_hit_source() -> Any | None:
 
 
 def replays_full_cuda_graph(forward_context: Any) -> bool:
-    """Whether this step's forward replays one full CUDA graph (vLLM's FULL runtime mode).
+    """Whether this step's forward may replay one full CUDA graph, where no Python runs between
+    layers, so per-layer `wait_for_layer_load` calls are not made: a layer-wise load must then be
+    waited for whole before the forward.
 
-    Such a replay runs no Python inside the model, so per-layer `wait_for_layer_load` calls are
-    not made: a layer-wise load must then be waited for whole before the forward. Both versions
-    set `cudagraph_runtime_mode` on the forward context before calling `start_load_kv`.
+    True for vLLM's FULL runtime mode, and whenever `start_load_kv` is called outside the model's
+    forward context: vLLM 0.26's model runner v2 calls it that way right before replaying a FULL
+    graph (its forward context, with the mode, exists only for piecewise and eager steps), and for
+    steps with no forward at all, where waiting costs nothing.
     """
-    return cuda_graph_mode_name(forward_context) == "FULL"
+    return cuda_graph_mode_name(forward_context) in ("FULL", "NO_CONTEXT")
 
 
 def cuda_graph_mode_name(forward_context: Any) -> str:
-    """The step's CUDA graph runtime mode: "NONE", "PIECEWISE" or "FULL" ("?" if not told)."""
+    """The step's CUDA graph runtime mode as the connector sees it: "NONE", "PIECEWISE", "FULL", or
+    "NO_CONTEXT" (called outside the model's forward context: no attention metadata)."""
+    if getattr(forward_context, "attn_metadata", None) is None:
+        return "NO_CONTEXT"
     mode = getattr(forward_context, "cudagraph_runtime_mode", None)
     return str(getattr(mode, "name", "?"))
 

@@ -184,17 +184,23 @@ def test_layerwise_loads_wait_whole_when_the_step_replays_a_full_graph(full_grap
 
     from triton_prefix_cache.config import PrefixCacheConfig
 
+    def ctx(mode, attn_metadata: object = {}):
+        return SimpleNamespace(cudagraph_runtime_mode=mode, attn_metadata=attn_metadata)
+
     mode = CUDAGraphMode.FULL if full_graph else CUDAGraphMode.PIECEWISE
-    assert compat.replays_full_cuda_graph(SimpleNamespace(cudagraph_runtime_mode=mode)) is full_graph
-    assert compat.replays_full_cuda_graph(SimpleNamespace(cudagraph_runtime_mode=CUDAGraphMode.NONE)) is False
-    assert compat.replays_full_cuda_graph(object()) is False
+    assert compat.replays_full_cuda_graph(ctx(mode)) is full_graph
+    assert compat.replays_full_cuda_graph(ctx(CUDAGraphMode.NONE)) is False
+    # vLLM 0.26's model runner v2 calls start_load_kv outside any forward context right before it
+    # replays a FULL graph (vllm/v1/worker/gpu/model_runner.py): a default context, mode NONE
+    assert compat.replays_full_cuda_graph(ctx(CUDAGraphMode.NONE, None)) is True
+    assert compat.cuda_graph_mode_name(ctx(CUDAGraphMode.NONE, None)) == "NO_CONTEXT"
+    assert compat.replays_full_cuda_graph(object()) is True  # unknown: the safe answer
 
     w = WorkerSide(PrefixCacheConfig(host_cache_gib=1), None, None)
     eng = w.engine = _RecordingEngine()
     w.layer_index = {"l0": 0, "l1": 1}
     meta = TPCMetadata(loads=[LoadJob("a", [0, 1], [5, 6], True), LoadJob("b", [2], [7], False)])
-    ctx = SimpleNamespace(cudagraph_runtime_mode=mode)
-    w.start_load_kv(meta, full_graph=compat.replays_full_cuda_graph(ctx))
+    w.start_load_kv(meta, full_graph=compat.replays_full_cuda_graph(ctx(mode)))
     # only the layer-wise load is waited for whole, and only under a full graph
     want = [("promote", True), ("promote", False)] + (["whole"] if full_graph else [])
     assert eng.log == want
