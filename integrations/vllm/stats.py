@@ -32,6 +32,7 @@ COUNTERS = (
     "dropped_stores",  # demotions skipped: host tier full of pinned slots, or block gone
     "failed_loads",
     "deferred_requests",  # async loads: asked again later because another request loads that prefix
+    "full_graph_loads",  # layer-wise loads waited for whole: their step replayed a full CUDA graph
     "sched_seconds",  # scheduler time spent inside the adapter (key derivation + lookup + bookkeeping)
     "sched_requests",  # requests that time is spread over
     "step_seconds",  # per-step adapter time (planning demotions, handling completions)
@@ -109,6 +110,8 @@ _PROM_COUNTERS = {
     "failed_loads": ("vllm:tpc_failed_loads", "Host-tier loads that failed."),
     "deferred_requests": ("vllm:tpc_deferred_requests",
                           "Lookups deferred because another request was loading the same prefix."),
+    "full_graph_loads": ("vllm:tpc_full_graph_loads",
+                         "Layer-wise loads waited for whole because their step replayed a full CUDA graph."),
     "sched_seconds": ("vllm:tpc_scheduler_seconds", "Scheduler time spent in the adapter's lookups."),
     "step_seconds": ("vllm:tpc_step_seconds", "Scheduler time spent in the adapter's per-step planning."),
     "sched_requests": ("vllm:tpc_scheduler_requests", "Requests the adapter looked up."),

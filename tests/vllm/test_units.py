@@ -208,3 +208,5 @@ def test_layerwise_loads_wait_whole_when_the_step_replays_a_full_graph(full_grap
     w.wait_for_layer_load("l1")
     assert eng.log[len(want):] == [0, 1]  # per-layer waits stay (harmless after a whole wait)
     assert w.full_graph_loads == (1 if full_graph else 0)
+    st = w.get_stats()  # and the counter reaches vLLM's stats (vllm:tpc_full_graph_loads)
+    assert (st.data["full_graph_loads"] if st is not None else 0) == (1 if full_graph else 0)
