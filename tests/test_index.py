@@ -234,9 +234,10 @@ def test_reserved_first_words_are_still_keys(make_index):
     assert len(idx) == 4
 
 
-def test_contains_one_answers_as_a_dict_of_keys(make_index):
-    """contains_one(key) is `key in the index` for keys from block hashes; the reserved first words
-    fold as everywhere else (sha256-sized and 16-byte hashes)."""
+def test_one_key_lookup_from_block_hashes_answers_as_a_dict_of_keys(make_index):
+    """count_leading of one key (the scheduler's first-block test) is `key in the index` for keys
+    from block hashes; the reserved first words fold as everywhere else (sha256-sized and 16-byte
+    hashes)."""
     dev = make_index.device
     hashes = [hashlib.sha256(str(i).encode()).digest() for i in range(40)]
     hashes += [hashlib.md5(str(i).encode()).digest() for i in range(40)]
@@ -251,7 +252,7 @@ def test_contains_one_answers_as_a_dict_of_keys(make_index):
         idx.insert(group[rows].to(dev), torch.arange(len(rows), dtype=torch.int32).to(dev))
     idx.insert(keys_from_block_hashes(hashes[80:]).to(dev), torch.zeros(1, dtype=torch.int32).to(dev))
     def contains(h: bytes) -> bool:
-        return idx.contains_one(keys_from_block_hashes([h]))
+        return idx.count_leading(keys_from_block_hashes([h]).to(dev)) == 1
 
     for i, h in enumerate(hashes):
         assert contains(h) == (i in present), i

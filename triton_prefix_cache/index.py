@@ -17,8 +17,8 @@ from typing import Literal
 
 import torch
 
-from . import cprobe, reference
-from .keys import EMPTY, FIRST_REAL, TOMBSTONE, check_keys, keys_from_block_hashes
+from . import reference
+from .keys import EMPTY, TOMBSTONE, check_keys, keys_from_block_hashes
 
 __all__ = ["IndexFullError", "PrefixIndex", "keys_from_block_hashes"]
 
@@ -169,21 +169,6 @@ class PrefixIndex:
             counts, _ = self.match_prefix(keys, torch.tensor([0, keys.shape[0]], device=self.device))
             return int(counts[0])
         return self._run(lambda: reference.count_leading(self._tkeys, self._tvals, keys), keys)
-
-    def contains_one(self, key: torch.Tensor) -> bool:
-        """Whether one key (int64, shape (1, 2) or (2,), on the CPU) is present.
-
-        A scheduler asks this of each request's first uncached block, and most requests miss there:
-        on the CPU table with the C probe it folds and probes the two words directly, without the
-        checks and conversions of `count_leading` (most of a miss's scheduler time at 8k tokens).
-        Elsewhere it is `count_leading` of that key.
-        """
-        if self.device.type == "cpu" and reference.cpu_impl() == "c" and key.device.type == "cpu":
-            words = key.reshape(1, 2).to(torch.int64).numpy().copy()
-            if words[0, 0] < FIRST_REAL:  # the same fold as keys.sanitize
-                words[0, 0] = FIRST_REAL
-            return cprobe.leading(self._tkeys.numpy(), words) == 1
-        return self.count_leading(key.reshape(1, 2).to(self.device)) == 1
 
     def clear(self) -> None:
         self._run(self._reset_table)

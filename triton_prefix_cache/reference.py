@@ -32,11 +32,6 @@ if CPU_IMPL not in ("auto", "c", "numpy", "torch"):
     raise ValueError(f"TPC_CPU_INDEX: expected 'auto', 'c', 'numpy' or 'torch', got {CPU_IMPL!r}")
 
 
-def cpu_impl() -> str:
-    """"c" (the compiled probe loops) or "numpy": what the CPU table runs on this machine."""
-    return _cpu_impl()
-
-
 def _cpu_impl() -> str:
     """Resolve "auto" (and an unbuildable "c") once, on first use."""
     global CPU_IMPL

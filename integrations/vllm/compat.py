@@ -59,6 +59,10 @@ def host_hit_source() -> Any | None:
     return getattr(CacheHitSource, "HOST", None)
 
 
+#: `cuda_graph_mode_name` values of steps that may replay one full CUDA graph.
+FULL_GRAPH_MODES = ("FULL", "NO_CONTEXT")
+
+
 def replays_full_cuda_graph(forward_context: Any) -> bool:
     """Whether this step's forward may replay one full CUDA graph, where no Python runs between
     layers, so per-layer `wait_for_layer_load` calls are not made: a layer-wise load must then be
@@ -69,7 +73,7 @@ def replays_full_cuda_graph(forward_context: Any) -> bool:
     graph (its forward context, with the mode, exists only for piecewise and eager steps), and for
     steps with no forward at all, where waiting costs nothing.
     """
-    return cuda_graph_mode_name(forward_context) in ("FULL", "NO_CONTEXT")
+    return cuda_graph_mode_name(forward_context) in FULL_GRAPH_MODES
 
 
 def cuda_graph_mode_name(forward_context: Any) -> str:

@@ -77,13 +77,6 @@ class HostTier:
         with self._on_stream():
             return self.tm.index.count_leading(keys.to(self.device))
 
-    def has_key(self, key: torch.Tensor) -> bool:
-        """Whether one key is READY: a lookup's first-block test."""
-        if self._stream is None:
-            return self.tm.index.contains_one(key)
-        with self._on_stream():
-            return self.tm.index.contains_one(key)
-
     def loading(self, keys: torch.Tensor) -> bool:
         """Whether a load in flight reads the slot of any of these keys (a few keys: one lookup)."""
         with self._on_stream():

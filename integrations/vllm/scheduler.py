@@ -130,8 +130,8 @@ class SchedulerSide:
         st.plan_start, st.plan_n, st.fresh, st.request = start, 0, True, request
         if end > start and num_computed_tokens % bs == 0 and len(self.tier):
             # Most misses happen at the first block: then only that block's key is derived and probed.
-            first = keys_from_block_hashes(request.block_hashes[start : start + 1])
-            if st.keys.shape[0] > start or self.tier.has_key(first):
+            if st.keys.shape[0] > start or self.tier.match(
+                    keys_from_block_hashes(request.block_hashes[start : start + 1])):
                 st.plan_n = self.tier.match(st.keys_for(request)[start:end])
         n = st.plan_n
         s = self.stats

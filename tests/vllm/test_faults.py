@@ -177,14 +177,20 @@ def _host_gib(slots: int) -> float:
 
 
 # ---- (a) pinning fails part way ------------------------------------------------------------------------
-def test_pin_failure_gives_smaller_pool_warning_and_stat(runs, model_path, monkeypatch, caplog):
-    oracle = runs("oracle")
-    reg = CountingRegistrar(fail_at=2)
+def _engine_pinning_until(fail_at: int, model_path, monkeypatch, caplog) -> tuple:
+    """(registrar, pools, engine): an engine asking for 512 slots, pinned 128 slots at a time, whose
+    registration number `fail_at` (from 0) fails."""
+    reg = CountingRegistrar(fail_at=fail_at)
     pools: list = []
-    # 512 slots asked for, registered 128 slots at a time: the third registration fails -> 256 slots
     _patch_pool(monkeypatch, reg, chunk_bytes=128 * H.PAGE_BYTES_PER_BLOCK, pools=pools)
     caplog.set_level(logging.WARNING)
-    llm = _engine(model_path, H.tpc_config(host_cache_gib=_host_gib(512)))
+    return reg, pools, _engine(model_path, H.tpc_config(host_cache_gib=_host_gib(512)))
+
+
+def test_pin_failure_gives_smaller_pool_warning_and_stat(runs, model_path, monkeypatch, caplog):
+    oracle = runs("oracle")
+    # 512 slots asked for, registered 128 slots at a time: the third registration fails -> 256 slots
+    reg, pools, llm = _engine_pinning_until(2, model_path, monkeypatch, caplog)
     try:
         pool = pools[-1]()
         assert pool.num_slots == 256 and pool.stats.pin_failures == 1
@@ -221,11 +227,7 @@ def test_pin_failure_gives_smaller_pool_warning_and_stat(runs, model_path, monke
 
 def test_pin_failure_at_first_chunk_serves_without_host_tier(runs, model_path, monkeypatch, caplog):
     oracle = runs("oracle")
-    reg = CountingRegistrar(fail_at=0)
-    pools: list = []
-    _patch_pool(monkeypatch, reg, chunk_bytes=128 * H.PAGE_BYTES_PER_BLOCK, pools=pools)
-    caplog.set_level(logging.WARNING)
-    llm = _engine(model_path, H.tpc_config(host_cache_gib=_host_gib(512)))
+    reg, pools, llm = _engine_pinning_until(0, model_path, monkeypatch, caplog)
     try:
         pool = pools[-1]()
         assert pool.num_slots == 0 and pool.stats.pin_failures == 1 and not reg.live
