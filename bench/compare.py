@@ -234,8 +234,7 @@ def _recent_loads() -> dict | None:
         vals = [r[key] for r in steps if key in r]
         if vals:
             out[f"step_{key}_p50"] = statistics.median(vals)
-    # In order, for finding what slow requests share (the medians above hide them); capped.
-    out["each_load"] = [[b, round(1e3 * s, 3)] for b, s in rec[-512:]]  # [bytes, device ms]
+    # Every timed step in order (each load's device time is on its request: `batch_load_ms`); capped.
     out["each_step"] = [{k: round(v, 3) for k, v in r.items()} for r in steps[-512:]]
     return out
 
