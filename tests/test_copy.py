@@ -397,6 +397,74 @@ def test_auto_choice_prefers_dma_unless_clearly_beaten():
     assert _choose({"dma": 99.0, "torch": 1.0}, {"torch": 1}) == "torch"  # measured but gone
 
 
+class _FakeEvent:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.waited = False
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        self.waited = True
+
+
+def test_layer_events_published_by_a_submission_thread_release_each_layer_in_turn():
+    """A background (threaded) layer-wise submission: layer l can be waited for as soon as its event
+    is published, before the rest are; a failed submission ends every wait instead of hanging."""
+    import threading
+    import time
+
+    from triton_prefix_cache.copy_engine import CopyHandle
+
+    def background_handle() -> CopyHandle:
+        h = CopyHandle("promote", "dma", 2, 0)
+        h._submitted, h._layer_events, h._progress = threading.Event(), [], threading.Condition()
+        return h
+
+    h = background_handle()
+    assert h.layerwise and not h.done() and not h.layer_done(0)
+    evs = [_FakeEvent(f"l{i}") for i in range(3)]
+    gate = threading.Event()
+
+    def submit():
+        h._publish(evs[0])
+        gate.wait(5)  # layer 1 is published only once the reader has seen layer 0
+        for ev in evs[1:]:
+            h._publish(ev)
+        h._event = evs[-1]
+        with h._progress:
+            h._submitted.set()
+            h._progress.notify_all()
+
+    t = threading.Thread(target=submit)
+    t.start()
+    h.synchronize_layer(0)  # returns although layers 1-2 are not submitted yet
+    assert evs[0].waited and not h._submitted.is_set() and len(h._layer_events) == 1
+    assert not h.layer_done(1)
+    gate.set()
+    h.synchronize_layer(2)
+    assert evs[2].waited
+    t.join()
+    h.wait()
+    assert h.done() and h.layer_done(1)
+
+    h = background_handle()  # the submission fails after layer 0: the waits end, error says why
+    def fail():
+        time.sleep(0.05)
+        h._publish(evs[0])
+        h.error = RuntimeError("injected")
+        with h._progress:
+            h._submitted.set()
+            h._progress.notify_all()
+
+    t = threading.Thread(target=fail)
+    t.start()
+    h.synchronize_layer(2)
+    t.join()
+    assert isinstance(h.error, RuntimeError) and h._layer_event(2) is None and h.done()
+
+
 # ---- GPU host only ---------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -472,6 +540,43 @@ def test_gpu_dma_demotes_queued_to_the_submission_thread(kernel_device, monkeypa
 
         monkeypatch.setattr(eng, "_enqueue", boom)
         h = eng.demote([0], [0])
+        h.wait()
+        assert h.done() and isinstance(h.error, RuntimeError)
+    finally:
+        eng.close()
+        pool.close()
+
+
+@pytest.mark.gpu
+def test_gpu_dma_layerwise_loads_submitted_by_a_thread(kernel_device, monkeypatch):
+    """DMA loads are enqueued by the promote thread: each layer is waitable once published, the
+    restored pages equal the reference, and a failure there reaches the handle (every wait ends)."""
+    layers, nb, n = 16, 128, 96
+    views = byte_views(make_kv(nb, layers, (16, 8, 128), torch.bfloat16, "separate", kernel_device))
+    pool = make_pool(n, layers, views[0].shape[1], kernel_device)
+    pool.slots.copy_(torch.randint(0, 256, tuple(pool.slots.shape), dtype=torch.uint8))
+    eng = CopyEngine(views, pool, backend="dma")
+    try:
+        torch.cuda._sleep(20_000_000)  # the copy queues behind this; submission goes on meanwhile
+        blocks = torch.randperm(nb)[:n]
+        h = eng.promote(torch.arange(n), blocks, layerwise=True)
+        assert h._submitted is not None and h.layerwise
+        snaps = []
+        for layer in range(layers):
+            h.wait_layer(layer)
+            snaps.append(views[layer][blocks.to(kernel_device)].clone())
+        h.wait()
+        assert h.error is None and h.submit_seconds is not None and h.gpu_seconds() is not None
+        for layer in range(layers):
+            assert torch.equal(snaps[layer].cpu(), pool.slots[:, layer]), f"layer {layer} read early"
+
+        def boom(*a, **k):
+            raise RuntimeError("injected")
+
+        monkeypatch.setattr(eng, "_enqueue", boom)
+        h = eng.promote([0], [0], layerwise=True)
+        for layer in range(layers):
+            h.wait_layer(layer)  # returns (nothing to wait for) instead of hanging
         h.wait()
         assert h.done() and isinstance(h.error, RuntimeError)
     finally:

@@ -13,8 +13,10 @@ the model). A backend that fails at run time is logged, counted and replaced by 
 
 On CUDA, demotes and promotes run on two side streams (so both directions overlap), each ordered
 after the caller's current stream at submission; the returned CopyHandle polls or waits, and a
-layer-wise promote records one event per layer. On the CPU copies are synchronous and the handle
-is done at once. Callers keep the TierManager's invariants: a slot is never written while read.
+layer-wise promote records one event per layer. DMA copies are enqueued by one thread per
+direction (`_Submitter`: the driver takes ~0.5 us a descriptor, as long as the copy itself), the
+events of a layer-wise load published layer by layer. On the CPU copies are synchronous and the
+handle is done at once. Callers keep the TierManager's invariants: a slot is never written while read.
 """
 
 from __future__ import annotations
@@ -70,7 +72,12 @@ def byte_views(kv_caches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 @dataclass
 class CopyHandle:
     """One submitted demote or promote. `done()` polls, `wait()` blocks the host; for a layer-wise
-    promote, `wait_layer(l)` makes a stream wait (on the device) until layer l has landed."""
+    promote, `wait_layer(l)` makes a stream wait (on the device) until layer l has landed.
+
+    A DMA copy is enqueued by a submission thread of the engine (see `_Submitter`): until then
+    the handle is not done, and `wait_layer(l)` / `wait_all()` first block the host until layer l
+    (or the whole copy) is on its stream, which for a layer-wise load is well before the end.
+    """
 
     direction: str
     backend: str
@@ -83,8 +90,13 @@ class CopyHandle:
     _start: Any = None
     #: set once a background submission has enqueued the copy (None: enqueued at creation)
     _submitted: threading.Event | None = None
-    #: why a background submission failed (the copy did not happen); None otherwise
+    #: guards `_layer_events` while a background submission appends to it
+    _progress: threading.Condition | None = None
+    #: why a background submission failed (the copy, or its layers from the failed one on, did
+    #: not happen); None otherwise
     error: BaseException | None = None
+    #: host seconds the submission took (background or not), once it has ended
+    submit_seconds: float | None = None
 
     def done(self) -> bool:
         if self._submitted is not None and not self._submitted.is_set():
@@ -92,8 +104,7 @@ class CopyHandle:
         return self._event is None or bool(self._event.query())
 
     def wait(self) -> None:
-        if self._submitted is not None:
-            self._submitted.wait()
+        self._enqueued()
         if self._event is not None:
             self._event.synchronize()
         self._keep = ()
@@ -110,17 +121,24 @@ class CopyHandle:
         return self._layer_events is not None
 
     def layer_done(self, layer: int) -> bool:
+        if self._submitted is not None and not self._submitted.is_set():
+            with self._progress or contextlib.nullcontext():
+                if self._layer_events is None or len(self._layer_events) <= layer:
+                    return False
         ev = self._layer_event(layer)
         return ev is None or bool(ev.query())
 
     def wait_layer(self, layer: int, stream: torch.cuda.Stream | None = None) -> None:
-        """Order `stream` (default: the current one) after layer `layer`'s copy; the host does not block."""
+        """Order `stream` (default: the current one) after layer `layer`'s copy; the host does not
+        block on the copy (only, for a background submission, until that layer is enqueued)."""
         ev = self._layer_event(layer)
         if ev is not None:
             (stream or torch.cuda.current_stream()).wait_event(ev)
 
     def wait_all(self, stream: torch.cuda.Stream | None = None) -> None:
-        """Order `stream` (default: the current one) after the whole copy; the host does not block."""
+        """Order `stream` (default: the current one) after the whole copy; the host does not block
+        on the copy."""
+        self._enqueued()
         if self._event is not None:
             (stream or torch.cuda.current_stream()).wait_event(self._event)
 
@@ -129,10 +147,33 @@ class CopyHandle:
         if ev is not None:
             ev.synchronize()
 
+    def _enqueued(self, layer: int | None = None) -> None:
+        """Block the host until the copy (or layer `layer` of a layer-wise one) is on its stream."""
+        sub = self._submitted
+        if sub is None or sub.is_set():
+            return
+        if layer is not None and self._progress is not None:
+            with self._progress:
+                self._progress.wait_for(lambda: sub.is_set() or len(self._layer_events or ()) > layer)
+            return
+        sub.wait()
+
     def _layer_event(self, layer: int):
+        self._enqueued(layer)
         if self._layer_events is None:
             return self._event
-        return self._layer_events[layer]
+        # Short only where a background submission failed before this layer (`error` says so).
+        return self._layer_events[layer] if layer < len(self._layer_events) else None
+
+    def _publish(self, ev) -> None:
+        """Append the next layer's event (the submission side), waking any `wait_layer`."""
+        assert self._layer_events is not None
+        if self._progress is None:
+            self._layer_events.append(ev)
+            return
+        with self._progress:
+            self._layer_events.append(ev)
+            self._progress.notify_all()
 
 
 # ---- backends --------------------------------------------------------------------------------------
@@ -347,7 +388,8 @@ class CopyEngine:
         for name, why in self.unavailable.items():
             log.info("copy engine: backend %s unavailable: %s", name, why)
         self._streams: dict[str, Any] = {}
-        self._submitter: _Submitter | None = None  # DMA demotes: enqueued by a thread (see there)
+        #: DMA copies are enqueued by one thread per direction (see `_Submitter`)
+        self._submitters: dict[str, _Submitter] = {}
         if self.device.type == "cuda":
             self._streams = {d: torch.cuda.Stream(self.device) for d in DIRECTIONS}
 
@@ -450,17 +492,17 @@ class CopyEngine:
         return time.perf_counter() - t0
 
     def synchronize(self) -> None:
-        if self._submitter is not None:
-            self._submitter.drain()
+        for submitter in self._submitters.values():
+            submitter.drain()
         for s in self._streams.values():
             s.synchronize()
 
     def close(self) -> None:
         """Wait for every copy, then drop the views of the pool and the layers."""
         self.synchronize()
-        if self._submitter is not None:
-            self._submitter.close()
-            self._submitter = None
+        for submitter in self._submitters.values():
+            submitter.close()
+        self._submitters = {}
         self._copiers = {}
         self.layers = []
 
@@ -492,11 +534,14 @@ class CopyEngine:
         if self.wait_for_current_stream:  # ordered now, even where the copies are enqueued later
             stream.wait_stream(torch.cuda.current_stream(self.device))
         h = CopyHandle(direction, self.backend[direction], len(blocks), nbytes)
-        if to_host and self.backend[direction] == "dma":
-            if self._submitter is None:
-                self._submitter = _Submitter(self)
+        if self.backend[direction] == "dma" and len(blocks):
+            submitter = self._submitters.get(direction)
+            if submitter is None:
+                submitter = self._submitters[direction] = _Submitter(self, direction)
             h._submitted = threading.Event()
-            self._submitter.put(h, blocks, slots)
+            if layerwise:
+                h._layer_events, h._progress = [], threading.Condition()
+            submitter.put(h, blocks, slots, layerwise)
         else:
             self._enqueue(h, stream, blocks, slots, layerwise)
         return h
@@ -504,36 +549,40 @@ class CopyEngine:
     def _enqueue(
         self, h: CopyHandle, stream, blocks: np.ndarray, slots: np.ndarray, layerwise: bool
     ) -> None:
-        """Put h's copies on `stream` (already ordered after the work that produced the source)."""
+        """Put h's copies on `stream` (already ordered after the work that produced the source).
+        A layer-wise copy publishes each layer's event as soon as it is recorded."""
+        t0 = time.perf_counter()
         direction = h.direction
         to_host = direction == "demote"
         with torch.cuda.stream(stream):
             start = torch.cuda.Event(enable_timing=True)
             start.record(stream)
+            h._start = start
             blocks_t = slots_t = None
             if self._copiers[self.backend[direction]].device_indices:  # a fallback uploads its own
                 blocks_t = torch.from_numpy(blocks).to(self.device, non_blocking=True)
                 slots_t = torch.from_numpy(slots).to(self.device, non_blocking=True)
-            layer_events = None
-            if layerwise and len(blocks):
-                layer_events = []
+            h._keep = (blocks, slots, blocks_t, slots_t)
+            if layerwise:
+                if h._layer_events is None:
+                    h._layer_events = []
                 for layer in range(self.num_layers):
-                    self._run_with_fallback(direction, blocks, slots, blocks_t, slots_t, to_host, layer, 1)
-                    last = layer == self.num_layers - 1
-                    ev = torch.cuda.Event(enable_timing=last)
+                    if len(blocks):
+                        self._run_with_fallback(
+                            direction, blocks, slots, blocks_t, slots_t, to_host, layer, 1
+                        )
+                    ev = torch.cuda.Event(enable_timing=layer == self.num_layers - 1)
                     ev.record(stream)
-                    layer_events.append(ev)
-                done = layer_events[-1]
+                    h._publish(ev)
+                done = h._layer_events[-1]
             else:
                 self._run_with_fallback(
                     direction, blocks, slots, blocks_t, slots_t, to_host, 0, self.num_layers
                 )
                 done = torch.cuda.Event(enable_timing=True)
                 done.record(stream)
-                if layerwise:
-                    layer_events = [done] * self.num_layers
-        h._start, h._layer_events, h._keep = start, layer_events, (blocks, slots, blocks_t, slots_t)
         h.backend = self.backend[direction]  # the one that ran (a failed backend fell back to torch)
+        h.submit_seconds = time.perf_counter() - t0
         h._event = done  # last: a polling thread sees a complete handle
 
     def _run_with_fallback(
@@ -601,23 +650,28 @@ class CopyEngine:
 
 
 class _Submitter:
-    """A thread that enqueues DMA demotes for the engine's caller.
+    """A thread that enqueues one direction's DMA copies for the engine's caller.
 
-    Submitting a copy costs the driver ~0.35 us a page (a 500-block document of 64 pages a block:
-    ~11 ms); enqueued from the thread that runs the model, a store planned for a step delayed that
-    step's forward by as much. Here the caller only orders the demote stream after its own work
-    (`_submit`) and queues the job; this thread builds and submits the descriptors (ctypes releases
-    the GIL inside the driver call) and then marks the handle submitted. Jobs run in order.
+    Submitting a copy costs the driver 0.35-0.6 us a page (a 500-block document of 64 pages a
+    block: 11-19 ms on the H200 hosts, about as long as the copy itself). Enqueued from the thread
+    that runs the model, a store delayed the step's forward by as much, and a layer-wise load
+    launched the forward only once every layer's pages were submitted (measured, README
+    "Results"). Here the caller only orders the copy stream after its own work (`_submit`) and
+    queues the job; this thread builds and submits the descriptors (ctypes releases the GIL inside
+    the driver call) and publishes each layer's event as it goes, so a forward starts on layer 0
+    while later layers are still being submitted. One thread per direction: a long demote never
+    delays a load. Jobs of a direction run in order.
     """
 
-    def __init__(self, engine: CopyEngine) -> None:
+    def __init__(self, engine: CopyEngine, direction: str) -> None:
         self._engine = engine
+        self._direction = direction
         self._jobs: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="tpc-copy-submit", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"tpc-{direction}-submit", daemon=True)
         self._thread.start()
 
-    def put(self, h: CopyHandle, blocks: np.ndarray, slots: np.ndarray) -> None:
-        self._jobs.put((h, blocks, slots))
+    def put(self, h: CopyHandle, blocks: np.ndarray, slots: np.ndarray, layerwise: bool) -> None:
+        self._jobs.put((h, blocks, slots, layerwise))
 
     def drain(self) -> None:
         """Return once every queued job is enqueued on its stream (or failed)."""
@@ -627,26 +681,31 @@ class _Submitter:
         self._jobs.put(None)
         self._thread.join(timeout=60)
         if self._thread.is_alive():
-            log.warning("copy engine: the submission thread did not stop within 60 s")
+            log.warning("copy engine: the %s submission thread did not stop within 60 s", self._direction)
 
     def _loop(self) -> None:
         eng = self._engine
         torch.cuda.set_device(eng.device)
-        stream = eng._streams["demote"]
+        stream = eng._streams[self._direction]
         while True:
             job = self._jobs.get()
             try:
                 if job is None:
                     return
-                h, blocks, slots = job
+                h, blocks, slots, layerwise = job
                 try:
-                    eng._enqueue(h, stream, blocks, slots, layerwise=False)
+                    eng._enqueue(h, stream, blocks, slots, layerwise)
                 except BaseException as e:  # surfaced through the handle: the caller counts it
                     h.error = e
-                    log.warning("copy engine: demote of %d blocks failed at submission: %r", h.num_blocks, e)
+                    log.warning(
+                        "copy engine: %s of %d blocks failed at submission: %r", h.direction, h.num_blocks, e
+                    )
                 finally:
                     assert h._submitted is not None
-                    h._submitted.set()
+                    with h._progress or contextlib.nullcontext():
+                        h._submitted.set()
+                        if h._progress is not None:
+                            h._progress.notify_all()
             finally:
                 self._jobs.task_done()
 

@@ -81,6 +81,7 @@ class WorkerSide:
         #: (step has loads, CUDA graph mode) -> steps, for tests and benchmarks
         self.step_modes: collections.Counter = collections.Counter()
         self.async_loads: dict[str, tuple[CopyHandle, float]] = {}
+        self.load_blocks: dict[str, list[int]] = {}  # the GPU blocks of each load in flight
         self.failed_blocks: set[int] = set()
         self.report = TPCWorkerMetadata()
         self.stats = TPCStats()
@@ -195,6 +196,7 @@ class WorkerSide:
                 continue
             if self.debug_pages is not None:
                 self._debug_check(job.block_ids, job.slots, h)
+            self.load_blocks[job.req_id] = job.block_ids
             if job.layerwise:
                 self.sync_loads.append((job.req_id, h, t0))
             else:
@@ -270,7 +272,15 @@ class WorkerSide:
         return None, (recving or None)
 
     def _load_done(self, req_id: str, h: CopyHandle, t0: float) -> None:
+        block_ids = self.load_blocks.pop(req_id, ())
+        if h.error is not None:  # failed in the copy engine's submission thread: recompute
+            logger.warning("triton-prefix-cache: load of %d blocks failed: %r", h.num_blocks, h.error)
+            self.failed_blocks.update(block_ids)
+            self.report.loads_failed.append(req_id)
+            return
         s = self.stats
+        if h.submit_seconds is not None:
+            self._step_timer.note_submit(h.submit_seconds)
         gpu_s = h.gpu_seconds()
         if gpu_s is not None:
             s.add("load_gpu_seconds", gpu_s)
@@ -330,9 +340,11 @@ class WorkerSide:
 
 
 class _StepTimer:
-    """Timing of the steps that load (benchmarks only): host time to submit the copies, host time
-    from `start_load_kv` to the end of `get_finished` (forward launch and the wait for the layer-wise
-    loads included), and device time of the same span on the compute stream. Device times are read
+    """Timing of the steps that load (benchmarks only): host time `start_load_kv` takes (`submit_ms`),
+    host time the copy engine's thread takes to submit the step's layer-wise loads
+    (`load_submit_ms`), host time from `start_load_kv` to the end of `get_finished` (forward launch
+    and the wait for the layer-wise loads included), and device time of the same span on the
+    compute stream. Device times are read
     once their events complete, never by waiting."""
 
     def __init__(self, enabled: bool) -> None:
@@ -352,6 +364,11 @@ class _StepTimer:
     def submitted(self) -> None:
         if self._open is not None:
             self._open["submit_ms"] = 1e3 * (time.perf_counter() - self._open["t0"])
+
+    def note_submit(self, seconds: float) -> None:
+        """The host time a load of the open step took to submit (in the copy engine's thread)."""
+        if self._open is not None:
+            self._open["load_submit_ms"] = max(self._open.get("load_submit_ms", 0.0), 1e3 * seconds)
 
     def end(self) -> None:
         if self._open is not None:

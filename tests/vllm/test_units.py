@@ -146,9 +146,15 @@ class _RecordingHandle:
     """Stands in for a CopyHandle: records how the compute stream was ordered after the copy."""
 
     nbytes = 0
+    num_blocks = 0
+    submit_seconds = None
 
-    def __init__(self, log: list) -> None:
+    def __init__(self, log: list, error: BaseException | None = None) -> None:
         self.log = log
+        self.error = error
+
+    def done(self) -> bool:
+        return True
 
     def wait_all(self) -> None:
         self.log.append("whole")
@@ -164,12 +170,13 @@ class _RecordingHandle:
 
 
 class _RecordingEngine:
-    def __init__(self) -> None:
+    def __init__(self, error: BaseException | None = None) -> None:
         self.log: list = []
+        self.error = error
 
     def promote(self, slots, block_ids, layerwise=False):
         self.log.append(("promote", layerwise))
-        return _RecordingHandle(self.log)
+        return _RecordingHandle(self.log, self.error)
 
 
 @pytest.mark.parametrize("full_graph", [False, True])
@@ -210,3 +217,25 @@ def test_layerwise_loads_wait_whole_when_the_step_replays_a_full_graph(full_grap
     assert w.full_graph_loads == (1 if full_graph else 0)
     st = w.get_stats()  # and the counter reaches vLLM's stats (vllm:tpc_full_graph_loads)
     assert (st.data["full_graph_loads"] if st is not None else 0) == (1 if full_graph else 0)
+
+
+def test_loads_that_fail_in_the_submission_thread_are_recomputed():
+    """A DMA load is submitted by the copy engine's thread; when that fails (the handle's `error`),
+    its blocks are reported as load errors (vLLM recomputes them), never as loaded."""
+    from triton_prefix_cache_vllm.metadata import LoadJob, TPCMetadata
+    from triton_prefix_cache_vllm.worker import WorkerSide
+
+    from triton_prefix_cache.config import PrefixCacheConfig
+
+    w = WorkerSide(PrefixCacheConfig(host_cache_gib=1), None, None)
+    w.engine = _RecordingEngine(error=RuntimeError("injected"))
+    w.layer_index = {"l0": 0}
+    meta = TPCMetadata(loads=[LoadJob("a", [0, 1], [5, 6], True), LoadJob("b", [2], [7], False)])
+    w.start_load_kv(meta)
+    w.wait_for_layer_load("l0")
+    _, recving = w.get_finished(set())
+    assert recving == {"b"}  # the async load is finished (failed), so vLLM stops waiting for it
+    assert w.get_block_ids_with_load_errors() == {5, 6, 7}  # the GPU blocks (slots are 0-2)
+    report = w.build_worker_meta()
+    assert report is not None and sorted(report.loads_failed) == ["a", "b"] and not report.loads_done
+    assert not w.load_blocks
