@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     ap.add_argument("--batches", nargs="+", type=int, default=[64, 256, 1024, 4096])
-    ap.add_argument("--backends", nargs="+", default=["dma", "triton", "torch"])
+    ap.add_argument("--backends", nargs="+", default=["staged", "dma", "triton", "torch"])
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--pool-create-gib", type=float, default=64.0, help="0 skips the pool-creation timing")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/copy-<device>-<date>.json)")

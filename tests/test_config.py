@@ -44,7 +44,10 @@ def test_frozen():
         ({"host_cache_gib": float("inf")}, ["host_cache_gib"]),
         ({"host_cache_gib": 1, "demote": "eager"}, ["demote", "lazy", "write_through", "eager"]),
         ({"host_cache_gib": 1, "load": "sync"}, ["load", "async", "layerwise"]),
-        ({"host_cache_gib": 1, "copy_backend": "cuda"}, ["copy_backend", "auto", "dma", "triton", "torch"]),
+        (
+            {"host_cache_gib": 1, "copy_backend": "cuda"},
+            ["copy_backend", "auto", "staged", "dma", "triton", "torch"],
+        ),
         ({"host_cache_gib": 1, "index_backend": "cuda"}, ["index_backend", "auto", "triton", "torch"]),
         ({"host_cache_gib": 1, "eviction": "arc"}, ["eviction", "lru", "arc"]),
         ({"host_cache_gib": 1, "demote": None}, ["demote", "lazy"]),

@@ -15,12 +15,20 @@ import numpy as np
 import pytest
 import torch
 
-from triton_prefix_cache.copy_engine import CopyEngine, _choose, _DmaCopier, byte_views, dma_descriptors
+from triton_prefix_cache.copy_engine import (
+    CopyEngine,
+    _choose,
+    _DmaCopier,
+    _StagedCopier,
+    byte_views,
+    dma_descriptors,
+    merge_runs,
+)
 from triton_prefix_cache.host_pool import HostPool, HostPoolConfig
 from triton_prefix_cache.kernels.copy import layout_of
 
 HAS_CUDA = torch.cuda.is_available()
-BACKENDS = ["torch", "triton"] + (["dma"] if HAS_CUDA else [])
+BACKENDS = ["torch", "triton"] + (["dma", "staged"] if HAS_CUDA else [])
 
 
 def make_kv(
@@ -395,6 +403,84 @@ def test_auto_choice_prefers_dma_unless_clearly_beaten():
     assert _choose({"triton": 30.0, "torch": 31.0}, avail) == "torch"
     assert _choose({}, avail) == "dma" and _choose({}, {"torch": 1}) == "torch"
     assert _choose({"dma": 99.0, "torch": 1.0}, {"torch": 1}) == "torch"  # measured but gone
+    both = {"dma": 1, "staged": 1, "triton": 1}
+    assert _choose({}, both) == "staged"
+    assert _choose({"dma": 30.0, "staged": 50.0, "triton": 52.0}, both) == "staged"  # faster DMA kind
+    assert _choose({"dma": 50.0, "staged": 40.0, "triton": 51.0}, both) == "dma"
+    assert _choose({"dma": 30.0, "staged": 40.0, "triton": 52.0}, both) == "triton"
+
+
+class _MemmoveBatch:
+    """Stands in for cuMemcpyBatchAsync on the CPU: the same descriptors, copied with memmove."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []  # descriptors per call
+
+    def __call__(self, dsts, srcs, sizes, stream) -> None:
+        assert dsts.dtype == srcs.dtype == sizes.dtype == np.uint64 and len(dsts) == len(srcs) == len(sizes)
+        self.calls.append(len(dsts))
+        for d, s, z in zip(dsts.tolist(), srcs.tolist(), sizes.tolist()):
+            ctypes.memmove(d, s, z)
+
+
+@pytest.mark.parametrize("layout", ["separate", "interleaved"])
+@pytest.mark.parametrize("staging_slots", [1, 3, 64])
+def test_staged_copier_matches_reference_in_chunks_and_layer_groups(layout, staging_slots):
+    """Staged DMA (slot runs into a staging buffer + the Triton kernel) against `dst[idx] = src[idx]`,
+    whole and in layer groups, through several chunks of the staging buffer; descriptors: one per
+    run of consecutive slots."""
+    layers, nb, nslots, n = 6, 40, 48, 17
+    kv = make_kv(nb, layers, (4, 8), torch.bfloat16, layout, "cpu", seed=3)
+    views = byte_views(kv)
+    page = views[0].shape[1]
+    pool = make_pool(nslots, layers, page, "cpu")
+    pool.slots.copy_(torch.randint(0, 256, tuple(pool.slots.shape), dtype=torch.uint8))
+    batch = _MemmoveBatch()
+    # staging_bytes sizes each half for `staging_slots` whole slots (more rows for a layer group)
+    staging = 2 * staging_slots * layers * page
+    copier = _StagedCopier(layout_of(views, pool.address, nslots), views, batch, staging)
+    rng = np.random.default_rng(staging_slots)
+    try:
+        for to_host in (True, False):
+            for begin, count in [(0, layers), *copier.layer_groups(layers)]:
+                blocks = rng.permutation(nb)[:n]
+                slots = rng.permutation(nslots)[:n]
+                dev, host = np_layers(views), pool.slots.numpy().copy()
+                for layer in range(begin, begin + count):
+                    if to_host:
+                        host[slots, layer] = dev[layer][blocks]
+                    else:
+                        dev[layer][blocks] = host[slots, layer]
+                bt = torch.from_numpy(blocks)
+                copier.run(blocks, slots, bt, torch.from_numpy(slots), to_host, begin, count)
+                what = f"{'demote' if to_host else 'promote'} layers [{begin}, {begin + count})"
+                assert_bytes_equal(pool.slots.numpy(), host, what)
+                for layer in range(layers):
+                    assert_bytes_equal(views[layer].numpy(), dev[layer], f"{what}, layer {layer}")
+        # consecutive slots of a whole-slot copy merge into one descriptor per chunk
+        batch.calls.clear()
+        copier.run(np.arange(12), np.arange(20, 32), torch.arange(12), torch.arange(20, 32), False, 0, layers)
+        per_chunk = min(staging_slots, 12)
+        assert batch.calls == [1] * (12 // per_chunk) + ([1] if 12 % per_chunk else [])
+    finally:
+        del copier
+        pool.close()
+
+
+def test_layer_groups_cover_every_layer_once():
+    views = byte_views(make_kv(4, 3, (2, 4), torch.float32, "separate", "cpu"))
+    pool = make_pool(4, 3, views[0].shape[1], "cpu")
+    try:
+        copier = _StagedCopier(layout_of(views, pool.address, 4), views, _MemmoveBatch(), 1 << 16)
+        for num_layers in (1, 3, 8, 13, 64):
+            groups = copier.layer_groups(num_layers)
+            assert len(groups) == min(num_layers, 8)
+            flat = [layer for b, c in groups for layer in range(b, b + c)]
+            assert flat == list(range(num_layers)) and all(c >= 1 for _, c in groups)
+    finally:
+        pool.close()
+    d, s, z = merge_runs(np.array([0, 10, 20, 50], np.int64), np.array([5, 15, 25, 30], np.int64), 10)
+    assert d.tolist() == [0, 50] and s.tolist() == [5, 30] and z.tolist() == [30, 10]
 
 
 class _FakeEvent:

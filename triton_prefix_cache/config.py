@@ -15,7 +15,7 @@ from typing import Any
 DEMOTE_MODES = ("lazy", "write_through")
 LOAD_MODES = ("async", "layerwise")
 INDEX_BACKENDS = ("auto", "triton", "torch")
-COPY_BACKENDS = ("auto", "dma", "triton", "torch")
+COPY_BACKENDS = ("auto", "staged", "dma", "triton", "torch")
 EVICTION_POLICIES = ("lru",)
 
 
@@ -36,9 +36,11 @@ class PrefixCacheConfig:
     index_backend: which PrefixIndex backend serves host-tier lookups: "auto" keeps an engine's
         scheduler-side table on the CPU (small, latency-bound lookups; measured faster than the
         Triton table next to a busy GPU), "triton" puts it on the engine's GPU, "torch" on the CPU.
-    copy_backend: how pages move between the KV cache and the host pool: batched DMA descriptors,
-        the Triton gather/scatter kernel, per-layer torch index ops, or "auto": DMA where the driver
-        offers batched copies (the copy engines leave the SMs to the forward), else measured at start.
+    copy_backend: how pages move between the KV cache and the host pool: "staged" (one batched DMA
+        descriptor per slot through a device staging buffer, the Triton kernel between that buffer
+        and the pages), "dma" (one descriptor per page), the Triton gather/scatter kernel over
+        pinned memory, per-layer torch index ops, or "auto": staged DMA where the driver offers
+        batched copies (the copy engines leave the SMs to the forward), else measured at start.
     eviction: the host tier's eviction policy.
     """
 

@@ -2,14 +2,17 @@
 
 The engine's KV cache arrives as per-layer byte views `[num_blocks, page_bytes]` (`byte_views`
 makes them from KV tensors of any dtype); the host tier is a HostPool `[num_slots, L, page_bytes]`.
-Three backends move the pages, every one batched (never a Python loop per page):
+Four backends move the pages, every one batched (never a Python loop per page):
 - "dma": cuMemcpyBatchAsync, one descriptor per page (contiguous runs merged), no SMs used;
+- "staged": one DMA descriptor per slot (a slot's pages are one host run) into or out of a device
+  staging buffer, and the Triton kernel between that buffer and the layers at HBM speed;
 - "triton": PageCopyKernel reading/writing the pinned pool through its device address;
 - "torch": one index_select + index_copy_ per layer, over a device view of the pool (or, where the
   pool has no device address, staged through pageable CPU memory; slow but always correct).
 backend="auto" measures the available ones on scratch memory of the same geometry and picks the
-fastest per direction, keeping "dma" unless another is more than 5% faster (DMA takes no SMs from
-the model). A backend that fails at run time is logged, counted and replaced by "torch".
+fastest per direction, keeping a DMA backend unless another is more than 5% faster (the copy
+engines take no SMs from the model). A backend that fails at run time is logged, counted and
+replaced by "torch".
 
 On CUDA, demotes and promotes run on two side streams (so both directions overlap), each ordered
 after the caller's current stream at submission; the returned CopyHandle polls or waits, and a
@@ -41,12 +44,16 @@ from .stats import CopyStats
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "dma", "triton", "torch")
+BACKENDS = ("auto", "dma", "staged", "triton", "torch")
 DIRECTIONS = ("demote", "promote")
 #: "auto" keeps DMA unless another backend beats it by more than this factor.
 DMA_PREFERENCE = 1.05
 #: Most device (and pinned) scratch memory a calibration takes.
 CALIBRATE_BYTES = 128 << 20
+#: Device staging memory of the "staged" backend, per direction (two halves: copy and kernel overlap).
+STAGING_BYTES = 64 << 20
+#: Steps of a layer-wise "staged" load (each one descriptor per slot, then one kernel per chunk).
+LAYERWISE_GROUPS = 8
 
 
 def byte_views(kv_caches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -183,6 +190,10 @@ class _Copier:
     name = "?"
     device_indices = True  # whether run() needs the ids as device tensors
 
+    def layer_groups(self, num_layers: int) -> list[tuple[int, int]]:
+        """(first layer, count) of the steps a layer-wise copy takes: one layer each by default."""
+        return [(layer, 1) for layer in range(num_layers)]
+
     def run(
         self,
         blocks: np.ndarray,
@@ -257,6 +268,135 @@ def dma_descriptors(
             sizes = np.diff(np.append(starts, n)) * page
             return dst[starts].view(np.uint64), src[starts].view(np.uint64), sizes.astype(np.uint64)
     return dst.view(np.uint64), src.view(np.uint64), np.full(n, page, dtype=np.uint64)
+
+
+class _StagedCopier(_Copier):
+    """DMA through a device staging buffer: a few large descriptors instead of one per page.
+
+    A slot holds its block's L pages contiguously, so the pages of a layer range [l0, l0 + c) of
+    one slot are one host run; the device pages are scattered (one per layer and block). This
+    copier moves each slot's run with one DMA descriptor into (or out of) a staging buffer in device
+    memory laid out like the pool (`[chunk slots, c, page]`), and the Triton gather/scatter kernel
+    moves pages between the staging buffer and the layers at HBM speed. A whole-slot copy of n
+    blocks thus takes n descriptors (one per run of consecutive slots) where the plain DMA copier
+    takes n * L, and a layer-wise load in G layer groups n * G.
+
+    The buffer has two halves per direction (demote and promote run at once), so one chunk's DMA
+    overlaps the previous chunk's kernel: DMAs run on the caller's (copy) stream, kernels on an
+    auxiliary stream, ordered by events. On the CPU (tests, with the Triton interpreter and a
+    stand-in `batch`) the same steps run in order.
+    """
+
+    name = "staged"
+    device_indices = True
+
+    def __init__(self, layout: PageLayout, layers: list[torch.Tensor], batch, staging_bytes: int) -> None:
+        self.layout = layout
+        self.layers = layers
+        self.batch = batch
+        self.device = layers[0].device
+        self.cuda = self.device.type == "cuda"
+        self.half_bytes = max(staging_bytes // 2, layout.slot_bytes)
+        # one buffer per direction (demotes and promotes run at once), each in two halves
+        self.staging = {
+            to_host: torch.empty(2 * self.half_bytes, dtype=torch.uint8, device=self.device)
+            for to_host in (True, False)
+        }
+        self.aux = {to_host: torch.cuda.Stream(self.device) for to_host in (True, False)} if self.cuda else {}
+        self._kernels: dict[tuple[bool, int, int], tuple[Any, int, torch.Tensor]] = {}
+
+    def layer_groups(self, num_layers: int) -> list[tuple[int, int]]:
+        """A layer-wise copy in LAYERWISE_GROUPS steps (one descriptor per slot and step)."""
+        g = min(num_layers, LAYERWISE_GROUPS)
+        bounds = [num_layers * i // g for i in range(g + 1)]
+        return [(a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def _kernel(self, to_host: bool, layer_begin: int, layer_count: int):
+        """(kernel over layers [begin, begin + count) and the staging buffer, slots per half)."""
+        key = (to_host, layer_begin, layer_count)
+        if key not in self._kernels:
+            from .kernels.copy import PageCopyKernel
+
+            run_bytes = layer_count * self.layout.page_bytes
+            cap = self.half_bytes // run_bytes
+            buf = self.staging[to_host]
+            sub = self.layers[layer_begin : layer_begin + layer_count]
+            sub_layout = layout_of(sub, buf.data_ptr(), 2 * cap)
+            kernel = PageCopyKernel(sub_layout, self.device, host=buf[: 2 * cap * run_bytes], dev_base=sub[0])
+            rows = torch.arange(2 * cap, dtype=torch.int64, device=self.device)  # staging slot ids
+            self._kernels[key] = (kernel, cap, rows)
+        return self._kernels[key]
+
+    def run(self, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count) -> None:
+        kernel, cap, rows = self._kernel(to_host, layer_begin, layer_count)
+        page = self.layout.page_bytes
+        run_bytes = layer_count * page
+        buf_addr = self.staging[to_host].data_ptr()
+        host_runs = (
+            self.layout.host_address + slots * self.layout.slot_bytes + layer_begin * page
+        ).astype(np.int64)
+        stream = torch.cuda.current_stream(self.device) if self.cuda else None
+        aux = self.aux.get(to_host)
+        if aux is not None:
+            aux.wait_stream(stream)  # the kernels start after the copy stream's ordering point
+        half_free: list[Any] = [None, None]  # event: the half's last user (kernel or DMA) is done
+        n = len(blocks)
+        for k, i0 in enumerate(range(0, n, cap)):
+            i1 = min(n, i0 + cap)
+            half = k % 2
+            stage = buf_addr + half * cap * run_bytes + np.arange(i1 - i0, dtype=np.int64) * run_bytes
+            stage_rows = rows[half * cap : half * cap + (i1 - i0)]
+            if to_host:  # gather on the aux stream, then DMA the staged runs out on the copy stream
+                with _on(aux):
+                    if half_free[half] is not None:
+                        aux.wait_event(half_free[half])
+                    kernel(blocks_t[i0:i1], stage_rows, True)
+                    gathered = _record(aux)
+                if gathered is not None:
+                    stream.wait_event(gathered)
+                self._dma(host_runs[i0:i1], stage, run_bytes, stream)
+                half_free[half] = _record(stream)
+            else:  # DMA the runs in on the copy stream, then scatter them on the aux stream
+                if half_free[half] is not None:
+                    stream.wait_event(half_free[half])
+                self._dma(stage, host_runs[i0:i1], run_bytes, stream)
+                landed = _record(stream)
+                with _on(aux):
+                    if landed is not None:
+                        aux.wait_event(landed)
+                    kernel(blocks_t[i0:i1], stage_rows, False)
+                    half_free[half] = _record(aux)
+        if aux is not None:
+            stream.wait_stream(aux)  # the copy stream's next event covers every kernel
+            blocks_t.record_stream(aux)  # used there: its memory is not reused before aux is done
+
+    def _dma(self, dst: np.ndarray, src: np.ndarray, run_bytes: int, stream) -> None:
+        d, s, z = merge_runs(dst, src, run_bytes)
+        self.batch(d, s, z, stream.cuda_stream if stream is not None else 0)
+
+
+def merge_runs(dst: np.ndarray, src: np.ndarray, run_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Descriptors (uint64 dsts, srcs, sizes) for copies of `run_bytes` each, adjacent ones merged."""
+    n = len(dst)
+    if n > 1:
+        joined = (src[1:] == src[:-1] + run_bytes) & (dst[1:] == dst[:-1] + run_bytes)
+        if joined.any():
+            starts = np.flatnonzero(np.concatenate(([True], ~joined)))
+            sizes = np.diff(np.append(starts, n)) * run_bytes
+            return dst[starts].view(np.uint64), src[starts].view(np.uint64), sizes.astype(np.uint64)
+    return dst.view(np.uint64), src.view(np.uint64), np.full(n, run_bytes, dtype=np.uint64)
+
+
+def _on(stream):
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+def _record(stream):
+    if stream is None:
+        return None
+    ev = torch.cuda.Event()
+    ev.record(stream)
+    return ev
 
 
 class _TritonCopier(_Copier):
@@ -427,14 +567,22 @@ class CopyEngine:
                 missing["triton"] = (
                     "Triton has no CPU backend (TRITON_INTERPRET=1 runs it interpreted, for tests)"
                 )
-            missing["dma"] = "DMA needs a CUDA engine"
+            missing["dma"] = missing["staged"] = "DMA needs a CUDA engine"
             return copiers, missing
         try:
             from .cuda_driver import BatchMemcpy
 
-            copiers["dma"] = _DmaCopier(layout_of(layers, host_address, nslots), BatchMemcpy())
+            batch = BatchMemcpy()
+            copiers["dma"] = _DmaCopier(layout_of(layers, host_address, nslots), batch)
         except (RuntimeError, OSError) as e:  # CudaDriverError included
-            missing["dma"] = f"{e}"
+            missing["dma"] = missing["staged"] = f"{e}"
+        else:
+            try:
+                copiers["staged"] = _StagedCopier(
+                    layout_of(layers, host_address, nslots), layers, batch, STAGING_BYTES
+                )
+            except (RuntimeError, ValueError) as e:  # torch.OutOfMemoryError is a RuntimeError
+                missing["staged"] = f"no device staging buffer: {e!r}"
         if device_address is not None:
             dlayout = layout_of(layers, device_address, nslots)
             view = None
@@ -566,14 +714,16 @@ class CopyEngine:
             if layerwise:
                 if h._layer_events is None:
                     h._layer_events = []
-                for layer in range(self.num_layers):
+                groups = self._copiers[self.backend[direction]].layer_groups(self.num_layers)
+                for begin, count in groups:
                     if len(blocks):
                         self._run_with_fallback(
-                            direction, blocks, slots, blocks_t, slots_t, to_host, layer, 1
+                            direction, blocks, slots, blocks_t, slots_t, to_host, begin, count
                         )
-                    ev = torch.cuda.Event(enable_timing=layer == self.num_layers - 1)
+                    ev = torch.cuda.Event(enable_timing=begin + count == self.num_layers)
                     ev.record(stream)
-                    h._publish(ev)
+                    for _ in range(count):  # every layer of the group lands with the group
+                        h._publish(ev)
                 done = h._layer_events[-1]
             else:
                 self._run_with_fallback(
@@ -768,14 +918,18 @@ def _time_copy(
 
 
 def _choose(gbps: dict[str, float], available) -> str:
-    """The fastest measured backend, DMA unless beaten by more than DMA_PREFERENCE; without
-    measurements, DMA where available, else torch."""
+    """The fastest measured backend, a DMA one ("dma" or "staged", the faster) unless beaten by more
+    than DMA_PREFERENCE; without measurements, "staged", else "dma", else torch."""
     gbps = {k: v for k, v in gbps.items() if k in available}
+    dma = [k for k in ("staged", "dma") if k in available]
     if not gbps:
-        return "dma" if "dma" in available else "torch"
+        return dma[0] if dma else "torch"
     best = max(gbps, key=gbps.get)
-    if "dma" in gbps and gbps["dma"] * DMA_PREFERENCE >= gbps[best]:
-        return "dma"
+    measured_dma = [k for k in dma if k in gbps]
+    if measured_dma:
+        d = max(measured_dma, key=gbps.get)
+        if gbps[d] * DMA_PREFERENCE >= gbps[best]:
+            return d
     return best
 
 

@@ -31,6 +31,9 @@ from .stats import TPCStats
 
 logger = logging.getLogger("triton_prefix_cache_vllm")
 
+#: copy_backend="auto" in a CUDA engine: the first of these the machine offers (else measured)
+AUTO_ENGINE_BACKENDS = ("staged", "dma")
+
 
 def page_views(tensors: list[torch.Tensor], num_blocks: int | None = None) -> list[torch.Tensor]:
     """uint8 `[num_blocks, page_bytes]` views over each layer's storage (no copy).
@@ -146,12 +149,16 @@ class WorkerSide:
                            backend)
             backend = "torch"
         if backend == "auto" and device.type == "cuda":
-            # In an engine the copies run beside the forward: the DMA engines leave it every SM,
-            # where the Triton copy kernel (faster alone, bench/copy_bench.py) competes for them.
-            try:
-                self.engine = CopyEngine(self.layers, self.pool, backend="dma")
-            except ValueError as e:
-                logger.info("triton-prefix-cache: no batched DMA (%s); measuring the other copy paths", e)
+            # In an engine the copies run beside the forward: the copy engines leave it (nearly)
+            # every SM, where the Triton copy kernel alone competes for them. Staged DMA submits a
+            # descriptor per slot instead of per page (the driver's cost per descriptor made page-wise
+            # DMA submission as long as the copy): README "Results".
+            for preferred in AUTO_ENGINE_BACKENDS:
+                try:
+                    self.engine = CopyEngine(self.layers, self.pool, backend=preferred)
+                    break
+                except ValueError as e:
+                    logger.info("triton-prefix-cache: copy backend %s unavailable (%s)", preferred, e)
         if self.engine is None:
             self.engine = CopyEngine(self.layers, self.pool, backend=backend)
         warm = ""
