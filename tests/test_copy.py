@@ -423,6 +423,7 @@ class _MemmoveBatch:
             ctypes.memmove(d, s, z)
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="CPU stand-in for the DMA; the GPU runs the staged round trips")
 @pytest.mark.parametrize("layout", ["separate", "interleaved"])
 @pytest.mark.parametrize("staging_slots", [1, 3, 64])
 def test_staged_copier_matches_reference_in_chunks_and_layer_groups(layout, staging_slots):
@@ -457,11 +458,20 @@ def test_staged_copier_matches_reference_in_chunks_and_layer_groups(layout, stag
                 assert_bytes_equal(pool.slots.numpy(), host, what)
                 for layer in range(layers):
                     assert_bytes_equal(views[layer].numpy(), dev[layer], f"{what}, layer {layer}")
-        # consecutive slots of a whole-slot copy merge into one descriptor per chunk
+        # consecutive slots of a whole-slot copy merge into one descriptor per staging chunk, but
+        # never over a boundary between two pinned registrations of the pool (here: every 8 slots)
         batch.calls.clear()
         copier.run(np.arange(12), np.arange(20, 32), torch.arange(12), torch.arange(20, 32), False, 0, layers)
         per_chunk = min(staging_slots, 12)
         assert batch.calls == [1] * (12 // per_chunk) + ([1] if 12 % per_chunk else [])
+        chunked = layout_of(views, pool.address, nslots, host_chunk_bytes=8 * layers * page)
+        copier.layout = chunked
+        batch.calls.clear()
+        copier.run(np.arange(12), np.arange(20, 32), torch.arange(12), torch.arange(20, 32), False, 0, layers)
+        if staging_slots == 64:
+            assert batch.calls == [2]  # slots 20-23 | 24-31 (a registration starts at slot 24)
+        dev, host = np_layers(views), pool.slots.numpy()
+        assert all(np.array_equal(dev[layer][:12], host[20:32, layer]) for layer in range(layers))
     finally:
         del copier
         pool.close()
@@ -481,6 +491,10 @@ def test_layer_groups_cover_every_layer_once():
         pool.close()
     d, s, z = merge_runs(np.array([0, 10, 20, 50], np.int64), np.array([5, 15, 25, 30], np.int64), 10)
     assert d.tolist() == [0, 50] and s.tolist() == [5, 30] and z.tolist() == [30, 10]
+    d, s, z = merge_runs(
+        np.array([0, 10, 20, 50], np.int64), np.array([5, 15, 25, 30], np.int64), 10, np.array([0, 0, 1, 1])
+    )
+    assert d.tolist() == [0, 20, 50] and z.tolist() == [20, 10, 10]  # not across chunks 0 | 1
 
 
 class _FakeEvent:
@@ -665,6 +679,35 @@ def test_gpu_dma_layerwise_loads_submitted_by_a_thread(kernel_device, monkeypatc
             h.wait_layer(layer)  # returns (nothing to wait for) instead of hanging
         h.wait()
         assert h.done() and isinstance(h.error, RuntimeError)
+    finally:
+        eng.close()
+        pool.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["dma", "staged"])
+def test_gpu_runs_of_consecutive_slots_never_span_two_pinned_chunks(kernel_device, backend):
+    """Consecutive slots merge into long DMA runs, but not over a boundary between two pinned
+    registrations (the driver refuses such a copy); every byte lands, no fallback to torch."""
+    layers, nb = 4, 64
+    kv = make_kv(nb, layers, (16, 8, 64), torch.bfloat16, "interleaved", kernel_device, seed=7)
+    views = byte_views(kv)
+    pool = make_pool(nb, layers, views[0].shape[1], kernel_device)  # 1 MiB registrations: 16 slots
+    assert pool.slots_per_chunk < nb
+    eng = CopyEngine(views, pool, backend=backend)
+    try:
+        src = np_layers(views)
+        eng.demote(np.arange(nb), np.arange(nb)).wait()
+        host = pool.slots.numpy().copy()
+        for layer in range(layers):
+            assert_bytes_equal(host[:, layer], src[layer], f"demote layer {layer}")
+        for layerwise in (False, True):
+            for v in views:
+                v.zero_()
+            eng.promote(np.arange(nb), np.arange(nb), layerwise=layerwise).wait()
+            for layer in range(layers):
+                assert_bytes_equal(views[layer].cpu().numpy(), host[:, layer], f"promote layer {layer}")
+        assert eng.stats.backend_fallbacks == 0, eng.unavailable
     finally:
         eng.close()
         pool.close()

@@ -259,15 +259,7 @@ def dma_descriptors(
         dev, host = dev.T, host.T
     dev, host = dev.ravel(), host.ravel()
     src, dst = (dev, host) if to_host else (host, dev)
-    page = layout.page_bytes
-    n = src.shape[0]
-    if n > 1:
-        joined = (src[1:] == src[:-1] + page) & (dst[1:] == dst[:-1] + page)
-        if joined.any():
-            starts = np.flatnonzero(np.concatenate(([True], ~joined)))
-            sizes = np.diff(np.append(starts, n)) * page
-            return dst[starts].view(np.uint64), src[starts].view(np.uint64), sizes.astype(np.uint64)
-    return dst.view(np.uint64), src.view(np.uint64), np.full(n, page, dtype=np.uint64)
+    return merge_runs(dst, src, layout.page_bytes, host_chunks(layout, host))
 
 
 class _StagedCopier(_Copier):
@@ -354,12 +346,12 @@ class _StagedCopier(_Copier):
                     gathered = _record(aux)
                 if gathered is not None:
                     stream.wait_event(gathered)
-                self._dma(host_runs[i0:i1], stage, run_bytes, stream)
+                self._dma(host_runs[i0:i1], stage, run_bytes, stream, True)
                 half_free[half] = _record(stream)
             else:  # DMA the runs in on the copy stream, then scatter them on the aux stream
                 if half_free[half] is not None:
                     stream.wait_event(half_free[half])
-                self._dma(stage, host_runs[i0:i1], run_bytes, stream)
+                self._dma(stage, host_runs[i0:i1], run_bytes, stream, False)
                 landed = _record(stream)
                 with _on(aux):
                     if landed is not None:
@@ -370,21 +362,34 @@ class _StagedCopier(_Copier):
             stream.wait_stream(aux)  # the copy stream's next event covers every kernel
             blocks_t.record_stream(aux)  # used there: its memory is not reused before aux is done
 
-    def _dma(self, dst: np.ndarray, src: np.ndarray, run_bytes: int, stream) -> None:
-        d, s, z = merge_runs(dst, src, run_bytes)
+    def _dma(self, dst: np.ndarray, src: np.ndarray, run_bytes: int, stream, to_host: bool) -> None:
+        d, s, z = merge_runs(dst, src, run_bytes, host_chunks(self.layout, dst if to_host else src))
         self.batch(d, s, z, stream.cuda_stream if stream is not None else 0)
 
 
-def merge_runs(dst: np.ndarray, src: np.ndarray, run_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Descriptors (uint64 dsts, srcs, sizes) for copies of `run_bytes` each, adjacent ones merged."""
+def merge_runs(
+    dst: np.ndarray, src: np.ndarray, run_bytes: int, chunk: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Descriptors (uint64 dsts, srcs, sizes) for copies of `run_bytes` each, adjacent ones merged
+    where `chunk` (the host registration of each copy, if given) is the same: the driver refuses
+    one copy over two separately pinned chunks (CUDA_ERROR_INVALID_VALUE, seen on the H200)."""
     n = len(dst)
     if n > 1:
         joined = (src[1:] == src[:-1] + run_bytes) & (dst[1:] == dst[:-1] + run_bytes)
+        if chunk is not None:
+            joined &= chunk[1:] == chunk[:-1]
         if joined.any():
             starts = np.flatnonzero(np.concatenate(([True], ~joined)))
             sizes = np.diff(np.append(starts, n)) * run_bytes
             return dst[starts].view(np.uint64), src[starts].view(np.uint64), sizes.astype(np.uint64)
     return dst.view(np.uint64), src.view(np.uint64), np.full(n, run_bytes, dtype=np.uint64)
+
+
+def host_chunks(layout: PageLayout, host: np.ndarray) -> np.ndarray | None:
+    """The pinned registration each host address lies in (None: the pool is one registration)."""
+    if layout.host_chunk_bytes <= 0:
+        return None
+    return (host - layout.host_address) // layout.host_chunk_bytes
 
 
 def _on(stream):
@@ -523,7 +528,7 @@ class CopyEngine:
         self._triton_opts = (triton_chunk_bytes, triton_max_programs)
         self.calibration: dict[str, dict[str, float]] = {}
         self._copiers, self.unavailable = self._build_copiers(
-            layers, pool.slots, pool.address, pool.device_address
+            layers, pool.slots, pool.address, pool.device_address, pool.chunk_bytes
         )
         for name, why in self.unavailable.items():
             log.info("copy engine: backend %s unavailable: %s", name, why)
@@ -552,9 +557,15 @@ class CopyEngine:
 
     # ---- construction helpers -------------------------------------------------------------------
     def _build_copiers(
-        self, layers: list[torch.Tensor], host: torch.Tensor, host_address: int, device_address: int | None
+        self,
+        layers: list[torch.Tensor],
+        host: torch.Tensor,
+        host_address: int,
+        device_address: int | None,
+        chunk_bytes: int,
     ) -> tuple[dict[str, _Copier], dict[str, str]]:
-        """(copiers by name, why each missing backend is missing) for one set of layers and pool."""
+        """(copiers by name, why each missing backend is missing) for one set of layers and pool,
+        pinned in registrations of `chunk_bytes` (DMA descriptors never span two)."""
         copiers: dict[str, _Copier] = {}
         missing: dict[str, str] = {}
         nslots = host.shape[0]
@@ -573,14 +584,13 @@ class CopyEngine:
             from .cuda_driver import BatchMemcpy
 
             batch = BatchMemcpy()
-            copiers["dma"] = _DmaCopier(layout_of(layers, host_address, nslots), batch)
+            host_layout = layout_of(layers, host_address, nslots, chunk_bytes)
+            copiers["dma"] = _DmaCopier(host_layout, batch)
         except (RuntimeError, OSError) as e:  # CudaDriverError included
             missing["dma"] = missing["staged"] = f"{e}"
         else:
             try:
-                copiers["staged"] = _StagedCopier(
-                    layout_of(layers, host_address, nslots), layers, batch, STAGING_BYTES
-                )
+                copiers["staged"] = _StagedCopier(host_layout, layers, batch, STAGING_BYTES)
             except (RuntimeError, ValueError) as e:  # torch.OutOfMemoryError is a RuntimeError
                 missing["staged"] = f"no device staging buffer: {e!r}"
         if device_address is not None:
@@ -682,7 +692,11 @@ class CopyEngine:
         if self.wait_for_current_stream:  # ordered now, even where the copies are enqueued later
             stream.wait_stream(torch.cuda.current_stream(self.device))
         h = CopyHandle(direction, self.backend[direction], len(blocks), nbytes)
-        if self.backend[direction] == "dma" and len(blocks):
+        backend = self.backend[direction]
+        # Page-wise DMA (a descriptor per page, ~0.5 us each) is submitted by a thread either way;
+        # staged demotes too (off the step's critical path); staged loads cost ~2-4 ms to submit
+        # and are enqueued here, with no thread hand-off in front of the forward that waits for them.
+        if len(blocks) and (backend == "dma" or (backend == "staged" and to_host)):
             submitter = self._submitters.get(direction)
             if submitter is None:
                 submitter = self._submitters[direction] = _Submitter(self, direction)
@@ -708,8 +722,7 @@ class CopyEngine:
             h._start = start
             blocks_t = slots_t = None
             if self._copiers[self.backend[direction]].device_indices:  # a fallback uploads its own
-                blocks_t = torch.from_numpy(blocks).to(self.device, non_blocking=True)
-                slots_t = torch.from_numpy(slots).to(self.device, non_blocking=True)
+                blocks_t, slots_t = _upload(blocks, self.device), _upload(slots, self.device)
             h._keep = (blocks, slots, blocks_t, slots_t)
             if layerwise:
                 if h._layer_events is None:
@@ -764,8 +777,7 @@ class CopyEngine:
         self, copier: _Copier, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count
     ) -> None:
         if copier.device_indices and blocks_t is None:  # uploaded on the current (side) stream
-            blocks_t = torch.from_numpy(blocks).to(self.device, non_blocking=True)
-            slots_t = torch.from_numpy(slots).to(self.device, non_blocking=True)
+            blocks_t, slots_t = _upload(blocks, self.device), _upload(slots, self.device)
         copier.run(blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count)
 
     # ---- measurement ------------------------------------------------------------------------------
@@ -788,7 +800,9 @@ class CopyEngine:
             if spool.num_slots < nb:
                 log.warning("copy engine: calibration pool could not be pinned; keeping default backends")
                 return {}
-            built, _ = self._build_copiers(scratch, spool.slots, spool.address, spool.device_address)
+            built, _ = self._build_copiers(
+                scratch, spool.slots, spool.address, spool.device_address, spool.chunk_bytes
+            )
             copiers.update((k, c) for k, c in built.items() if k in self._copiers)
             del built
             return _measure(copiers, self.device, nb, self.num_layers, self.slot_bytes, repeats)
@@ -931,6 +945,18 @@ def _choose(gbps: dict[str, float], available) -> str:
         if gbps[d] * DMA_PREFERENCE >= gbps[best]:
             return d
     return best
+
+
+def _upload(ids: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Index array -> tensor on `device`, enqueued on the current stream without blocking the host.
+
+    From pageable memory, CUDA first waits for the stream's earlier work (here: the copy stream,
+    ordered after the model's stream, so the host would wait for the running forward); from pinned
+    memory (torch's caching host allocator, which keeps it until the copy is done) it does not."""
+    t = torch.from_numpy(ids)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _ids(x, name: str, limit: int) -> np.ndarray:

@@ -42,6 +42,8 @@ class PageLayout:
     page_bytes: int
     host_address: int
     num_slots: int
+    #: bytes per separate pinned registration of the pool (0: one); one DMA never crosses two
+    host_chunk_bytes: int = 0
 
     @property
     def num_layers(self) -> int:
@@ -68,7 +70,9 @@ class PageLayout:
         return self._common() % 16 == 0
 
 
-def layout_of(layers: list[torch.Tensor], host_address: int, num_slots: int) -> PageLayout:
+def layout_of(
+    layers: list[torch.Tensor], host_address: int, num_slots: int, host_chunk_bytes: int = 0
+) -> PageLayout:
     """The PageLayout of byte views `[num_blocks, page_bytes]` (uint8, rows contiguous)."""
     check_layer_views(layers)
     return PageLayout(
@@ -78,6 +82,7 @@ def layout_of(layers: list[torch.Tensor], host_address: int, num_slots: int) -> 
         page_bytes=layers[0].shape[1],
         host_address=int(host_address),
         num_slots=num_slots,
+        host_chunk_bytes=int(host_chunk_bytes),
     )
 
 
