@@ -12,7 +12,7 @@
 #   bash scripts/gpu_work.sh docqa-triton  document QA, DMA vs Triton copies; reliability tests up to a failure
 #   bash scripts/gpu_work.sh reliability  soak, faults, collisions, burst tests (eager engines)
 #   bash scripts/gpu_work.sh copies       copy tests, copy benchmark (staged/DMA/Triton), engine tests compiled
-#   bash scripts/gpu_work.sh docqa-staged document QA: built-in offloading, ours (staged DMA), ours with page DMA
+#   bash scripts/gpu_work.sh docqa-staged document QA: built-in offloading, ours (staged DMA), ours with torch copies
 # Results and logs go to one tarball $OUT/<part>.tgz (the device tool brings back few files); each
 # step has its own time limit so one slow step cannot eat the call.
 set -uo pipefail
@@ -94,8 +94,8 @@ case "${1:-}" in
     run 150 copy python3 -m bench.copy_bench --backends staged dma triton --pool-create-gib 0 --out "$OUT/copy.json"
     run "${TPC_ENGINE_TIMEOUT:-250}" gpu-tests-engine python3 -m pytest -q -p no:cacheprovider -rsx --durations=8 \
       tests/vllm/test_engine.py ;;
-  docqa-staged)  # document QA: staged DMA (the default) against page-wise DMA and built-in offloading
-    run 330 compare-docqa python3 -m bench.compare --workload docqa --configs offload ours ours:copy_backend=dma \
+  docqa-staged)  # document QA: staged DMA (the default) against torch copies and built-in offloading
+    run 330 compare-docqa python3 -m bench.compare --workload docqa --configs offload ours ours:copy_backend=torch \
       --out "$OUT/compare-docqa.json" ;;
   *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged" >&2
      exit 2 ;;
