@@ -38,9 +38,10 @@ class PrefixCacheConfig:
         Triton table next to a busy GPU), "triton" puts it on the engine's GPU, "torch" on the CPU.
     copy_backend: how pages move between the KV cache and the host pool: "staged" (one batched DMA
         descriptor per slot through a device staging buffer, the Triton kernel between that buffer
-        and the pages), "dma" (one descriptor per page), the Triton gather/scatter kernel over
-        pinned memory, per-layer torch index ops, or "auto": staged DMA where the driver offers
-        batched copies (the copy engines leave the SMs to the forward), else measured at start.
+        and the pages), "dma" (one descriptor per page), "triton" (the gather/scatter kernel over
+        pinned memory), "torch" (per-layer index ops over a device view of the pinned pool), or
+        "auto": torch in an engine (measured best there, README "Results"); the CopyEngine alone
+        measures the available backends at start.
     eviction: the host tier's eviction policy.
     """
 

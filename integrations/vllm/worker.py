@@ -31,8 +31,12 @@ from .stats import TPCStats
 
 logger = logging.getLogger("triton_prefix_cache_vllm")
 
-#: copy_backend="auto" in a CUDA engine: the first of these the machine offers (else measured)
-AUTO_ENGINE_BACKENDS = ("staged", "dma")
+#: copy_backend="auto" in a CUDA engine: the first of these the machine offers (else measured).
+#: torch (index ops over a device view of the pinned pool): the lowest mean document-QA TTFT of the
+#: four on the H200 in one run, every hit served (README "Results", session 4); "staged" had the
+#: lowest median but one unexplained partial miss and a first-load compile stall (since removed)
+#: in that run: opt-in until a GPU run confirms it.
+AUTO_ENGINE_BACKENDS = ("torch",)
 
 
 def page_views(tensors: list[torch.Tensor], num_blocks: int | None = None) -> list[torch.Tensor]:
@@ -149,10 +153,8 @@ class WorkerSide:
                            backend)
             backend = "torch"
         if backend == "auto" and device.type == "cuda":
-            # In an engine the copies run beside the forward: the copy engines leave it (nearly)
-            # every SM, where the Triton copy kernel alone competes for them. Staged DMA submits a
-            # descriptor per slot instead of per page (the driver's cost per descriptor made page-wise
-            # DMA submission as long as the copy): README "Results".
+            # Page-wise DMA lost in the engine: the driver takes ~0.5 us a descriptor, so submitting
+            # a document's 32,000 pages took as long as copying them (README "Results").
             for preferred in AUTO_ENGINE_BACKENDS:
                 try:
                     self.engine = CopyEngine(self.layers, self.pool, backend=preferred)

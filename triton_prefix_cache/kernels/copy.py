@@ -22,6 +22,7 @@ the CPU path, and on CUDA the path over a device view of the pool.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,8 @@ import triton
 import triton.language as tl
 
 _WORD_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+#: Serializes launches of the copy kernel: Triton's first-launch compilation is not thread-safe.
+_LAUNCH_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,10 @@ def check_layer_views(layers: list[torch.Tensor], name: str = "layers") -> None:
             raise ValueError(f"{name}[{i}]: pages overlap (stride(0)={t.stride(0)} < {t.shape[1]} bytes)")
 
 
-@triton.jit
+# No value specialization of the integer arguments: Triton would otherwise compile a variant per
+# batch size class (n == 1, n % 16 == 0, ...) at its first launch, ~300 ms inside an engine step
+# (measured on the H200: the first staged load after warm-up); the alignment facts come from ALIGN.
+@triton.jit(do_not_specialize=["n", "layer_begin", "total", "chunks_per_page", "slot_words", "page_words"])
 def _page_copy_kernel(
     dev_base,  # *word: block 0 of layer 0; every layer is addressed relative to it
     layer_offs,  # *int64 [L]: words from dev_base to block 0 of each layer (may be negative)
@@ -241,6 +247,10 @@ class PageCopyKernel:
         if total >= 2**62:
             raise ValueError(f"too many pages in one launch: {total}")
         grid = (min(total, self.max_programs or total, 2**31 - 1),)
+        with _LAUNCH_LOCK:  # launches come from two threads (copy engine submission); compile once
+            self._launch(grid, blocks, slots, n, layer_begin, total, to_host)
+
+    def _launch(self, grid, blocks, slots, n, layer_begin, total, to_host) -> None:
         _page_copy_kernel[grid](
             self._dev_base,
             self._offs,
