@@ -956,7 +956,11 @@ def _upload(ids: np.ndarray, device: torch.device) -> torch.Tensor:
     t = torch.from_numpy(ids)
     if device.type != "cuda":
         return t
-    return t.pin_memory().to(device, non_blocking=True)
+    try:
+        t = t.pin_memory()
+    except RuntimeError as e:  # pinned memory exhausted: the pageable copy is slower, still right
+        log.warning("copy engine: pinning %d indices failed (%r); uploading them pageable", len(ids), e)
+    return t.to(device, non_blocking=True)
 
 
 def _ids(x, name: str, limit: int) -> np.ndarray:

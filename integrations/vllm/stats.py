@@ -31,6 +31,7 @@ COUNTERS = (
     "stores",
     "dropped_stores",  # demotions skipped: host tier full of pinned slots, or block gone
     "failed_loads",
+    "load_retries",  # layer-wise loads whose submission failed once and was retried (see the worker)
     "deferred_requests",  # async loads: asked again later because another request loads that prefix
     "full_graph_loads",  # layer-wise loads waited for whole: their step replayed a full CUDA graph
     "sched_seconds",  # scheduler time spent inside the adapter (key derivation + lookup + bookkeeping)
@@ -108,6 +109,7 @@ _PROM_COUNTERS = {
     "store_seconds": ("vllm:tpc_store_seconds", "Seconds spent in GPU -> host copies."),
     "dropped_stores": ("vllm:tpc_dropped_stores", "Demotions dropped (host tier full of pinned slots)."),
     "failed_loads": ("vllm:tpc_failed_loads", "Host-tier loads that failed."),
+    "load_retries": ("vllm:tpc_load_retries", "Layer-wise loads submitted a second time after a failure."),
     "deferred_requests": ("vllm:tpc_deferred_requests",
                           "Lookups deferred because another request was loading the same prefix."),
     "full_graph_loads": ("vllm:tpc_full_graph_loads",

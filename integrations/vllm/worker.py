@@ -195,7 +195,7 @@ class WorkerSide:
         for job in meta.loads:
             t0 = time.perf_counter()
             try:
-                h = eng.promote(job.slots, job.block_ids, layerwise=job.layerwise)
+                h = self._promote(eng, job)
             except Exception as e:
                 logger.warning("triton-prefix-cache: load of %d blocks failed: %r", len(job.slots), e)
                 self.failed_blocks.update(job.block_ids)
@@ -217,6 +217,26 @@ class WorkerSide:
             self.full_graph_loads += len(self.sync_loads)
         if timing:
             self._step_timer.submitted()
+
+    def _promote(self, eng: CopyEngine, job: Any) -> CopyHandle:
+        """Submit one load; a layer-wise load whose submission fails is submitted once more.
+
+        A layer-wise load feeds this very step's forward, which runs whatever happens; vLLM then
+        recomputes the blocks reported as failed and drops the step's token, but with async
+        scheduling (vLLM 0.26's default) the next step is already scheduled on that token, so a
+        failure reported there can still leak one token computed from unloaded KV (README, known
+        limits). A second submission turns a transient failure (the copy engine already falls back
+        from a failing backend to torch) into a served hit. An async load's failure is safe: its
+        request waits for the report before it runs."""
+        try:
+            return eng.promote(job.slots, job.block_ids, layerwise=job.layerwise)
+        except Exception as e:
+            if not job.layerwise:
+                raise
+            logger.warning("triton-prefix-cache: layer-wise load of %d blocks failed at submission (%r); "
+                           "retrying once", len(job.slots), e)
+            self.stats.add("load_retries", 1)
+            return eng.promote(job.slots, job.block_ids, layerwise=True)
 
     def _fail_all(self, meta: TPCMetadata) -> None:
         self.report.stores_failed.extend(job.job_id for job in meta.stores)

@@ -271,8 +271,9 @@ def _flaky_copies(monkeypatch, every: dict[str, int], counts: dict[str, int]) ->
 @pytest.mark.parametrize("policy", ["default", "recompute"])
 @pytest.mark.parametrize("load", ["layerwise", "async"])
 def test_failed_copies_are_recomputed_never_served(runs, model_path, monkeypatch, load, policy):
-    """Every 3rd store and every 2nd load raises: a failed store is a future miss, a failed load is
-    recomputed; outputs stay equal to built-in caching and the failures are counted."""
+    """Every 3rd store and every 2nd load submission raises: a failed store is a future miss, a
+    failed async load is recomputed, a failed layer-wise submission is retried once (and served);
+    outputs stay equal to built-in caching and every failure is counted."""
     oracle = runs("oracle")
     counts: dict[str, int] = {}
     _flaky_copies(monkeypatch, {"demote": 3, "promote": 2}, counts)
@@ -285,11 +286,43 @@ def test_failed_copies_are_recomputed_never_served(runs, model_path, monkeypatch
         H.compare_records(ours, _flat(oracle.outputs["docqa"]), f"flaky copies ({load}, {policy})")
         assert counts.get("demote_failed", 0) > 0 and counts.get("promote_failed", 0) > 0, counts
         m = H.metric_values(llm)
-        assert m["vllm:tpc_failed_loads"] == counts["promote_failed"]
+        if load == "layerwise":  # every failure was the first try of a load; the retry succeeded
+            assert m["vllm:tpc_load_retries"] == counts["promote_failed"]
+            assert m.get("vllm:tpc_failed_loads", 0) == 0
+        else:
+            assert m["vllm:tpc_failed_loads"] == counts["promote_failed"]
+            assert m.get("vllm:tpc_load_retries", 0) == 0
         assert m["vllm:tpc_dropped_stores"] > 0
         assert m["vllm:tpc_host_hit_tokens"] > 0
         wk = H.worker_side()
         assert wk.debug_checked > 0 and wk.debug_mismatches == []
+        _assert_quiet(llm)
+    finally:
+        H.shutdown(llm)
+
+
+@pytest.mark.xfail(
+    __import__("vllm").__version__.startswith("0.26."),
+    reason="vLLM 0.26 schedules the next step on the token sampled from a failed layer-wise load "
+    "(async scheduling) before it hears of the failure; its recovery drops that step's token, not "
+    "the next one (README: known limits)",
+    strict=False,
+)
+def test_layerwise_loads_failing_every_time_are_recomputed(runs, model_path, monkeypatch):
+    """Every load submission fails, the retry too: each layer-wise load is reported failed, vLLM
+    recomputes its blocks, and the outputs equal built-in caching's."""
+    oracle = runs("oracle")
+    counts: dict[str, int] = {}
+    _flaky_copies(monkeypatch, {"promote": 1}, counts)
+    llm = _engine(model_path, H.tpc_config(load="layerwise"), load_delay=0)
+    try:
+        ours = _flat(H.play(llm, H.docqa()))
+        H.compare_records(ours, _flat(oracle.outputs["docqa"]), "every layer-wise load failing")
+        m = H.metric_values(llm)
+        loads = counts.get("promote_failed", 0) // 2  # two submissions each
+        assert loads > 0 and counts["promote_failed"] == 2 * loads, counts
+        assert m["vllm:tpc_failed_loads"] == loads and m["vllm:tpc_load_retries"] == loads
+        assert m.get("vllm:tpc_host_hit_tokens", 0) > 0  # the lookups hit; only the copies failed
         _assert_quiet(llm)
     finally:
         H.shutdown(llm)
