@@ -15,15 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from triton_prefix_cache.copy_engine import (
-    CopyEngine,
-    _choose,
-    _DmaCopier,
-    _StagedCopier,
-    byte_views,
-    dma_descriptors,
-    merge_runs,
-)
+from triton_prefix_cache.copiers import _DmaCopier, _StagedCopier, dma_descriptors, merge_runs
+from triton_prefix_cache.copy_engine import CopyEngine, _choose, byte_views
 from triton_prefix_cache.host_pool import HostPool, HostPoolConfig
 from triton_prefix_cache.kernels.copy import layout_of
 

@@ -260,7 +260,7 @@ def test_gpu_pool_is_pinned_in_chunks_and_device_addressable(registrar):
         for lo, size in chunks:
             assert torch.equal(flat[lo : lo + size].to(dev), src[lo : lo + size])
         if pool.device_address is not None:
-            from triton_prefix_cache.copy_engine import device_view
+            from triton_prefix_cache.copiers import device_view
 
             view = device_view(pool.device_address, pool.nbytes, dev)
             assert torch.equal(view, src)  # a device kernel reading the host pool directly

@@ -2,7 +2,7 @@
 
 The engine's KV cache arrives as per-layer byte views `[num_blocks, page_bytes]` (`byte_views`
 makes them from KV tensors of any dtype); the host tier is a HostPool `[num_slots, L, page_bytes]`.
-Four backends move the pages, every one batched (never a Python loop per page):
+Four backends (copiers.py) move the pages, every one batched (never a Python loop per page):
 - "dma": cuMemcpyBatchAsync, one descriptor per page (contiguous runs merged), no SMs used;
 - "staged": one DMA descriptor per slot (a slot's pages are one host run) into or out of a device
   staging buffer, and the Triton kernel between that buffer and the layers at HBM speed;
@@ -38,8 +38,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from .copiers import (
+    STAGING_BYTES,
+    _Copier,
+    _DmaCopier,
+    _StagedCopier,
+    _TorchCopier,
+    _TritonCopier,
+    device_view,
+)
 from .host_pool import HostPool, HostPoolConfig
-from .kernels.copy import PageLayout, check_layer_views, copy_pages_torch, layout_of, word_views
+from .kernels.copy import check_layer_views, layout_of
 from .stats import CopyStats
 
 log = logging.getLogger(__name__)
@@ -50,10 +59,6 @@ DIRECTIONS = ("demote", "promote")
 DMA_PREFERENCE = 1.05
 #: Most device (and pinned) scratch memory a calibration takes.
 CALIBRATE_BYTES = 128 << 20
-#: Device staging memory of the "staged" backend, per direction (two halves: copy and kernel overlap).
-STAGING_BYTES = 64 << 20
-#: Steps of a layer-wise "staged" load (each one descriptor per slot, then one kernel per chunk).
-LAYERWISE_GROUPS = 8
 
 
 def byte_views(kv_caches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -181,299 +186,6 @@ class CopyHandle:
         with self._progress:
             self._layer_events.append(ev)
             self._progress.notify_all()
-
-
-# ---- backends --------------------------------------------------------------------------------------
-class _Copier:
-    """Enqueues one copy on the current stream (or runs it, on the CPU)."""
-
-    name = "?"
-    device_indices = True  # whether run() needs the ids as device tensors
-
-    def layer_groups(self, num_layers: int) -> list[tuple[int, int]]:
-        """(first layer, count) of the steps a layer-wise copy takes: one layer each by default."""
-        return [(layer, 1) for layer in range(num_layers)]
-
-    def run(
-        self,
-        blocks: np.ndarray,
-        slots: np.ndarray,
-        blocks_t,
-        slots_t,
-        to_host: bool,
-        layer_begin: int,
-        layer_count: int,
-    ) -> None:
-        raise NotImplementedError
-
-
-class _DmaCopier(_Copier):
-    """Descriptors built in numpy, submitted in slices so the copy engines start on the first
-    slice while the driver takes in the next."""
-
-    name = "dma"
-    device_indices = False
-    #: descriptors per cuMemcpyBatchAsync call (512 MiB of 64 KiB pages)
-    max_descriptors = 8192
-
-    def __init__(self, layout: PageLayout, batch) -> None:
-        self.layout = layout
-        self.batch = batch
-        self._addrs = np.array(layout.layer_addresses, dtype=np.int64)
-        self._strides = np.array(layout.layer_strides, dtype=np.int64)
-
-    def run(self, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count) -> None:
-        dst, src, size = dma_descriptors(
-            self.layout,
-            self._addrs,
-            self._strides,
-            blocks,
-            slots,
-            to_host,
-            layer_begin,
-            layer_count,
-            block_major=layer_count > 1,
-        )
-        stream = torch.cuda.current_stream().cuda_stream
-        step = self.max_descriptors
-        for i in range(0, len(dst), step):
-            self.batch(dst[i : i + step], src[i : i + step], size[i : i + step], stream)
-
-
-def dma_descriptors(
-    layout: PageLayout,
-    addrs: np.ndarray,
-    strides: np.ndarray,
-    blocks: np.ndarray,
-    slots: np.ndarray,
-    to_host: bool,
-    layer_begin: int,
-    layer_count: int,
-    block_major: bool = True,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(dsts, srcs, sizes) as uint64 arrays, one per page, runs of adjacent pages merged."""
-    ls = np.arange(layer_begin, layer_begin + layer_count, dtype=np.int64)
-    dev = addrs[ls][None, :] + blocks[:, None] * strides[ls][None, :]
-    host = layout.host_address + slots[:, None] * layout.slot_bytes + ls[None, :] * layout.page_bytes
-    if not block_major:
-        dev, host = dev.T, host.T
-    dev, host = dev.ravel(), host.ravel()
-    src, dst = (dev, host) if to_host else (host, dev)
-    return merge_runs(dst, src, layout.page_bytes, host_chunks(layout, host))
-
-
-class _StagedCopier(_Copier):
-    """DMA through a device staging buffer: a few large descriptors instead of one per page.
-
-    A slot holds its block's L pages contiguously, so the pages of a layer range [l0, l0 + c) of
-    one slot are one host run; the device pages are scattered (one per layer and block). This
-    copier moves each slot's run with one DMA descriptor into (or out of) a staging buffer in device
-    memory laid out like the pool (`[chunk slots, c, page]`), and the Triton gather/scatter kernel
-    moves pages between the staging buffer and the layers at HBM speed. A whole-slot copy of n
-    blocks thus takes n descriptors (one per run of consecutive slots) where the plain DMA copier
-    takes n * L, and a layer-wise load in G layer groups n * G.
-
-    The buffer has two halves per direction (demote and promote run at once), so one chunk's DMA
-    overlaps the previous chunk's kernel: DMAs run on the caller's (copy) stream, kernels on an
-    auxiliary stream, ordered by events. On the CPU (tests, with the Triton interpreter and a
-    stand-in `batch`) the same steps run in order.
-    """
-
-    name = "staged"
-    device_indices = True
-
-    def __init__(self, layout: PageLayout, layers: list[torch.Tensor], batch, staging_bytes: int) -> None:
-        self.layout = layout
-        self.layers = layers
-        self.batch = batch
-        self.device = layers[0].device
-        self.cuda = self.device.type == "cuda"
-        self.half_bytes = max(staging_bytes // 2, layout.slot_bytes)
-        # one buffer per direction (demotes and promotes run at once), each in two halves
-        self.staging = {
-            to_host: torch.empty(2 * self.half_bytes, dtype=torch.uint8, device=self.device)
-            for to_host in (True, False)
-        }
-        self.aux = {to_host: torch.cuda.Stream(self.device) for to_host in (True, False)} if self.cuda else {}
-        self._kernels: dict[tuple[bool, int, int], tuple[Any, int, torch.Tensor]] = {}
-
-    def layer_groups(self, num_layers: int) -> list[tuple[int, int]]:
-        """A layer-wise copy in LAYERWISE_GROUPS steps (one descriptor per slot and step)."""
-        g = min(num_layers, LAYERWISE_GROUPS)
-        bounds = [num_layers * i // g for i in range(g + 1)]
-        return [(a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
-
-    def _kernel(self, to_host: bool, layer_begin: int, layer_count: int):
-        """(kernel over layers [begin, begin + count) and the staging buffer, slots per half)."""
-        key = (to_host, layer_begin, layer_count)
-        if key not in self._kernels:
-            from .kernels.copy import PageCopyKernel
-
-            run_bytes = layer_count * self.layout.page_bytes
-            cap = self.half_bytes // run_bytes
-            buf = self.staging[to_host]
-            sub = self.layers[layer_begin : layer_begin + layer_count]
-            sub_layout = layout_of(sub, buf.data_ptr(), 2 * cap)
-            kernel = PageCopyKernel(sub_layout, self.device, host=buf[: 2 * cap * run_bytes], dev_base=sub[0])
-            rows = torch.arange(2 * cap, dtype=torch.int64, device=self.device)  # staging slot ids
-            self._kernels[key] = (kernel, cap, rows)
-        return self._kernels[key]
-
-    def run(self, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count) -> None:
-        kernel, cap, rows = self._kernel(to_host, layer_begin, layer_count)
-        page = self.layout.page_bytes
-        run_bytes = layer_count * page
-        buf_addr = self.staging[to_host].data_ptr()
-        host_runs = (
-            self.layout.host_address + slots * self.layout.slot_bytes + layer_begin * page
-        ).astype(np.int64)
-        stream = torch.cuda.current_stream(self.device) if self.cuda else None
-        aux = self.aux.get(to_host)
-        if aux is not None:
-            aux.wait_stream(stream)  # the kernels start after the copy stream's ordering point
-        half_free: list[Any] = [None, None]  # event: the half's last user (kernel or DMA) is done
-        n = len(blocks)
-        for k, i0 in enumerate(range(0, n, cap)):
-            i1 = min(n, i0 + cap)
-            half = k % 2
-            stage = buf_addr + half * cap * run_bytes + np.arange(i1 - i0, dtype=np.int64) * run_bytes
-            stage_rows = rows[half * cap : half * cap + (i1 - i0)]
-            if to_host:  # gather on the aux stream, then DMA the staged runs out on the copy stream
-                with _on(aux):
-                    if half_free[half] is not None:
-                        aux.wait_event(half_free[half])
-                    kernel(blocks_t[i0:i1], stage_rows, True)
-                    gathered = _record(aux)
-                if gathered is not None:
-                    stream.wait_event(gathered)
-                self._dma(host_runs[i0:i1], stage, run_bytes, stream, True)
-                half_free[half] = _record(stream)
-            else:  # DMA the runs in on the copy stream, then scatter them on the aux stream
-                if half_free[half] is not None:
-                    stream.wait_event(half_free[half])
-                self._dma(stage, host_runs[i0:i1], run_bytes, stream, False)
-                landed = _record(stream)
-                with _on(aux):
-                    if landed is not None:
-                        aux.wait_event(landed)
-                    kernel(blocks_t[i0:i1], stage_rows, False)
-                    half_free[half] = _record(aux)
-        if aux is not None:
-            stream.wait_stream(aux)  # the copy stream's next event covers every kernel
-            blocks_t.record_stream(aux)  # used there: its memory is not reused before aux is done
-
-    def _dma(self, dst: np.ndarray, src: np.ndarray, run_bytes: int, stream, to_host: bool) -> None:
-        d, s, z = merge_runs(dst, src, run_bytes, host_chunks(self.layout, dst if to_host else src))
-        self.batch(d, s, z, stream.cuda_stream if stream is not None else 0)
-
-
-def merge_runs(
-    dst: np.ndarray, src: np.ndarray, run_bytes: int, chunk: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Descriptors (uint64 dsts, srcs, sizes) for copies of `run_bytes` each, adjacent ones merged
-    where `chunk` (the host registration of each copy, if given) is the same: the driver refuses
-    one copy over two separately pinned chunks (CUDA_ERROR_INVALID_VALUE, seen on the H200)."""
-    n = len(dst)
-    if n > 1:
-        joined = (src[1:] == src[:-1] + run_bytes) & (dst[1:] == dst[:-1] + run_bytes)
-        if chunk is not None:
-            joined &= chunk[1:] == chunk[:-1]
-        if joined.any():
-            starts = np.flatnonzero(np.concatenate(([True], ~joined)))
-            sizes = np.diff(np.append(starts, n)) * run_bytes
-            return dst[starts].view(np.uint64), src[starts].view(np.uint64), sizes.astype(np.uint64)
-    return dst.view(np.uint64), src.view(np.uint64), np.full(n, run_bytes, dtype=np.uint64)
-
-
-def host_chunks(layout: PageLayout, host: np.ndarray) -> np.ndarray | None:
-    """The pinned registration each host address lies in (None: the pool is one registration)."""
-    if layout.host_chunk_bytes <= 0:
-        return None
-    return (host - layout.host_address) // layout.host_chunk_bytes
-
-
-def _on(stream):
-    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-
-
-def _record(stream):
-    if stream is None:
-        return None
-    ev = torch.cuda.Event()
-    ev.record(stream)
-    return ev
-
-
-class _TritonCopier(_Copier):
-    name = "triton"
-
-    def __init__(
-        self,
-        layout: PageLayout,
-        layers: list[torch.Tensor],
-        host: torch.Tensor | None,
-        chunk_bytes: int,
-        max_programs: int | None,
-    ) -> None:
-        from .kernels.copy import PageCopyKernel
-
-        self.kernel = PageCopyKernel(
-            layout,
-            layers[0].device,
-            host=host,
-            dev_base=layers[0],
-            chunk_bytes=chunk_bytes,
-            max_programs=max_programs,
-        )
-
-    def run(self, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count) -> None:
-        self.kernel(blocks_t, slots_t, to_host, layer_begin, layer_count)
-
-
-class _TorchCopier(_Copier):
-    """Per-layer index ops. `host` is a device view of the pool (direct) or the CPU pool (staged)."""
-
-    name = "torch"
-
-    def __init__(self, layers: list[torch.Tensor], host: torch.Tensor, word_bytes: int) -> None:
-        self.layers, self.host = word_views(layers, host, word_bytes)
-        self.staged = self.host.device != self.layers[0].device
-
-    def run(self, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count) -> None:
-        if not self.staged:
-            copy_pages_torch(self.layers, self.host, blocks_t, slots_t, to_host, layer_begin, layer_count)
-            return
-        slots_c = torch.from_numpy(slots)
-        for layer in range(layer_begin, layer_begin + layer_count):
-            if to_host:
-                pages = self.layers[layer].index_select(0, blocks_t).cpu()
-                self.host[:, layer].index_copy_(0, slots_c, pages)
-            else:
-                pages = self.host[:, layer].index_select(0, slots_c).to(self.layers[layer].device)
-                self.layers[layer].index_copy_(0, blocks_t, pages)
-
-
-class _CudaArray:
-    """Just enough of __cuda_array_interface__ (v2, no stream semantics) for torch.as_tensor."""
-
-    def __init__(self, address: int, nbytes: int) -> None:
-        self.__cuda_array_interface__ = {
-            "shape": (nbytes,),
-            "typestr": "|u1",
-            "data": (address, False),
-            "strides": None,
-            "version": 2,
-        }
-
-
-def device_view(address: int, nbytes: int, device: torch.device) -> torch.Tensor:
-    """A uint8 CUDA tensor over device-visible memory (e.g. a registered host pool); no copy."""
-    t = torch.as_tensor(_CudaArray(address, nbytes), device=device)
-    if t.data_ptr() != address or t.device != device:
-        raise RuntimeError(
-            f"device view landed at {t.data_ptr():#x} on {t.device}, not {address:#x} on {device}"
-        )
-    return t
 
 
 # ---- the engine --------------------------------------------------------------------------------------
