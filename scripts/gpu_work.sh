@@ -13,6 +13,9 @@
 #   bash scripts/gpu_work.sh reliability  soak, faults, collisions, burst tests (eager engines)
 #   bash scripts/gpu_work.sh copies       copy tests, copy benchmark (staged/DMA/Triton), engine tests compiled
 #   bash scripts/gpu_work.sh docqa-staged document QA: built-in offloading, ours (staged DMA), ours with torch copies
+#   bash scripts/gpu_work.sh verify-a     copy + engine tests compiled (float32 and the bf16 full-graph path), sched time
+#   bash scripts/gpu_work.sh verify-b     document QA (offload, ours, ours staged), chat (offload, prefix, ours, ours staged)
+#   bash scripts/gpu_work.sh verify-c     reliability tests eager, then no reuse / fits (prefix, ours)
 # Results and logs go to one tarball $OUT/<part>.tgz (the device tool brings back few files); each
 # step has its own time limit so one slow step cannot eat the call.
 set -uo pipefail
@@ -97,7 +100,23 @@ case "${1:-}" in
   docqa-staged)  # document QA: staged DMA (the default) against torch copies and built-in offloading
     run 330 compare-docqa python3 -m bench.compare --workload docqa --configs offload ours ours:copy_backend=torch \
       --out "$OUT/compare-docqa.json" ;;
-  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged" >&2
+  verify-a)  # ~6 min: correctness of the current defaults on the GPU
+    run 110 gpu-tests-copy python3 -m pytest -q -p no:cacheprovider -rsx tests/test_copy.py
+    run 230 gpu-tests-engine python3 -m pytest -q -p no:cacheprovider -rsx --durations=8 tests/vllm/test_engine.py
+    TPC_TEST_DTYPE=bfloat16 run 150 gpu-tests-tail1 python3 -m pytest -q -p no:cacheprovider -rsx \
+      tests/vllm/test_engine.py -k "(big_kv and tail1) or one_token"
+    run 60 sched python3 -m bench.sched_time --out "$OUT/sched.json" ;;
+  verify-b)  # ~9.5 min: the headline workloads, torch copies (default) and staged DMA in the same runs
+    run 290 compare-docqa python3 -m bench.compare --workload docqa --configs offload ours ours:copy_backend=staged \
+      --out "$OUT/compare-docqa.json"
+    run 270 compare-chat python3 -m bench.compare --workload chat --configs offload prefix ours ours:copy_backend=staged \
+      --out "$OUT/compare-chat.json" ;;
+  verify-c)  # ~9.5 min: reliability (eager) up to a failure, then no reuse and fits
+    TPC_TEST_EAGER=1 run 250 gpu-tests-reliability python3 -m pytest -x -q -p no:cacheprovider -rsx \
+      tests/vllm/test_faults.py tests/vllm/test_collisions.py tests/vllm/test_burst.py tests/vllm/test_soak.py
+    run 320 compare-noreuse-fits python3 -m bench.compare --workload noreuse fits --configs prefix ours \
+      --out "$OUT/compare-noreuse-fits.json" ;;
+  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c" >&2
      exit 2 ;;
 esac
 tar czf "$FINAL/$1.tgz" -C "$OUT" . && ls -la "$OUT"
