@@ -82,12 +82,14 @@ class WorkerSide:
         self.layers: list[torch.Tensor] = []
         self.pool: HostPool | None = None
         self.engine: CopyEngine | None = None
-        self.stores: list[tuple[int, CopyHandle, float]] = []
-        self.sync_loads: list[tuple[str, CopyHandle, float]] = []
+        # (job or request id, handle, submitted at, whether this entry accounts the handle's bytes and
+        # time): a step's jobs share one copy per direction (start_load_kv)
+        self.stores: list[tuple[int, CopyHandle, float, bool]] = []
+        self.sync_loads: list[tuple[str, CopyHandle, float, bool]] = []
         self.full_graph_loads = 0  # layer-wise loads waited for whole (full CUDA graph steps)
         #: (step has loads, CUDA graph mode) -> steps, for tests and benchmarks
         self.step_modes: collections.Counter = collections.Counter()
-        self.async_loads: dict[str, tuple[CopyHandle, float]] = {}
+        self.async_loads: dict[str, tuple[CopyHandle, float, bool]] = {}
         self.load_blocks: dict[str, list[int]] = {}  # the GPU blocks of each load in flight
         self.failed_blocks: set[int] = set()
         self.report = TPCWorkerMetadata()
@@ -181,44 +183,62 @@ class WorkerSide:
             self._fail_all(meta)
             return
         timing = self._step_timer.begin(bool(meta.loads))
-        for job in meta.stores:
-            t0 = time.perf_counter()
-            try:
-                h = eng.demote(job.block_ids, job.slots)
-            except Exception as e:  # a failed store is a future miss, never an error
-                logger.warning("triton-prefix-cache: store of %d blocks failed: %r", len(job.slots), e)
-                self.report.stores_failed.append(job.job_id)
-                continue
-            self.stores.append((job.job_id, h, t0))
-            if self.debug_pages is not None:
-                self._debug_record(job.block_ids, job.slots, h)
-        for job in meta.loads:
-            t0 = time.perf_counter()
-            try:
-                h = self._promote(eng, job)
-            except Exception as e:
-                logger.warning("triton-prefix-cache: load of %d blocks failed: %r", len(job.slots), e)
-                self.failed_blocks.update(job.block_ids)
-                self.report.loads_failed.append(job.req_id)
-                if not job.layerwise:
-                    self.async_loads[job.req_id] = (_DONE, t0)  # still reported as finished receiving
-                continue
-            if self.debug_pages is not None:
-                self._debug_check(job.block_ids, job.slots, h)
-            self.load_blocks[job.req_id] = job.block_ids
-            if job.layerwise:
-                self.sync_loads.append((job.req_id, h, t0))
-            else:
-                self.async_loads[job.req_id] = (h, t0)
+        # One copy per direction and kind for the whole step, not one per job: a step of many
+        # requests (chat) paid the copy path's fixed cost (two launches per layer with torch, a
+        # driver call per chunk with DMA) once per store and per load.
+        if meta.stores:
+            self._store_group(eng, meta.stores)
+        for layerwise in (True, False):
+            jobs = [job for job in meta.loads if job.layerwise == layerwise]
+            if jobs:
+                self._load_group(eng, jobs, layerwise)
         if full_graph and self.sync_loads:
-            for _, h, _ in self.sync_loads:
+            for h in _unique_handles(self.sync_loads):
                 h.wait_all()
             self.stats.add("full_graph_loads", len(self.sync_loads))
             self.full_graph_loads += len(self.sync_loads)
         if timing:
             self._step_timer.submitted()
 
-    def _promote(self, eng: CopyEngine, job: Any) -> CopyHandle:
+    def _store_group(self, eng: CopyEngine, jobs: list) -> None:
+        t0 = time.perf_counter()
+        blocks = [b for job in jobs for b in job.block_ids]
+        slots = [s for job in jobs for s in job.slots]
+        try:
+            h = eng.demote(blocks, slots)
+        except Exception as e:  # a failed store is a future miss, never an error
+            logger.warning("triton-prefix-cache: store of %d blocks failed: %r", len(slots), e)
+            self.report.stores_failed.extend(job.job_id for job in jobs)
+            return
+        for i, job in enumerate(jobs):  # the first entry of a handle accounts its bytes and time
+            self.stores.append((job.job_id, h, t0, i == 0))
+        if self.debug_pages is not None:
+            self._debug_record(blocks, slots, h)
+
+    def _load_group(self, eng: CopyEngine, jobs: list, layerwise: bool) -> None:
+        t0 = time.perf_counter()
+        blocks = [b for job in jobs for b in job.block_ids]
+        slots = [s for job in jobs for s in job.slots]
+        try:
+            h = self._promote(eng, slots, blocks, layerwise)
+        except Exception as e:
+            logger.warning("triton-prefix-cache: load of %d blocks failed: %r", len(slots), e)
+            for job in jobs:
+                self.failed_blocks.update(job.block_ids)
+                self.report.loads_failed.append(job.req_id)
+                if not layerwise:
+                    self.async_loads[job.req_id] = (_DONE, t0, False)  # still reported as received
+            return
+        if self.debug_pages is not None:
+            self._debug_check(blocks, slots, h)
+        for i, job in enumerate(jobs):
+            self.load_blocks[job.req_id] = job.block_ids
+            if layerwise:
+                self.sync_loads.append((job.req_id, h, t0, i == 0))
+            else:
+                self.async_loads[job.req_id] = (h, t0, i == 0)
+
+    def _promote(self, eng: CopyEngine, slots: list[int], blocks: list[int], layerwise: bool) -> CopyHandle:
         """Submit one load; a layer-wise load whose submission fails is submitted once more.
 
         A layer-wise load feeds this very step's forward, which runs whatever happens; vLLM then
@@ -229,14 +249,14 @@ class WorkerSide:
         from a failing backend to torch) into a served hit. An async load's failure is safe: its
         request waits for the report before it runs."""
         try:
-            return eng.promote(job.slots, job.block_ids, layerwise=job.layerwise)
+            return eng.promote(slots, blocks, layerwise=layerwise)
         except Exception as e:
-            if not job.layerwise:
+            if not layerwise:
                 raise
             logger.warning("triton-prefix-cache: layer-wise load of %d blocks failed at submission (%r); "
-                           "retrying once", len(job.slots), e)
+                           "retrying once", len(slots), e)
             self.stats.add("load_retries", 1)
-            return eng.promote(job.slots, job.block_ids, layerwise=True)
+            return eng.promote(slots, blocks, layerwise=True)
 
     def _fail_all(self, meta: TPCMetadata) -> None:
         self.report.stores_failed.extend(job.job_id for job in meta.stores)
@@ -244,7 +264,7 @@ class WorkerSide:
             self.failed_blocks.update(job.block_ids)
             self.report.loads_failed.append(job.req_id)
             if not job.layerwise:
-                self.async_loads[job.req_id] = (_DONE, time.perf_counter())
+                self.async_loads[job.req_id] = (_DONE, time.perf_counter(), False)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if not self.sync_loads:
@@ -252,7 +272,7 @@ class WorkerSide:
         layer = self.layer_index.get(layer_name)
         if layer is None:
             return
-        for _, h, _ in self.sync_loads:
+        for h in _unique_handles(self.sync_loads):
             h.wait_layer(layer)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
@@ -261,33 +281,39 @@ class WorkerSide:
         # back, so a store may overlap any number of later steps (waiting here put every demotion's
         # copy into the step that planned it: measured, README "Results").
         pending = []
-        for job_id, h, t0 in self.stores:
+        # a step's store jobs share one handle: ask it once
+        ready = {id(h): not self.poll_stores or h.done() for h in _unique_handles(self.stores)}
+        for entry in self.stores:
+            job_id, h, t0, accounts = entry
             if self.debug_store_delay:
                 self._store_polls[job_id] = polls = self._store_polls.get(job_id, 0) + 1
                 if polls <= self.debug_store_delay:
-                    pending.append((job_id, h, t0))
+                    pending.append(entry)
                     continue
                 del self._store_polls[job_id]
-            if self.poll_stores and not h.done():
-                pending.append((job_id, h, t0))
+            if not ready[id(h)]:
+                pending.append(entry)
                 continue
             h.wait()  # done (or, not polling, wait): releases the handle's index tensors
             if h.error is not None:  # failed in the copy engine's submission thread: a future miss
-                logger.warning("triton-prefix-cache: store of %d blocks failed: %r", h.num_blocks, h.error)
+                if accounts:
+                    logger.warning("triton-prefix-cache: store of %d blocks failed: %r",
+                                   h.num_blocks, h.error)
                 self.report.stores_failed.append(job_id)
                 continue
-            s.add("store_seconds", time.perf_counter() - t0)
-            s.add("store_bytes", h.nbytes)
+            if accounts:
+                s.add("store_seconds", time.perf_counter() - t0)
+                s.add("store_bytes", h.nbytes)
             s.add("stores", 1)
             self.report.stores_done.append(job_id)
         self.stores = pending
-        for req_id, h, t0 in self.sync_loads:
+        for req_id, h, t0, accounts in self.sync_loads:
             h.wait()
-            self._load_done(req_id, h, t0)
+            self._load_done(req_id, h, t0, accounts)
         self.sync_loads = []
         self._step_timer.end()
         recving: set[str] = set()
-        for req_id, (h, t0) in list(self.async_loads.items()):
+        for req_id, (h, t0, accounts) in list(self.async_loads.items()):
             if self.debug_load_delay:
                 self._polls[req_id] = polls = self._polls.get(req_id, 0) + 1
                 if polls <= self.debug_load_delay:
@@ -297,26 +323,30 @@ class WorkerSide:
                 del self.async_loads[req_id]
                 recving.add(req_id)
                 if h is not _DONE:
-                    self._load_done(req_id, h, t0)
+                    self._load_done(req_id, h, t0, accounts)
         return None, (recving or None)
 
-    def _load_done(self, req_id: str, h: CopyHandle, t0: float) -> None:
+    def _load_done(self, req_id: str, h: CopyHandle, t0: float, accounts: bool) -> None:
+        """One request's load is over. `accounts`: this request's entry counts the (shared) copy's
+        bytes and times, which its step's other loads leave alone."""
         block_ids = self.load_blocks.pop(req_id, ())
         if h.error is not None:  # failed in the copy engine's submission thread: recompute
-            logger.warning("triton-prefix-cache: load of %d blocks failed: %r", h.num_blocks, h.error)
+            if accounts:
+                logger.warning("triton-prefix-cache: load of %d blocks failed: %r", h.num_blocks, h.error)
             self.failed_blocks.update(block_ids)
             self.report.loads_failed.append(req_id)
             return
         s = self.stats
-        if h.submit_seconds is not None:
-            self._step_timer.note_submit(h.submit_seconds)
-        gpu_s = h.gpu_seconds()
-        if gpu_s is not None:
-            s.add("load_gpu_seconds", gpu_s)
-            self.recent_loads.append((h.nbytes, gpu_s))
-            self.stats_loads_timed += 1
-        s.add("load_seconds", time.perf_counter() - t0)
-        s.add("load_bytes", h.nbytes)
+        if accounts:
+            if h.submit_seconds is not None:
+                self._step_timer.note_submit(h.submit_seconds)
+            gpu_s = h.gpu_seconds()
+            if gpu_s is not None:
+                s.add("load_gpu_seconds", gpu_s)
+                self.recent_loads.append((h.nbytes, gpu_s))
+                self.stats_loads_timed += 1
+            s.add("load_seconds", time.perf_counter() - t0)
+            s.add("load_bytes", h.nbytes)
         s.add("loads", 1)
         self.report.loads_done.append(req_id)
 
@@ -417,6 +447,14 @@ class _StepTimer:
             else:
                 still.append(rec)
         self._unresolved = still
+
+
+def _unique_handles(entries: list) -> list[CopyHandle]:
+    """The distinct handles of (id, handle, ...) entries, in order (a step's loads share one)."""
+    seen: dict[int, CopyHandle] = {}
+    for entry in entries:
+        seen.setdefault(id(entry[1]), entry[1])
+    return list(seen.values())
 
 
 class _Done:

@@ -239,3 +239,73 @@ def test_loads_that_fail_in_the_submission_thread_are_recomputed():
     report = w.build_worker_meta()
     assert report is not None and sorted(report.loads_failed) == ["a", "b"] and not report.loads_done
     assert not w.load_blocks
+
+
+class _CountingHandle:
+    """A finished copy of `n` blocks of 100 bytes each."""
+
+    error = None
+    submit_seconds = None
+
+    def __init__(self, n: int) -> None:
+        self.nbytes, self.num_blocks = 100 * n, n
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        pass
+
+    def wait_layer(self, layer: int) -> None:
+        pass
+
+    def gpu_seconds(self):
+        return None
+
+
+class _CallEngine:
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def demote(self, blocks, slots):
+        self.calls.append(("demote", list(blocks), list(slots)))
+        return _CountingHandle(len(blocks))
+
+    def promote(self, slots, blocks, layerwise=False):
+        self.calls.append(("promote", layerwise, list(blocks), list(slots)))
+        return _CountingHandle(len(blocks))
+
+
+def test_a_steps_jobs_share_one_copy_per_direction_and_kind():
+    """Every store of a step goes in one demote, its layer-wise loads in one promote and its async
+    loads in another; each job is still reported on its own and bytes are counted once."""
+    from triton_prefix_cache_vllm.metadata import LoadJob, StoreJob, TPCMetadata
+    from triton_prefix_cache_vllm.worker import WorkerSide
+
+    from triton_prefix_cache.config import PrefixCacheConfig
+
+    w = WorkerSide(PrefixCacheConfig(host_cache_gib=1), None, None)
+    eng = w.engine = _CallEngine()
+    w.layer_index = {"l0": 0}
+    meta = TPCMetadata(
+        loads=[LoadJob("a", [0, 1], [10, 11], True), LoadJob("b", [2], [12], False),
+               LoadJob("c", [3], [13], True), LoadJob("d", [4, 5], [14, 15], False)],
+        stores=[StoreJob(1, [20, 21], [30, 31]), StoreJob(2, [22], [32])],
+    )
+    w.start_load_kv(meta)
+    assert eng.calls == [
+        ("demote", [20, 21, 22], [30, 31, 32]),
+        ("promote", True, [10, 11, 13], [0, 1, 3]),
+        ("promote", False, [12, 14, 15], [2, 4, 5]),
+    ]
+    w.wait_for_layer_load("l0")
+    _, recving = w.get_finished(set())
+    assert recving == {"b", "d"}
+    report = w.build_worker_meta()
+    assert report is not None
+    assert sorted(report.stores_done) == [1, 2] and sorted(report.loads_done) == ["a", "b", "c", "d"]
+    st = w.get_stats()
+    assert st is not None
+    assert st.data["store_bytes"] == 300 and st.data["stores"] == 2
+    assert st.data["load_bytes"] == 600 and st.data["loads"] == 4
+    assert not w.load_blocks and not w.stores and not w.sync_loads and not w.async_loads
