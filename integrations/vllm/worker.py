@@ -183,15 +183,18 @@ class WorkerSide:
             self._fail_all(meta)
             return
         timing = self._step_timer.begin(bool(meta.loads))
-        # One copy per direction and kind for the whole step, not one per job: a step of many
-        # requests (chat) paid the copy path's fixed cost (two launches per layer with torch, a
-        # driver call per chunk with DMA) once per store and per load.
+        # One copy for the step's stores and one for its layer-wise loads, not one per job: a step
+        # of many requests (chat) paid the copy path's fixed cost (two launches per layer with torch,
+        # a driver call per chunk with DMA) once per job. The forward waits for every layer-wise load
+        # anyway; async loads stay one copy each, so each request is ready as soon as its own is.
         if meta.stores:
             self._store_group(eng, meta.stores)
-        for layerwise in (True, False):
-            jobs = [job for job in meta.loads if job.layerwise == layerwise]
-            if jobs:
-                self._load_group(eng, jobs, layerwise)
+        sync_jobs = [job for job in meta.loads if job.layerwise]
+        if sync_jobs:
+            self._load_group(eng, sync_jobs, True)
+        for job in meta.loads:
+            if not job.layerwise:
+                self._load_group(eng, [job], False)
         if full_graph and self.sync_loads:
             for h in _unique_handles(self.sync_loads):
                 h.wait_all()
