@@ -190,6 +190,9 @@ def run_child(spec: dict) -> dict:
         "connector_hook_ms_total": {k: sum(v) for k, v in hooks.items()},
         "connector_hook_calls": {k: len(v) for k, v in hooks.items()},
         "host_tier": {k: tier1[k] - tier0.get(k, 0) for k in tier1},
+        # lookups that found only part of a prefix, and the state of the first key they missed
+        "partial_host_hits": list(getattr(getattr(_scheduler_connector(llm), "_sched", None),
+                                          "recent_partial_hits", ())),
         "loads": loads,
     }
 
@@ -376,6 +379,7 @@ def summarize(workload: W.Workload, result: dict) -> dict:
         },
         "metrics": hits,
         "host_tier": result.get("host_tier") or None,
+        "partial_host_hits": result.get("partial_host_hits") or [],
         "loads": result.get("loads"),
     }
 

@@ -358,3 +358,19 @@ def test_stats_reset_and_dict():
     assert st.as_dict()["hit_blocks"] == 4
     st.reset()
     assert st.hit_blocks == 0 and st.ready_slots == 0
+
+
+def test_key_states_name_the_state_of_each_keys_slot():
+    """Diagnostics: which state the slot of each key is in (None where no slot holds it)."""
+    tm = TierManager(4, 1)
+    keys = torch.tensor([[1, 10], [2, 20], [3, 30]], dtype=torch.int64)
+    plan = tm.begin_store(keys[:2])
+    assert tm.key_states(keys) == [SlotState.STORING, SlotState.STORING, None]
+    tm.finish_store(plan.slots[:1])
+    assert tm.key_states(keys) == [SlotState.READY, SlotState.STORING, None]
+    tm.abort_store(plan.slots[1:])
+    assert tm.key_states(keys) == [SlotState.READY, None, None]
+    slots = tm.begin_load(keys[:1])
+    assert tm.key_states(keys[:1]) == [SlotState.LOADING]
+    tm.finish_load(slots)
+    assert tm.key_states(keys[:1]) == [SlotState.READY]

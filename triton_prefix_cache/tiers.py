@@ -130,6 +130,17 @@ class TierManager:
             return SlotState.LOADING
         return SlotState(int(self._state[s]))
 
+    def key_states(self, keys) -> list[SlotState | None]:
+        """Per key, the state of the slot holding it (FREE slots excluded), or None where no slot
+        does. For diagnostics (why a lookup stopped where it did): one pass over the slots."""
+        k = self._keys_np(keys)
+        live = self._state != SlotState.FREE
+        out: list[SlotState | None] = []
+        for k0, k1 in k.tolist():
+            hit = np.flatnonzero(live & (self._keys[:, 0] == k0) & (self._keys[:, 1] == k1))
+            out.append(self.slot_state(int(hit[0])) if len(hit) else None)
+        return out
+
     def slot_key(self, slot: int) -> tuple[int, int]:
         s = self._slot(slot)
         return int(self._keys[s, 0]), int(self._keys[s, 1])

@@ -14,6 +14,7 @@ stores. Invariants:
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import time
@@ -103,6 +104,7 @@ class SchedulerSide:
         self.pending_stores: list[_Store] = []  # write_through: planned at request finish
         self.inflight_stores: dict[int, _Store] = {}
         self.held: dict[int, bool] = {}  # GPU block id held by a store -> "used by a request meanwhile"
+        self.recent_partial_hits: collections.deque[dict] = collections.deque(maxlen=256)  # diagnostics
         # GPU block id -> the vLLM block hash it had when we last saw its copy in the host tier. Lets
         # the per-step demotion scan skip blocks it already settled; forgotten whenever the host tier
         # evicts or resets (a host copy may be gone then).
@@ -134,6 +136,8 @@ class SchedulerSide:
                     keys_from_block_hashes(request.block_hashes[start : start + 1])):
                 st.plan_n = self.tier.match(st.keys_for(request)[start:end])
         n = st.plan_n
+        if 0 < n < end - start:  # the host tier holds part of this prefix: record where and why
+            self._note_partial(request, start, n, end - start)
         s = self.stats
         if not st.counted:  # one request counts once, however often vLLM asks
             st.counted = True
@@ -147,6 +151,19 @@ class SchedulerSide:
             s.add("deferred_requests", 1)
         s.add("sched_seconds", time.perf_counter() - t0)
         return (None, False) if deferred else (n * bs, bool(n) and self.load_async)
+
+    def _note_partial(self, request: Request, gpu_blocks: int, host_blocks: int, want: int) -> None:
+        """A partial host hit (diagnostics: stats `partial_host_hits`, `recent_partial_hits`): the
+        state of the first key the lookup did not find (STORING: its store had not completed;
+        None: never stored, or evicted)."""
+        st = self.reqs[request.request_id]
+        first_missing = st.keys_for(request)[gpu_blocks + host_blocks : gpu_blocks + host_blocks + 1]
+        state = self.tier.tm.key_states(first_missing)[0]
+        self.stats.add("partial_host_hits", 1)
+        self.recent_partial_hits.append({
+            "req": request.request_id, "gpu_blocks": gpu_blocks, "host_blocks": host_blocks,
+            "wanted_blocks": want, "next_key": state.name if state is not None else "absent",
+            "pending_stores": len(self.pending_stores)})
 
     def update_state_after_alloc(self, request: Request, blocks: Any, num_external_tokens: int) -> None:
         t0 = time.perf_counter()

@@ -32,6 +32,7 @@ COUNTERS = (
     "dropped_stores",  # demotions skipped: host tier full of pinned slots, or block gone
     "failed_loads",
     "load_retries",  # layer-wise loads whose submission failed once and was retried (see the worker)
+    "partial_host_hits",  # lookups that found only part of the prefix the host tier was asked for
     "deferred_requests",  # async loads: asked again later because another request loads that prefix
     "full_graph_loads",  # layer-wise loads waited for whole: their step replayed a full CUDA graph
     "sched_seconds",  # scheduler time spent inside the adapter (key derivation + lookup + bookkeeping)
@@ -110,6 +111,8 @@ _PROM_COUNTERS = {
     "dropped_stores": ("vllm:tpc_dropped_stores", "Demotions dropped (host tier full of pinned slots)."),
     "failed_loads": ("vllm:tpc_failed_loads", "Host-tier loads that failed."),
     "load_retries": ("vllm:tpc_load_retries", "Layer-wise loads submitted a second time after a failure."),
+    "partial_host_hits": ("vllm:tpc_partial_host_hits",
+                          "Lookups that found part of the asked prefix in the host tier, not all of it."),
     "deferred_requests": ("vllm:tpc_deferred_requests",
                           "Lookups deferred because another request was loading the same prefix."),
     "full_graph_loads": ("vllm:tpc_full_graph_loads",

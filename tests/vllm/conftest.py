@@ -63,6 +63,7 @@ def _connector_state(llm) -> dict:
         "inflight_stores": len(side.inflight_stores),
         "gpu_free": sched.kv_cache_manager.block_pool.get_num_free_blocks(),
         "gpu_total": sched.kv_cache_manager.block_pool.num_gpu_blocks,
+        "partial_hits": list(side.recent_partial_hits),
     }
     if has_kv_transfer_group():
         wk = get_kv_transfer_group()._worker

@@ -124,6 +124,12 @@ def test_one_token_loads_wait_whole_under_full_cuda_graphs(runs):
 def test_small_host_tier_evicts_and_stays_correct(runs):
     res = runs("smallhost")
     assert res.extra["state_after_docqa"]["tier_evictions"] > 0
+    # a lookup that finds part of a prefix says where it stopped and why (diagnostics)
+    partial = res.extra["state_after_docqa"]["partial_hits"]
+    assert partial, "a host tier smaller than the documents should leave some prefixes partly stored"
+    for p in partial:
+        assert 0 < p["host_blocks"] < p["wanted_blocks"], p
+        assert p["next_key"] in ("absent", "STORING", "LOADING", "READY"), p
     if _V026:  # no external hit counter in-process: the KV cache cannot hold these hits, the host did
         assert sum(r.num_cached_tokens for batch in res.outputs["docqa"] for r in batch) > 0
         return
