@@ -16,6 +16,7 @@
 #   bash scripts/gpu_work.sh verify-a     copy + engine tests compiled (float32 and the bf16 full-graph path), sched time
 #   bash scripts/gpu_work.sh verify-b     document QA (offload, ours, ours staged), chat (offload, prefix, ours, ours staged)
 #   bash scripts/gpu_work.sh verify-c     reliability tests eager, then no reuse / fits (prefix, ours)
+#   bash scripts/gpu_work.sh verify-d     copy benchmark (staged, DMA, Triton, torch)
 # Results and logs go to one tarball $OUT/<part>.tgz (the device tool brings back few files); each
 # step has its own time limit so one slow step cannot eat the call.
 set -uo pipefail
@@ -116,7 +117,10 @@ case "${1:-}" in
       tests/vllm/test_faults.py tests/vllm/test_collisions.py tests/vllm/test_burst.py tests/vllm/test_soak.py
     run 320 compare-noreuse-fits python3 -m bench.compare --workload noreuse fits --configs prefix ours \
       --out "$OUT/compare-noreuse-fits.json" ;;
-  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c" >&2
+  verify-d)  # ~1.5 min: issue 3's copy target, every backend
+    run 200 copy python3 -m bench.copy_bench --backends staged dma triton torch --pool-create-gib 0 \
+      --out "$OUT/copy.json" ;;
+  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d" >&2
      exit 2 ;;
 esac
 tar czf "$FINAL/$1.tgz" -C "$OUT" . && ls -la "$OUT"

@@ -707,6 +707,33 @@ def test_gpu_runs_of_consecutive_slots_never_span_two_pinned_chunks(kernel_devic
 
 
 @pytest.mark.gpu
+def test_gpu_staged_demotes_use_the_thread_only_when_large(kernel_device):
+    """Small staged demotes are enqueued by the caller (no thread hand-off), large ones by the demote
+    thread; both land where the reference puts them."""
+    from triton_prefix_cache.copy_engine import STAGED_THREAD_BYTES
+
+    layers, page = 4, 1 << 20  # 4 MiB a block
+    nb = STAGED_THREAD_BYTES // (layers * page) + 8
+    views = [torch.randint(0, 256, (nb, page), dtype=torch.uint8, device=kernel_device) for _ in range(4)]
+    pool = make_pool(nb, layers, page, kernel_device)
+    eng = CopyEngine(views, pool, backend="staged")
+    try:
+        small = eng.demote(np.arange(8), np.arange(8))
+        large = eng.demote(np.arange(8, nb), np.arange(8, nb))
+        assert small._submitted is None and large._submitted is not None
+        small.wait()
+        large.wait()
+        assert small.error is None and large.error is None
+        src = np_layers(views)
+        for layer in range(layers):
+            assert_bytes_equal(pool.slots.numpy()[:, layer], src[layer], f"layer {layer}")
+        assert eng.stats.backend_fallbacks == 0, eng.unavailable
+    finally:
+        eng.close()
+        pool.close()
+
+
+@pytest.mark.gpu
 def test_gpu_auto_calibrates_and_both_directions_overlap(kernel_device):
     layers, nb = 32, 256
     views = byte_views(make_kv(nb, layers, (16, 8, 256), torch.bfloat16, "separate", kernel_device))
