@@ -605,6 +605,15 @@ def test_gpu_demote_waits_for_the_writer_on_the_current_stream(kernel_device, ba
         pool.close()
 
 
+def _fail_submissions(monkeypatch, eng: CopyEngine) -> None:
+    """Make every later copy of `eng` fail where its submission thread enqueues it."""
+
+    def boom(*a, **k):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(eng, "_enqueue", boom)
+
+
 @pytest.mark.gpu
 def test_gpu_dma_demotes_queued_to_the_submission_thread(kernel_device, monkeypatch):
     """DMA demotes are enqueued by a thread: handles are not done before that, every queued demote
@@ -628,10 +637,7 @@ def test_gpu_dma_demotes_queued_to_the_submission_thread(kernel_device, monkeypa
         for layer in range(layers):
             assert_bytes_equal(host[slots, layer], src[layer], f"layer {layer}")
 
-        def boom(*a, **k):
-            raise RuntimeError("injected")
-
-        monkeypatch.setattr(eng, "_enqueue", boom)
+        _fail_submissions(monkeypatch, eng)
         h = eng.demote([0], [0])
         h.wait()
         assert h.done() and isinstance(h.error, RuntimeError)
@@ -663,10 +669,7 @@ def test_gpu_dma_layerwise_loads_submitted_by_a_thread(kernel_device, monkeypatc
         for layer in range(layers):
             assert torch.equal(snaps[layer].cpu(), pool.slots[:, layer]), f"layer {layer} read early"
 
-        def boom(*a, **k):
-            raise RuntimeError("injected")
-
-        monkeypatch.setattr(eng, "_enqueue", boom)
+        _fail_submissions(monkeypatch, eng)
         h = eng.promote([0], [0], layerwise=True)
         for layer in range(layers):
             h.wait_layer(layer)  # returns (nothing to wait for) instead of hanging
