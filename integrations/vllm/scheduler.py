@@ -44,6 +44,23 @@ logger = logging.getLogger("triton_prefix_cache_vllm")
 _NO_KEYS = torch.empty((0, 2), dtype=torch.int64)
 
 
+#: Requests that may start in the next step without having been looked up yet (each can round one
+#: partial block up): the slack of `demotion_window`.
+NEW_REQUEST_SLACK = 64
+
+
+def demotion_window(budget_blocks: int, max_num_seqs: int, live_requests: int) -> int:
+    """How many blocks at the head of vLLM's free queue lazy demotion keeps copied: what the next
+    step can allocate. Its prompt and decode tokens fit the token budget (`budget_blocks` full
+    blocks), and each request it schedules can round up one partial block more; those are the
+    requests the connector knows (running or waiting) plus a few arriving, never more than
+    `max_num_seqs`. With vLLM's H200 defaults (16,384 tokens, 1,024 sequences) the old bound,
+    budget + max_num_seqs, covered a whole 4 GiB KV cache, so every cached block was copied to the
+    host even where it never left VRAM (the fits workload). A step that outruns the window evicts
+    blocks the host tier then lacks: a later miss (`partial_host_hits`), never wrong KV."""
+    return budget_blocks + min(max_num_seqs, live_requests + NEW_REQUEST_SLACK)
+
+
 @dataclass
 class _ReqState:
     """What the adapter remembers about one request between hooks."""
@@ -94,8 +111,9 @@ class SchedulerSide:
         self.tier = HostTier(num_slots, self.slot_bytes, index_backend=cfg.index_backend,
                              eviction=cfg.eviction)
         sched = vllm_config.scheduler_config
-        # Lazy demotion copies the blocks vLLM will reuse next: one step can take up to this many.
-        self.lookahead = -(-sched.max_num_batched_tokens // self.block_size) + sched.max_num_seqs
+        # Lazy demotion copies the blocks vLLM will reuse next (`demotion_window`).
+        self.budget_blocks = -(-sched.max_num_batched_tokens // self.block_size)
+        self.max_num_seqs = sched.max_num_seqs
         self.load_async = cfg.load == "async"
         self.pool: BlockPool | None = None
         self.reqs: dict[str, _ReqState] = {}
@@ -298,9 +316,10 @@ class SchedulerSide:
             self._known_evictions = self.tier.evictions
         # Nothing entered or left the head of the free queue since the last scan (typical of decode
         # steps): the window holds what it held then, all of it already settled.
+        window = demotion_window(self.budget_blocks, self.max_num_seqs, len(self.reqs))
         head = next(compat.iter_free_blocks(pool), None)
         sig = (head.block_id if head is not None else -1, head.block_hash if head is not None else None,
-               pool.get_num_free_blocks(), self._known_evictions)
+               pool.get_num_free_blocks(), self._known_evictions, window)
         if sig == self._last_scan:
             return
         known = self._known
@@ -308,7 +327,7 @@ class SchedulerSide:
         hashes: list[bytes] = []
         scanned = 0
         for blk in compat.iter_free_blocks(pool):
-            if scanned >= self.lookahead:
+            if scanned >= window:
                 break
             scanned += 1
             bh = blk.block_hash
