@@ -167,9 +167,7 @@ class _StagedCopier(_Copier):
         page = self.layout.page_bytes
         run_bytes = layer_count * page
         buf_addr = self.staging[to_host].data_ptr()
-        host_runs = (
-            self.layout.host_address + slots * self.layout.slot_bytes + layer_begin * page
-        ).astype(np.int64)
+        host_runs = self.layout.host_address + slots * self.layout.slot_bytes + layer_begin * page
         stream = torch.cuda.current_stream(self.device) if self.cuda else None
         aux = self.aux.get(to_host)
         if aux is not None:

@@ -86,6 +86,7 @@ class WorkerSide:
         # time): a step's jobs share one copy per direction (start_load_kv)
         self.stores: list[tuple[int, CopyHandle, float, bool]] = []
         self.sync_loads: list[tuple[str, CopyHandle, float, bool]] = []
+        self.sync_handles: list[CopyHandle] = []  # the distinct handles of sync_loads (one a step)
         self.full_graph_loads = 0  # layer-wise loads waited for whole (full CUDA graph steps)
         #: (step has loads, CUDA graph mode) -> steps, for tests and benchmarks
         self.step_modes: collections.Counter = collections.Counter()
@@ -196,7 +197,7 @@ class WorkerSide:
             if not job.layerwise:
                 self._load_group(eng, [job], False)
         if full_graph and self.sync_loads:
-            for h in _unique_handles(self.sync_loads):
+            for h in self.sync_handles:
                 h.wait_all()
             self.stats.add("full_graph_loads", len(self.sync_loads))
             self.full_graph_loads += len(self.sync_loads)
@@ -205,8 +206,7 @@ class WorkerSide:
 
     def _store_group(self, eng: CopyEngine, jobs: list) -> None:
         t0 = time.perf_counter()
-        blocks = [b for job in jobs for b in job.block_ids]
-        slots = [s for job in jobs for s in job.slots]
+        blocks, slots = _concat(jobs)
         try:
             h = eng.demote(blocks, slots)
         except Exception as e:  # a failed store is a future miss, never an error
@@ -220,8 +220,7 @@ class WorkerSide:
 
     def _load_group(self, eng: CopyEngine, jobs: list, layerwise: bool) -> None:
         t0 = time.perf_counter()
-        blocks = [b for job in jobs for b in job.block_ids]
-        slots = [s for job in jobs for s in job.slots]
+        blocks, slots = _concat(jobs)
         try:
             h = self._promote(eng, slots, blocks, layerwise)
         except Exception as e:
@@ -234,6 +233,8 @@ class WorkerSide:
             return
         if self.debug_pages is not None:
             self._debug_check(blocks, slots, h)
+        if layerwise:
+            self.sync_handles.append(h)
         for i, job in enumerate(jobs):
             self.load_blocks[job.req_id] = job.block_ids
             if layerwise:
@@ -275,7 +276,7 @@ class WorkerSide:
         layer = self.layer_index.get(layer_name)
         if layer is None:
             return
-        for h in _unique_handles(self.sync_loads):
+        for h in self.sync_handles:
             h.wait_layer(layer)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
@@ -313,7 +314,7 @@ class WorkerSide:
         for req_id, h, t0, accounts in self.sync_loads:
             h.wait()
             self._load_done(req_id, h, t0, accounts)
-        self.sync_loads = []
+        self.sync_loads, self.sync_handles = [], []
         self._step_timer.end()
         recving: set[str] = set()
         for req_id, (h, t0, accounts) in list(self.async_loads.items()):
@@ -450,6 +451,11 @@ class _StepTimer:
             else:
                 still.append(rec)
         self._unresolved = still
+
+
+def _concat(jobs: list) -> tuple[list[int], list[int]]:
+    """(GPU block ids, host slots) of a step's jobs, back to back, pairs in order."""
+    return [b for job in jobs for b in job.block_ids], [s for job in jobs for s in job.slots]
 
 
 def _unique_handles(entries: list) -> list[CopyHandle]:
