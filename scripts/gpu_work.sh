@@ -17,6 +17,7 @@
 #   bash scripts/gpu_work.sh verify-b     document QA (offload, ours, ours staged), chat (offload, prefix, ours, ours staged)
 #   bash scripts/gpu_work.sh verify-c     reliability tests eager, then no reuse / fits (prefix, ours)
 #   bash scripts/gpu_work.sh verify-d     copy benchmark (staged, DMA, Triton, torch)
+#   bash scripts/gpu_work.sh verify-e     reliability tests eager, then document QA eager (issue 4's target mode)
 # Results and logs go to one tarball $OUT/<part>.tgz (the device tool brings back few files); each
 # step has its own time limit so one slow step cannot eat the call.
 set -uo pipefail
@@ -120,7 +121,12 @@ case "${1:-}" in
   verify-d)  # ~1.5 min: issue 3's copy target, every backend
     run 200 copy python3 -m bench.copy_bench --backends staged dma triton torch --pool-create-gib 0 \
       --out "$OUT/copy.json" ;;
-  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d" >&2
+  verify-e)  # ~8 min: issue 4's close criteria besides the compiled engine tests
+    TPC_TEST_EAGER=1 run 250 gpu-tests-reliability python3 -m pytest -x -q -p no:cacheprovider -rsx \
+      tests/vllm/test_faults.py tests/vllm/test_collisions.py tests/vllm/test_burst.py tests/vllm/test_soak.py
+    run 240 compare-docqa-eager python3 -m bench.compare --workload docqa --eager \
+      --configs offload ours ours:copy_backend=staged --out "$OUT/compare-docqa-eager.json" ;;
+  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e" >&2
      exit 2 ;;
 esac
 tar czf "$FINAL/$1.tgz" -C "$OUT" . && ls -la "$OUT"
