@@ -18,6 +18,8 @@
 #   bash scripts/gpu_work.sh verify-c     reliability tests eager, then no reuse / fits (prefix, ours)
 #   bash scripts/gpu_work.sh verify-d     copy benchmark (staged, DMA, Triton, torch)
 #   bash scripts/gpu_work.sh verify-e     reliability tests eager, then document QA eager (issue 4's target mode)
+#   bash scripts/gpu_work.sh verify-f     engine tests compiled (defaults), bf16 full-graph tests batch-invariant, docqa eager
+#   bash scripts/gpu_work.sh verify-g     every reliability test (eager), then chat (offloading, ours)
 # Results and logs go to one tarball $OUT/<part>.tgz (the device tool brings back few files); each
 # step has its own time limit so one slow step cannot eat the call.
 set -uo pipefail
@@ -126,7 +128,18 @@ case "${1:-}" in
       tests/vllm/test_faults.py tests/vllm/test_collisions.py tests/vllm/test_burst.py tests/vllm/test_soak.py
     run 240 compare-docqa-eager python3 -m bench.compare --workload docqa --eager \
       --configs offload ours ours:copy_backend=staged --out "$OUT/compare-docqa-eager.json" ;;
-  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e" >&2
+  verify-f)  # ~6 min: the defaults (staged copies) compiled; bf16 with vLLM's batch-invariant kernels
+    run 230 gpu-tests-engine python3 -m pytest -q -p no:cacheprovider -rsx --durations=8 tests/vllm/test_engine.py
+    VLLM_BATCH_INVARIANT=1 TPC_TEST_DTYPE=bfloat16 run 150 gpu-tests-tail1-invariant python3 -m pytest -q \
+      -p no:cacheprovider -rsx tests/vllm/test_engine.py -k "(big_kv and tail1) or one_token"
+    run 200 compare-docqa-eager python3 -m bench.compare --workload docqa --eager --configs offload ours \
+      --out "$OUT/compare-docqa-eager.json" ;;
+  verify-g)  # ~9 min: every reliability test eager (no stop at a failure), then chat with the defaults
+    TPC_TEST_EAGER=1 run 330 gpu-tests-reliability python3 -m pytest -q -p no:cacheprovider -rsx --durations=10 \
+      tests/vllm/test_faults.py tests/vllm/test_collisions.py tests/vllm/test_burst.py tests/vllm/test_soak.py
+    run 220 compare-chat python3 -m bench.compare --workload chat --configs offload ours \
+      --out "$OUT/compare-chat.json" ;;
+  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e|verify-f|verify-g" >&2
      exit 2 ;;
 esac
 tar czf "$FINAL/$1.tgz" -C "$OUT" . && ls -la "$OUT"

@@ -132,6 +132,8 @@ class SchedulerSide:
         self._job_ids = itertools.count()
         self.stats = TPCStats()
         self.stats.set("host_slots", num_slots)
+        #: every counter this side has handed to vLLM, summed (in-process readers: see stats.py)
+        self.totals: dict[str, float] = {}
         self.hit_source = compat.host_hit_source()
 
     # ---- vLLM hooks ------------------------------------------------------------------------------
@@ -301,6 +303,7 @@ class SchedulerSide:
         s.set("inflight_stores", len(self.inflight_stores))
         if s.is_empty():
             return None
+        s.add_counters_to(self.totals)
         self.stats = TPCStats()
         self.stats.set("host_slots", self.tier.num_slots)
         return s

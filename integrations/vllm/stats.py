@@ -5,6 +5,11 @@ worker side (bytes and seconds of copies each way). vLLM aggregates the worker's
 scheduler's objects every step, rebuilds them in the logger process from `data` (plain numbers,
 so they cross process boundaries as they are), prints `reduce()` in its "KV Transfer metrics"
 line and hands `data` to `TPCPromMetrics.observe`.
+
+Each side also sums what it handed over in its `totals` (counters only): vLLM 0.26's offline
+`LLMEngine.step` records scheduler stats only for steps that produced outputs, so there the
+Prometheus counters of an in-process `LLM` miss the steps that only scheduled a load (its online
+`AsyncLLM` records every step). The tests read `totals` on 0.26 (`tests/vllm/harness.py`).
 """
 from __future__ import annotations
 
@@ -73,6 +78,11 @@ class TPCStats(KVConnectorStats):
             self.data.get(k, 0) for k in ("inflight_loads", "inflight_stores", "host_pool_pin_failures")
         )
 
+    def add_counters_to(self, totals: dict[str, float]) -> None:
+        """Sum this interval's counters into `totals` (gauges are not summed)."""
+        for k in COUNTERS:
+            totals[k] = totals.get(k, 0) + self.data.get(k, 0)
+
     def reduce(self) -> dict[str, int | float]:
         d = self.data
 
@@ -128,6 +138,11 @@ _PROM_GAUGES = {
     "host_pool_pin_failures": ("vllm:tpc_host_pool_pin_failures",
                                "Pinned registrations of the host pool that failed (the pool shrank)."),
 }
+
+
+def prom_counter_values(totals: dict[str, float]) -> dict[str, float]:
+    """Counter totals under their Prometheus names, as `LLM.get_metrics()` reports them."""
+    return {name: totals.get(key, 0) for key, (name, _) in _PROM_COUNTERS.items()}
 
 
 class TPCPromMetrics(KVConnectorPromMetrics):

@@ -32,11 +32,11 @@ from .stats import TPCStats
 logger = logging.getLogger("triton_prefix_cache_vllm")
 
 #: copy_backend="auto" in a CUDA engine: the first of these the machine offers (else measured).
-#: torch (index ops over a device view of the pinned pool): the lowest mean document-QA TTFT of the
-#: four on the H200 in one run, every hit served (README "Results", session 4); "staged" had the
-#: lowest median but one unexplained partial miss and a first-load compile stall (since removed)
-#: in that run: opt-in until a GPU run confirms it.
-AUTO_ENGINE_BACKENDS = ("torch",)
+#: staged DMA (needs cuda.bindings): document QA on the H200, session 5, same run: 33.2 ms mean TTFT
+#: against 40.0 ms with torch copies and 41.3 ms for built-in offloading, every hit served; torch
+#: copies are SM kernels reading pinned memory over PCIe, which slow the forward they overlap
+#: (chat: the loading step took 50 ms on the device for an 19 ms copy). README "Results".
+AUTO_ENGINE_BACKENDS = ("staged", "torch")
 
 
 def page_views(tensors: list[torch.Tensor], num_blocks: int | None = None) -> list[torch.Tensor]:
@@ -95,6 +95,8 @@ class WorkerSide:
         self.failed_blocks: set[int] = set()
         self.report = TPCWorkerMetadata()
         self.stats = TPCStats()
+        #: every counter this side has handed to vLLM, summed (in-process readers: see stats.py)
+        self.totals: dict[str, float] = {}
         # Tests: remember what every store wrote and check every load restores exactly that.
         debug = os.environ.get("TPC_DEBUG_PAGES") == "1"
         self.debug_pages: dict[int, torch.Tensor] | None = {} if debug else None
@@ -371,6 +373,7 @@ class WorkerSide:
         if self.stats.is_empty():
             return None
         out, self.stats = self.stats, TPCStats()
+        out.add_counters_to(self.totals)
         return out
 
     def shutdown(self) -> None:

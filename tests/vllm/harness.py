@@ -156,13 +156,39 @@ def play(llm, workload: Workload) -> list[list[Record]]:
     return out
 
 
+def offline_stats_dropped() -> bool:
+    """vLLM 0.26's offline `LLMEngine.step` records scheduler stats only for steps with outputs, so
+    an in-process `LLM`'s counters miss the steps that only scheduled a load (0.32 records all)."""
+    import vllm
+
+    return vllm.__version__.startswith("0.26.")
+
+
 def metric_values(llm) -> dict[str, float]:
+    """`LLM.get_metrics()` as name -> value. Where vLLM drops stats (`offline_stats_dropped`), the
+    adapter's counters come from its own totals, which are what it handed to vLLM (in-process
+    engines only; vLLM's own counters stay as vLLM recorded them)."""
     vals: dict[str, float] = {}
     for m in llm.get_metrics():
         v = getattr(m, "value", None)
         if isinstance(v, (int, float)):
             vals[m.name] = vals.get(m.name, 0) + v
+    if offline_stats_dropped() and in_process():
+        vals.update(tpc_counter_totals(llm))
     return vals
+
+
+def tpc_counter_totals(llm) -> dict[str, float]:
+    """The adapter's counters summed by its two sides (scheduler and worker), Prometheus names."""
+    from triton_prefix_cache_vllm.stats import prom_counter_values
+
+    totals: dict[str, float] = {}
+    sides = (scheduler_of(llm).connector._sched, worker_side())
+    for side in sides:
+        for k, v in side.totals.items():
+            totals[k] = totals.get(k, 0) + v
+        side.stats.add_counters_to(totals)  # the interval not yet handed over
+    return prom_counter_values(totals)
 
 
 def scheduler_of(llm):
