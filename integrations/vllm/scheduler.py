@@ -173,17 +173,22 @@ class SchedulerSide:
         return (None, False) if deferred else (n * bs, bool(n) and self.load_async)
 
     def _note_partial(self, request: Request, gpu_blocks: int, host_blocks: int, want: int) -> None:
-        """A partial host hit (diagnostics: stats `partial_host_hits`, `recent_partial_hits`): the
-        state of the first key the lookup did not find (STORING: its store had not completed;
-        None: never stored, or evicted)."""
+        """A partial host hit (diagnostics, `recent_partial_hits`): where the lookup stopped, the
+        state of the first key it did not find (STORING: its store had not completed; absent: never
+        stored, or evicted) and how many later blocks of the asked range the host tier holds. Most
+        partial hits are natural (a document's new question, a chat's new turn: nothing later is
+        stored); one with later blocks stored is a hole, a block lost or not yet stored in the middle
+        of a stored prefix, and only those count in the stat `partial_host_hits`."""
         st = self.reqs[request.request_id]
-        first_missing = st.keys_for(request)[gpu_blocks + host_blocks : gpu_blocks + host_blocks + 1]
-        state = self.tier.tm.key_states(first_missing)[0]
-        self.stats.add("partial_host_hits", 1)
+        rest = st.keys_for(request)[gpu_blocks + host_blocks : gpu_blocks + want]
+        state = self.tier.tm.key_states(rest[:1])[0]
+        later = int((self.tier.tm.lookup(rest[1:]) >= 0).sum()) if len(rest) > 1 else 0
+        if later:
+            self.stats.add("partial_host_hits", 1)
         self.recent_partial_hits.append({
             "req": request.request_id, "gpu_blocks": gpu_blocks, "host_blocks": host_blocks,
             "wanted_blocks": want, "next_key": state.name if state is not None else "absent",
-            "pending_stores": len(self.pending_stores)})
+            "later_in_host": later, "pending_stores": len(self.pending_stores)})
 
     def update_state_after_alloc(self, request: Request, blocks: Any, num_external_tokens: int) -> None:
         t0 = time.perf_counter()

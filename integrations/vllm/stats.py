@@ -37,7 +37,7 @@ COUNTERS = (
     "dropped_stores",  # demotions skipped: host tier full of pinned slots, or block gone
     "failed_loads",
     "load_retries",  # layer-wise loads whose submission failed once and was retried (see the worker)
-    "partial_host_hits",  # lookups that found only part of the prefix the host tier was asked for
+    "partial_host_hits",  # lookups that stopped at a missing block with later ones in the host tier
     "deferred_requests",  # async loads: asked again later because another request loads that prefix
     "full_graph_loads",  # layer-wise loads waited for whole: their step replayed a full CUDA graph
     "sched_seconds",  # scheduler time spent inside the adapter (key derivation + lookup + bookkeeping)
@@ -122,7 +122,8 @@ _PROM_COUNTERS = {
     "failed_loads": ("vllm:tpc_failed_loads", "Host-tier loads that failed."),
     "load_retries": ("vllm:tpc_load_retries", "Layer-wise loads submitted a second time after a failure."),
     "partial_host_hits": ("vllm:tpc_partial_host_hits",
-                          "Lookups that found part of the asked prefix in the host tier, not all of it."),
+                          "Lookups that stopped at a block missing from the host tier while later "
+                          "blocks of the same prompt were there (a hole)."),
     "deferred_requests": ("vllm:tpc_deferred_requests",
                           "Lookups deferred because another request was loading the same prefix."),
     "full_graph_loads": ("vllm:tpc_full_graph_loads",

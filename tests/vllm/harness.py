@@ -120,6 +120,8 @@ def make_llm(model_path: str, *, kv_blocks: int, prefix_caching: bool = True,
     from vllm import LLM
 
     eager = os.environ.get("TPC_TEST_EAGER", "0" if torch.cuda.is_available() else "1") == "1"
+    if os.environ.get("TPC_TEST_ASYNC_SCHEDULING") is not None:  # vLLM 0.26 on a GPU: on by default
+        kw.setdefault("async_scheduling", os.environ["TPC_TEST_ASYNC_SCHEDULING"] == "1")
     return LLM(
         model=str(model_path),
         skip_tokenizer_init=True,
@@ -158,7 +160,9 @@ def play(llm, workload: Workload) -> list[list[Record]]:
 
 def offline_stats_dropped() -> bool:
     """vLLM 0.26's offline `LLMEngine.step` records scheduler stats only for steps with outputs, so
-    an in-process `LLM`'s counters miss the steps that only scheduled a load (0.32 records all)."""
+    an in-process `LLM`'s counters miss the steps that only scheduled a load (0.32 records all);
+    its own prefix-cache counters stayed at 0 there in every GPU run (session 5, built-in prefix
+    caching included)."""
     import vllm
 
     return vllm.__version__.startswith("0.26.")
@@ -173,9 +177,14 @@ def metric_values(llm) -> dict[str, float]:
         v = getattr(m, "value", None)
         if isinstance(v, (int, float)):
             vals[m.name] = vals.get(m.name, 0) + v
-    if offline_stats_dropped() and in_process():
+    if offline_stats_dropped() and in_process() and _tpc_connected(llm):
         vals.update(tpc_counter_totals(llm))
     return vals
+
+
+def _tpc_connected(llm) -> bool:
+    conn = scheduler_of(llm).connector
+    return conn is not None and getattr(conn, "_sched", None) is not None
 
 
 def tpc_counter_totals(llm) -> dict[str, float]:

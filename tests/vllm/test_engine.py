@@ -130,6 +130,7 @@ def test_small_host_tier_evicts_and_stays_correct(runs):
     for p in partial:
         assert 0 < p["host_blocks"] < p["wanted_blocks"], p
         assert p["next_key"] in ("absent", "STORING", "LOADING", "READY"), p
+        assert 0 <= p["later_in_host"] < p["wanted_blocks"] - p["host_blocks"], p
     if _V026:  # no external hit counter in-process: the KV cache cannot hold these hits, the host did
         assert sum(r.num_cached_tokens for batch in res.outputs["docqa"] for r in batch) > 0
         return

@@ -47,7 +47,10 @@ def test_stream_mixes_every_pattern_and_overflows_both_tiers(soak):
     assert soak.distinct_blocks > 3 * S.HOST_SLOTS > 3 * S.SOAK_KV_BLOCKS
     assert soak.tier["evictions"] > 0, "the host tier never had to evict"
     m = soak.metrics
-    assert m["vllm:tpc_host_hit_tokens"] > 0 and m["vllm:prefix_cache_hits"] > 0
+    # vLLM 0.26's offline engine leaves its own prefix-cache counters at 0 (see
+    # harness.offline_stats_dropped); the GPU hits the adapter was handed count them there.
+    gpu_hits = m["vllm:tpc_gpu_hit_tokens"] if H.offline_stats_dropped() else m["vllm:prefix_cache_hits"]
+    assert m["vllm:tpc_host_hit_tokens"] > 0 and gpu_hits > 0
 
 
 def test_sampled_outputs_equal_builtin_caching_with_big_kv(soak):
@@ -81,11 +84,12 @@ def test_counters_consistent(soak):
     # vLLM leaves re-admissions after a preemption out of its external-cache counters; ours count
     # every admission, so the two agree exactly only without preemptions (and where vLLM records
     # every step's stats: not vLLM 0.26's offline engine, see harness.offline_stats_dropped).
-    if m.get("vllm:num_preemptions", 0) == 0 and not H.offline_stats_dropped():
-        assert m["vllm:external_prefix_cache_hits"] == m["vllm:tpc_host_hit_tokens"]
-        assert m["vllm:external_prefix_cache_queries"] == m["vllm:tpc_queried_tokens"]
-    assert 0 < m["vllm:external_prefix_cache_hits"] <= m["vllm:tpc_host_hit_tokens"]
-    assert m["vllm:external_prefix_cache_queries"] <= m["vllm:tpc_queried_tokens"]
+    if not H.offline_stats_dropped():  # vLLM 0.26's offline engine leaves its own counters at 0
+        if m.get("vllm:num_preemptions", 0) == 0:
+            assert m["vllm:external_prefix_cache_hits"] == m["vllm:tpc_host_hit_tokens"]
+            assert m["vllm:external_prefix_cache_queries"] == m["vllm:tpc_queried_tokens"]
+        assert 0 < m["vllm:external_prefix_cache_hits"] <= m["vllm:tpc_host_hit_tokens"]
+        assert m["vllm:external_prefix_cache_queries"] <= m["vllm:tpc_queried_tokens"]
     # loads: the scheduler's hit tokens, the tier's blocks and the worker's bytes are one count
     assert m["vllm:tpc_host_hit_tokens"] == t["blocks_from_host"] * bs
     assert t["loads_started"] == t["loads_completed"] == t["blocks_from_host"]
