@@ -20,6 +20,7 @@
 #   bash scripts/gpu_work.sh verify-e     reliability tests eager, then document QA eager (issue 4's target mode)
 #   bash scripts/gpu_work.sh verify-f     engine tests compiled (defaults), bf16 full-graph tests batch-invariant, docqa eager
 #   bash scripts/gpu_work.sh verify-g     every reliability test (eager), then chat (offloading, ours)
+#   bash scripts/gpu_work.sh bisect-soak  the soak sample of async_write_through: staged, torch, no async scheduling
 # Results and logs go to one tarball $OUT/<part>.tgz (the device tool brings back few files); each
 # step has its own time limit so one slow step cannot eat the call.
 set -uo pipefail
@@ -139,7 +140,14 @@ case "${1:-}" in
       tests/vllm/test_faults.py tests/vllm/test_collisions.py tests/vllm/test_burst.py tests/vllm/test_soak.py
     run 220 compare-chat python3 -m bench.compare --workload chat --configs offload ours \
       --out "$OUT/compare-chat.json" ;;
-  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e|verify-f|verify-g" >&2
+  bisect-soak)  # ~5 min: session 5's GPU soak failure (async + write-through, request 44 of the sample)
+    K="sampled and async_write_through"
+    TPC_TEST_EAGER=1 run 120 soak-staged python3 -m pytest -q -p no:cacheprovider tests/vllm/test_soak.py -k "$K"
+    TPC_TEST_EAGER=1 TPC_TEST_COPY_BACKEND=torch run 120 soak-torch python3 -m pytest -q -p no:cacheprovider \
+      tests/vllm/test_soak.py -k "$K"
+    TPC_TEST_EAGER=1 TPC_TEST_ASYNC_SCHEDULING=0 run 120 soak-sync-sched python3 -m pytest -q -p no:cacheprovider \
+      tests/vllm/test_soak.py -k "$K" ;;
+  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e|verify-f|verify-g|bisect-soak" >&2
      exit 2 ;;
 esac
 tar czf "$FINAL/$1.tgz" -C "$OUT" . && ls -la "$OUT"

