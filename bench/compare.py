@@ -51,7 +51,15 @@ def parse_config(config: str) -> tuple[str, dict]:
     if extra and base != "ours":
         raise ValueError(f"config: only 'ours' takes extra keys, got {config!r}")
     pairs = dict(kv.split("=", 1) for kv in extra.split(",") if kv)
-    return base, pairs
+    return base, {k: _value(v) for k, v in pairs.items()}
+
+
+def _value(text: str):
+    """A config value from the command line: JSON where it parses (1, null, true), else the text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def engine_kwargs(config: str, host_gib: float) -> dict:

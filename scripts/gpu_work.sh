@@ -21,6 +21,8 @@
 #   bash scripts/gpu_work.sh verify-f     engine tests compiled (defaults), bf16 full-graph tests batch-invariant, docqa eager
 #   bash scripts/gpu_work.sh verify-g     every reliability test (eager), then chat (offloading, ours)
 #   bash scripts/gpu_work.sh bisect-soak  the soak sample of async_write_through: staged, torch, no async scheduling
+#   bash scripts/gpu_work.sh next-a       copy tests (group-by-group submission), chat: offload, ours, ours ahead=1
+#   bash scripts/gpu_work.sh next-b       document QA: offload, ours, ours ahead=1; then no reuse (prefix, ours)
 # Results and logs go to one tarball $OUT/<part>.tgz (the device tool brings back few files); each
 # step has its own time limit so one slow step cannot eat the call.
 set -uo pipefail
@@ -147,7 +149,16 @@ case "${1:-}" in
       tests/vllm/test_soak.py -k "$K"
     TPC_TEST_EAGER=1 TPC_TEST_ASYNC_SCHEDULING=0 run 120 soak-sync-sched python3 -m pytest -q -p no:cacheprovider \
       tests/vllm/test_soak.py -k "$K" ;;
-  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e|verify-f|verify-g|bisect-soak" >&2
+  next-a)  # ~7 min: layer groups submitted as the forward reaches them (layerwise_ahead), chat
+    run 120 gpu-tests-copy python3 -m pytest -q -p no:cacheprovider -rsx tests/test_copy.py
+    run 330 compare-chat python3 -m bench.compare --workload chat \
+      --configs offload ours ours:layerwise_ahead=1 --out "$OUT/compare-chat.json" ;;
+  next-b)  # ~9 min: the same for document QA, then no reuse against built-in prefix caching
+    run 300 compare-docqa python3 -m bench.compare --workload docqa \
+      --configs offload ours ours:layerwise_ahead=1 --out "$OUT/compare-docqa.json"
+    run 240 compare-noreuse python3 -m bench.compare --workload noreuse --configs prefix ours \
+      --out "$OUT/compare-noreuse.json" ;;
+  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e|verify-f|verify-g|bisect-soak|next-a|next-b" >&2
      exit 2 ;;
 esac
 tar czf "$FINAL/$1.tgz" -C "$OUT" . && ls -la "$OUT"

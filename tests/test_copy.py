@@ -558,7 +558,116 @@ def test_layer_events_published_by_a_submission_thread_release_each_layer_in_tur
     assert isinstance(h.error, RuntimeError) and h._layer_event(2) is None and h.done()
 
 
+# ---- layer-wise copies submitted group by group (CopyEngine.layerwise_ahead) -----------------------
+def _pump_setup(device: str, backend: str, layers: int, ahead: int | None, n: int = 6, seed: int = 3):
+    kv = make_kv(16, layers, (4, 8), torch.float32, "separate", device, seed)
+    views = byte_views(kv)
+    pool = make_pool(n, layers, views[0].shape[1], device)
+    pool.slots.copy_(torch.randint(0, 256, tuple(pool.slots.shape), dtype=torch.uint8))
+    eng = CopyEngine(views, pool, backend=backend, layerwise_ahead=ahead)
+    blocks = np.random.default_rng(seed).permutation(16)[:n]
+    return views, pool, eng, blocks
+
+
+def _landed(views, pool, blocks) -> list[bool]:
+    """Per layer: do the blocks hold the pool's pages (slot i -> blocks[i])?"""
+    idx = torch.from_numpy(blocks)
+    return [bool(torch.equal(v[idx].cpu(), pool.slots[:, i].cpu())) for i, v in enumerate(views)]
+
+
+@pytest.mark.parametrize("ahead", [0, 2])
+def test_layerwise_groups_land_as_their_layers_are_asked_for(ahead):
+    """On the CPU (torch copier: a group per layer) a layer's pages land exactly when wait_layer asks
+    for a layer at most `ahead` groups before it; done() and wait() submit the rest."""
+    layers = 6
+    views, pool, eng, blocks = _pump_setup("cpu", "torch", layers, ahead)
+    try:
+        h = eng.promote(np.arange(len(blocks)), blocks, layerwise=True)
+        assert _landed(views, pool, blocks) == [i <= ahead for i in range(layers)]
+        assert not h._layer_events or len(h._layer_events) == ahead + 1
+        h.wait_layer(1)
+        assert _landed(views, pool, blocks) == [i <= 1 + ahead for i in range(layers)]
+        h.wait_layer(0)  # an earlier layer submits nothing more
+        assert _landed(views, pool, blocks) == [i <= 1 + ahead for i in range(layers)]
+        assert h.done()  # a poll submits whatever is left
+        assert _landed(views, pool, blocks) == [True] * layers
+        assert h.error is None and h.backend == "torch" and h.submit_seconds is not None
+        assert len(h._layer_events) == layers
+        assert eng.stats.late_groups == layers - (ahead + 1)
+    finally:
+        eng.close()
+        pool.close()
+
+
+def test_layerwise_group_failing_later_sets_the_error_not_raises(monkeypatch):
+    """A group that fails (torch fallback included) after the submission returned: the handle says
+    so (`error`), later layers have no event, nothing raises in the waiter; a failure among the
+    first groups raises from promote, as a whole submission would."""
+    layers = 5
+    views, pool, eng, blocks = _pump_setup("cpu", "torch", layers, 0)
+    real = eng._run_with_fallback
+
+    def flaky(direction, blocks_, slots_, blocks_t, slots_t, to_host, begin, count):
+        if begin >= fail_from:
+            raise RuntimeError("simulated copy failure")
+        return real(direction, blocks_, slots_, blocks_t, slots_t, to_host, begin, count)
+
+    monkeypatch.setattr(eng, "_run_with_fallback", flaky)
+    try:
+        fail_from = 2
+        h = eng.promote(np.arange(len(blocks)), blocks, layerwise=True)
+        h.wait_layer(3)  # asks for groups 2-3: group 2 fails
+        assert isinstance(h.error, RuntimeError) and h.done()
+        assert len(h._layer_events) == 2 and h._layer_event(3) is None
+        assert _landed(views, pool, blocks)[:2] == [True, True]
+        fail_from = 0
+        with pytest.raises(RuntimeError, match="simulated"):
+            eng.promote(np.arange(len(blocks)), blocks, layerwise=True)
+    finally:
+        eng.close()
+        pool.close()
+
+
+def test_layerwise_ahead_must_be_none_or_non_negative():
+    views, pool, eng, _ = _pump_setup("cpu", "torch", 2, None)
+    eng.close()
+    try:
+        with pytest.raises(ValueError, match="layerwise_ahead"):
+            CopyEngine(views, pool, backend="torch", layerwise_ahead=-1)
+    finally:
+        pool.close()
+
+
 # ---- GPU host only ---------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["staged", "torch"])
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_gpu_layerwise_groups_submitted_late_still_order_each_layer(kernel_device, backend, ahead):
+    """Group-by-group submission on the GPU: each layer read after wait_layer(l) on the current
+    stream sees its pages, although most groups were enqueued after the readers before them."""
+    layers, nb, n = 16, 64, 48
+    views = byte_views(make_kv(nb, layers, (16, 8, 256), torch.bfloat16, "separate", kernel_device))
+    pool = make_pool(n, layers, views[0].shape[1], kernel_device)
+    pool.slots.copy_(torch.randint(0, 256, tuple(pool.slots.shape), dtype=torch.uint8))
+    eng = CopyEngine(views, pool, backend=backend, layerwise_ahead=ahead)
+    try:
+        blocks = torch.randperm(nb)[:n]
+        h = eng.promote(torch.arange(n), blocks, layerwise=True)
+        assert h._pump is not None or ahead + 1 >= len(eng._copiers[backend].layer_groups(layers))
+        snaps = []
+        for layer in range(layers):
+            h.wait_layer(layer)
+            torch.cuda._sleep(200_000)  # the reader runs late, as a forward's layers do
+            snaps.append(views[layer][blocks.to(kernel_device)].clone())
+        torch.cuda.synchronize()
+        for layer in range(layers):
+            assert torch.equal(snaps[layer].cpu(), pool.slots[:, layer]), f"layer {layer} read early"
+        assert h.done() and h.error is None and h.gpu_seconds() is not None
+    finally:
+        eng.close()
+        pool.close()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gpu_layerwise_events_order_each_layer(kernel_device, backend):

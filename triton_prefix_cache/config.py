@@ -40,9 +40,13 @@ class PrefixCacheConfig:
         descriptor per slot through a device staging buffer, the Triton kernel between that buffer
         and the pages), "dma" (one descriptor per page), "triton" (the gather/scatter kernel over
         pinned memory), "torch" (per-layer index ops over a device view of the pinned pool), or
-        "auto": torch in an engine (measured best there, README "Results"); the CopyEngine alone
-        measures the available backends at start.
+        "auto": staged in an engine where cuda.bindings is present, else torch (measured best
+        there, README "Results"); the CopyEngine alone measures the available backends at start.
     eviction: the host tier's eviction policy.
+    layerwise_ahead: None (default): a layer-wise load's layer groups are all submitted before the
+        step's forward starts; an int k >= 0: only the first k + 1 are, and the forward's wait for
+        each layer submits the groups up to k past it (the forward then starts after one group's
+        submission; not yet measured on a GPU).
     """
 
     host_cache_gib: float
@@ -51,6 +55,7 @@ class PrefixCacheConfig:
     index_backend: str = "auto"
     eviction: str = "lru"
     copy_backend: str = "auto"
+    layerwise_ahead: int | None = None
 
     def __post_init__(self) -> None:
         _check_gib(self.host_cache_gib)
@@ -59,6 +64,9 @@ class PrefixCacheConfig:
         _check_choice("index_backend", self.index_backend, INDEX_BACKENDS)
         _check_choice("eviction", self.eviction, EVICTION_POLICIES)
         _check_choice("copy_backend", self.copy_backend, COPY_BACKENDS)
+        v = self.layerwise_ahead
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 64):
+            raise ConfigError(f"config key 'layerwise_ahead' must be null or an int from 0 to 64, got {v!r}")
 
     @property
     def host_cache_bytes(self) -> int:

@@ -111,8 +111,14 @@ class CopyHandle:
     error: BaseException | None = None
     #: host seconds the submission took (background or not), once it has ended
     submit_seconds: float | None = None
+    #: a layer-wise copy submitted group by group as its layers are asked for (`_GroupPump`);
+    #: None once every group is submitted (or for any other copy)
+    _pump: Any = field(default=None, repr=False)
 
     def done(self) -> bool:
+        pump = self._pump
+        if pump is not None:  # asked before every layer was: submit the rest now
+            pump.pump(None)
         if self._submitted is not None and not self._submitted.is_set():
             return False
         return self._event is None or bool(self._event.query())
@@ -135,6 +141,9 @@ class CopyHandle:
         return self._layer_events is not None
 
     def layer_done(self, layer: int) -> bool:
+        pump = self._pump
+        if pump is not None:
+            pump.pump(layer)
         if self._submitted is not None and not self._submitted.is_set():
             with self._progress or contextlib.nullcontext():
                 if self._layer_events is None or len(self._layer_events) <= layer:
@@ -162,7 +171,11 @@ class CopyHandle:
             ev.synchronize()
 
     def _enqueued(self, layer: int | None = None) -> None:
-        """Block the host until the copy (or layer `layer` of a layer-wise one) is on its stream."""
+        """Block the host until the copy (or layer `layer` of a layer-wise one) is on its stream;
+        a copy submitted group by group submits what that takes, here, on the caller's thread."""
+        pump = self._pump
+        if pump is not None:
+            pump.pump(layer)
         sub = self._submitted
         if sub is None or sub.is_set():
             return
@@ -190,6 +203,87 @@ class CopyHandle:
             self._progress.notify_all()
 
 
+class _GroupPump:
+    """Submits one layer-wise copy group by group (`CopyEngine.layerwise_ahead`).
+
+    `start` submits the first `ahead + 1` layer groups (a failure there raises, as a whole
+    submission would); `pump(layer)` submits the groups up to `ahead` past the one holding `layer`,
+    `pump(None)` all that are left, on the calling thread (in an engine: the forward's, between
+    layers). A later group that fails even on the torch fallback sets the handle's `error` and
+    publishes nothing more, as a failed background submission does. A lock keeps groups in order.
+    Later groups are not ordered after the caller's stream again: the forward queued there waits
+    for them.
+    """
+
+    def __init__(self, engine: CopyEngine, h: CopyHandle, stream, blocks, slots, blocks_t, slots_t,
+                 t0: float | None = None) -> None:
+        self.engine, self.h, self.stream = engine, h, stream
+        self.args = (blocks, slots, blocks_t, slots_t)
+        self.groups = engine._copiers[engine.backend[h.direction]].layer_groups(engine.num_layers)
+        self.group_of = np.repeat(np.arange(len(self.groups)), [count for _, count in self.groups])
+        self.ahead = int(engine.layerwise_ahead or 0)
+        self.next = 0
+        self.seconds = time.perf_counter() - t0 if t0 is not None else 0.0
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        self.h._pump = self
+        with self.lock:
+            self._submit_through(min(len(self.groups) - 1, self.ahead))
+
+    def pump(self, layer: int | None) -> None:
+        with self.lock:
+            if self.next >= len(self.groups):
+                return
+            n = len(self.groups)
+            last = n - 1 if layer is None else min(n - 1, int(self.group_of[layer]) + self.ahead)
+            before = self.next
+            try:
+                self._submit_through(last)
+            except Exception as e:  # the copy's layers from this group on did not happen
+                log.warning("copy engine: layer-wise %s failed at group %d (%r)", self.h.direction,
+                            self.next, e)
+                self.engine.stats.late_groups += self.next - before
+                self.h.error = e
+                self.next = n
+                self._finish()
+                return
+            self.engine.stats.late_groups += self.next - before
+
+    def _submit_through(self, last: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            while self.next <= last:
+                self._submit(self.next)
+                self.next += 1
+        finally:
+            self.seconds += time.perf_counter() - t0
+        if self.next == len(self.groups):
+            self._finish()
+
+    def _submit(self, g: int) -> None:
+        eng, h = self.engine, self.h
+        begin, count = self.groups[g]
+        blocks, slots, blocks_t, slots_t = self.args
+        if self.stream is None:  # CPU: synchronous
+            eng._run_with_fallback(h.direction, blocks, slots, blocks_t, slots_t, False, begin, count)
+            ev = None
+        else:
+            with torch.cuda.stream(self.stream):
+                eng._run_with_fallback(h.direction, blocks, slots, blocks_t, slots_t, False, begin, count)
+                ev = torch.cuda.Event(enable_timing=g == len(self.groups) - 1)
+                ev.record(self.stream)
+        for _ in range(count):  # every layer of the group lands with the group
+            h._publish(ev)
+
+    def _finish(self) -> None:
+        h = self.h
+        h.backend = self.engine.backend[h.direction]
+        h.submit_seconds = self.seconds
+        h._event = h._layer_events[-1] if h._layer_events else None
+        h._pump = None  # last: a poller sees a complete handle
+
+
 # ---- the engine --------------------------------------------------------------------------------------
 class CopyEngine:
     """Moves KV blocks between per-layer device pages and a HostPool (see the module docstring).
@@ -211,6 +305,7 @@ class CopyEngine:
         triton_chunk_bytes: int = 16384,
         triton_max_programs: int | None = None,
         calibrate_blocks: int = 64,
+        layerwise_ahead: int | None = None,
     ) -> None:
         layers = list(layers)
         check_layer_views(layers)
@@ -238,6 +333,13 @@ class CopyEngine:
         self.page_bytes = pool.page_bytes
         self.slot_bytes = pool.slot_bytes
         self.wait_for_current_stream = wait_for_current_stream
+        if layerwise_ahead is not None and layerwise_ahead < 0:
+            raise ValueError(f"layerwise_ahead: expected None or an int >= 0, got {layerwise_ahead!r}")
+        #: None: a layer-wise copy (not submitted by a thread) is enqueued whole by `promote`;
+        #: k: only its first k + 1 layer groups are, and each `wait_layer(l)` submits, on the
+        #: caller's thread, the groups up to k past l's group (`_GroupPump`), so a forward that
+        #: waits per layer starts after one group's submission instead of all of them
+        self.layerwise_ahead = layerwise_ahead
         self.stats = CopyStats()
         self._triton_opts = (triton_chunk_bytes, triton_max_programs)
         self.calibration: dict[str, dict[str, float]] = {}
@@ -385,6 +487,11 @@ class CopyEngine:
         to_host = direction == "demote"
         nbytes = len(blocks) * self.slot_bytes
         if self.device.type == "cpu":
+            if layerwise and self.layerwise_ahead is not None and len(blocks):
+                h = CopyHandle(direction, self.backend[direction], len(blocks), nbytes, _layer_events=[])
+                ids = torch.from_numpy(blocks), torch.from_numpy(slots)
+                _GroupPump(self, h, None, blocks, slots, *ids).start()
+                return h
             self._run_with_fallback(
                 direction,
                 blocks,
@@ -441,6 +548,10 @@ class CopyEngine:
             if self._copiers[self.backend[direction]].device_indices:  # a fallback uploads its own
                 blocks_t, slots_t = _upload(blocks, self.device), _upload(slots, self.device)
             h._keep = (blocks, slots, blocks_t, slots_t)
+            if layerwise and self.layerwise_ahead is not None and h._submitted is None and len(blocks):
+                h._layer_events = []
+                _GroupPump(self, h, stream, blocks, slots, blocks_t, slots_t, t0).start()
+                return
             if layerwise:
                 if h._layer_events is None:
                     h._layer_events = []

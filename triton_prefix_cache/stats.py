@@ -74,6 +74,8 @@ class CopyStats(Counters):
     blocks_from_host: int = 0
     bytes_from_host: int = 0
     backend_fallbacks: int = 0
+    #: layer groups of layer-wise copies submitted after `promote` returned (`layerwise_ahead`)
+    late_groups: int = 0
 
 
 @dataclass

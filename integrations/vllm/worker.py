@@ -162,12 +162,14 @@ class WorkerSide:
             # a document's 32,000 pages took as long as copying them (README "Results").
             for preferred in AUTO_ENGINE_BACKENDS:
                 try:
-                    self.engine = CopyEngine(self.layers, self.pool, backend=preferred)
+                    self.engine = CopyEngine(self.layers, self.pool, backend=preferred,
+                                             layerwise_ahead=self.cfg.layerwise_ahead)
                     break
                 except ValueError as e:
                     logger.info("triton-prefix-cache: copy backend %s unavailable (%s)", preferred, e)
         if self.engine is None:
-            self.engine = CopyEngine(self.layers, self.pool, backend=backend)
+            self.engine = CopyEngine(self.layers, self.pool, backend=backend,
+                                     layerwise_ahead=self.cfg.layerwise_ahead)
         warm = ""
         if device.type == "cuda":
             # Block 0 is vLLM's null block (never holds a request's KV); the round trip leaves it as

@@ -7,6 +7,7 @@ at most one engine lives at a time and each starts once. Configurations:
   nocache    no prefix caching at all
   tpc        the connector with load="async" (lazy demotion), KV cache far too small
   layerwise  the connector's defaults (lazy demotion, layer-wise loads)
+  ahead      layer-wise loads submitted group by group as the forward reaches them (layerwise_ahead=0)
   wt         the connector with demote="write_through"
   smallhost  the connector with a host tier smaller than the working set (host evictions)
 """
@@ -33,6 +34,7 @@ CONFIGS: dict[str, dict] = {
     "nocache": dict(kv_blocks=BIG_KV_BLOCKS, prefix_caching=False),
     "tpc": dict(kv_blocks=SMALL_KV_BLOCKS, kv_transfer_config=H.tpc_config(load="async")),
     "layerwise": dict(kv_blocks=SMALL_KV_BLOCKS, kv_transfer_config=H.tpc_config()),
+    "ahead": dict(kv_blocks=SMALL_KV_BLOCKS, kv_transfer_config=H.tpc_config(layerwise_ahead=0)),
     "wt": dict(kv_blocks=SMALL_KV_BLOCKS, kv_transfer_config=H.tpc_config(demote="write_through")),
     # 100 slots of 32 KiB: less than the docqa documents (150 blocks), so the host tier evicts too.
     "smallhost": dict(kv_blocks=SMALL_KV_BLOCKS,
@@ -68,6 +70,7 @@ def _connector_state(llm) -> dict:
     if has_kv_transfer_group():
         wk = get_kv_transfer_group()._worker
         out.update(debug_checked=wk.debug_checked, debug_mismatches=list(wk.debug_mismatches),
+                   late_groups=wk.engine.stats.late_groups if wk.engine is not None else 0,
                    full_graph_loads=wk.full_graph_loads, step_modes=dict(wk.step_modes))
     return out
 

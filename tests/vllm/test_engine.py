@@ -13,7 +13,7 @@ import torch
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-TPC_CONFIGS = ["tpc", "layerwise", "wt"]
+TPC_CONFIGS = ["tpc", "layerwise", "ahead", "wt"]
 _V026 = __import__("vllm").__version__.startswith("0.26.")
 
 
@@ -160,3 +160,13 @@ def test_reset_prefix_cache_clears_host_tier(runs):
     assert res.extra["reset_ok"] is True
     assert res.extra["state_after_reset"]["tier_ready"] == 0
     assert res.extra["after_reset_cached"] == 0
+
+
+def test_late_layer_groups_were_submitted_by_the_forward(runs):
+    """layerwise_ahead=0: each layer-wise load submitted its first layer group only, the forward's
+    per-layer waits the rest (outputs and restored pages: the tests above, config "ahead")."""
+    res = runs("ahead")
+    st = res.extra["state_after_docqa"]
+    assert st["late_groups"] > 0, st
+    assert res.extra["state_after_docqa"]["debug_mismatches"] == []
+    assert runs("layerwise").extra["state_after_docqa"]["late_groups"] == 0  # the default: all at once
