@@ -20,7 +20,7 @@
 #   bash scripts/gpu_work.sh verify-e     reliability tests eager, then document QA eager (issue 4's target mode)
 #   bash scripts/gpu_work.sh verify-f     engine tests compiled (defaults), bf16 full-graph tests batch-invariant, docqa eager
 #   bash scripts/gpu_work.sh verify-g     every reliability test (eager), then chat (offloading, ours)
-#   bash scripts/gpu_work.sh bisect-soak  the soak sample of async_write_through: staged, torch, no async scheduling
+#   bash scripts/gpu_work.sh bisect-soak  the soak sample of async_write_through: staged, torch, no async scheduling, IEEE dots
 #   bash scripts/gpu_work.sh next-a       copy tests (group-by-group submission), chat: offload, ours, ours ahead=1
 #   bash scripts/gpu_work.sh next-b       document QA: offload, ours, ours ahead=1; then no reuse (prefix, ours)
 # Results and logs go to one tarball $OUT/<part>.tgz (the device tool brings back few files); each
@@ -148,7 +148,11 @@ case "${1:-}" in
     TPC_TEST_EAGER=1 TPC_TEST_COPY_BACKEND=torch run 120 soak-torch python3 -m pytest -q -p no:cacheprovider \
       tests/vllm/test_soak.py -k "$K"
     TPC_TEST_EAGER=1 TPC_TEST_ASYNC_SCHEDULING=0 run 120 soak-sync-sched python3 -m pytest -q -p no:cacheprovider \
-      tests/vllm/test_soak.py -k "$K" ;;
+      tests/vllm/test_soak.py -k "$K"
+    # float32 attention on an H200 is vLLM's Triton backend, whose tl.dot rounds float32 inputs to
+    # TF32 by default: IEEE dots (fresh kernel cache) tell numerics from a wrong block
+    TPC_TEST_EAGER=1 TRITON_F32_DEFAULT=ieee TRITON_CACHE_DIR=/tmp/triton-ieee run 150 soak-ieee python3 -m pytest -q \
+      -p no:cacheprovider tests/vllm/test_soak.py -k "$K" ;;
   next-a)  # ~7 min: layer groups submitted as the forward reaches them (layerwise_ahead), chat
     run 120 gpu-tests-copy python3 -m pytest -q -p no:cacheprovider -rsx tests/test_copy.py
     run 330 compare-chat python3 -m bench.compare --workload chat \
