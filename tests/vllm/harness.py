@@ -6,6 +6,7 @@ state the tests inspect, shut it down. Tests then compare these records between 
 """
 from __future__ import annotations
 
+import collections
 import gc
 import os
 import random
@@ -282,9 +283,16 @@ def rss_bytes() -> int:
 
 
 def live_objects() -> int:
-    """Objects the garbage collector tracks, after a full collection."""
+    """Objects the garbage collector tracks, after a full collection (vLLM's engine start calls
+    gc.freeze(): the objects frozen then are not listed, so this counts those created since)."""
     gc.collect()
     return len(gc.get_objects())
+
+
+def live_object_types() -> collections.Counter:
+    """Live tracked objects by type name (module-qualified), after a full collection."""
+    gc.collect()
+    return collections.Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects())
 
 
 def worker_side():

@@ -11,6 +11,7 @@ the cache off, flat from the start). It is bounded and not ours; anything else t
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import json
 import os
@@ -102,6 +103,8 @@ class SoakResult:
     max_used_gauge: float = 0.0
     rss: dict[str, int] = field(default_factory=dict)  # keyed by requests done
     objects: dict[str, int] = field(default_factory=dict)
+    #: the object types whose live count grew most between the two checkpoints (diagnostics)
+    objects_grown: list = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     tier: dict[str, float] = field(default_factory=dict)
     slot_bytes: int = 0
@@ -152,6 +155,7 @@ def run(model_path: str, config: str = "defaults") -> SoakResult:
         sp = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, detokenize=False,
                             logprobs=0)
         ours: dict[int, tuple] = {}
+        types_half: collections.Counter = collections.Counter()
         t0 = time.perf_counter()
         for call, lo in enumerate(range(0, NUM_REQUESTS, PER_CALL)):
             batch = prompts[lo : lo + PER_CALL]
@@ -171,7 +175,16 @@ def run(model_path: str, config: str = "defaults") -> SoakResult:
                                          H.metric_values(llm).get("vllm:tpc_host_used_slots", 0))
             done = lo + len(batch)
             if done in (NUM_REQUESTS // 2, NUM_REQUESTS):
+                # The type census leaves ~200 objects of its own behind (weakrefs, measured): take
+                # it before the first count and after the second, so the counts include them both
+                # times.
+                if done == NUM_REQUESTS // 2:
+                    types_half = H.live_object_types()
                 res.objects[str(done)] = H.live_objects()
+                if done == NUM_REQUESTS:
+                    types = H.live_object_types()
+                    types.subtract(types_half)
+                    res.objects_grown = [(t, n) for t, n in types.most_common(10) if n > 0]
                 _trim_heap()
                 res.rss[str(done)] = H.rss_bytes()
         res.seconds = time.perf_counter() - t0

@@ -107,6 +107,7 @@ def test_memory_flat_from_1000th_to_2000th_request(soak):
     rss_growth = soak.rss[full] / soak.rss[half] - 1
     obj_growth = soak.objects[full] / soak.objects[half] - 1
     print(f"\nRSS {soak.rss[half] / 2**20:.1f} -> {soak.rss[full] / 2**20:.1f} MiB ({rss_growth:+.2%}); "
-          f"live objects {soak.objects[half]} -> {soak.objects[full]} ({obj_growth:+.3%})")
+          f"live objects {soak.objects[half]} -> {soak.objects[full]} ({obj_growth:+.3%}); "
+          f"grew most: {soak.objects_grown[:5]}")
     assert rss_growth < 0.05, (soak.rss, rss_growth)
-    assert obj_growth < 0.01, (soak.objects, obj_growth)
+    assert obj_growth < 0.01, (soak.objects, obj_growth, "grew most:", soak.objects_grown)
