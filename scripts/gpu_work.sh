@@ -23,6 +23,7 @@
 #   bash scripts/gpu_work.sh bisect-soak  the soak sample of async_write_through: staged, torch, no async scheduling, IEEE dots
 #   bash scripts/gpu_work.sh next-a       copy tests (group-by-group submission), chat: offload, ours, ours ahead=1
 #   bash scripts/gpu_work.sh next-b       document QA: offload, ours, ours ahead=1; then no reuse (prefix, ours)
+#   bash scripts/gpu_work.sh next-c       bf16 one-token tests with batch-invariant kernels; every reliability test eager
 # Results and logs go to one tarball $OUT/<part>.tgz (the device tool brings back few files); each
 # step has its own time limit so one slow step cannot eat the call.
 set -uo pipefail
@@ -162,7 +163,12 @@ case "${1:-}" in
       --configs offload ours ours:layerwise_ahead=1 --out "$OUT/compare-docqa.json"
     run 240 compare-noreuse python3 -m bench.compare --workload noreuse --configs prefix ours \
       --out "$OUT/compare-noreuse.json" ;;
-  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e|verify-f|verify-g|bisect-soak|next-a|next-b" >&2
+  next-c)  # ~8 min: is the bf16 gap batching? then the reliability tests with session 5's test fixes
+    VLLM_BATCH_INVARIANT=1 TPC_TEST_DTYPE=bfloat16 run 180 gpu-tests-tail1-invariant python3 -m pytest -q \
+      -p no:cacheprovider -rsx tests/vllm/test_engine.py -k "(big_kv and tail1) or one_token"
+    TPC_TEST_EAGER=1 run 360 gpu-tests-reliability python3 -m pytest -q -p no:cacheprovider -rsx --durations=10 \
+      tests/vllm/test_faults.py tests/vllm/test_collisions.py tests/vllm/test_burst.py tests/vllm/test_soak.py ;;
+  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e|verify-f|verify-g|bisect-soak|next-a|next-b|next-c" >&2
      exit 2 ;;
 esac
 tar czf "$FINAL/$1.tgz" -C "$OUT" . && ls -la "$OUT"
