@@ -20,7 +20,7 @@
 #   bash scripts/gpu_work.sh verify-e     reliability tests eager, then document QA eager (issue 4's target mode)
 #   bash scripts/gpu_work.sh verify-f     engine tests compiled (defaults), bf16 full-graph tests batch-invariant, docqa eager
 #   bash scripts/gpu_work.sh verify-g     every reliability test (eager), then chat (offloading, ours)
-#   bash scripts/gpu_work.sh bisect-soak  the soak sample of async_write_through: staged, torch, no async scheduling, IEEE dots
+#   bash scripts/gpu_work.sh bisect-soak  the soak sample of async_write_through: (IEEE dots) staged, torch, no async scheduling; TF32 dots
 #   bash scripts/gpu_work.sh next-a       copy tests (group-by-group submission), chat: offload, ours, ours ahead=1
 #   bash scripts/gpu_work.sh next-b       document QA: offload, ours, ours ahead=1; then no reuse (prefix, ours)
 #   bash scripts/gpu_work.sh next-c       bf16 one-token tests with batch-invariant kernels; every reliability test eager
@@ -151,8 +151,9 @@ case "${1:-}" in
     TPC_TEST_EAGER=1 TPC_TEST_ASYNC_SCHEDULING=0 run 120 soak-sync-sched python3 -m pytest -q -p no:cacheprovider \
       tests/vllm/test_soak.py -k "$K"
     # float32 attention on an H200 is vLLM's Triton backend, whose tl.dot rounds float32 inputs to
-    # TF32 by default: IEEE dots (fresh kernel cache) tell numerics from a wrong block
-    TPC_TEST_EAGER=1 TRITON_F32_DEFAULT=ieee TRITON_CACHE_DIR=/tmp/triton-ieee run 150 soak-ieee python3 -m pytest -q \
+    # TF32 by default; the tests now ask for IEEE dots (tests/conftest.py): this run is session 5's
+    # condition, to tell numerics from a wrong block
+    TPC_TEST_EAGER=1 TRITON_F32_DEFAULT=tf32 run 150 soak-tf32 python3 -m pytest -q \
       -p no:cacheprovider tests/vllm/test_soak.py -k "$K" ;;
   next-a)  # ~7 min: layer groups submitted as the forward reaches them (layerwise_ahead), chat
     run 120 gpu-tests-copy python3 -m pytest -q -p no:cacheprovider -rsx tests/test_copy.py

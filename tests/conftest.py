@@ -13,6 +13,12 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # The float32 test model's attention runs in vLLM's Triton backend on a GPU (FlashAttention and
+    # FlashInfer take no float32), whose tl.dot rounds float32 inputs to TF32 unless told otherwise:
+    # IEEE dots keep that rounding out of the logprob comparisons, which look for wrong KV.
+    # (A cache-invalidating Triton variable; TRITON_F32_DEFAULT=tf32 restores the default.)
+    os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 #: Devices the kernel tests run on: the CPU (Triton interpreted) here and in CI, the GPU (compiled)
