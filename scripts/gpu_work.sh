@@ -24,6 +24,7 @@
 #   bash scripts/gpu_work.sh next-a       copy tests (group-by-group submission), chat: offload, ours, ours ahead=1
 #   bash scripts/gpu_work.sh next-b       document QA: offload, ours, ours ahead=1; then no reuse (prefix, ours)
 #   bash scripts/gpu_work.sh next-c       bf16 one-token tests with batch-invariant kernels; every reliability test eager
+#   bash scripts/gpu_work.sh next-d       document QA eager (issue 4's mode): offload, ours, ours ahead=1; system prompt
 # Results and logs go to one tarball $OUT/<part>.tgz (the device tool brings back few files); each
 # step has its own time limit so one slow step cannot eat the call.
 set -uo pipefail
@@ -169,7 +170,12 @@ case "${1:-}" in
       -p no:cacheprovider -rsx tests/vllm/test_engine.py -k "(big_kv and tail1) or one_token"
     TPC_TEST_EAGER=1 run 360 gpu-tests-reliability python3 -m pytest -q -p no:cacheprovider -rsx --durations=10 \
       tests/vllm/test_faults.py tests/vllm/test_collisions.py tests/vllm/test_burst.py tests/vllm/test_soak.py ;;
-  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e|verify-f|verify-g|bisect-soak|next-a|next-b|next-c" >&2
+  next-d)  # ~7 min: issue 4's target mode with and without layerwise_ahead, then the shared system prompt
+    run 260 compare-docqa-eager python3 -m bench.compare --workload docqa --eager \
+      --configs offload ours ours:layerwise_ahead=1 --out "$OUT/compare-docqa-eager.json"
+    run 180 compare-sysprompt python3 -m bench.compare --workload sysprompt --configs prefix ours \
+      --out "$OUT/compare-sysprompt.json" ;;
+  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e|verify-f|verify-g|bisect-soak|next-a|next-b|next-c|next-d" >&2
      exit 2 ;;
 esac
 tar czf "$FINAL/$1.tgz" -C "$OUT" . && ls -la "$OUT"
