@@ -388,6 +388,9 @@ def summarize(workload: W.Workload, result: dict) -> dict:
         "metrics": hits,
         "host_tier": result.get("host_tier") or None,
         "partial_host_hits": result.get("partial_host_hits") or [],
+        # lookups that stopped at a block missing from the host tier while later ones were there
+        # (a block lost or not yet stored), among the latest 256 partial hits the adapter keeps
+        "host_tier_holes": sum(1 for p in result.get("partial_host_hits") or () if p.get("later_in_host")),
         "loads": result.get("loads"),
     }
 
@@ -595,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
                 "wall_s": s["wall_s"],
                 "conn_lookup_ms": s["connector_lookup_ms_mean"],
             }
+            if s.get("host_tier_holes"):
+                row["note"] = f"{s['host_tier_holes']} host-tier holes"
             for lab, p in s["per_label"].items():
                 row[lab] = p["mean_ms"]
             rows.append(row)
