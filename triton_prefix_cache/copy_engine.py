@@ -141,9 +141,6 @@ class CopyHandle:
         return self._layer_events is not None
 
     def layer_done(self, layer: int) -> bool:
-        pump = self._pump
-        if pump is not None:
-            pump.pump(layer)
         if self._submitted is not None and not self._submitted.is_set():
             with self._progress or contextlib.nullcontext():
                 if self._layer_events is None or len(self._layer_events) <= layer:

@@ -162,20 +162,21 @@ class WorkerSide:
             # a document's 32,000 pages took as long as copying them (README "Results").
             for preferred in AUTO_ENGINE_BACKENDS:
                 try:
-                    self.engine = CopyEngine(self.layers, self.pool, backend=preferred,
-                                             layerwise_ahead=self.cfg.layerwise_ahead)
+                    self.engine = self._copy_engine(preferred)
                     break
                 except ValueError as e:
                     logger.info("triton-prefix-cache: copy backend %s unavailable (%s)", preferred, e)
         if self.engine is None:
-            self.engine = CopyEngine(self.layers, self.pool, backend=backend,
-                                     layerwise_ahead=self.cfg.layerwise_ahead)
+            self.engine = self._copy_engine(backend)
         warm = ""
         if device.type == "cuda":
             # Block 0 is vLLM's null block (never holds a request's KV); the round trip leaves it as
             # it was. Without this the first host hit paid the copy path's set-up (Triton: ~600 ms).
             warm = f", warmed up in {1e3 * self.engine.warm_up(block=0, slot=0):.0f} ms"
         logger.info("triton-prefix-cache: %r, copies %s%s", self.pool, self.engine.backend, warm)
+
+    def _copy_engine(self, backend: str) -> CopyEngine:
+        return CopyEngine(self.layers, self.pool, backend=backend, layerwise_ahead=self.cfg.layerwise_ahead)
 
     # ---- per step --------------------------------------------------------------------------------------
     def start_load_kv(self, meta: TPCMetadata, full_graph: bool = False, mode: str = "?") -> None:
