@@ -25,6 +25,10 @@
 #   bash scripts/gpu_work.sh next-b       document QA: offload, ours, ours ahead=1; then no reuse (prefix, ours)
 #   bash scripts/gpu_work.sh next-c       bf16 one-token tests with batch-invariant kernels; every reliability test eager
 #   bash scripts/gpu_work.sh next-d       document QA eager (issue 4's mode): offload, ours, ours ahead=1; system prompt
+#   bash scripts/gpu_work.sh s6-a         soak sample (IEEE dots; then TF32 if it passes, torch copies if not); docqa eager + VRAM ideal
+#   bash scripts/gpu_work.sh s6-b         copy tests, engine tests of layerwise_ahead compiled; docqa compiled + VRAM ideal
+#   bash scripts/gpu_work.sh s6-c         every reliability test eager; bf16 one-token tests batch-invariant
+#   bash scripts/gpu_work.sh s6-d         chat (offload, ours, ahead=1, VRAM ideal); system prompt and no reuse
 # Results and logs go to one tarball $OUT/<part>.tgz (the device tool brings back few files); each
 # step has its own time limit so one slow step cannot eat the call.
 set -uo pipefail
@@ -175,7 +179,36 @@ case "${1:-}" in
       --configs offload ours ours:layerwise_ahead=1 --out "$OUT/compare-docqa-eager.json"
     run 180 compare-sysprompt python3 -m bench.compare --workload sysprompt --configs prefix ours \
       --out "$OUT/compare-sysprompt.json" ;;
-  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e|verify-f|verify-g|bisect-soak|next-a|next-b|next-c|next-d" >&2
+  s6-a)  # ~8.5 min: is session 5's soak failure numerics? then issue 4's target mode with the VRAM ideal
+    K="sampled and async_write_through"
+    TPC_TEST_EAGER=1 run 150 soak-ieee python3 -m pytest -q -p no:cacheprovider tests/vllm/test_soak.py -k "$K"
+    last=$(grep -E "[0-9]+ (passed|failed)" "$OUT/soak-ieee.log" | tail -n 1)
+    if [[ "$last" == *passed* && "$last" != *failed* && "$last" != *error* ]]; then
+      # IEEE passed: session 5's condition (TF32 dots) should fail if numerics were the cause
+      TPC_TEST_EAGER=1 TRITON_F32_DEFAULT=tf32 run 150 soak-tf32 python3 -m pytest -q -p no:cacheprovider \
+        tests/vllm/test_soak.py -k "$K"
+    else
+      TPC_TEST_EAGER=1 TPC_TEST_COPY_BACKEND=torch run 150 soak-torch python3 -m pytest -q -p no:cacheprovider \
+        tests/vllm/test_soak.py -k "$K"
+    fi
+    run 330 compare-docqa-eager python3 -m bench.compare --workload docqa --eager \
+      --configs offload ours ours:layerwise_ahead=1 prefix:kv_gib=16 --out "$OUT/compare-docqa-eager.json" ;;
+  s6-b)  # ~9 min: layerwise_ahead's GPU tests, then document QA compiled with it and the VRAM ideal
+    run 120 gpu-tests-copy python3 -m pytest -q -p no:cacheprovider -rsx tests/test_copy.py
+    run 160 gpu-tests-engine-ahead python3 -m pytest -q -p no:cacheprovider -rsx tests/vllm/test_engine.py -k ahead
+    run 300 compare-docqa python3 -m bench.compare --workload docqa \
+      --configs offload ours ours:layerwise_ahead=1 prefix:kv_gib=16 --out "$OUT/compare-docqa.json" ;;
+  s6-c)  # ~8 min: every reliability test eager (session 5's test fixes), bf16 batch-invariant
+    TPC_TEST_EAGER=1 run 360 gpu-tests-reliability python3 -m pytest -q -p no:cacheprovider -rsx --durations=10 \
+      tests/vllm/test_faults.py tests/vllm/test_collisions.py tests/vllm/test_burst.py tests/vllm/test_soak.py
+    VLLM_BATCH_INVARIANT=1 TPC_TEST_DTYPE=bfloat16 run 150 gpu-tests-tail1-invariant python3 -m pytest -q \
+      -p no:cacheprovider -rsx tests/vllm/test_engine.py -k "(big_kv and tail1) or one_token" ;;
+  s6-d)  # ~9.5 min: chat with layerwise_ahead and the VRAM ideal; system prompt and no reuse
+    run 330 compare-chat python3 -m bench.compare --workload chat \
+      --configs offload ours ours:layerwise_ahead=1 prefix:kv_gib=16 --out "$OUT/compare-chat.json"
+    run 230 compare-sysprompt-noreuse python3 -m bench.compare --workload sysprompt noreuse --configs prefix ours \
+      --out "$OUT/compare-sysprompt-noreuse.json" ;;
+  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e|verify-f|verify-g|bisect-soak|next-a|next-b|next-c|next-d|s6-a|s6-b|s6-c|s6-d" >&2
      exit 2 ;;
 esac
 tar czf "$FINAL/$1.tgz" -C "$OUT" . && ls -la "$OUT"

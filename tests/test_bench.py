@@ -1,0 +1,58 @@
+"""bench.compare's config grammar and target ratios (pure functions; no engine runs)."""
+
+import pytest
+
+from bench import compare as C
+
+
+def test_parse_config_splits_engine_and_connector_keys():
+    assert C.parse_config("ours") == ("ours", {})
+    base, extra = C.parse_config("ours:layerwise_ahead=1,load=async,kv_gib=8")
+    assert base == "ours" and extra == {"layerwise_ahead": 1, "load": "async", "kv_gib": 8}
+    assert C.split_extra(extra) == ({"kv_gib": 8}, {"layerwise_ahead": 1, "load": "async"})
+    assert C.parse_config("prefix:kv_gib=16") == ("prefix", {"kv_gib": 16})
+
+
+@pytest.mark.parametrize(
+    "bad", ["bogus", "prefix:load=async", "offload:kv_gib=0", "prefix:kv_gib=abc", "none:kv_gib=true"]
+)
+def test_parse_config_refuses(bad):
+    with pytest.raises(ValueError, match="config"):
+        C.parse_config(bad)
+
+
+def test_engine_keys_go_to_the_engine_not_the_connector():
+    engine = {"kv_cache_memory_bytes": 4 << 30, "model": "m"}
+    assert C.config_engine("ours:layerwise_ahead=1", engine) is engine
+    big = C.config_engine("prefix:kv_gib=16", engine)
+    assert big == {"kv_cache_memory_bytes": 16 << 30, "model": "m"}
+    assert engine["kv_cache_memory_bytes"] == 4 << 30
+    kw = C.engine_kwargs("ours:kv_gib=8,demote=write_through", 2.0)
+    connector = kw["kv_transfer_config"]["kv_connector_extra_config"]
+    assert connector == {"host_cache_gib": 2.0, "demote": "write_through"}
+    assert C.engine_kwargs("prefix:kv_gib=16", 2.0) == {"enable_prefix_caching": True}
+
+
+def _summary(ttft: float, rps: float) -> dict:
+    return {"summary": {"focus_mean_ttft_ms": ttft, "focus_p50_ttft_ms": ttft, "requests_per_s": rps}}
+
+
+def test_ratios_against_every_baseline_and_the_vram_ideal():
+    results = {
+        "docqa": {
+            "transfer_floor_ms": 20.0,
+            "configs": {
+                "offload": _summary(50.0, 10.0),
+                "ours": _summary(30.0, 20.0),
+                "prefix:kv_gib=16": _summary(12.0, 40.0),
+                "none": {"error": "failed"},
+            },
+        }
+    }
+    r = C._ratios(results)["docqa"]
+    assert r["ttft_ours_over_offload"] == pytest.approx(0.6)
+    assert r["throughput_ours_over_offload"] == pytest.approx(2.0)
+    assert r["ttft_ours_over_prefix:kv_gib=16"] == pytest.approx(2.5)
+    assert r["ttft_ours_minus_prefix:kv_gib=16_ms"] == pytest.approx(18.0)
+    assert r["ttft_ours_over_floor"] == pytest.approx(1.5)
+    assert not any("none" in k for k in r)
