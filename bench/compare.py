@@ -269,7 +269,8 @@ def _recent_loads() -> dict | None:
         "gbps": sum(b for b, _ in rec) / sum(s for _, s in rec) / 1e9,
     }
     steps = list(getattr(wk, "step_times", ()))  # TPC_STEP_TIMING=1: steps that loaded
-    for key in ("submit_ms", "load_submit_ms", "host_ms", "device_ms"):
+    for key in ("submit_ms", "submit_cpu_ms", "load_submit_ms", "host_ms", "cpu_ms", "other_cpu_ms",
+                "device_ms"):
         vals = [r[key] for r in steps if key in r]
         if vals:
             out[f"step_{key}_p50"] = statistics.median(vals)

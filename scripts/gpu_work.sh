@@ -29,6 +29,8 @@
 #   bash scripts/gpu_work.sh s6-b         copy tests, engine tests of layerwise_ahead compiled; docqa compiled + VRAM ideal
 #   bash scripts/gpu_work.sh s6-c         every reliability test eager; bf16 one-token tests batch-invariant
 #   bash scripts/gpu_work.sh s6-d         chat (offload, ours, ahead=1, VRAM ideal); system prompt and no reuse
+#   bash scripts/gpu_work.sh s6-e         the soak against a full-stream oracle; docqa compiled + VRAM ideal; GPU copy tests
+#   bash scripts/gpu_work.sh s6-f         fault, collision and burst tests eager; chat + VRAM ideal; bf16 batch-invariant
 # Results and logs go to one tarball $OUT/<part>.tgz (the device tool brings back few files); each
 # step has its own time limit so one slow step cannot eat the call.
 set -uo pipefail
@@ -149,7 +151,7 @@ case "${1:-}" in
     run 220 compare-chat python3 -m bench.compare --workload chat --configs offload ours \
       --out "$OUT/compare-chat.json" ;;
   bisect-soak)  # ~5 min: session 5's GPU soak failure (async + write-through, request 44 of the sample)
-    K="sampled and async_write_through"
+    K="outputs_equal and async_write_through"
     TPC_TEST_EAGER=1 run 120 soak-staged python3 -m pytest -q -p no:cacheprovider tests/vllm/test_soak.py -k "$K"
     TPC_TEST_EAGER=1 TPC_TEST_COPY_BACKEND=torch run 120 soak-torch python3 -m pytest -q -p no:cacheprovider \
       tests/vllm/test_soak.py -k "$K"
@@ -180,7 +182,7 @@ case "${1:-}" in
     run 180 compare-sysprompt python3 -m bench.compare --workload sysprompt --configs prefix ours \
       --out "$OUT/compare-sysprompt.json" ;;
   s6-a)  # ~8.5 min: is session 5's soak failure numerics? then issue 4's target mode with the VRAM ideal
-    K="sampled and async_write_through"
+    K="outputs_equal and async_write_through"
     TPC_TEST_EAGER=1 run 150 soak-ieee python3 -m pytest -q -p no:cacheprovider tests/vllm/test_soak.py -k "$K"
     last=$(grep -E "[0-9]+ (passed|failed)" "$OUT/soak-ieee.log" | tail -n 1)
     if [[ "$last" == *passed* && "$last" != *failed* && "$last" != *error* ]]; then
@@ -208,7 +210,19 @@ case "${1:-}" in
       --configs offload ours ours:layerwise_ahead=1 prefix:kv_gib=16 --out "$OUT/compare-chat.json"
     run 230 compare-sysprompt-noreuse python3 -m bench.compare --workload sysprompt noreuse --configs prefix ours \
       --out "$OUT/compare-sysprompt-noreuse.json" ;;
-  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e|verify-f|verify-g|bisect-soak|next-a|next-b|next-c|next-d|s6-a|s6-b|s6-c|s6-d" >&2
+  s6-e)  # ~8.5 min: the soak (every request against built-in caching that never evicts, same calls)
+    TPC_TEST_EAGER=1 run 170 gpu-tests-soak python3 -m pytest -q -p no:cacheprovider -rsx tests/vllm/test_soak.py
+    run 250 compare-docqa python3 -m bench.compare --workload docqa \
+      --configs offload ours ours:layerwise_ahead=1 prefix:kv_gib=16 --out "$OUT/compare-docqa.json"
+    run 90 gpu-tests-copy-gpu python3 -m pytest -q -p no:cacheprovider -rsx tests/test_copy.py -k gpu ;;
+  s6-f)  # ~9 min: the other reliability tests eager; chat with the VRAM ideal; bf16 batch-invariant
+    TPC_TEST_EAGER=1 run 200 gpu-tests-reliability python3 -m pytest -q -p no:cacheprovider -rsx --durations=8 \
+      tests/vllm/test_faults.py tests/vllm/test_collisions.py tests/vllm/test_burst.py
+    run 250 compare-chat python3 -m bench.compare --workload chat \
+      --configs offload ours ours:layerwise_ahead=1 prefix:kv_gib=16 --out "$OUT/compare-chat.json"
+    VLLM_BATCH_INVARIANT=1 TPC_TEST_DTYPE=bfloat16 run 90 gpu-tests-tail1-invariant python3 -m pytest -q \
+      -p no:cacheprovider -rsx tests/vllm/test_engine.py -k "(big_kv and tail1) or one_token" ;;
+  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e|verify-f|verify-g|bisect-soak|next-a|next-b|next-c|next-d|s6-a|s6-b|s6-c|s6-d|s6-e|s6-f" >&2
      exit 2 ;;
 esac
 tar czf "$FINAL/$1.tgz" -C "$OUT" . && ls -la "$OUT"

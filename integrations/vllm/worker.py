@@ -414,7 +414,10 @@ class _StepTimer:
     (`load_submit_ms`), host time from `start_load_kv` to the end of `get_finished` (forward launch
     and the wait for the layer-wise loads included), and device time of the same span on the
     compute stream. Device times are read
-    once their events complete, never by waiting."""
+    once their events complete, never by waiting. CPU time of the thread that runs the step over
+    the same spans (`submit_cpu_ms`, `cpu_ms`; a wall time well above it: the thread waited, for
+    the GIL or the OS) and of the process's other threads (`other_cpu_ms`), to tell a slow step's
+    own work from contention."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled and torch.cuda.is_available()
@@ -427,12 +430,14 @@ class _StepTimer:
             return False
         ev = torch.cuda.Event(enable_timing=True)
         ev.record()
-        self._open = {"t0": time.perf_counter(), "ev0": ev}
+        self._open = {"t0": time.perf_counter(), "ev0": ev, "c0": time.thread_time(),
+                      "p0": time.process_time()}
         return True
 
     def submitted(self) -> None:
         if self._open is not None:
             self._open["submit_ms"] = 1e3 * (time.perf_counter() - self._open["t0"])
+            self._open["submit_cpu_ms"] = 1e3 * (time.thread_time() - self._open["c0"])
 
     def note_submit(self, seconds: float) -> None:
         """The host time a load of the open step took to submit (in the copy engine's thread)."""
@@ -444,6 +449,9 @@ class _StepTimer:
             rec = self._open
             self._open = None
             rec["host_ms"] = 1e3 * (time.perf_counter() - rec["t0"])
+            cpu = time.thread_time() - rec.pop("c0")
+            rec["cpu_ms"] = 1e3 * cpu
+            rec["other_cpu_ms"] = 1e3 * (time.process_time() - rec.pop("p0") - cpu)
             rec["ev1"] = torch.cuda.Event(enable_timing=True)
             rec["ev1"].record()
             self._unresolved.append(rec)

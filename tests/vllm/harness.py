@@ -267,15 +267,29 @@ def lp_tolerance(same_hit: bool) -> float:
 
 
 def compare_records(ours: list[Record], ref: list[Record], what: str) -> None:
-    """Greedy tokens identical; logprobs within `lp_tolerance`."""
+    """Greedy tokens identical; logprobs within `lp_tolerance`. A failure names every request
+    that broke either (the first five in full), split by whether both hit the same prefix."""
     assert len(ours) == len(ref), (what, len(ours), len(ref))
+    bad = []
     for i, (x, y) in enumerate(zip(ours, ref)):
-        assert x.tokens == y.tokens, f"{what}: request {i}: tokens {x.tokens} != {y.tokens}"
-        tol = lp_tolerance(x.num_cached_tokens == y.num_cached_tokens)
+        same_hit = x.num_cached_tokens == y.num_cached_tokens
         diff = max((abs(u - v) for u, v in zip(x.logprobs, y.logprobs)), default=0.0)
-        assert diff <= tol, (f"{what}: request {i}: logprob diff {diff} > {tol} (cached tokens "
-                             f"{x.num_cached_tokens} vs {y.num_cached_tokens}, logprobs {x.logprobs} vs "
-                             f"{y.logprobs})")
+        if x.tokens != y.tokens or diff > lp_tolerance(same_hit):
+            bad.append((i, same_hit, x, y, diff))
+    if not bad:
+        return
+    lines = [
+        f"request {i}: tokens {x.tokens} vs {y.tokens}, logprob diff {diff:.3g} > "
+        f"{lp_tolerance(same):g} (cached tokens {x.num_cached_tokens} vs {y.num_cached_tokens}, "
+        f"logprobs {x.logprobs} vs {y.logprobs})"
+        for i, same, x, y, diff in bad[:5]
+    ]
+    tokens = sum(x.tokens != y.tokens for _, _, x, y, _ in bad)
+    same = sum(s for _, s, *_ in bad)
+    raise AssertionError(
+        f"{what}: {len(bad)} of {len(ours)} requests differ ({tokens} in tokens; {same} with the same "
+        f"prefix hit, {len(bad) - same} with different hits):\n  " + "\n  ".join(lines)
+    )
 
 
 def rss_bytes() -> int:

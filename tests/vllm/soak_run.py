@@ -1,6 +1,9 @@
 """The soak of test_soak.py, in a process of its own; writes what the test checks as JSON.
 
-Usage: python tests/vllm/soak_run.py MODEL_DIR OUT_JSON [CONFIG]  (spawned by test_soak.py).
+Usage: python tests/vllm/soak_run.py MODEL_DIR OUT_JSON [CONFIG|oracle]  (spawned by test_soak.py).
+`oracle` plays the same stream, in the same calls, through built-in prefix caching with a KV cache
+that never evicts: every request's reference output, with the prefix hits a cache that never
+forgets would have.
 
 A process of its own, so resident memory is this workload's alone (not whatever earlier tests left
 in the heap), with oneDNN's primitive cache off (ONEDNN_PRIMITIVE_CACHE_CAPACITY=0, set by the
@@ -25,10 +28,9 @@ from typing import Any
 NUM_REQUESTS = 2000
 PER_CALL = 4
 MAX_TOKENS = 3
-SAMPLE_EVERY = 10
 HOST_SLOTS = 400  # the stream touches several thousand distinct blocks
 SOAK_KV_BLOCKS = 80  # as the engine tests' small cache: < 2 long chat histories
-ORACLE_KV_BLOCKS = 6000  # more than all sampled prompts' blocks: built-in caching never evicts
+ORACLE_KV_BLOCKS = 6000  # more than the stream's 2,533 distinct blocks: built-in caching never evicts
 CHECK_EVERY = 25  # calls between full tier consistency checks and gauge reads
 BLOCK = 32
 #: Connector settings the soak runs with: its defaults (layer-wise loads, lazy demotion); and async
@@ -93,9 +95,7 @@ def distinct_blocks(prompts: list[list[int]]) -> int:
 @dataclass
 class SoakResult:
     seconds: float = 0.0
-    sampled: list[int] = field(default_factory=list)
-    ours: list[Any] = field(default_factory=list)  # (tokens, logprobs, num_cached_tokens) per sample
-    oracle: list[Any] = field(default_factory=list)
+    ours: list[Any] = field(default_factory=list)  # (tokens, logprobs, num_cached_tokens) per request
     kinds: list[str] = field(default_factory=list)
     num_slots: int = 0
     pool_slots: int = 0
@@ -126,12 +126,10 @@ def _trim_heap() -> None:
 
 def run(model_path: str, config: str = "defaults") -> SoakResult:
     import harness as H
-    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     prompts, kinds = soak_prompts()
     res = SoakResult(kinds=kinds, distinct_blocks=distinct_blocks(prompts))
-    res.sampled = list(range(0, NUM_REQUESTS, SAMPLE_EVERY))
     host_gib = HOST_SLOTS * H.PAGE_BYTES_PER_BLOCK / 2**30
     extra, delay, store_polls = CONFIGS[config]
     tpc = H.tpc_config(host_cache_gib=host_gib, **extra)
@@ -152,20 +150,14 @@ def run(model_path: str, config: str = "defaults") -> SoakResult:
         res.num_slots, res.pool_slots = side.tier.num_slots, wk.pool.num_slots
         res.slot_bytes, res.block_size = side.slot_bytes, side.block_size
         before = H.metric_values(llm)
-        sp = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, detokenize=False,
-                            logprobs=0)
-        ours: dict[int, tuple] = {}
+        sp = _sampling()
+        ours: list[tuple] = []
         types_half: collections.Counter = collections.Counter()
         t0 = time.perf_counter()
         for call, lo in enumerate(range(0, NUM_REQUESTS, PER_CALL)):
             batch = prompts[lo : lo + PER_CALL]
             out = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], sp, use_tqdm=False)
-            for i, r in enumerate(out, lo):
-                if i % SAMPLE_EVERY == 0:
-                    c = r.outputs[0]
-                    # plain tuples: the collector stops tracking them, so they are not live objects
-                    lps = tuple(lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs))
-                    ours[i] = (tuple(c.token_ids), lps, r.num_cached_tokens or 0)
+            ours.extend(_record(r) for r in out)
             del out
             snap = side.tier.tm.snapshot()
             res.max_used = max(res.max_used, snap.ready_slots + snap.storing_slots)
@@ -188,7 +180,7 @@ def run(model_path: str, config: str = "defaults") -> SoakResult:
                 _trim_heap()
                 res.rss[str(done)] = H.rss_bytes()
         res.seconds = time.perf_counter() - t0
-        res.ours = [ours[i] for i in res.sampled]
+        res.ours = ours
         # Stores the last steps started may still be copying (an idle engine polls nothing: a known
         # bug, tested in test_faults.py); a few requests shorter than a block step the engine until
         # they report, so the final counters are complete.
@@ -205,19 +197,53 @@ def run(model_path: str, config: str = "defaults") -> SoakResult:
         res.debug_checked, res.debug_mismatches = wk.debug_checked, list(wk.debug_mismatches)
     finally:
         H.shutdown(llm)
-    oracle = H.make_llm(model_path, kv_blocks=ORACLE_KV_BLOCKS)
-    try:
-        recs = H.play_prompts(oracle, [prompts[i] for i in res.sampled], MAX_TOKENS, PER_CALL)
-    finally:
-        H.shutdown(oracle)
-    res.oracle = [(r.tokens, r.logprobs, r.num_cached_tokens) for r in recs]
     return res
+
+
+def _sampling():
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, detokenize=False,
+                          logprobs=0)
+
+
+def _record(r) -> tuple:
+    """(tokens, logprobs, cached tokens) of one output, as plain tuples (the collector stops
+    tracking them, so a stored record is not a live object of the memory check)."""
+    c = r.outputs[0]
+    lps = tuple(lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs))
+    return (tuple(c.token_ids), lps, r.num_cached_tokens or 0)
+
+
+def run_oracle(model_path: str) -> dict:
+    """The stream through built-in prefix caching that never evicts, in the soak's calls."""
+    import harness as H
+    from vllm.inputs import TokensPrompt
+
+    prompts, _ = soak_prompts()
+    llm = H.make_llm(model_path, kv_blocks=ORACLE_KV_BLOCKS)
+    t0 = time.perf_counter()
+    try:
+        sp = _sampling()
+        records = []
+        for lo in range(0, NUM_REQUESTS, PER_CALL):
+            batch = prompts[lo : lo + PER_CALL]
+            out = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], sp, use_tqdm=False)
+            records.extend(_record(r) for r in out)
+    finally:
+        H.shutdown(llm)
+    return {"records": records, "seconds": time.perf_counter() - t0}
 
 
 if __name__ == "__main__":
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     sys.path.insert(0, str(Path(__file__).parent))
     cfg = sys.argv[3] if len(sys.argv) > 3 else "defaults"
-    result = run(sys.argv[1], cfg)
-    Path(sys.argv[2]).write_text(json.dumps(asdict(result)))
-    print(f"soak ({cfg}): {NUM_REQUESTS} requests in {result.seconds:.1f} s")
+    if cfg == "oracle":
+        payload = run_oracle(sys.argv[1])
+        seconds = payload["seconds"]
+    else:
+        result = run(sys.argv[1], cfg)
+        payload, seconds = asdict(result), result.seconds
+    Path(sys.argv[2]).write_text(json.dumps(payload))
+    print(f"soak ({cfg}): {NUM_REQUESTS} requests in {seconds:.1f} s")
