@@ -31,6 +31,8 @@
 #   bash scripts/gpu_work.sh s6-d         chat (offload, ours, ahead=1, VRAM ideal); system prompt and no reuse
 #   bash scripts/gpu_work.sh s6-e         the soak against a full-stream oracle; docqa compiled + VRAM ideal; GPU copy tests
 #   bash scripts/gpu_work.sh s6-f         fault, collision and burst tests eager; chat + VRAM ideal; bf16 batch-invariant
+#   bash scripts/gpu_work.sh s6-g         which ingredient of async_write_through serves different outputs (soak bisection)
+#   bash scripts/gpu_work.sh s6-h         the soak (3 configs, full-stream oracle) and the same-step write-through test, eager
 # Results and logs go to one tarball $OUT/<part>.tgz (the device tool brings back few files); each
 # step has its own time limit so one slow step cannot eat the call.
 set -uo pipefail
@@ -222,7 +224,16 @@ case "${1:-}" in
       --configs offload ours ours:layerwise_ahead=1 prefix:kv_gib=16 --out "$OUT/compare-chat.json"
     VLLM_BATCH_INVARIANT=1 TPC_TEST_DTYPE=bfloat16 run 90 gpu-tests-tail1-invariant python3 -m pytest -q \
       -p no:cacheprovider -rsx tests/vllm/test_engine.py -k "(big_kv and tail1) or one_token" ;;
-  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e|verify-f|verify-g|bisect-soak|next-a|next-b|next-c|next-d|s6-a|s6-b|s6-c|s6-d|s6-e|s6-f" >&2
+  s6-g)  # ~4 min: async loads alone, write-through alone, both without vLLM's async scheduling
+    TPC_TEST_EAGER=1 TPC_SOAK_CONFIGS=async_lazy,layerwise_write_through run 170 soak-ingredients python3 -m pytest \
+      -q -p no:cacheprovider -rsx -s tests/vllm/test_soak.py -k outputs_equal
+    TPC_TEST_EAGER=1 TPC_SOAK_CONFIGS=async_write_through TPC_TEST_ASYNC_SCHEDULING=0 run 110 soak-sync-sched \
+      python3 -m pytest -q -p no:cacheprovider -rsx -s tests/vllm/test_soak.py -k outputs_equal ;;
+  s6-h)  # ~5.5 min: session 6's write-through fix on the GPU
+    TPC_TEST_EAGER=1 run 230 gpu-tests-soak python3 -m pytest -q -p no:cacheprovider -rsx -s tests/vllm/test_soak.py
+    TPC_TEST_EAGER=1 run 150 gpu-tests-samestep python3 -m pytest -q -p no:cacheprovider -rsx tests/vllm/test_engine.py \
+      -k "samestep and (wt or layerwise)" ;;
+  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e|verify-f|verify-g|bisect-soak|next-a|next-b|next-c|next-d|s6-a|s6-b|s6-c|s6-d|s6-e|s6-f|s6-g|s6-h" >&2
      exit 2 ;;
 esac
 tar czf "$FINAL/$1.tgz" -C "$OUT" . && ls -la "$OUT"

@@ -27,7 +27,7 @@ import harness as H
 BIG_KV_BLOCKS = 1200
 SMALL_KV_BLOCKS = 80  # < 4 documents of the docqa workload: LRU evicts each before its reuse
 WORKLOADS = {"docqa": H.docqa, "chat": H.chat, "concurrent": H.concurrent, "preempt": H.preempt,
-             "tail1": H.tail1}
+             "tail1": H.tail1, "samestep": H.samestep}
 
 CONFIGS: dict[str, dict] = {
     "oracle": dict(kv_blocks=BIG_KV_BLOCKS),

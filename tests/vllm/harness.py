@@ -47,6 +47,24 @@ def docqa(num_docs: int = 6, doc_blocks: int = 24, rounds: int = 3, seed: int = 
     return Workload("docqa", batches)
 
 
+def samestep(num_docs: int = 6, doc_blocks: int = 16, seed: int = 6) -> Workload:
+    """Prefixes hit in the step that computes them. Round 1 reads each document; in round 2 each
+    call asks about a document twice, the second prompt extending the first: vLLM schedules both
+    in one step, the first loads the document from the host tier and computes its question's full
+    block, and the second gets a prefix hit on that block while it is being computed. Round 3 asks
+    again with the same question, so that block comes back from the host tier. (Write-through once
+    stored such a block before its KV was written; the host tier then served its old contents.)"""
+    rng = random.Random(seed)
+    docs = [[rng.randrange(100, 30000) for _ in range(doc_blocks * BLOCK)] for _ in range(num_docs)]
+    qs = [[rng.randrange(100, 30000) for _ in range(BLOCK + 8)] for _ in docs]
+    batches = [[d + [rng.randrange(100, 30000) for _ in range(8)]] for d in docs]
+    for d, q in zip(docs, qs):
+        batches.append([d + q, d + q + [rng.randrange(100, 30000) for _ in range(40)]])
+    for d, q in zip(docs, qs):
+        batches.append([d + q[:BLOCK] + [rng.randrange(100, 30000) for _ in range(12)]])
+    return Workload("samestep", batches)
+
+
 def tail1(num_docs: int = 5, doc_blocks: int = 16, rounds: int = 3, seed: int = 5) -> Workload:
     """Document QA whose question is one token: a host hit leaves exactly one token to compute, so
     the loading step is a uniform one-token batch, the kind vLLM runs as one full CUDA graph (on the

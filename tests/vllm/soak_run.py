@@ -40,7 +40,14 @@ BLOCK = 32
 CONFIGS: dict[str, tuple[dict, str, int]] = {
     "defaults": ({}, "0", 0),
     "async_write_through": ({"load": "async", "demote": "write_through"}, "1", 1),
+    "layerwise_write_through": ({"demote": "write_through"}, "0", 1),
+    "async_lazy": ({"load": "async"}, "1", 0),
 }
+#: The configurations test_soak.py runs (TPC_SOAK_CONFIGS=a,b overrides). layerwise_write_through is
+#: the one that showed, on the CPU too, write-through storing a block another request was still
+#: computing in the same step (scheduler.py, `_plan_write_through`).
+TEST_CONFIGS = [c for c in os.environ.get(
+    "TPC_SOAK_CONFIGS", "defaults,async_write_through,layerwise_write_through").split(",") if c]
 SETTLE_MAX = 8  # requests shorter than a block, played after the soak until no store is in flight
 
 

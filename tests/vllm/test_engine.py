@@ -27,7 +27,7 @@ def _compare(ours, ref, lp_tol: float, what: str) -> None:
 
 
 @pytest.mark.parametrize("config", TPC_CONFIGS)
-@pytest.mark.parametrize("workload", ["docqa", "chat", "tail1"])
+@pytest.mark.parametrize("workload", ["docqa", "chat", "tail1", "samestep"])
 def test_same_as_builtin_caching_with_big_kv(runs, config, workload):
     ours, ref = runs(config).outputs[workload], runs("oracle").outputs[workload]
     # Same hit boundaries: whatever the big GPU cache hit, we served from GPU or host.
@@ -39,7 +39,7 @@ def test_same_as_builtin_caching_with_big_kv(runs, config, workload):
 
 
 @pytest.mark.parametrize("config", [*TPC_CONFIGS, "smallhost"])
-@pytest.mark.parametrize("workload", ["docqa", "chat", "concurrent", "preempt", "tail1"])
+@pytest.mark.parametrize("workload", ["docqa", "chat", "concurrent", "preempt", "tail1", "samestep"])
 def test_same_tokens_as_no_caching(runs, config, workload):
     _compare(runs(config).outputs[workload], runs("nocache").outputs[workload], 1e-3,
              f"{config}/{workload} vs no caching")

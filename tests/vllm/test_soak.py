@@ -38,10 +38,11 @@ def _soak_process(config: str, model_path: Path, out: Path) -> SimpleNamespace:
     return SimpleNamespace(**json.loads(out.read_text()))
 
 
-@pytest.fixture(scope="module", params=list(S.CONFIGS))
+@pytest.fixture(scope="module", params=S.TEST_CONFIGS)
 def soak(request, model_path, tmp_path_factory) -> SimpleNamespace:
     res = _soak_process(request.param, model_path, tmp_path_factory.mktemp("soak") / f"{request.param}.json")
-    print(f"\nsoak ({request.param}): {S.NUM_REQUESTS} requests in {res.seconds:.1f} s; tier {res.tier}")
+    print(f"\nsoak ({request.param}): {S.NUM_REQUESTS} requests in {res.seconds:.1f} s; preemptions "
+          f"{res.metrics.get('vllm:num_preemptions')}; tier {res.tier}")
     return res
 
 
