@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import gc
 import json
 import os
 import random
@@ -112,6 +113,7 @@ class SoakResult:
     objects: dict[str, int] = field(default_factory=dict)
     #: the object types whose live count grew most between the two checkpoints (diagnostics)
     objects_grown: list = field(default_factory=list)
+    objects_new_sample: list = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     tier: dict[str, float] = field(default_factory=dict)
     slot_bytes: int = 0
@@ -121,6 +123,25 @@ class SoakResult:
     debug_mismatches: list = field(default_factory=list)
     distinct_blocks: int = 0
     settle_requests: int = 0
+
+
+def _describe_new(old_ids: set) -> list[str]:
+    """A few of the objects created since `old_ids` was taken, described (diagnostics: what grows)."""
+    out: collections.Counter = collections.Counter()
+    for o in gc.get_objects():
+        if id(o) in old_ids:
+            continue
+        t = type(o)
+        what = f"{t.__module__}.{t.__qualname__}"
+        name = getattr(o, "__qualname__", None) or getattr(o, "__name__", None)
+        mod = getattr(o, "__module__", None)
+        if isinstance(name, str):
+            what += f" {mod}.{name}"
+        elif isinstance(o, (list, dict)) and o:
+            first = next(iter(o))
+            what += f" of {type(first).__module__}.{type(first).__qualname__} (len {len(o)})"
+        out[what[:160]] += 1
+    return [f"{n} x {w}" for w, n in out.most_common(25)]
 
 
 def _trim_heap() -> None:
@@ -179,11 +200,13 @@ def run(model_path: str, config: str = "defaults") -> SoakResult:
                 # times.
                 if done == NUM_REQUESTS // 2:
                     types_half = H.live_object_types()
+                    ids_half = {id(o) for o in gc.get_objects()}
                 res.objects[str(done)] = H.live_objects()
                 if done == NUM_REQUESTS:
                     types = H.live_object_types()
                     types.subtract(types_half)
                     res.objects_grown = [(t, n) for t, n in types.most_common(10) if n > 0]
+                    res.objects_new_sample = _describe_new(ids_half)
                 _trim_heap()
                 res.rss[str(done)] = H.rss_bytes()
         res.seconds = time.perf_counter() - t0

@@ -122,5 +122,8 @@ def test_memory_flat_from_1000th_to_2000th_request(soak):
     print(f"\nRSS {soak.rss[half] / 2**20:.1f} -> {soak.rss[full] / 2**20:.1f} MiB ({rss_growth:+.2%}); "
           f"live objects {soak.objects[half]} -> {soak.objects[full]} ({obj_growth:+.3%}); "
           f"grew most: {soak.objects_grown[:5]}")
+    if obj_growth >= 0.01:  # in full here: pytest shortens the assertion message below
+        print("new since the 1,000th request:\n  " + "\n  ".join(soak.objects_new_sample))
     assert rss_growth < 0.05, (soak.rss, rss_growth)
-    assert obj_growth < 0.01, (soak.objects, obj_growth, "grew most:", soak.objects_grown)
+    assert obj_growth < 0.01, (soak.objects, obj_growth, "grew most:", soak.objects_grown,
+                               "new since the 1,000th:", soak.objects_new_sample)
