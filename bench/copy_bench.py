@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
             engines[name] = CopyEngine(layers, pool, backend=name)
         except ValueError as e:
             print(f"[{name}] unavailable: {e}", flush=True)
+    if not engines:
+        print(f"none of the backends {args.backends} is available on {dev}", file=sys.stderr)
+        return 1
 
     def measure(eng: CopyEngine, name: str, n: int, label: str | None = None) -> None:
         blocks = rng.permutation(len(layers[0]))[:n]

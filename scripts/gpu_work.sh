@@ -33,6 +33,8 @@
 #   bash scripts/gpu_work.sh s6-f         fault, collision and burst tests eager; chat + VRAM ideal; bf16 batch-invariant
 #   bash scripts/gpu_work.sh s6-g         which ingredient of async_write_through serves different outputs (soak bisection)
 #   bash scripts/gpu_work.sh s6-h         the soak (3 configs, full-stream oracle) and the same-step write-through test, eager
+#   bash scripts/gpu_work.sh s7-a         soak object census; where staged submission's host time goes (cProfile); reliability; docqa + VRAM ideal
+#   bash scripts/gpu_work.sh s7-b         chat against built-in prefix caching; system prompt and no reuse with staged DMA
 # Results and logs go to one tarball $OUT/<part>.tgz (the device tool brings back few files); each
 # step has its own time limit so one slow step cannot eat the call.
 set -uo pipefail
@@ -233,7 +235,23 @@ case "${1:-}" in
     TPC_TEST_EAGER=1 run 230 gpu-tests-soak python3 -m pytest -q -p no:cacheprovider -rsx -s tests/vllm/test_soak.py
     TPC_TEST_EAGER=1 run 150 gpu-tests-samestep python3 -m pytest -q -p no:cacheprovider -rsx tests/vllm/test_engine.py \
       -k "samestep and (wt or layerwise)" ;;
-  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e|verify-f|verify-g|bisect-soak|next-a|next-b|next-c|next-d|s6-a|s6-b|s6-c|s6-d|s6-e|s6-f|s6-g|s6-h" >&2
+  s7-a)  # ~9 min
+    TPC_TEST_EAGER=1 TPC_SOAK_CONFIGS=defaults run 100 gpu-tests-soak-census python3 -m pytest -q -p no:cacheprovider \
+      -rsx -s tests/vllm/test_soak.py -k memory
+    run 90 copy-profile python3 -c "import cProfile, pstats, sys; sys.argv = ['copy_bench', '--backends', 'staged', \
+'--batches', '512', '--iters', '20', '--pool-create-gib', '0', '--out', '$OUT/copy-profile.json']; \
+import bench.copy_bench as B; cProfile.run('B.main()', '$OUT/copy.prof'); \
+pstats.Stats('$OUT/copy.prof').sort_stats('tottime').print_stats(30)"
+    TPC_TEST_EAGER=1 run 260 gpu-tests-reliability python3 -m pytest -q -p no:cacheprovider -rsx \
+      tests/vllm/test_faults.py tests/vllm/test_collisions.py tests/vllm/test_burst.py
+    run 230 compare-docqa python3 -m bench.compare --workload docqa --configs offload ours prefix:kv_gib=16 \
+      --out "$OUT/compare-docqa.json" ;;
+  s7-b)  # ~9 min
+    run 300 compare-chat python3 -m bench.compare --workload chat --configs offload prefix ours \
+      --out "$OUT/compare-chat.json"
+    run 250 compare-sysprompt-noreuse python3 -m bench.compare --workload sysprompt noreuse --configs prefix ours \
+      --out "$OUT/compare-sysprompt-noreuse.json" ;;
+  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e|verify-f|verify-g|bisect-soak|next-a|next-b|next-c|next-d|s6-a|s6-b|s6-c|s6-d|s6-e|s6-f|s6-g|s6-h|s7-a|s7-b" >&2
      exit 2 ;;
 esac
 tar czf "$FINAL/$1.tgz" -C "$OUT" . && ls -la "$OUT"
