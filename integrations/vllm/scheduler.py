@@ -71,10 +71,10 @@ class _ReqState:
     plan_start: int = 0
     plan_n: int = 0
     # write_through: the request's GPU block ids, how many leading full blocks were handled, and
-    # how many counted as computed when the previous step was planned (written by now).
+    # whether it was (re)admitted in the step being planned (its hits may not be written yet).
     block_ids: list[int] = field(default_factory=list)
     wt_done: int = 0
-    wt_written: int = 0
+    admitted_now: bool = False
     counted: bool = False
     fresh: bool = False  # a lookup happened that update_state_after_alloc has not accounted yet
     request: Any = None
@@ -376,9 +376,9 @@ class SchedulerSide:
     # ---- write-through ---------------------------------------------------------------------------
     def _track_blocks(self, so: Any) -> None:
         """Keep each running request's GPU block ids, as the worker's block table does."""
-        for nr in so.scheduled_new_reqs:  # (re)admitted: nothing of these blocks is written yet
+        for nr in so.scheduled_new_reqs:
             st = self.reqs.setdefault(nr.req_id, _ReqState())
-            st.block_ids, st.wt_written = list(nr.block_ids[0]), 0
+            st.block_ids, st.admitted_now = list(nr.block_ids[0]), True
         cached = so.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             st = self.reqs.get(req_id)
@@ -386,29 +386,32 @@ class SchedulerSide:
                 continue
             new = cached.new_block_ids[i]
             if compat.is_resumed(cached, i, req_id):
-                st.block_ids, st.wt_written = (list(new[0]) if new is not None else []), 0
+                st.block_ids, st.admitted_now = (list(new[0]) if new is not None else []), True
             elif new is not None:
                 st.block_ids.extend(new[0])
 
     def _plan_write_through(self, so: Any) -> None:
         """Store the full blocks whose KV earlier steps wrote (this step's copy runs after them).
 
-        A request's computed tokens, as this step is planned, may include blocks whose KV this very
-        step writes: vLLM hands a request a prefix hit on blocks another request it schedules in the
-        same step is computing (their attention reads them after the write, within the forward),
-        and this step's copies run before its forward. So a block is stored only once it counted as
-        computed when the previous step was planned (`wt_written`). Found by the soak's full-stream
-        oracle: a chat turn stored a block the previous turn, scheduled beside it, was still
-        computing, and later hits on that key served the block's old contents."""
+        A request (re)admitted in this step counts its prefix hits as computed, and vLLM may hand
+        it a hit on blocks another request it schedules in the same step is computing (their
+        attention reads them after the write, within the forward), while this step's copies run
+        before its forward. So nothing of a request is stored in the step that admits it; from the
+        next step on, whatever it counts as computed was written by a forward queued before that
+        step's copies (with vLLM 0.26's asynchronous scheduling too: same stream). Found by the
+        soak's full-stream oracle: a chat turn stored a block the previous turn, admitted beside
+        it, was still computing, and later hits on that key served the block's old contents."""
         if self.pool is None:
             return
         for st in self.reqs.values():
             req = st.request
             if req is None:
                 continue
-            n_now = min(req.num_computed_tokens // self.block_size, len(st.block_ids))
-            self._store_range(req, st, st.block_ids, min(n_now, st.wt_written))
-            st.wt_written = n_now
+            if st.admitted_now:
+                st.admitted_now = False
+                continue
+            n_full = min(req.num_computed_tokens // self.block_size, len(st.block_ids))
+            self._store_range(req, st, st.block_ids, n_full)
 
     def _store_range(self, request: Request, st: _ReqState, block_ids: list[int], n_full: int) -> None:
         if n_full <= st.wt_done:
