@@ -278,7 +278,8 @@ class _CallEngine:
 
 def test_a_steps_jobs_share_one_copy_per_direction_and_kind():
     """Every store of a step goes in one demote and its layer-wise loads in one promote (async loads
-    stay one copy each); each job is still reported on its own and bytes are counted once."""
+    stay one copy each), loads submitted before stores (the forward waits for loads only); each job
+    is still reported on its own and bytes are counted once."""
     from triton_prefix_cache_vllm.metadata import LoadJob, StoreJob, TPCMetadata
     from triton_prefix_cache_vllm.worker import WorkerSide
 
@@ -294,10 +295,10 @@ def test_a_steps_jobs_share_one_copy_per_direction_and_kind():
     )
     w.start_load_kv(meta)
     assert eng.calls == [
-        ("demote", [20, 21, 22], [30, 31, 32]),
         ("promote", True, [10, 11, 13], [0, 1, 3]),
         ("promote", False, [12], [2]),
         ("promote", False, [14, 15], [4, 5]),
+        ("demote", [20, 21, 22], [30, 31, 32]),
     ]
     w.wait_for_layer_load("l0")
     _, recving = w.get_finished(set())
