@@ -42,6 +42,7 @@ from .copiers import (
     STAGING_BYTES,
     _Copier,
     _DmaCopier,
+    _on,
     _StagedCopier,
     _TorchCopier,
     _TritonCopier,
@@ -259,19 +260,8 @@ class _GroupPump:
             self._finish()
 
     def _submit(self, g: int) -> None:
-        eng, h = self.engine, self.h
-        begin, count = self.groups[g]
-        blocks, slots, blocks_t, slots_t = self.args
-        if self.stream is None:  # CPU: synchronous
-            eng._run_with_fallback(h.direction, blocks, slots, blocks_t, slots_t, False, begin, count)
-            ev = None
-        else:
-            with torch.cuda.stream(self.stream):
-                eng._run_with_fallback(h.direction, blocks, slots, blocks_t, slots_t, False, begin, count)
-                ev = torch.cuda.Event(enable_timing=g == len(self.groups) - 1)
-                ev.record(self.stream)
-        for _ in range(count):  # every layer of the group lands with the group
-            h._publish(ev)
+        with _on(self.stream):
+            self.engine._enqueue_group(self.h, self.stream, *self.args, *self.groups[g])
 
     def _finish(self) -> None:
         h = self.h
@@ -554,14 +544,7 @@ class CopyEngine:
                     h._layer_events = []
                 groups = self._copiers[self.backend[direction]].layer_groups(self.num_layers)
                 for begin, count in groups:
-                    if len(blocks):
-                        self._run_with_fallback(
-                            direction, blocks, slots, blocks_t, slots_t, to_host, begin, count
-                        )
-                    ev = torch.cuda.Event(enable_timing=begin + count == self.num_layers)
-                    ev.record(stream)
-                    for _ in range(count):  # every layer of the group lands with the group
-                        h._publish(ev)
+                    self._enqueue_group(h, stream, blocks, slots, blocks_t, slots_t, begin, count)
                 done = h._layer_events[-1]
             else:
                 self._run_with_fallback(
@@ -572,6 +555,23 @@ class CopyEngine:
         h.backend = self.backend[direction]  # the one that ran (a failed backend fell back to torch)
         h.submit_seconds = time.perf_counter() - t0
         h._event = done  # last: a polling thread sees a complete handle
+
+    def _enqueue_group(
+        self, h: CopyHandle, stream, blocks, slots, blocks_t, slots_t, begin: int, count: int
+    ) -> None:
+        """Layers [begin, begin + count) of a layer-wise copy on the current stream (`stream`; None:
+        the CPU, synchronous), its event published for every layer of the group (they land
+        together); the last group's event is timed."""
+        if len(blocks):
+            self._run_with_fallback(
+                h.direction, blocks, slots, blocks_t, slots_t, h.direction == "demote", begin, count
+            )
+        ev = None
+        if stream is not None:
+            ev = torch.cuda.Event(enable_timing=begin + count == self.num_layers)
+            ev.record(stream)
+        for _ in range(count):
+            h._publish(ev)
 
     def _run_with_fallback(
         self, direction, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count
@@ -707,7 +707,7 @@ def _measure(
     blocks = rng.permutation(nb).astype(np.int64)
     slots = rng.permutation(nb).astype(np.int64)
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+    with _on(stream):
         blocks_t = torch.from_numpy(blocks).to(device)
         slots_t = torch.from_numpy(slots).to(device)
         for name, c in copiers.items():

@@ -70,11 +70,9 @@ class _ReqState:
     # of the leading run found in the host tier.
     plan_start: int = 0
     plan_n: int = 0
-    # write_through: the request's GPU block ids, how many leading full blocks were handled, and
-    # whether it was (re)admitted in the step being planned (its hits may not be written yet).
+    # write_through: the request's GPU block ids, and how many leading full blocks were handled.
     block_ids: list[int] = field(default_factory=list)
     wt_done: int = 0
-    admitted_now: bool = False
     counted: bool = False
     fresh: bool = False  # a lookup happened that update_state_after_alloc has not accounted yet
     request: Any = None
@@ -238,8 +236,7 @@ class SchedulerSide:
         if self.cfg.demote == "lazy":
             self._plan_lazy()
         else:
-            self._track_blocks(scheduler_output)
-            self._plan_write_through(scheduler_output)
+            self._plan_write_through(self._track_blocks(scheduler_output))
         for st_ in self.pending_stores:
             job = next(self._job_ids)
             self.inflight_stores[job] = st_
@@ -374,11 +371,14 @@ class SchedulerSide:
         compat.release_blocks(self.pool, st_.blocks, back_to_head)
 
     # ---- write-through ---------------------------------------------------------------------------
-    def _track_blocks(self, so: Any) -> None:
-        """Keep each running request's GPU block ids, as the worker's block table does."""
+    def _track_blocks(self, so: Any) -> set[str]:
+        """Keep each running request's GPU block ids, as the worker's block table does; returns the
+        requests this step (re)admits."""
+        admitted = set()
         for nr in so.scheduled_new_reqs:
             st = self.reqs.setdefault(nr.req_id, _ReqState())
-            st.block_ids, st.admitted_now = list(nr.block_ids[0]), True
+            st.block_ids = list(nr.block_ids[0])
+            admitted.add(nr.req_id)
         cached = so.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             st = self.reqs.get(req_id)
@@ -386,11 +386,13 @@ class SchedulerSide:
                 continue
             new = cached.new_block_ids[i]
             if compat.is_resumed(cached, i, req_id):
-                st.block_ids, st.admitted_now = (list(new[0]) if new is not None else []), True
+                st.block_ids = list(new[0]) if new is not None else []
+                admitted.add(req_id)
             elif new is not None:
                 st.block_ids.extend(new[0])
+        return admitted
 
-    def _plan_write_through(self, so: Any) -> None:
+    def _plan_write_through(self, admitted: set[str]) -> None:
         """Store the full blocks whose KV earlier steps wrote (this step's copy runs after them).
 
         A request (re)admitted in this step counts its prefix hits as computed, and vLLM may hand
@@ -403,12 +405,9 @@ class SchedulerSide:
         it, was still computing, and later hits on that key served the block's old contents."""
         if self.pool is None:
             return
-        for st in self.reqs.values():
+        for req_id, st in self.reqs.items():
             req = st.request
-            if req is None:
-                continue
-            if st.admitted_now:
-                st.admitted_now = False
+            if req is None or req_id in admitted:
                 continue
             n_full = min(req.num_computed_tokens // self.block_size, len(st.block_ids))
             self._store_range(req, st, st.block_ids, n_full)
