@@ -28,6 +28,7 @@ import torch
 
 from bench.common import environment, print_table, write_result
 from bench.models import get_model
+from triton_prefix_cache import copiers
 from triton_prefix_cache.copy_engine import CopyEngine
 from triton_prefix_cache.host_pool import HostPool, HostPoolConfig
 
@@ -138,6 +139,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backends", nargs="+", default=["staged", "dma", "triton", "torch"])
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--pool-create-gib", type=float, default=64.0, help="0 skips the pool-creation timing")
+    ap.add_argument(
+        "--slot-order",
+        choices=["random", "runs"],
+        default="random",
+        help="host slots of a batch: a random permutation, or consecutive slots in reverse (a "
+        "document demoted tail first, as vLLM's free queue evicts it)",
+    )
+    ap.add_argument("--staging-mib", type=int, default=None, help="staged backend's buffer per direction")
+    ap.add_argument(
+        "--min-2d-rows",
+        type=int,
+        default=None,
+        help="staged backend: rows of a slot run from which a layer group is one strided copy (0: never)",
+    )
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/copy-<device>-<date>.json)")
     ap.add_argument(
         "--device",
@@ -145,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         help="cpu only smoke-tests this script (tiny sizes, torch backend)",
     )
     args = ap.parse_args(argv)
+    if args.min_2d_rows is not None:
+        copiers.MIN_2D_ROWS = args.min_2d_rows
+    staging = {} if args.staging_mib is None else {"staging_bytes": args.staging_mib << 20}
     env = environment()
     env.update(extra_versions())
     print(
@@ -167,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         "block_bytes": slot,
         "gpu_blocks": nmax + 64,
         "host_slots": nmax + 64,
+        "slot_order": args.slot_order,
+        "staging_mib": (args.staging_mib if args.staging_mib is not None else copiers.STAGING_BYTES >> 20),
+        "min_2d_rows": copiers.MIN_2D_ROWS,
     }
     print(f"# geometry: {geometry}", flush=True)
 
@@ -198,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     engines: dict[str, CopyEngine] = {}
     for name in args.backends:
         try:
-            engines[name] = CopyEngine(layers, pool, backend=name)
+            engines[name] = CopyEngine(layers, pool, backend=name, **staging)
         except ValueError as e:
             print(f"[{name}] unavailable: {e}", flush=True)
     if not engines:
@@ -207,7 +228,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def measure(eng: CopyEngine, name: str, n: int, label: str | None = None) -> None:
         blocks = rng.permutation(len(layers[0]))[:n]
-        slots = rng.permutation(pool.num_slots)[:n]
+        if args.slot_order == "runs":
+            first = int(rng.integers(0, pool.num_slots - n + 1))
+            slots = np.arange(first + n - 1, first - 1, -1)
+        else:
+            slots = rng.permutation(pool.num_slots)[:n]
         for direction, layerwise in (("demote", False), ("promote", False), ("promote", True)):
             submits: list[float] = []
             fn = copy_fn(eng, direction, blocks, slots, layerwise, submits)

@@ -33,8 +33,10 @@
 #   bash scripts/gpu_work.sh s6-f         fault, collision and burst tests eager; chat + VRAM ideal; bf16 batch-invariant
 #   bash scripts/gpu_work.sh s6-g         which ingredient of async_write_through serves different outputs (soak bisection)
 #   bash scripts/gpu_work.sh s6-h         the soak (3 configs, full-stream oracle) and the same-step write-through test, eager
-#   bash scripts/gpu_work.sh s7-a         soak object census; where staged submission's host time goes (cProfile); reliability; docqa + VRAM ideal
-#   bash scripts/gpu_work.sh s7-b         chat against built-in prefix caching; system prompt and no reuse with staged DMA
+#   bash scripts/gpu_work.sh s7-a         GPU copy tests, staged copy A/B (staging size, strided copies), engine tests compiled
+#   bash scripts/gpu_work.sh s7-b         document QA compiled and eager with the VRAM ideal
+#   bash scripts/gpu_work.sh s7-c         chat (offload, prefix, ours); system prompt and no reuse
+#   bash scripts/gpu_work.sh s7-d         reliability eager, soak object census, Qwen3-8B document QA
 # Results and logs go to one tarball $OUT/<part>.tgz (the device tool brings back few files); each
 # step has its own time limit so one slow step cannot eat the call.
 set -uo pipefail
@@ -235,23 +237,32 @@ case "${1:-}" in
     TPC_TEST_EAGER=1 run 230 gpu-tests-soak python3 -m pytest -q -p no:cacheprovider -rsx -s tests/vllm/test_soak.py
     TPC_TEST_EAGER=1 run 150 gpu-tests-samestep python3 -m pytest -q -p no:cacheprovider -rsx tests/vllm/test_engine.py \
       -k "samestep and (wt or layerwise)" ;;
-  s7-a)  # ~9 min
-    TPC_TEST_EAGER=1 TPC_SOAK_CONFIGS=defaults run 100 gpu-tests-soak-census python3 -m pytest -q -p no:cacheprovider \
-      -rsx -s tests/vllm/test_soak.py -k memory
-    run 90 copy-profile python3 -c "import cProfile, pstats, sys; sys.argv = ['copy_bench', '--backends', 'staged', \
-'--batches', '512', '--iters', '20', '--pool-create-gib', '0', '--out', '$OUT/copy-profile.json']; \
-import bench.copy_bench as B; cProfile.run('B.main()', '$OUT/copy.prof'); \
-pstats.Stats('$OUT/copy.prof').sort_stats('tottime').print_stats(30)"
-    TPC_TEST_EAGER=1 run 260 gpu-tests-reliability python3 -m pytest -q -p no:cacheprovider -rsx \
-      tests/vllm/test_faults.py tests/vllm/test_collisions.py tests/vllm/test_burst.py
-    run 230 compare-docqa python3 -m bench.compare --workload docqa --configs offload ours prefix:kv_gib=16 \
-      --out "$OUT/compare-docqa.json" ;;
-  s7-b)  # ~9 min
+  s7-a)  # ~8.5 min: staged loads in fewer, larger steps (256 MiB staging, strided copies): copy tests, A/B, engine
+    run 130 gpu-tests-copy-gpu python3 -m pytest -q -p no:cacheprovider -rsx tests/test_copy.py -k gpu
+    for v in 64:0 256:0 256:4; do  # staging MiB : rows from which a slot run is one strided copy
+      run 90 "copy-staging-${v%:*}-2d${v#*:}" python3 -m bench.copy_bench --backends staged --batches 512 4096 \
+        --iters 10 --pool-create-gib 0 --slot-order runs --staging-mib "${v%:*}" --min-2d-rows "${v#*:}" \
+        --out "$OUT/copy-staging-${v%:*}-2d${v#*:}.json"
+    done
+    run 230 gpu-tests-engine python3 -m pytest -q -p no:cacheprovider -rsx --durations=8 tests/vllm/test_engine.py ;;
+  s7-b)  # ~9.5 min: document QA compiled and eager, with the VRAM ideal
+    run 300 compare-docqa python3 -m bench.compare --workload docqa --configs offload ours prefix:kv_gib=16 \
+      --out "$OUT/compare-docqa.json"
+    run 270 compare-docqa-eager python3 -m bench.compare --workload docqa --eager \
+      --configs offload ours prefix:kv_gib=16 --out "$OUT/compare-docqa-eager.json" ;;
+  s7-c)  # ~9.5 min: chat against built-in offloading and prefix caching; system prompt and no reuse
     run 300 compare-chat python3 -m bench.compare --workload chat --configs offload prefix ours \
       --out "$OUT/compare-chat.json"
-    run 250 compare-sysprompt-noreuse python3 -m bench.compare --workload sysprompt noreuse --configs prefix ours \
+    run 260 compare-sysprompt-noreuse python3 -m bench.compare --workload sysprompt noreuse --configs prefix ours \
       --out "$OUT/compare-sysprompt-noreuse.json" ;;
-  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e|verify-f|verify-g|bisect-soak|next-a|next-b|next-c|next-d|s6-a|s6-b|s6-c|s6-d|s6-e|s6-f|s6-g|s6-h|s7-a|s7-b" >&2
+  s7-d)  # ~9.5 min: reliability eager, the soak's object census, Qwen3-8B document QA
+    TPC_TEST_EAGER=1 run 250 gpu-tests-reliability python3 -m pytest -q -p no:cacheprovider -rsx \
+      tests/vllm/test_faults.py tests/vllm/test_collisions.py tests/vllm/test_burst.py
+    TPC_TEST_EAGER=1 TPC_SOAK_CONFIGS=defaults run 100 gpu-tests-soak-census python3 -m pytest -q -p no:cacheprovider \
+      -rsx -s tests/vllm/test_soak.py -k memory
+    run 200 compare-docqa-qwen3 python3 -m bench.compare --workload docqa --model qwen3-8b --configs offload ours \
+      --out "$OUT/compare-docqa-qwen3.json" ;;
+  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e|verify-f|verify-g|bisect-soak|next-a|next-b|next-c|next-d|s6-a|s6-b|s6-c|s6-d|s6-e|s6-f|s6-g|s6-h|s7-a|s7-b|s7-c|s7-d" >&2
      exit 2 ;;
 esac
 tar czf "$FINAL/$1.tgz" -C "$OUT" . && ls -la "$OUT"

@@ -15,13 +15,16 @@ def test_defaults():
         "auto",
     )
     assert cfg.host_cache_bytes == 16 << 30
+    assert (cfg.layerwise_ahead, cfg.staging_mib) == (None, 256)
 
 
 def test_all_keys_set():
     raw = {"host_cache_gib": 0.5, "demote": "write_through", "load": "layerwise", "index_backend": "torch",
-           "eviction": "lru"}
+           "eviction": "lru", "copy_backend": "staged", "layerwise_ahead": 2, "staging_mib": 64}
     cfg = PrefixCacheConfig.from_dict(raw)
+    assert sorted(raw) == sorted(PrefixCacheConfig.keys())  # every key is exercised here
     assert cfg.host_cache_bytes == 1 << 29
+    assert (cfg.copy_backend, cfg.layerwise_ahead, cfg.staging_mib) == ("staged", 2, 64)
     assert (cfg.demote, cfg.load, cfg.index_backend) == ("write_through", "layerwise", "torch")
 
 
@@ -53,6 +56,9 @@ def test_frozen():
         ({"host_cache_gib": 1, "layerwise_ahead": -1}, ["layerwise_ahead", "null", "-1"]),
         ({"host_cache_gib": 1, "layerwise_ahead": "1"}, ["layerwise_ahead", "'1'"]),
         ({"host_cache_gib": 1, "layerwise_ahead": True}, ["layerwise_ahead"]),
+        ({"host_cache_gib": 1, "staging_mib": 4}, ["staging_mib", "8 to 16384", "4"]),
+        ({"host_cache_gib": 1, "staging_mib": 64.0}, ["staging_mib", "64.0"]),
+        ({"host_cache_gib": 1, "staging_mib": False}, ["staging_mib"]),
         ({"host_cache_gib": 1, "demote": None}, ["demote", "lazy"]),
         ({"host_cache_gib": 1, "cpu_bytes_to_use": 5},
          ["cpu_bytes_to_use", "host_cache_gib", "allowed keys"]),

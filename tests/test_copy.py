@@ -408,12 +408,19 @@ class _MemmoveBatch:
 
     def __init__(self) -> None:
         self.calls: list[int] = []  # descriptors per call
+        self.calls2d: list[int] = []  # rows per strided copy
 
     def __call__(self, dsts, srcs, sizes, stream) -> None:
         assert dsts.dtype == srcs.dtype == sizes.dtype == np.uint64 and len(dsts) == len(srcs) == len(sizes)
         self.calls.append(len(dsts))
         for d, s, z in zip(dsts.tolist(), srcs.tolist(), sizes.tolist()):
             ctypes.memmove(d, s, z)
+
+    def copy2d(self, dst, dst_pitch, src, src_pitch, width, height, stream) -> None:
+        assert width <= min(dst_pitch, src_pitch) and height > 0
+        self.calls2d.append(height)
+        for i in range(height):
+            ctypes.memmove(dst + i * dst_pitch, src + i * src_pitch, width)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="CPU stand-in for the DMA; the GPU runs the staged round trips")
@@ -465,6 +472,51 @@ def test_staged_copier_matches_reference_in_chunks_and_layer_groups(layout, stag
             assert batch.calls == [2]  # slots 20-23 | 24-31 (a registration starts at slot 24)
         dev, host = np_layers(views), pool.slots.numpy()
         assert all(np.array_equal(dev[layer][:12], host[20:32, layer]) for layer in range(layers))
+    finally:
+        del copier
+        pool.close()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU stand-in for the DMA; the GPU runs the staged round trips")
+@pytest.mark.parametrize("to_host", [False, True])
+def test_staged_layer_groups_copy_slot_runs_as_strided_copies(to_host):
+    """A layer group's rows of consecutive slots go as one strided copy per run (from MIN_2D_ROWS
+    rows on, never over a pinned-registration boundary), the other rows as batch descriptors; the
+    bytes equal the reference either way."""
+    layers, nb, nslots = 8, 40, 48
+    views = byte_views(make_kv(nb, layers, (4, 8), torch.float16, "separate", "cpu", seed=5))
+    page = views[0].shape[1]
+    pool = make_pool(nslots, layers, page, "cpu")
+    pool.slots.copy_(torch.randint(0, 256, tuple(pool.slots.shape), dtype=torch.uint8))
+    batch = _MemmoveBatch()
+    # registrations of 8 slots: a run over slot 24 splits there
+    layout = layout_of(views, pool.address, nslots, host_chunk_bytes=8 * layers * page)
+    copier = _StagedCopier(layout, views, batch, 2 * 64 * layers * page)  # one chunk per group
+    # runs: 18-23 (6 rows) | 24-29 (6) | 33, 34 (2: descriptors) | 40 | 42-46 (5)
+    slots = np.array([18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 33, 34, 40, 42, 43, 44, 45, 46])
+    blocks = np.random.default_rng(1).permutation(nb)[: len(slots)]
+    try:
+        for begin, count in copier.layer_groups(layers):
+            dev, host = np_layers(views), pool.slots.numpy().copy()
+            for layer in range(begin, begin + count):
+                if to_host:
+                    host[slots, layer] = dev[layer][blocks]
+                else:
+                    dev[layer][blocks] = host[slots, layer]
+            batch.calls.clear()
+            batch.calls2d.clear()
+            bt, st = torch.from_numpy(blocks), torch.from_numpy(slots)
+            copier.run(blocks, slots, bt, st, to_host, begin, count)
+            assert batch.calls2d == [6, 6, 5] and batch.calls == [3]
+            what = f"{'demote' if to_host else 'promote'} layers [{begin}, {begin + count})"
+            assert_bytes_equal(pool.slots.numpy(), host, what)
+            for layer in range(layers):
+                assert_bytes_equal(views[layer].numpy(), dev[layer], f"{what}, layer {layer}")
+        # a whole-slot copy keeps merging consecutive slots into 1-D descriptors
+        batch.calls.clear()
+        batch.calls2d.clear()
+        copier.run(blocks, slots, torch.from_numpy(blocks), torch.from_numpy(slots), to_host, 0, layers)
+        assert batch.calls2d == [] and batch.calls == [5]  # 18-23 | 24-29 | 33-34 | 40 | 42-46
     finally:
         del copier
         pool.close()
@@ -768,14 +820,26 @@ def test_gpu_dma_layerwise_loads_submitted_by_a_thread(kernel_device, monkeypatc
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["dma", "staged"])
 def test_gpu_runs_of_consecutive_slots_never_span_two_pinned_chunks(kernel_device, backend):
-    """Consecutive slots merge into long DMA runs, but not over a boundary between two pinned
-    registrations (the driver refuses such a copy); every byte lands, no fallback to torch."""
+    """Consecutive slots merge into long DMA runs (the staged layer-wise load: strided copies), but
+    not over a boundary between two pinned registrations (the driver refuses such a copy); slots in
+    reverse order (a document demoted tail first) too; every byte lands, no fallback to torch."""
     layers, nb = 4, 64
     kv = make_kv(nb, layers, (16, 8, 64), torch.bfloat16, "interleaved", kernel_device, seed=7)
     views = byte_views(kv)
     pool = make_pool(nb, layers, views[0].shape[1], kernel_device)  # 1 MiB registrations: 16 slots
-    assert pool.slots_per_chunk < nb
+    per = pool.slots_per_chunk
+    assert per < nb
     eng = CopyEngine(views, pool, backend=backend)
+    strided: list[int] = []
+    if backend == "staged":
+        batch = eng._copiers["staged"].batch
+        real = batch.copy2d
+
+        def counted(*args):
+            strided.append(args[5])  # rows
+            real(*args)
+
+        batch.copy2d = counted
     try:
         src = np_layers(views)
         eng.demote(np.arange(nb), np.arange(nb)).wait()
@@ -783,12 +847,58 @@ def test_gpu_runs_of_consecutive_slots_never_span_two_pinned_chunks(kernel_devic
         for layer in range(layers):
             assert_bytes_equal(host[:, layer], src[layer], f"demote layer {layer}")
         for layerwise in (False, True):
-            for v in views:
-                v.zero_()
-            eng.promote(np.arange(nb), np.arange(nb), layerwise=layerwise).wait()
-            for layer in range(layers):
-                assert_bytes_equal(views[layer].cpu().numpy(), host[:, layer], f"promote layer {layer}")
+            for order in (1, -1):
+                for v in views:
+                    v.zero_()
+                strided.clear()
+                ids = np.arange(nb)[::order]
+                eng.promote(ids, ids, layerwise=layerwise).wait()
+                for layer in range(layers):
+                    assert_bytes_equal(views[layer].cpu().numpy(), host[:, layer], f"promote layer {layer}")
+                if backend == "staged":  # one strided copy per registration and layer group
+                    want = [per] * (nb // per) * len(eng._copiers["staged"].layer_groups(layers))
+                    assert strided == (want if layerwise else []), strided
         assert eng.stats.backend_fallbacks == 0, eng.unavailable
+    finally:
+        eng.close()
+        pool.close()
+
+
+def compiled_variants(jit_fn) -> int | None:
+    """How many variants of a Triton kernel this process has compiled (None: this Triton keeps its
+    cache elsewhere)."""
+    try:
+        return sum(len(cache[0]) for cache in jit_fn.device_caches.values())
+    except (AttributeError, TypeError, IndexError, KeyError):
+        return None
+
+
+@pytest.mark.gpu
+def test_gpu_copies_compile_nothing_after_warm_up(kernel_device):
+    """Batches of any size, and staged chunks that start at odd rows (index slices 8 bytes off a
+    16-byte boundary), reuse the kernels compiled by `warm_up`: a compile inside an engine step
+    stalled a load for 104 ms (session 7, the first Qwen3-8B load: a group's second chunk)."""
+    from triton_prefix_cache.kernels.copy import _page_copy_kernel
+
+    layers, nb = 6, 120
+    views = byte_views(make_kv(nb, layers, (16, 2, 64), torch.bfloat16, "separate", kernel_device, seed=2))
+    page = views[0].shape[1]
+    pool = make_pool(nb, layers, page, kernel_device)
+    # halves of 7 whole slots: chunks start at rows 7, 14, ... (and more rows for a layer group)
+    eng = CopyEngine(views, pool, backend="staged", staging_bytes=2 * 7 * layers * page)
+    try:
+        eng.warm_up()
+        before = compiled_variants(_page_copy_kernel)
+        if before is None:
+            pytest.skip("this Triton keeps its kernel cache elsewhere")
+        rng = np.random.default_rng(4)
+        for n in (1, 2, 7, 9, 15, 16, 17, 33, 100):
+            blocks, slots = rng.permutation(nb)[:n], rng.permutation(pool.num_slots)[:n]
+            eng.demote(blocks, slots).wait()
+            eng.promote(slots, blocks).wait()
+            eng.promote(slots, blocks, layerwise=True).wait()
+        assert eng.stats.backend_fallbacks == 0, eng.unavailable
+        assert compiled_variants(_page_copy_kernel) == before
     finally:
         eng.close()
         pool.close()

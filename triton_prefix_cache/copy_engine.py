@@ -4,8 +4,9 @@ The engine's KV cache arrives as per-layer byte views `[num_blocks, page_bytes]`
 makes them from KV tensors of any dtype); the host tier is a HostPool `[num_slots, L, page_bytes]`.
 Four backends (copiers.py) move the pages, every one batched (never a Python loop per page):
 - "dma": cuMemcpyBatchAsync, one descriptor per page (contiguous runs merged), no SMs used;
-- "staged": one DMA descriptor per slot (a slot's pages are one host run) into or out of a device
-  staging buffer, and the Triton kernel between that buffer and the layers at HBM speed;
+- "staged": one DMA per run of consecutive slots (a slot's pages are one host run; a layer group's
+  runs are one strided copy) into or out of a device staging buffer, and the Triton kernel between
+  that buffer and the layers at HBM speed;
 - "triton": PageCopyKernel reading/writing the pinned pool through its device address;
 - "torch": one index_select + index_copy_ per layer, over a device view of the pool (or, where the
   pool has no device address, staged through pageable CPU memory; slow but always correct).
@@ -280,6 +281,7 @@ class CopyEngine:
         TRITON_INTERPRET=1 for tests).
     wait_for_current_stream: order each copy after the work already queued on the caller's stream
         (the forward that wrote the KV, earlier users of reused blocks).
+    staging_bytes: device memory of the "staged" backend's buffer, per direction.
     """
 
     def __init__(
@@ -293,6 +295,7 @@ class CopyEngine:
         triton_max_programs: int | None = None,
         calibrate_blocks: int = 64,
         layerwise_ahead: int | None = None,
+        staging_bytes: int = STAGING_BYTES,
     ) -> None:
         layers = list(layers)
         check_layer_views(layers)
@@ -327,6 +330,10 @@ class CopyEngine:
         #: caller's thread, the groups up to k past l's group (`_GroupPump`), so a forward that
         #: waits per layer starts after one group's submission instead of all of them
         self.layerwise_ahead = layerwise_ahead
+        if staging_bytes <= 0:
+            raise ValueError(f"staging_bytes: expected a positive int, got {staging_bytes!r}")
+        #: device staging memory of the "staged" backend, per direction
+        self.staging_bytes = int(staging_bytes)
         self.stats = CopyStats()
         self._triton_opts = (triton_chunk_bytes, triton_max_programs)
         self.calibration: dict[str, dict[str, float]] = {}
@@ -393,7 +400,7 @@ class CopyEngine:
             missing["dma"] = missing["staged"] = f"{e}"
         else:
             try:
-                copiers["staged"] = _StagedCopier(host_layout, layers, batch, STAGING_BYTES)
+                copiers["staged"] = _StagedCopier(host_layout, layers, batch, self.staging_bytes)
             except (RuntimeError, ValueError) as e:  # torch.OutOfMemoryError is a RuntimeError
                 missing["staged"] = f"no device staging buffer: {e!r}"
         if device_address is not None:
@@ -473,6 +480,11 @@ class CopyEngine:
             raise RuntimeError("copy engine is closed")
         to_host = direction == "demote"
         nbytes = len(blocks) * self.slot_bytes
+        if len(slots) > 1 and (slots[1:] < slots[:-1]).any():
+            # pairs in slot order (each pair is independent; blocks, or slots, are distinct): runs
+            # of consecutive slots, e.g. a document demoted tail first, become single DMAs
+            order = np.argsort(slots, kind="stable")
+            blocks, slots = blocks[order], slots[order]
         if self.device.type == "cpu":
             if layerwise and self.layerwise_ahead is not None and len(blocks):
                 h = CopyHandle(direction, self.backend[direction], len(blocks), nbytes, _layer_events=[])

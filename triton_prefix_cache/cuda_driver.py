@@ -6,7 +6,9 @@
   numpy arrays (no Python object per page). Its entry point comes from cuda-bindings' (cuda-python)
   `cuGetProcAddress` where that is importable, else from the driver's own `cuGetProcAddress_v2`;
   either way the CUDA 12.8 ABI (with the `failIdx` out-argument) is asked for, which every driver
-  since 12.8 serves, including CUDA 13 (whose headers rename the 8-argument form `_v2`).
+  since 12.8 serves, including CUDA 13 (whose headers rename the 8-argument form `_v2`);
+- strided DMA: `cuMemcpy2DAsync`, one call for a run of equal rows at a fixed pitch on each side
+  (a layer group of consecutive host slots: one call where the batch takes one descriptor a slot).
 
 Nothing here runs at import; `get_driver()` raises CudaDriverError on a machine without CUDA.
 """
@@ -25,6 +27,8 @@ log = logging.getLogger(__name__)
 CU_MEMHOSTREGISTER_PORTABLE = 0x01
 CU_MEMHOSTREGISTER_DEVICEMAP = 0x02
 CU_MEMCPY_SRC_ACCESS_ORDER_STREAM = 1
+#: CUmemorytype of a unified (UVA) address: the driver tells pinned host from device memory itself.
+CU_MEMORYTYPE_UNIFIED = 4
 #: cudaVersion asked of cuGetProcAddress for cuMemcpyBatchAsync: the 9-argument 12.8 ABI.
 _BATCH_ABI_VERSION = 12080
 
@@ -61,6 +65,7 @@ class Driver:
         self._register = fn("cuMemHostRegister_v2", vp, sz, u32)
         self._unregister = fn("cuMemHostUnregister", vp)
         self._dev_ptr = fn("cuMemHostGetDevicePointer_v2", ctypes.POINTER(ctypes.c_uint64), vp, u32)
+        self._memcpy2d = fn("cuMemcpy2DAsync_v2", vp, vp)
         self._proc = fn(
             "cuGetProcAddress_v2",
             ctypes.c_char_p,
@@ -108,6 +113,10 @@ class Driver:
         self.check(self._dev_ptr(ctypes.byref(out), address, 0), "cuMemHostGetDevicePointer")
         return out.value
 
+    def memcpy2d_async(self, copy: _Memcpy2D, stream: int) -> int:
+        """cuMemcpy2DAsync; returns the CUresult (0 = success) instead of raising."""
+        return int(self._memcpy2d(ctypes.addressof(copy), stream))
+
     def proc_address(self, symbol: str, cuda_version: int) -> int:
         pfn = ctypes.c_void_p()
         status = ctypes.c_int()
@@ -132,6 +141,29 @@ def get_driver() -> Driver:
     """The process-wide driver handle; raises CudaDriverError where there is no CUDA driver."""
     with _driver_lock:
         return _load_driver()
+
+
+class _Memcpy2D(ctypes.Structure):
+    """CUDA_MEMCPY2D (the _v2 layout, 64-bit sizes and device pointers)."""
+
+    _fields_ = [
+        ("srcXInBytes", ctypes.c_size_t),
+        ("srcY", ctypes.c_size_t),
+        ("srcMemoryType", ctypes.c_int),
+        ("srcHost", ctypes.c_void_p),
+        ("srcDevice", ctypes.c_uint64),
+        ("srcArray", ctypes.c_void_p),
+        ("srcPitch", ctypes.c_size_t),
+        ("dstXInBytes", ctypes.c_size_t),
+        ("dstY", ctypes.c_size_t),
+        ("dstMemoryType", ctypes.c_int),
+        ("dstHost", ctypes.c_void_p),
+        ("dstDevice", ctypes.c_uint64),
+        ("dstArray", ctypes.c_void_p),
+        ("dstPitch", ctypes.c_size_t),
+        ("WidthInBytes", ctypes.c_size_t),
+        ("Height", ctypes.c_size_t),
+    ]
 
 
 class _MemLocation(ctypes.Structure):
@@ -200,6 +232,10 @@ class BatchMemcpy:
         self._fn = _BATCH_FN(pfn)
         self._attrs = _MemcpyAttributes(srcAccessOrder=CU_MEMCPY_SRC_ACCESS_ORDER_STREAM, flags=0)
         self._attr_idx = np.zeros(1, dtype=np.uint64)
+        # one descriptor reused by copy2d (the driver reads it during the call only), under a lock:
+        # copies come from two threads (the demote thread, the step's)
+        self._copy2d_lock = threading.Lock()
+        self._copy2d = _Memcpy2D(srcMemoryType=CU_MEMORYTYPE_UNIFIED, dstMemoryType=CU_MEMORYTYPE_UNIFIED)
 
     def __call__(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: int) -> None:
         n = int(dsts.shape[0])
@@ -231,4 +267,25 @@ class BatchMemcpy:
             raise CudaDriverError(
                 f"cuMemcpyBatchAsync of {n} copies failed: {self.driver.error_name(code)} at copy "
                 f"{fail.value} (dst {int(d[i]):#x}, src {int(s[i]):#x}, {int(z[i])} bytes)"
+            )
+
+    def copy2d(self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, height: int,
+               stream: int) -> None:
+        """`height` rows of `width` bytes, row i from `src + i * src_pitch` to `dst + i * dst_pitch`
+        (unified addresses: pinned host or device memory), enqueued on `stream`."""
+        if height <= 0:
+            return
+        if not stream:
+            raise ValueError("stream: pass a side stream, not the legacy default stream")
+        if width > min(src_pitch, dst_pitch):
+            raise ValueError(f"width {width} exceeds a pitch ({src_pitch}, {dst_pitch}): rows would overlap")
+        with self._copy2d_lock:
+            c = self._copy2d
+            c.srcDevice, c.srcPitch, c.dstDevice, c.dstPitch = src, src_pitch, dst, dst_pitch
+            c.WidthInBytes, c.Height = width, height
+            code = self.driver.memcpy2d_async(c, stream)
+        if code != 0:
+            raise CudaDriverError(
+                f"cuMemcpy2DAsync of {height} rows x {width} bytes failed: {self.driver.error_name(code)} "
+                f"(dst {dst:#x} pitch {dst_pitch}, src {src:#x} pitch {src_pitch})"
             )

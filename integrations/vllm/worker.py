@@ -176,7 +176,8 @@ class WorkerSide:
         logger.info("triton-prefix-cache: %r, copies %s%s", self.pool, self.engine.backend, warm)
 
     def _copy_engine(self, backend: str) -> CopyEngine:
-        return CopyEngine(self.layers, self.pool, backend=backend, layerwise_ahead=self.cfg.layerwise_ahead)
+        return CopyEngine(self.layers, self.pool, backend=backend, layerwise_ahead=self.cfg.layerwise_ahead,
+                          staging_bytes=self.cfg.staging_mib << 20)
 
     # ---- per step --------------------------------------------------------------------------------------
     def start_load_kv(self, meta: TPCMetadata, full_graph: bool = False, mode: str = "?") -> None:

@@ -135,6 +135,8 @@ def _describe_new(old_ids: set) -> list[str]:
         what = f"{t.__module__}.{t.__qualname__}"
         name = getattr(o, "__qualname__", None) or getattr(o, "__name__", None)
         mod = getattr(o, "__module__", None)
+        if t.__name__ == "CompiledKernel":  # which Triton kernel compiled a variant meanwhile
+            name, mod = getattr(o, "name", "?"), "kernel"
         if isinstance(name, str):
             what += f" {mod}.{name}"
         elif isinstance(o, (list, dict)) and o:

@@ -111,10 +111,23 @@ def check_layer_views(layers: list[torch.Tensor], name: str = "layers") -> None:
             raise ValueError(f"{name}[{i}]: pages overlap (stride(0)={t.stride(0)} < {t.shape[1]} bytes)")
 
 
-# No value specialization of the integer arguments: Triton would otherwise compile a variant per
-# batch size class (n == 1, n % 16 == 0, ...) at its first launch, ~300 ms inside an engine step
-# (measured on the H200: the first staged load after warm-up); the alignment facts come from ALIGN.
-@triton.jit(do_not_specialize=["n", "layer_begin", "total", "chunks_per_page", "slot_words", "page_words"])
+# No value specialization of the integer arguments nor of the index arrays' alignment: Triton would
+# otherwise compile a variant per batch size class (n == 1, n % 16 == 0, ...) or per index slice
+# starting off a 16-byte boundary (a staged copy's second chunk of an odd row count) at its first
+# launch, 100-300 ms inside an engine step (measured on the H200: the first staged load after
+# warm-up; session 7, Qwen3-8B's first load, 104 ms). The alignment facts come from ALIGN.
+_UNSPECIALIZED = ["blocks", "slots", "n", "layer_begin", "total", "chunks_per_page", "slot_words",
+                  "page_words"]
+
+
+def _jit_unspecialized(fn):
+    try:
+        return triton.jit(do_not_specialize=_UNSPECIALIZED, do_not_specialize_on_alignment=_UNSPECIALIZED)(fn)
+    except TypeError:  # a Triton without do_not_specialize_on_alignment: do_not_specialize covers both
+        return triton.jit(do_not_specialize=_UNSPECIALIZED)(fn)
+
+
+@_jit_unspecialized
 def _page_copy_kernel(
     dev_base,  # *word: block 0 of layer 0; every layer is addressed relative to it
     layer_offs,  # *int64 [L]: words from dev_base to block 0 of each layer (may be negative)
