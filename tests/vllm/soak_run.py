@@ -22,6 +22,7 @@ import os
 import random
 import sys
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,10 @@ class SoakResult:
     #: the object types whose live count grew most between the two checkpoints (diagnostics)
     objects_grown: list = field(default_factory=list)
     objects_new_sample: list = field(default_factory=list)
+    #: of the objects new at the 2,000th request, those a Triton compilation made meanwhile (a
+    #: bounded cache: one set per kernel variant, whoever's kernel), and the kernels compiled
+    jit_objects: int = 0
+    jit_kernels: dict = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     tier: dict[str, float] = field(default_factory=dict)
     slot_bytes: int = 0
@@ -144,6 +149,28 @@ def _describe_new(old_ids: set) -> list[str]:
             what += f" of {type(first).__module__}.{type(first).__qualname__} (len {len(o)})"
         out[what[:160]] += 1
     return [f"{n} x {w}" for w, n in out.most_common(25)]
+
+
+def _jit_artefacts(old_ids: set) -> tuple[int, dict]:
+    """(how many of the objects created since `old_ids` a Triton compilation made, the kernels
+    compiled meanwhile by name): the new objects of Triton's own types (compiled kernels, their
+    launchers and metadata) and every new object reachable from them through new objects (the
+    metadata's namedtuple class, its field getters, functions and cells), plus new weak references
+    to any of those. Objects of this package are never counted (its module is not `triton.`)."""
+    new = [o for o in gc.get_objects() if id(o) not in old_ids]
+    new_ids = {id(o) for o in new}
+    stack = [o for o in new if type(o).__module__.split(".")[0] == "triton"]
+    kernels = collections.Counter(str(getattr(o, "name", "?")) for o in stack
+                                  if type(o).__name__ == "CompiledKernel")
+    seen: set = set()
+    while stack:
+        o = stack.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        stack.extend(r for r in gc.get_referents(o) if id(r) in new_ids and id(r) not in seen)
+    refs = sum(1 for o in new if isinstance(o, weakref.ref) and id(o) not in seen and id(o()) in seen)
+    return len(seen) + refs, dict(kernels)
 
 
 def _trim_heap() -> None:
@@ -209,6 +236,7 @@ def run(model_path: str, config: str = "defaults") -> SoakResult:
                     types.subtract(types_half)
                     res.objects_grown = [(t, n) for t, n in types.most_common(10) if n > 0]
                     res.objects_new_sample = _describe_new(ids_half)
+                    res.jit_objects, res.jit_kernels = _jit_artefacts(ids_half)
                 _trim_heap()
                 res.rss[str(done)] = H.rss_bytes()
         res.seconds = time.perf_counter() - t0

@@ -116,14 +116,20 @@ def test_counters_consistent(soak):
 
 
 def test_memory_flat_from_1000th_to_2000th_request(soak):
+    """Resident memory and live Python objects stay flat over the second half of the soak. Objects
+    a Triton compilation made meanwhile (a kernel variant compiled for a new batch shape: one set
+    per variant, a bounded cache, on the GPU only; vLLM's float32 attention is a Triton kernel
+    there) are reported and not counted as growth; this package's copy kernel must not compile
+    at all after its warm-up (`test_copy.py::test_gpu_copies_compile_nothing_after_warm_up`)."""
     half, full = str(S.NUM_REQUESTS // 2), str(S.NUM_REQUESTS)
     rss_growth = soak.rss[full] / soak.rss[half] - 1
-    obj_growth = soak.objects[full] / soak.objects[half] - 1
+    obj_growth = (soak.objects[full] - soak.jit_objects) / soak.objects[half] - 1
     print(f"\nRSS {soak.rss[half] / 2**20:.1f} -> {soak.rss[full] / 2**20:.1f} MiB ({rss_growth:+.2%}); "
-          f"live objects {soak.objects[half]} -> {soak.objects[full]} ({obj_growth:+.3%}); "
+          f"live objects {soak.objects[half]} -> {soak.objects[full]}, of which {soak.jit_objects} from "
+          f"Triton compiling {soak.jit_kernels} ({obj_growth:+.3%} without them); "
           f"grew most: {soak.objects_grown[:5]}")
     if obj_growth >= 0.01:  # in full here: pytest shortens the assertion message below
         print("new since the 1,000th request:\n  " + "\n  ".join(soak.objects_new_sample))
     assert rss_growth < 0.05, (soak.rss, rss_growth)
-    assert obj_growth < 0.01, (soak.objects, obj_growth, "grew most:", soak.objects_grown,
+    assert obj_growth < 0.01, (soak.objects, soak.jit_objects, obj_growth, "grew most:", soak.objects_grown,
                                "new since the 1,000th:", soak.objects_new_sample)
