@@ -68,6 +68,23 @@ def assert_bytes_equal(got: np.ndarray, want: np.ndarray, what: str) -> None:
         raise AssertionError(f"{what}: {len(bad)} rows differ, first {bad[:8].tolist()}")
 
 
+def reference_copy(views, pool, blocks, slots, to_host: bool, begin: int, count: int):
+    """(layers, pool) as numpy arrays after `dst[idx] = src[idx]` for layers [begin, begin + count)."""
+    dev, host = np_layers(views), pool.slots.numpy().copy()
+    for layer in range(begin, begin + count):
+        if to_host:
+            host[slots, layer] = dev[layer][blocks]
+        else:
+            dev[layer][blocks] = host[slots, layer]
+    return dev, host
+
+
+def assert_matches_reference(views, pool, dev, host, what: str) -> None:
+    assert_bytes_equal(pool.slots.numpy(), host, what)
+    for layer, view in enumerate(views):
+        assert_bytes_equal(view.numpy(), dev[layer], f"{what}, layer {layer}")
+
+
 def run_round_trip(
     kernel_device: str,
     backend: str,
@@ -446,18 +463,11 @@ def test_staged_copier_matches_reference_in_chunks_and_layer_groups(layout, stag
             for begin, count in [(0, layers), *copier.layer_groups(layers)]:
                 blocks = rng.permutation(nb)[:n]
                 slots = rng.permutation(nslots)[:n]
-                dev, host = np_layers(views), pool.slots.numpy().copy()
-                for layer in range(begin, begin + count):
-                    if to_host:
-                        host[slots, layer] = dev[layer][blocks]
-                    else:
-                        dev[layer][blocks] = host[slots, layer]
+                dev, host = reference_copy(views, pool, blocks, slots, to_host, begin, count)
                 bt = torch.from_numpy(blocks)
                 copier.run(blocks, slots, bt, torch.from_numpy(slots), to_host, begin, count)
                 what = f"{'demote' if to_host else 'promote'} layers [{begin}, {begin + count})"
-                assert_bytes_equal(pool.slots.numpy(), host, what)
-                for layer in range(layers):
-                    assert_bytes_equal(views[layer].numpy(), dev[layer], f"{what}, layer {layer}")
+                assert_matches_reference(views, pool, dev, host, what)
         # consecutive slots of a whole-slot copy merge into one descriptor per staging chunk, but
         # never over a boundary between two pinned registrations of the pool (here: every 8 slots)
         batch.calls.clear()
@@ -497,21 +507,14 @@ def test_staged_layer_groups_copy_slot_runs_as_strided_copies(to_host):
     blocks = np.random.default_rng(1).permutation(nb)[: len(slots)]
     try:
         for begin, count in copier.layer_groups(layers):
-            dev, host = np_layers(views), pool.slots.numpy().copy()
-            for layer in range(begin, begin + count):
-                if to_host:
-                    host[slots, layer] = dev[layer][blocks]
-                else:
-                    dev[layer][blocks] = host[slots, layer]
+            dev, host = reference_copy(views, pool, blocks, slots, to_host, begin, count)
             batch.calls.clear()
             batch.calls2d.clear()
             bt, st = torch.from_numpy(blocks), torch.from_numpy(slots)
             copier.run(blocks, slots, bt, st, to_host, begin, count)
             assert batch.calls2d == [6, 6, 5] and batch.calls == [3]
             what = f"{'demote' if to_host else 'promote'} layers [{begin}, {begin + count})"
-            assert_bytes_equal(pool.slots.numpy(), host, what)
-            for layer in range(layers):
-                assert_bytes_equal(views[layer].numpy(), dev[layer], f"{what}, layer {layer}")
+            assert_matches_reference(views, pool, dev, host, what)
         # a whole-slot copy keeps merging consecutive slots into 1-D descriptors
         batch.calls.clear()
         batch.calls2d.clear()
