@@ -76,3 +76,14 @@ def test_bad_config(raw, must_mention):
 def test_config_error_is_value_error():
     # vLLM surfaces ValueError at config time; keep ours one.
     assert issubclass(ConfigError, ValueError)
+
+
+def test_every_key_is_documented_in_the_readme():
+    """The README's table of `kv_connector_extra_config` keys names every key, and no other."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("### Configuration keys", 1)[1].split("\n\n", 2)[1]  # the table
+    documented = re.findall(r"^\| `(\w+)` \|", section, flags=re.M)
+    assert sorted(documented) == sorted(PrefixCacheConfig.keys())
