@@ -37,8 +37,9 @@
 #   bash scripts/gpu_work.sh s7-b         document QA compiled and eager with the VRAM ideal
 #   bash scripts/gpu_work.sh s7-c         chat (offload, prefix, ours); system prompt and no reuse
 #   bash scripts/gpu_work.sh s7-d         reliability eager, soak object census, Qwen3-8B document QA
-#   bash scripts/gpu_work.sh s8-a         GPU copy tests (no compile after warm-up), the soak eager, Qwen3-8B document QA
-#   bash scripts/gpu_work.sh s8-b         document QA compiled (+ VRAM ideal) and eager, docqa engine tests
+#   bash scripts/gpu_work.sh s8-a         GPU copy tests (no compile after warm-up), Qwen3-8B document QA, docqa engine tests
+#   bash scripts/gpu_work.sh s8-b         the soak eager, document QA compiled (+ VRAM ideal)
+#   bash scripts/gpu_work.sh s8-c         document QA eager, chat
 # Results and logs go to one tarball $OUT/<part>.tgz (the device tool brings back few files); each
 # step has its own time limit so one slow step cannot eat the call.
 set -uo pipefail
@@ -264,19 +265,22 @@ case "${1:-}" in
       -rsx -s tests/vllm/test_soak.py -k memory
     run 200 compare-docqa-qwen3 python3 -m bench.compare --workload docqa --model qwen3-8b --configs offload ours \
       --out "$OUT/compare-docqa-qwen3.json" ;;
-  s8-a)  # ~9 min: session 7's kernel decorator on the GPU (no compile after warm-up), the soak (memory test
-          # with Triton's compile artefacts reported apart), Qwen3-8B document QA in one run
+  s8-a)  # ~8.5 min: session 7's kernel decorator on the GPU (no compile after warm-up), Qwen3-8B document QA
+          # in one run, document-QA engine tests compiled
     run 120 gpu-tests-copy-gpu python3 -m pytest -q -p no:cacheprovider -rsx tests/test_copy.py -k gpu
-    TPC_TEST_EAGER=1 run 150 gpu-tests-soak python3 -m pytest -q -p no:cacheprovider -rsx -s tests/vllm/test_soak.py
-    run 300 compare-docqa-qwen3 python3 -m bench.compare --workload docqa --model qwen3-8b --configs offload ours \
-      --out "$OUT/compare-docqa-qwen3.json" ;;
-  s8-b)  # ~9 min: document QA compiled and eager again (offloading's speed varies by host), engine tests
-    run 240 compare-docqa python3 -m bench.compare --workload docqa --configs offload ours prefix:kv_gib=16 \
-      --out "$OUT/compare-docqa.json"
+    run 280 compare-docqa-qwen3 python3 -m bench.compare --workload docqa --model qwen3-8b --configs offload ours \
+      --out "$OUT/compare-docqa-qwen3.json"
+    run 120 gpu-tests-engine python3 -m pytest -q -p no:cacheprovider -rsx tests/vllm/test_engine.py -k docqa ;;
+  s8-b)  # ~8.5 min: the soak eager (memory test: Triton's compile artefacts reported apart), document QA compiled
+    TPC_TEST_EAGER=1 run 200 gpu-tests-soak python3 -m pytest -q -p no:cacheprovider -rsx -s tests/vllm/test_soak.py
+    run 300 compare-docqa python3 -m bench.compare --workload docqa --configs offload ours prefix:kv_gib=16 \
+      --out "$OUT/compare-docqa.json" ;;
+  s8-c)  # ~7 min: document QA eager (issue 4's mode) again, then chat
     run 200 compare-docqa-eager python3 -m bench.compare --workload docqa --eager --configs offload ours \
       --out "$OUT/compare-docqa-eager.json"
-    run 120 gpu-tests-engine python3 -m pytest -q -p no:cacheprovider -rsx tests/vllm/test_engine.py -k docqa ;;
-  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e|verify-f|verify-g|bisect-soak|next-a|next-b|next-c|next-d|s6-a|s6-b|s6-c|s6-d|s6-e|s6-f|s6-g|s6-h|s7-a|s7-b|s7-c|s7-d|s8-a|s8-b" >&2
+    run 230 compare-chat python3 -m bench.compare --workload chat --configs offload prefix ours \
+      --out "$OUT/compare-chat.json" ;;
+  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e|verify-f|verify-g|bisect-soak|next-a|next-b|next-c|next-d|s6-a|s6-b|s6-c|s6-d|s6-e|s6-f|s6-g|s6-h|s7-a|s7-b|s7-c|s7-d|s8-a|s8-b|s8-c" >&2
      exit 2 ;;
 esac
 tar czf "$FINAL/$1.tgz" -C "$OUT" . && ls -la "$OUT"
