@@ -219,7 +219,8 @@ def _batch_entry_point(driver: Driver) -> tuple[int, str]:
 
 
 class BatchMemcpy:
-    """cuMemcpyBatchAsync over numpy descriptor arrays, enqueued on a given (non-default) stream.
+    """cuMemcpyBatchAsync over numpy descriptor arrays, enqueued on a given (non-default) stream;
+    `copy2d` enqueues one strided copy (cuMemcpy2DAsync) on such a stream.
 
     Sources are read in stream order (CU_MEMCPY_SRC_ACCESS_ORDER_STREAM), so a copy never sees
     data older than the work queued before it on that stream. The descriptor arrays are consumed
