@@ -47,6 +47,7 @@ cd "$(dirname "$0")/.."
 source scripts/gpu_env.sh
 FINAL=${OUT:-/tmp/tpc-out}
 OUT=/tmp/tpc-work-${1:-none}
+PART=${1:-none}
 mkdir -p "$OUT" "$FINAL"
 # Hook profiles only on request: cProfile slows the hooks it watches (session 3 found the
 # session-2 GPU timings taken with it on), so timed runs go without it.
@@ -58,6 +59,7 @@ run() {  # run <seconds> <log name> <command...>
   timeout "$t" "$@" >"$OUT/$name.log" 2>&1
   echo "== $name: rc=$? ($(date +%T))"
   tail -n 25 "$OUT/$name.log" | grep -v "INFO\|WARNING" | tail -n 12
+  tar czf "$FINAL/$PART.tgz" -C "$OUT" .  # after every step: a call cut off at its limit keeps what ran
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 case "${1:-}" in
