@@ -130,10 +130,17 @@ class SoakResult:
     settle_requests: int = 0
 
 
+#: the SoakResult fields the memory check reads (the oracle's run reports them too)
+MEMORY_FIELDS = ("rss", "objects", "objects_grown", "objects_new_sample", "jit_objects", "jit_kernels")
+
+
 def _describe_new(old_ids: set) -> list[str]:
-    """A few of the objects created since `old_ids` was taken, described (diagnostics: what grows)."""
+    """A few of the objects created since `old_ids` was taken, described (diagnostics: what grows).
+    Tensors are told apart by device, dtype and shape, and they and new containers by what holds
+    them (`_holder`)."""
     out: collections.Counter = collections.Counter()
-    for o in gc.get_objects():
+    objs = gc.get_objects()
+    for o in objs:
         if id(o) in old_ids:
             continue
         t = type(o)
@@ -142,13 +149,43 @@ def _describe_new(old_ids: set) -> list[str]:
         mod = getattr(o, "__module__", None)
         if t.__name__ == "CompiledKernel":  # which Triton kernel compiled a variant meanwhile
             name, mod = getattr(o, "name", "?"), "kernel"
-        if isinstance(name, str):
+        if t.__name__ in ("Tensor", "Parameter") and hasattr(o, "shape"):
+            dtype = str(o.dtype).removeprefix("torch.")
+            what += f" {o.device} {dtype} {tuple(o.shape)} held by {_holder(o, old_ids, objs)}"
+        elif isinstance(name, str):
             what += f" {mod}.{name}"
         elif isinstance(o, (list, dict)) and o:
             first = next(iter(o))
-            what += f" of {type(first).__module__}.{type(first).__qualname__} (len {len(o)})"
-        out[what[:160]] += 1
+            what += (f" of {type(first).__module__}.{type(first).__qualname__} (len {len(o)})"
+                     f" held by {_holder(o, old_ids, objs)}")
+        out[what[:200]] += 1
+    del objs
     return [f"{n} x {w}" for w, n in out.most_common(25)]
+
+
+def _holder(o: Any, old_ids: set, census: list) -> str:
+    """What refers to `o`, in a few words: each referrer's type (`*`: created since the first
+    checkpoint) and, for a dict, list or tuple, the types of what holds that in turn (an instance
+    whose attribute dict it is, a cache's owner). Frames and the census's own lists are left out."""
+    frame = type(sys._getframe())
+    refs = gc.get_referrers(o)
+    skip = {id(census), id(old_ids), id(refs)}
+    names = []
+    for r in refs:
+        if id(r) in skip or isinstance(r, frame):
+            continue
+        n = type(r).__qualname__
+        if isinstance(r, (dict, list, tuple)):
+            up = gc.get_referrers(r)
+            owners = [type(x).__qualname__ for x in up
+                      if id(x) not in skip and x is not up and x is not refs and not isinstance(x, frame)][:2]
+            del up
+            n += f"<{','.join(owners)}>" if owners else ""
+        names.append(n + ("*" if id(r) not in old_ids else ""))
+        if len(names) == 3:
+            break
+    del refs
+    return "/".join(sorted(names)) or "nothing tracked"
 
 
 def _jit_artefacts(old_ids: set) -> tuple[int, dict]:
@@ -181,6 +218,37 @@ def _trim_heap() -> None:
         pass
 
 
+class _Census:
+    """Live memory at the memory test's two checkpoints, the 1,000th and the 2,000th request:
+    resident memory and tracked objects, and at the second what is new since the first (by type,
+    described, and what of it Triton's compilations made)."""
+
+    def __init__(self) -> None:
+        self.types_half: collections.Counter = collections.Counter()
+        self.ids_half: set = set()
+
+    def at(self, done: int, res: SoakResult) -> None:
+        if done not in (NUM_REQUESTS // 2, NUM_REQUESTS):
+            return
+        import harness as H
+
+        # The type census leaves ~200 objects of its own behind (weakrefs, measured): take it
+        # before the first count and after the second, so the counts include them both times.
+        if done == NUM_REQUESTS // 2:
+            self.types_half = H.live_object_types()
+            self.ids_half = {id(o) for o in gc.get_objects()}
+        res.objects[str(done)] = H.live_objects()
+        if done == NUM_REQUESTS:
+            types = H.live_object_types()
+            types.subtract(self.types_half)
+            res.objects_grown = [(t, n) for t, n in types.most_common(10) if n > 0]
+            res.objects_new_sample = _describe_new(self.ids_half)
+            res.jit_objects, res.jit_kernels = _jit_artefacts(self.ids_half)
+            self.ids_half = set()
+        _trim_heap()
+        res.rss[str(done)] = H.rss_bytes()
+
+
 def run(model_path: str, config: str = "defaults") -> SoakResult:
     import harness as H
     from vllm.inputs import TokensPrompt
@@ -209,7 +277,7 @@ def run(model_path: str, config: str = "defaults") -> SoakResult:
         before = H.metric_values(llm)
         sp = _sampling()
         ours: list[tuple] = []
-        types_half: collections.Counter = collections.Counter()
+        census = _Census()
         t0 = time.perf_counter()
         for call, lo in enumerate(range(0, NUM_REQUESTS, PER_CALL)):
             batch = prompts[lo : lo + PER_CALL]
@@ -222,23 +290,7 @@ def run(model_path: str, config: str = "defaults") -> SoakResult:
                 side.tier.check()
                 res.max_used_gauge = max(res.max_used_gauge,
                                          H.metric_values(llm).get("vllm:tpc_host_used_slots", 0))
-            done = lo + len(batch)
-            if done in (NUM_REQUESTS // 2, NUM_REQUESTS):
-                # The type census leaves ~200 objects of its own behind (weakrefs, measured): take
-                # it before the first count and after the second, so the counts include them both
-                # times.
-                if done == NUM_REQUESTS // 2:
-                    types_half = H.live_object_types()
-                    ids_half = {id(o) for o in gc.get_objects()}
-                res.objects[str(done)] = H.live_objects()
-                if done == NUM_REQUESTS:
-                    types = H.live_object_types()
-                    types.subtract(types_half)
-                    res.objects_grown = [(t, n) for t, n in types.most_common(10) if n > 0]
-                    res.objects_new_sample = _describe_new(ids_half)
-                    res.jit_objects, res.jit_kernels = _jit_artefacts(ids_half)
-                _trim_heap()
-                res.rss[str(done)] = H.rss_bytes()
+            census.at(lo + len(batch), res)
         res.seconds = time.perf_counter() - t0
         res.ours = ours
         # Stores the last steps started may still be copying (an idle engine polls nothing: a known
@@ -286,13 +338,18 @@ def run_oracle(model_path: str) -> dict:
     try:
         sp = _sampling()
         records = []
+        census, mem = _Census(), SoakResult()
         for lo in range(0, NUM_REQUESTS, PER_CALL):
             batch = prompts[lo : lo + PER_CALL]
             out = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], sp, use_tqdm=False)
             records.extend(_record(r) for r in out)
+            del out
+            census.at(lo + len(batch), mem)
     finally:
         H.shutdown(llm)
-    return {"records": records, "seconds": time.perf_counter() - t0}
+    # The engine alone, same stream and calls (a bigger KV cache): vLLM's own growth, for comparison.
+    memory = {k: getattr(mem, k) for k in MEMORY_FIELDS}
+    return {"records": records, "seconds": time.perf_counter() - t0, "memory": memory}
 
 
 if __name__ == "__main__":

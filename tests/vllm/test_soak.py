@@ -47,10 +47,11 @@ def soak(request, model_path, tmp_path_factory) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="module")
-def oracle(model_path, tmp_path_factory) -> list[H.Record]:
-    """Every request's output from built-in prefix caching that never evicts (one run, both configs)."""
+def oracle(model_path, tmp_path_factory) -> SimpleNamespace:
+    """Every request's output from built-in prefix caching that never evicts (one run, every config),
+    and that engine's own memory over the same stream (`memory`: the soak's checkpoints)."""
     res = _soak_process("oracle", model_path, tmp_path_factory.mktemp("soak") / "oracle.json")
-    return [H.Record(*r) for r in res.records]
+    return SimpleNamespace(records=[H.Record(*r) for r in res.records], memory=SimpleNamespace(**res.memory))
 
 
 def test_stream_mixes_every_pattern_and_overflows_both_tiers(soak):
@@ -68,9 +69,9 @@ def test_stream_mixes_every_pattern_and_overflows_both_tiers(soak):
 def test_outputs_equal_builtin_caching_with_big_kv(soak, oracle):
     ours = [H.Record(*r) for r in soak.ours]
     assert len(ours) == S.NUM_REQUESTS
-    H.compare_records(ours, oracle, "soak vs built-in caching")
+    H.compare_records(ours, oracle.records, "soak vs built-in caching")
     # Most requests meet the same prefix hit in both (the rest: prefixes our smaller host tier evicted).
-    same = sum(x.num_cached_tokens == y.num_cached_tokens for x, y in zip(ours, oracle))
+    same = sum(x.num_cached_tokens == y.num_cached_tokens for x, y in zip(ours, oracle.records))
     assert same > S.NUM_REQUESTS // 2, same
     assert sum(r.num_cached_tokens > 0 for r in ours) > 200
 
@@ -115,21 +116,34 @@ def test_counters_consistent(soak):
     assert m["vllm:tpc_scheduler_requests"] == S.NUM_REQUESTS + soak.settle_requests
 
 
-def test_memory_flat_from_1000th_to_2000th_request(soak):
+def _growth(mem: SimpleNamespace) -> tuple[float, float, str]:
+    """(RSS growth, object growth without Triton's compile artefacts, a line saying both) from the
+    1,000th to the 2,000th request."""
+    half, full = str(S.NUM_REQUESTS // 2), str(S.NUM_REQUESTS)
+    rss = mem.rss[full] / mem.rss[half] - 1
+    obj = (mem.objects[full] - mem.jit_objects) / mem.objects[half] - 1
+    line = (f"RSS {mem.rss[half] / 2**20:.1f} -> {mem.rss[full] / 2**20:.1f} MiB ({rss:+.2%}); live objects "
+            f"{mem.objects[half]} -> {mem.objects[full]}, of which {mem.jit_objects} from Triton compiling "
+            f"{mem.jit_kernels} ({obj:+.3%} without them); grew most: {mem.objects_grown[:5]}")
+    return rss, obj, line
+
+
+def test_memory_flat_from_1000th_to_2000th_request(soak, oracle):
     """Resident memory and live Python objects stay flat over the second half of the soak. Objects
     a Triton compilation made meanwhile (a kernel variant compiled for a new batch shape: one set
     per variant, a bounded cache, on the GPU only; vLLM's float32 attention is a Triton kernel
     there) are reported and not counted as growth; this package's copy kernel must not compile
-    at all after its warm-up (`test_copy.py::test_gpu_copies_compile_nothing_after_warm_up`)."""
-    half, full = str(S.NUM_REQUESTS // 2), str(S.NUM_REQUESTS)
-    rss_growth = soak.rss[full] / soak.rss[half] - 1
-    obj_growth = (soak.objects[full] - soak.jit_objects) / soak.objects[half] - 1
-    print(f"\nRSS {soak.rss[half] / 2**20:.1f} -> {soak.rss[full] / 2**20:.1f} MiB ({rss_growth:+.2%}); "
-          f"live objects {soak.objects[half]} -> {soak.objects[full]}, of which {soak.jit_objects} from "
-          f"Triton compiling {soak.jit_kernels} ({obj_growth:+.3%} without them); "
-          f"grew most: {soak.objects_grown[:5]}")
+    at all after its warm-up (`test_copy.py::test_gpu_copies_compile_nothing_after_warm_up`).
+    The engine without the connector (the oracle's run: same stream and calls, a KV cache that
+    never evicts) is measured over the same requests and reported beside it, for telling vLLM's
+    own growth from ours; the bounds apply to ours alone."""
+    rss_growth, obj_growth, line = _growth(soak)
+    print("\n" + line)
+    print("the engine alone (built-in prefix caching, no connector): " + _growth(oracle.memory)[2])
     if obj_growth >= 0.01:  # in full here: pytest shortens the assertion message below
         print("new since the 1,000th request:\n  " + "\n  ".join(soak.objects_new_sample))
+        print("new since the 1,000th request, the engine alone:\n  "
+              + "\n  ".join(oracle.memory.objects_new_sample))
     assert rss_growth < 0.05, (soak.rss, rss_growth)
     assert obj_growth < 0.01, (soak.objects, soak.jit_objects, obj_growth, "grew most:", soak.objects_grown,
                                "new since the 1,000th:", soak.objects_new_sample)
