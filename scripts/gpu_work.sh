@@ -40,6 +40,8 @@
 #   bash scripts/gpu_work.sh s8-a         GPU copy tests (no compile after warm-up), Qwen3-8B document QA, docqa engine tests
 #   bash scripts/gpu_work.sh s8-b         the soak eager, document QA compiled (+ VRAM ideal)
 #   bash scripts/gpu_work.sh s8-c         document QA eager, chat
+#   bash scripts/gpu_work.sh s9-a         the soak eager, every configuration (memory: ours beside the engine alone)
+#   bash scripts/gpu_work.sh s9-b         fault, collision, burst tests eager; engine tests compiled
 # Results and logs go to one tarball $OUT/<part>.tgz (the device tool brings back few files); each
 # step has its own time limit so one slow step cannot eat the call.
 set -uo pipefail
@@ -282,7 +284,13 @@ case "${1:-}" in
       --out "$OUT/compare-docqa-eager.json"
     run 230 compare-chat python3 -m bench.compare --workload chat --configs offload prefix ours \
       --out "$OUT/compare-chat.json" ;;
-  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e|verify-f|verify-g|bisect-soak|next-a|next-b|next-c|next-d|s6-a|s6-b|s6-c|s6-d|s6-e|s6-f|s6-g|s6-h|s7-a|s7-b|s7-c|s7-d|s8-a|s8-b|s8-c" >&2
+  s9-a)  # ~7 min: the soak eager, every configuration, its memory test with the engine-alone baseline
+    TPC_TEST_EAGER=1 run 420 gpu-tests-soak python3 -m pytest -q -p no:cacheprovider -rsx -s tests/vllm/test_soak.py ;;
+  s9-b)  # ~9 min: fault, collision and burst tests eager; the engine tests compiled
+    TPC_TEST_EAGER=1 run 250 gpu-tests-reliability python3 -m pytest -q -p no:cacheprovider -rsx \
+      tests/vllm/test_faults.py tests/vllm/test_collisions.py tests/vllm/test_burst.py
+    run 290 gpu-tests-engine python3 -m pytest -q -p no:cacheprovider -rsx --durations=8 tests/vllm/test_engine.py ;;
+  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e|verify-f|verify-g|bisect-soak|next-a|next-b|next-c|next-d|s6-a|s6-b|s6-c|s6-d|s6-e|s6-f|s6-g|s6-h|s7-a|s7-b|s7-c|s7-d|s8-a|s8-b|s8-c|s9-a|s9-b" >&2
      exit 2 ;;
 esac
 tar czf "$FINAL/$1.tgz" -C "$OUT" . && ls -la "$OUT"
