@@ -50,6 +50,12 @@ class StoreStatus(enum.IntEnum):
     DROPPED = 4  # no slot could be freed (every slot in flight or being read)
 
 
+# The states as plain ints for the numpy arrays: an array compared with an enum member costs ~5 us
+# more per operation (numpy probes the member's attributes), and a step makes dozens of them.
+_FREE, _STORING, _READY = int(SlotState.FREE), int(SlotState.STORING), int(SlotState.READY)
+_ASSIGNED, _PRESENT, _IN_FLIGHT, _DUPLICATE, _DROPPED = (int(s) for s in StoreStatus)
+
+
 @dataclass
 class StorePlan:
     """Result of `begin_store`: per key, the slot to copy into (-1 if none) and why."""
@@ -60,7 +66,7 @@ class StorePlan:
 
     @property
     def assigned(self) -> np.ndarray:
-        return self.status == StoreStatus.ASSIGNED
+        return self.status == _ASSIGNED
 
 
 class TierManager:
@@ -126,7 +132,7 @@ class TierManager:
 
     def slot_state(self, slot: int) -> SlotState:
         s = self._slot(slot)
-        if self._state[s] == SlotState.READY and self._readers[s] > 0:
+        if self._state[s] == _READY and self._readers[s] > 0:
             return SlotState.LOADING
         return SlotState(int(self._state[s]))
 
@@ -134,7 +140,7 @@ class TierManager:
         """Per key, the state of the slot holding it (FREE slots excluded), or None where no slot
         does. For diagnostics (why a lookup stopped where it did): one pass over the slots."""
         k = self._keys_np(keys)
-        live = self._state != SlotState.FREE
+        live = self._state != _FREE
         out: list[SlotState | None] = []
         for k0, k1 in k.tolist():
             hit = np.flatnonzero(live & (self._keys[:, 0] == k0) & (self._keys[:, 1] == k1))
@@ -160,8 +166,8 @@ class TierManager:
         """The stats with their gauges brought up to date."""
         st = self._state
         self.stats.free_slots = self._nfree
-        self.stats.storing_slots = int(np.count_nonzero(st == SlotState.STORING))
-        self.stats.ready_slots = int(np.count_nonzero((st == SlotState.READY) & ~self._retired))
+        self.stats.storing_slots = int(np.count_nonzero(st == _STORING))
+        self.stats.ready_slots = int(np.count_nonzero((st == _READY) & ~self._retired))
         self.stats.loading_slots = int(np.count_nonzero(self._readers))
         return self.stats
 
@@ -175,51 +181,51 @@ class TierManager:
         k = self._keys_np(keys)
         n = len(k)
         slots = np.full(n, -1, dtype=np.int64)
-        status = np.full(n, StoreStatus.ASSIGNED, dtype=np.int8)
+        status = np.full(n, _ASSIGNED, dtype=np.int8)
         if n == 0:
             return StorePlan(slots, status, 0)
         kv = _void(k)
         first = np.unique(kv, return_index=True)[1]
         dup = np.ones(n, dtype=bool)
         dup[first] = False
-        status[dup] = StoreStatus.DUPLICATE
+        status[dup] = _DUPLICATE
         found = self.index.lookup(self._dev(k)).cpu().numpy()
         present = (found >= 0) & ~dup
-        status[present] = StoreStatus.PRESENT
+        status[present] = _PRESENT
         if present.any():
             self.policy.touch(found[present])
-        storing = np.flatnonzero((self._state == SlotState.STORING) & ~self._retired)
+        storing = np.flatnonzero((self._state == _STORING) & ~self._retired)
         if len(storing):
-            inflight = np.isin(kv, _void(self._keys[storing])) & (status == StoreStatus.ASSIGNED)
-            status[inflight] = StoreStatus.IN_FLIGHT
-        want = np.flatnonzero(status == StoreStatus.ASSIGNED)
+            inflight = np.isin(kv, _void(self._keys[storing])) & (status == _ASSIGNED)
+            status[inflight] = _IN_FLIGHT
+        want = np.flatnonzero(status == _ASSIGNED)
         need = len(want) - self._nfree
         # Never evict a block this very batch found present (it was just touched, but a small pool...).
         evicted = self._evict(need, protect=set(found[present].tolist())) if need > 0 else 0
         take = min(len(want), self._nfree)
         got = self._pop_free(take)
         slots[want[:take]] = got
-        status[want[take:]] = StoreStatus.DROPPED
-        self._state[got] = SlotState.STORING
+        status[want[take:]] = _DROPPED
+        self._state[got] = _STORING
         self._keys[got] = k[want[:take]]
         self.stats.stores_started += take
         self.stats.store_skipped_present += int(present.sum())
         self.stats.store_skipped_in_flight += int(
-            np.count_nonzero(status == StoreStatus.IN_FLIGHT) + dup.sum()
+            np.count_nonzero(status == _IN_FLIGHT) + dup.sum()
         )
         self.stats.drops_full += len(want) - take
         return StorePlan(slots, status, evicted)
 
     def finish_store(self, slots) -> None:
         """The copies into these STORING slots completed: publish their keys (READY, findable)."""
-        s = self._slots_np(slots, SlotState.STORING, "finish_store")
+        s = self._slots_np(slots, _STORING, "finish_store")
         if len(s) == 0:
             return
         retired = self._retired[s]
         pub = s[~retired]
         if len(pub):
             self.index.insert(self._dev(self._keys[pub]), self._dev(pub.astype(np.int32)))
-            self._state[pub] = SlotState.READY
+            self._state[pub] = _READY
             self.policy.insert(pub, self._keys[pub])
         self._release(s[retired])
         self.stats.stores_completed += len(s)
@@ -228,7 +234,7 @@ class TierManager:
 
     def abort_store(self, slots) -> None:
         """The copies into these STORING slots will not complete: free them, publish nothing."""
-        s = self._slots_np(slots, SlotState.STORING, "abort_store")
+        s = self._slots_np(slots, _STORING, "abort_store")
         self._release(s)
         self.stats.stores_aborted += len(s)
 
@@ -274,7 +280,7 @@ class TierManager:
         found = self.lookup(k)
         ready = np.unique(found[found >= 0])
         hit = found >= 0
-        storing = np.flatnonzero((self._state == SlotState.STORING) & ~self._retired)
+        storing = np.flatnonzero((self._state == _STORING) & ~self._retired)
         if len(storing):
             kv = _void(k)
             sv = _void(self._keys[storing])
@@ -287,10 +293,10 @@ class TierManager:
 
     def clear(self) -> None:
         """Forget every key (e.g. the engine's reset_prefix_cache): in-flight slots are retired."""
-        ready = np.flatnonzero((self._state == SlotState.READY) & ~self._retired)
+        ready = np.flatnonzero((self._state == _READY) & ~self._retired)
         self.index.clear()
         self._retire_ready(ready)
-        self._retired[self._state == SlotState.STORING] = True
+        self._retired[self._state == _STORING] = True
 
     def limit(self, num_slots: int) -> None:
         """Withdraw the slots from `num_slots` on (the pool came out smaller than planned, e.g.
@@ -307,11 +313,11 @@ class TierManager:
         self._free[: len(keep)] = keep
         self._nfree = len(keep)
         gone = np.arange(num_slots, self.num_slots)
-        ready = gone[(self._state[gone] == SlotState.READY) & ~self._retired[gone]]
+        ready = gone[(self._state[gone] == _READY) & ~self._retired[gone]]
         if len(ready):
             self.index.remove(self._dev(self._keys[ready]))
             self._retire_ready(ready)
-        self._retired[gone[self._state[gone] == SlotState.STORING]] = True
+        self._retired[gone[self._state[gone] == _STORING]] = True
 
     @property
     def usable_slots(self) -> int:
@@ -322,30 +328,30 @@ class TierManager:
         """Raise AssertionError unless the index, the slot table and the policy agree (tests, debug)."""
         st, rd, ret = self._state, self._readers, self._retired
         bad = []
-        if np.any((st < SlotState.FREE) | (st > SlotState.READY)):
+        if np.any((st < _FREE) | (st > _READY)):
             bad.append("slot state out of range")
         free = self._free[: self._nfree]
         if len(np.unique(free)) != len(free):
             bad.append("a slot is twice on the free list")
-        free_usable = np.flatnonzero(st == SlotState.FREE)
+        free_usable = np.flatnonzero(st == _FREE)
         if not np.array_equal(np.sort(free), free_usable[free_usable < self._usable]):
             bad.append("free list != FREE slots")
         withdrawn = np.arange(self._usable, self.num_slots)
-        if np.any((st[withdrawn] != SlotState.FREE) & ~ret[withdrawn]):
+        if np.any((st[withdrawn] != _FREE) & ~ret[withdrawn]):
             bad.append("a withdrawn slot is in use without being retired")
-        if np.any(rd < 0) or np.any((rd > 0) & (st != SlotState.READY)):
+        if np.any(rd < 0) or np.any((rd > 0) & (st != _READY)):
             bad.append("readers on a slot that is not READY")
-        if np.any(ret & (st == SlotState.FREE)):
+        if np.any(ret & (st == _FREE)):
             bad.append("a FREE slot is marked retired")
-        live = np.flatnonzero((st == SlotState.READY) & ~ret)
+        live = np.flatnonzero((st == _READY) & ~ret)
         if len(self.index) != len(live):
             bad.append(f"index holds {len(self.index)} keys, {len(live)} slots are READY")
         if len(live) and not np.array_equal(self.lookup(self._keys[live]), live):
             bad.append("a READY key does not map to its slot in the index")
-        gone = np.flatnonzero((st == SlotState.READY) & ret)
+        gone = np.flatnonzero((st == _READY) & ret)
         if len(gone) and np.any(self.lookup(self._keys[gone]) == gone):
             bad.append("a retired key is still findable at its slot")
-        storing = np.flatnonzero((st == SlotState.STORING) & ~ret)
+        storing = np.flatnonzero((st == _STORING) & ~ret)
         if len(storing) and np.any(self.lookup(self._keys[storing]) >= 0):
             bad.append("a key being stored is findable")
         held = np.concatenate([live, storing])
@@ -374,13 +380,13 @@ class TierManager:
             raise ValueError(f"slot: {slot} outside [0, {self.num_slots})")
         return s
 
-    def _slots_np(self, slots, want: SlotState, what: str) -> np.ndarray:
+    def _slots_np(self, slots, want: int, what: str) -> np.ndarray:
         s = _as_slots(slots, self.num_slots, what)
         if len(np.unique(s)) != len(s):
             raise ValueError(f"{what}: a slot is listed twice")
         wrong = s[self._state[s] != want]
         if len(wrong):
-            raise ValueError(f"{what}: slots {wrong[:8].tolist()} are not {want.name}")
+            raise ValueError(f"{what}: slots {wrong[:8].tolist()} are not {SlotState(want).name}")
         return s
 
     def _unpin(self, slots, what: str) -> np.ndarray:
@@ -406,7 +412,7 @@ class TierManager:
     def _release(self, s: np.ndarray) -> None:
         if len(s) == 0:
             return
-        self._state[s] = SlotState.FREE
+        self._state[s] = _FREE
         self._retired[s] = False
         s = s[s < self._usable]  # withdrawn slots never return to the free list
         self._free[self._nfree : self._nfree + len(s)] = s
@@ -421,7 +427,7 @@ class TierManager:
         st, rd, ret = self._state, self._readers, self._retired
 
         def evictable(s: int) -> bool:
-            return st[s] == SlotState.READY and rd[s] == 0 and not ret[s] and s not in protect
+            return st[s] == _READY and rd[s] == 0 and not ret[s] and s not in protect
 
         victims = np.array(self.policy.victims(need, evictable), dtype=np.int64)
         if len(victims) == 0:

@@ -21,6 +21,8 @@ import torch
 from triton_prefix_cache.index import PrefixIndex
 from triton_prefix_cache.tiers import StoreStatus, TierManager
 
+_PRESENT, _DROPPED = int(StoreStatus.PRESENT), int(StoreStatus.DROPPED)  # ints: cheap numpy compares
+
 
 class HostTier:
     def __init__(self, num_slots: int, slot_bytes: int = 0, index_backend: str = "auto",
@@ -105,8 +107,8 @@ class HostTier:
         how many were dropped for lack of room)."""
         with self._on_stream():
             plan = self.tm.begin_store(keys)
-        dropped = int(np.count_nonzero(plan.status == StoreStatus.DROPPED))
-        return np.where(plan.assigned, plan.slots, -1), plan.status == StoreStatus.PRESENT, dropped
+        dropped = int(np.count_nonzero(plan.status == _DROPPED))
+        return np.where(plan.assigned, plan.slots, -1), plan.status == _PRESENT, dropped
 
     def end_store(self, slots: list[int], ok: bool) -> None:
         with self._on_stream():
