@@ -137,12 +137,13 @@ MEMORY_FIELDS = ("rss", "objects", "objects_grown", "objects_new_sample", "jit_o
 def _describe_new(old_ids: set) -> list[str]:
     """A few of the objects created since `old_ids` was taken, described (diagnostics: what grows).
     Tensors are told apart by device, dtype and shape, and they and new containers by what holds
-    them (`_holder`)."""
+    them (`_holder`). Call it last: to find holders that vLLM froze at its start-up (`gc.freeze()`,
+    out of `gc`'s reach otherwise), it unfreezes them, so `gc` lists them from then on."""
+    new = [o for o in gc.get_objects() if id(o) not in old_ids]
+    new_ids = {id(o) for o in new}
+    gc.unfreeze()
     out: collections.Counter = collections.Counter()
-    objs = gc.get_objects()
-    for o in objs:
-        if id(o) in old_ids:
-            continue
+    for o in new:
         t = type(o)
         what = f"{t.__module__}.{t.__qualname__}"
         name = getattr(o, "__qualname__", None) or getattr(o, "__name__", None)
@@ -151,37 +152,42 @@ def _describe_new(old_ids: set) -> list[str]:
             name, mod = getattr(o, "name", "?"), "kernel"
         if t.__name__ in ("Tensor", "Parameter") and hasattr(o, "shape"):
             dtype = str(o.dtype).removeprefix("torch.")
-            what += f" {o.device} {dtype} {tuple(o.shape)} held by {_holder(o, old_ids, objs)}"
+            what += f" {o.device} {dtype} {tuple(o.shape)} held by {_holder(o, new_ids, new)}"
         elif isinstance(name, str):
             what += f" {mod}.{name}"
         elif isinstance(o, (list, dict)) and o:
             first = next(iter(o))
             what += (f" of {type(first).__module__}.{type(first).__qualname__} (len {len(o)})"
-                     f" held by {_holder(o, old_ids, objs)}")
+                     f" held by {_holder(o, new_ids, new)}")
         out[what[:200]] += 1
-    del objs
+    del new
     return [f"{n} x {w}" for w, n in out.most_common(25)]
 
 
-def _holder(o: Any, old_ids: set, census: list) -> str:
+def _tname(x: Any) -> str:
+    t = type(x)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _holder(o: Any, new_ids: set, census: list) -> str:
     """What refers to `o`, in a few words: each referrer's type (`*`: created since the first
     checkpoint) and, for a dict, list or tuple, the types of what holds that in turn (an instance
     whose attribute dict it is, a cache's owner). Frames and the census's own lists are left out."""
     frame = type(sys._getframe())
     refs = gc.get_referrers(o)
-    skip = {id(census), id(old_ids), id(refs)}
+    skip = {id(census), id(new_ids), id(refs)}
     names = []
     for r in refs:
         if id(r) in skip or isinstance(r, frame):
             continue
-        n = type(r).__qualname__
+        n = _tname(r)
         if isinstance(r, (dict, list, tuple)):
             up = gc.get_referrers(r)
-            owners = [type(x).__qualname__ for x in up
-                      if id(x) not in skip and x is not up and x is not refs and not isinstance(x, frame)][:2]
+            owners = [_tname(x) for x in up
+                      if id(x) not in skip and x is not up and not isinstance(x, frame)][:2]
             del up
             n += f"<{','.join(owners)}>" if owners else ""
-        names.append(n + ("*" if id(r) not in old_ids else ""))
+        names.append(n + ("*" if id(r) in new_ids else ""))
         if len(names) == 3:
             break
     del refs
@@ -242,8 +248,8 @@ class _Census:
             types = H.live_object_types()
             types.subtract(self.types_half)
             res.objects_grown = [(t, n) for t, n in types.most_common(10) if n > 0]
-            res.objects_new_sample = _describe_new(self.ids_half)
             res.jit_objects, res.jit_kernels = _jit_artefacts(self.ids_half)
+            res.objects_new_sample = _describe_new(self.ids_half)  # last: it unfreezes
             self.ids_half = set()
         _trim_heap()
         res.rss[str(done)] = H.rss_bytes()
