@@ -5,7 +5,9 @@
 
 Every config runs in its own process, one after another, with the same model, KV cache size,
 workload and sampling settings; the three host tiers (built-in offloading, SimpleCPUOffload and
-ours) get the same host memory. Defaults: on a GPU the Llama-3.1-8B shape with dummy weights, a
+ours) get the same host memory. The engine core runs inside that process, where the adapter's
+scheduler hooks and loading steps can be timed (`--engine-process`: in a process of its own, vLLM's
+default deployment, without those timings). Defaults: on a GPU the Llama-3.1-8B shape with dummy weights, a
 4 GiB KV cache, 16 GiB of host memory and vLLM's default compiled mode; on a CPU the tiny random
 Llama. Prints a table, writes JSON (exact command, device, versions, every number) and a PNG chart
 (TTFT per config per round) to bench/results/compare-<device>-<date>.{json,png}.
@@ -152,7 +154,9 @@ def _flat_metrics(llm) -> dict:
 
 
 def run_child(spec: dict) -> dict:
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # In-process engine core unless asked (`--engine-process`): only then can the adapter's hooks and
+    # loading steps be timed from here. Both modes poll stores as vLLM's multi-process engine does.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if spec.get("engine_process") else "0"
     os.environ.setdefault("TPC_STEP_TIMING", "1")  # our worker times the steps that load (events)
     os.environ.setdefault("TPC_POLL_STORES", "1")  # stores as in vLLM's default multi-process engine
     from tqdm import tqdm
@@ -486,6 +490,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--eager", action="store_true", help="enforce_eager (quick iterations; not for headlines)"
     )
+    ap.add_argument(
+        "--engine-process",
+        action="store_true",
+        help="run each engine's core in a process of its own, vLLM's default deployment "
+        "(VLLM_ENABLE_V1_MULTIPROCESSING=1); the default runs it in the benchmark's process, where the "
+        "adapter's hook and loading-step timings can be read (every config the same way either way)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -532,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# {env['command']}\n# device: {env['device']} | torch {env['torch']} | vllm {env['vllm']} | "
         f"model {model.name} | KV {kv_gib:g} GiB = {kv_tokens:,} tokens | host tiers {host_gib:g} GiB | "
-        f"{'eager' if engine['enforce_eager'] else 'compiled + CUDA graphs'}",
+        f"{'eager' if engine['enforce_eager'] else 'compiled + CUDA graphs'} | engine core "
+        f"{'in its own process' if args.engine_process else 'in-process'}",
         flush=True,
     )
     gbps = pinned_memcpy_gbps()
@@ -547,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
             "kv_tokens": kv_tokens,
             "host_gib": host_gib,
             "engine": engine,
+            "engine_process": args.engine_process,
             "pinned_memcpy_gbps": gbps,
             # cProfile on the scheduler hooks slows them: timings of such a run are not headlines
             "hook_profiler": _PROFILER is not None,
@@ -576,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
                     "host_gib": host_gib,
                     "engine": config_engine(cfg, engine),
                     "result_path": f"{tmp}/result.json",
+                    "engine_process": args.engine_process,
                 }
                 Path(f"{tmp}/spec.json").write_text(json.dumps(spec))
                 child_env = dict(
