@@ -43,6 +43,7 @@
 #   bash scripts/gpu_work.sh s9-a         the soak eager, every configuration (memory: ours beside the engine alone)
 #   bash scripts/gpu_work.sh s9-b         fault, collision, burst tests eager; engine tests compiled
 #   bash scripts/gpu_work.sh s9-c         document QA, all five configs, compiled
+#   bash scripts/gpu_work.sh s9-d         document QA (offload, ours), engine core in-process and in its own process
 # Results and logs go to one tarball $OUT/<part>.tgz (the device tool brings back few files); each
 # step has its own time limit so one slow step cannot eat the call.
 set -uo pipefail
@@ -294,7 +295,12 @@ case "${1:-}" in
   s9-c)  # ~9 min: document QA with all five configs, compiled (~100 s each with start-up)
     run 540 compare-docqa-all python3 -m bench.compare --workload docqa \
       --configs none prefix offload simple ours --out "$OUT/compare-docqa-all.json" ;;
-  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e|verify-f|verify-g|bisect-soak|next-a|next-b|next-c|next-d|s6-a|s6-b|s6-c|s6-d|s6-e|s6-f|s6-g|s6-h|s7-a|s7-b|s7-c|s7-d|s8-a|s8-b|s8-c|s9-a|s9-b|s9-c" >&2
+  s9-d)  # ~8 min: document QA, built-in offloading and ours, engine core in-process then in its own process
+    run 230 compare-docqa python3 -m bench.compare --workload docqa --configs offload ours \
+      --out "$OUT/compare-docqa.json"
+    run 230 compare-docqa-engine-process python3 -m bench.compare --workload docqa --configs offload ours \
+      --engine-process --out "$OUT/compare-docqa-engine-process.json" ;;
+  *) echo "usage: $0 tests|docqa|rerun|more|vllm|engine|graphs|bench-a|bench-b|graphs-check|docqa-triton|reliability|copies|docqa-staged|verify-a|verify-b|verify-c|verify-d|verify-e|verify-f|verify-g|bisect-soak|next-a|next-b|next-c|next-d|s6-a|s6-b|s6-c|s6-d|s6-e|s6-f|s6-g|s6-h|s7-a|s7-b|s7-c|s7-d|s8-a|s8-b|s8-c|s9-a|s9-b|s9-c|s9-d" >&2
      exit 2 ;;
 esac
 tar czf "$FINAL/$1.tgz" -C "$OUT" . && ls -la "$OUT"
