@@ -68,6 +68,16 @@ class StorePlan:
     def assigned(self) -> np.ndarray:
         return self.status == _ASSIGNED
 
+    @property
+    def present(self) -> np.ndarray:
+        """Keys already READY in the host tier (nothing to copy)."""
+        return self.status == _PRESENT
+
+    @property
+    def dropped(self) -> np.ndarray:
+        """Keys that got no slot: every slot was in flight or being read."""
+        return self.status == _DROPPED
+
 
 class TierManager:
     """See the module docstring. `num_slots` and `slot_bytes` describe the HostPool it manages."""

@@ -19,9 +19,7 @@ import numpy as np
 import torch
 
 from triton_prefix_cache.index import PrefixIndex
-from triton_prefix_cache.tiers import StoreStatus, TierManager
-
-_PRESENT, _DROPPED = int(StoreStatus.PRESENT), int(StoreStatus.DROPPED)  # ints: cheap numpy compares
+from triton_prefix_cache.tiers import TierManager
 
 
 class HostTier:
@@ -107,8 +105,7 @@ class HostTier:
         how many were dropped for lack of room)."""
         with self._on_stream():
             plan = self.tm.begin_store(keys)
-        dropped = int(np.count_nonzero(plan.status == _DROPPED))
-        return np.where(plan.assigned, plan.slots, -1), plan.status == _PRESENT, dropped
+        return np.where(plan.assigned, plan.slots, -1), plan.present, int(np.count_nonzero(plan.dropped))
 
     def end_store(self, slots: list[int], ok: bool) -> None:
         with self._on_stream():

@@ -136,13 +136,17 @@ class SoakResult:
 MEMORY_FIELDS = ("rss", "objects", "objects_grown", "objects_new_sample", "jit_objects", "jit_kernels")
 
 
-def _describe_new(old_ids: set) -> list[str]:
-    """A few of the objects created since `old_ids` was taken, described (diagnostics: what grows).
-    Tensors are told apart by device, dtype and shape, and they and new containers by what holds
-    them (`_holder`). Call it last: to find holders that vLLM froze at its start-up (`gc.freeze()`,
-    out of `gc`'s reach otherwise), it unfreezes them, so `gc` lists them from then on."""
-    new = [o for o in gc.get_objects() if id(o) not in old_ids]
-    new_ids = {id(o) for o in new}
+def object_growth(objects: dict[str, int], jit_objects: int) -> float:
+    """Live objects' growth from the 1,000th to the 2,000th request, without those Triton's
+    compilations made meanwhile: what the memory test bounds by OBJECT_GROWTH_LIMIT."""
+    return (objects[str(NUM_REQUESTS)] - jit_objects) / objects[str(NUM_REQUESTS // 2)] - 1
+
+
+def _describe_new(new: list, new_ids: set) -> list[str]:
+    """A few of the objects created since the first checkpoint (`new`), described (diagnostics: what
+    grows). Tensors are told apart by device, dtype and shape, and they and new containers by what
+    holds them (`_holder`). Call it last: to find holders that vLLM froze at its start-up
+    (`gc.freeze()`, out of `gc`'s reach otherwise), it unfreezes them, so `gc` lists them from then on."""
     gc.unfreeze()
     out: collections.Counter = collections.Counter()
     for o in new:
@@ -162,7 +166,6 @@ def _describe_new(old_ids: set) -> list[str]:
             what += (f" of {type(first).__module__}.{type(first).__qualname__} (len {len(o)})"
                      f" held by {_holder(o, new_ids, new)}")
         out[what[:200]] += 1
-    del new
     return [f"{n} x {w}" for w, n in out.most_common(25)]
 
 
@@ -196,14 +199,13 @@ def _holder(o: Any, new_ids: set, census: list) -> str:
     return "/".join(sorted(names)) or "nothing tracked"
 
 
-def _jit_artefacts(old_ids: set) -> tuple[int, dict]:
-    """(how many of the objects created since `old_ids` a Triton compilation made, the kernels
-    compiled meanwhile by name): the new objects of Triton's own types (compiled kernels, their
-    launchers and metadata) and every new object reachable from them through new objects (the
-    metadata's namedtuple class, its field getters, functions and cells), plus new weak references
-    to any of those. Objects of this package are never counted (its module is not `triton.`)."""
-    new = [o for o in gc.get_objects() if id(o) not in old_ids]
-    new_ids = {id(o) for o in new}
+def _jit_artefacts(new: list, new_ids: set) -> tuple[int, dict]:
+    """(how many of the objects created since the first checkpoint (`new`) a Triton compilation
+    made, the kernels compiled meanwhile by name): the new objects of Triton's own types (compiled
+    kernels, their launchers and metadata) and every new object reachable from them through new
+    objects (the metadata's namedtuple class, its field getters, functions and cells), plus new weak
+    references to any of those. Objects of this package are never counted (its module is not
+    `triton.`)."""
     stack = [o for o in new if type(o).__module__.split(".")[0] == "triton"]
     kernels = collections.Counter(str(getattr(o, "name", "?")) for o in stack
                                   if type(o).__name__ == "CompiledKernel")
@@ -250,11 +252,13 @@ class _Census:
             types = H.live_object_types()
             types.subtract(self.types_half)
             res.objects_grown = [(t, n) for t, n in types.most_common(10) if n > 0]
-            res.jit_objects, res.jit_kernels = _jit_artefacts(self.ids_half)
-            half = res.objects[str(NUM_REQUESTS // 2)]
-            if (res.objects[str(done)] - res.jit_objects) / half - 1 >= OBJECT_GROWTH_LIMIT:
+            new = [o for o in gc.get_objects() if id(o) not in self.ids_half]
+            new_ids = {id(o) for o in new}
+            res.jit_objects, res.jit_kernels = _jit_artefacts(new, new_ids)
+            if object_growth(res.objects, res.jit_objects) >= OBJECT_GROWTH_LIMIT:
                 # last (it unfreezes), and only when needed: on the GPU it took ~55 s
-                res.objects_new_sample = _describe_new(self.ids_half)
+                res.objects_new_sample = _describe_new(new, new_ids)
+            del new
             self.ids_half = set()
         _trim_heap()
         res.rss[str(done)] = H.rss_bytes()

@@ -121,7 +121,7 @@ def _growth(mem: SimpleNamespace) -> tuple[float, float, str]:
     1,000th to the 2,000th request."""
     half, full = str(S.NUM_REQUESTS // 2), str(S.NUM_REQUESTS)
     rss = mem.rss[full] / mem.rss[half] - 1
-    obj = (mem.objects[full] - mem.jit_objects) / mem.objects[half] - 1
+    obj = S.object_growth(mem.objects, mem.jit_objects)
     line = (f"RSS {mem.rss[half] / 2**20:.1f} -> {mem.rss[full] / 2**20:.1f} MiB ({rss:+.2%}); live objects "
             f"{mem.objects[half]} -> {mem.objects[full]}, of which {mem.jit_objects} from Triton compiling "
             f"{mem.jit_kernels} ({obj:+.3%} without them); grew most: {mem.objects_grown[:5]}")
