@@ -66,7 +66,7 @@ class ModelSpec:
         """Write the model folder under `root` (idempotent) and return its path."""
         path = Path(root) / self.name
         cfg_file = path / "config.json"
-        want = json.dumps({"spec": asdict(self), "seed": seed}, sort_keys=True)
+        want = json.dumps({"spec": asdict(self), "seed": seed, "tokenizer": TOKENIZER_FORMAT}, sort_keys=True)
         stamp = path / ".spec.json"
         if cfg_file.exists() and stamp.exists() and stamp.read_text() == want:
             return path
@@ -74,8 +74,35 @@ class ModelSpec:
         cfg_file.write_text(json.dumps(self.hf_config(), indent=2))
         if self.weights == "random":
             _write_random_weights(self, path, seed)
+        write_tokenizer(path, self.vocab_size)
         stamp.write_text(want)
         return path
+
+
+#: Bumped whenever write_tokenizer's output changes (model folders are rebuilt then).
+TOKENIZER_FORMAT = 1
+
+
+def write_tokenizer(path: str | Path, vocab_size: int) -> None:
+    """A word-level tokenizer with `vocab_size` entries: ids 0..n-2 are the words "w0".."w<n-2>",
+    the last is "<unk>"; words are split on whitespace and joined with one space.
+
+    Every token sequence decodes to text that encodes back to the same ids, so vLLM's benchmark
+    client (which draws random ids, decodes them and sends text) produces prompts with exactly the
+    prefixes it meant to share, and no tokenizer has to be downloaded. No BOS/EOS tokens: the
+    server adds nothing to a prompt.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(vocab_size - 1)}
+    vocab["<unk>"] = vocab_size - 1
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    path = Path(path)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>",
+        "model_max_length": 1 << 20, "clean_up_tokenization_spaces": False}, indent=2))
 
 
 def _write_random_weights(spec: ModelSpec, path: Path, seed: int) -> None:

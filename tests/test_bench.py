@@ -1,8 +1,9 @@
-"""bench.compare's config grammar and target ratios (pure functions; no engine runs)."""
+"""The benchmarks' config grammar and bench.compare's target ratios (pure functions; no engine runs)."""
 
 import pytest
 
-from bench import compare as C
+from bench import compare
+from bench import configs as C
 
 
 def test_parse_config_splits_engine_and_connector_keys():
@@ -49,10 +50,22 @@ def test_ratios_against_every_baseline_and_the_vram_ideal():
             },
         }
     }
-    r = C._ratios(results)["docqa"]
+    r = compare._ratios(results)["docqa"]
     assert r["ttft_ours_over_offload"] == pytest.approx(0.6)
     assert r["throughput_ours_over_offload"] == pytest.approx(2.0)
     assert r["ttft_ours_over_prefix:kv_gib=16"] == pytest.approx(2.5)
     assert r["ttft_ours_minus_prefix:kv_gib=16_ms"] == pytest.approx(18.0)
     assert r["ttft_ours_over_floor"] == pytest.approx(1.5)
     assert not any("none" in k for k in r)
+
+
+def test_serve_flags_spell_the_engine_kwargs():
+    assert C.serve_flags("prefix", 40.0) == ["--enable-prefix-caching"]
+    assert C.serve_flags("none", 40.0) == ["--no-enable-prefix-caching"]
+    assert C.serve_flags("offload", 40.0) == [
+        "--enable-prefix-caching", "--kv-offloading-size", "40", "--kv-offloading-backend", "native"]
+    flags = C.serve_flags("ours:load=async", 1.5)
+    assert flags[:2] == ["--enable-prefix-caching", "--kv-transfer-config"]
+    import json
+
+    assert json.loads(flags[2])["kv_connector_extra_config"] == {"host_cache_gib": 1.5, "load": "async"}
