@@ -8,8 +8,8 @@ def test_defaults():
     cfg = PrefixCacheConfig.from_dict({"host_cache_gib": 16})
     assert (cfg.host_cache_gib, cfg.demote, cfg.load, cfg.index_backend, cfg.eviction, cfg.copy_backend) == (
         16,
-        "lazy",
-        "layerwise",
+        "write_through",
+        "auto",
         "auto",
         "lru",
         "auto",

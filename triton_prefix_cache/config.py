@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 DEMOTE_MODES = ("lazy", "write_through")
-LOAD_MODES = ("async", "layerwise")
+LOAD_MODES = ("auto", "layerwise", "async")
 INDEX_BACKENDS = ("auto", "triton", "torch")
 COPY_BACKENDS = ("auto", "staged", "dma", "triton", "torch")
 EVICTION_POLICIES = ("lru",)
@@ -28,11 +28,15 @@ class PrefixCacheConfig:
     """What the host tier is and how blocks move between it and the engine's KV cache.
 
     host_cache_gib: size of the pinned host pool in GiB (float > 0). Required.
-    demote: "lazy" copies the cached blocks next in line for eviction; "write_through" copies
-        every new full block once its KV has been written.
-    load: "layerwise" (default) loads inside the request's own step, overlapped with the forward
-        per layer; "async" lets the request wait while its blocks load and other requests run.
-        Layer-wise measured lower TTFT on host hits (README, "Results").
+    demote: "write_through" (default) copies every new full block once its KV has been written,
+        so every block vLLM evicts later already has its host copy, at any load; "lazy" copies
+        only the cached blocks next in line for eviction, which saves copies of blocks that never
+        leave VRAM but falls behind when one step allocates more blocks than it looked ahead
+        (requests admitted with long host hits allocate their whole prefix at once).
+    load: "layerwise" loads inside the request's own step, each layer's attention waiting for
+        that layer's copy, so the step (with every other request in it) waits for the copy;
+        "async" lets the request wait while its blocks load and the other requests keep stepping;
+        "auto" (default) loads layer-wise when no other request runs and async otherwise.
     index_backend: which PrefixIndex backend serves host-tier lookups: "auto" keeps an engine's
         scheduler-side table on the CPU (small, latency-bound lookups; measured faster than the
         Triton table next to a busy GPU), "triton" puts it on the engine's GPU, "torch" on the CPU.
@@ -54,8 +58,8 @@ class PrefixCacheConfig:
     """
 
     host_cache_gib: float
-    demote: str = "lazy"
-    load: str = "layerwise"
+    demote: str = "write_through"
+    load: str = "auto"
     index_backend: str = "auto"
     eviction: str = "lru"
     copy_backend: str = "auto"

@@ -161,6 +161,17 @@ class TierManager:
         s = self._slot(slot)
         return int(self._keys[s, 0]), int(self._keys[s, 1])
 
+    def holds(self, keys) -> np.ndarray:
+        """bool (n,): keys READY or STORING (retired ones excluded): a copy exists or is on its way."""
+        k = self._keys_np(keys)
+        if len(k) == 0:
+            return np.zeros(0, dtype=bool)
+        held = self.index.lookup(self._dev(k)).cpu().numpy() >= 0
+        storing = np.flatnonzero((self._state == _STORING) & ~self._retired)
+        if len(storing):
+            held |= np.isin(_void(k), _void(self._keys[storing]))
+        return held
+
     def readers(self, slot: int) -> int:
         return int(self._readers[self._slot(slot)])
 

@@ -8,7 +8,7 @@ across versions.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import vllm
@@ -116,6 +116,24 @@ def iter_free_blocks(pool: BlockPool) -> Iterator[KVCacheBlock]:
     while b is not None and b is not q.fake_free_list_tail:
         yield b
         b = b.next_free_block
+
+
+def watch_evictions(pool: BlockPool, on_evict: Callable[[KVCacheBlock], None]) -> bool:
+    """Call `on_evict(block)` for every GPU block this pool reuses or evicts, before vLLM drops
+    its hash; False where this vLLM has no such step to watch. vLLM 0.26 and 0.32 route every
+    eviction (`get_new_blocks`, `evict_blocks`) through `BlockPool._maybe_evict_cached_block`;
+    the watch wraps it on this pool instance only."""
+    original = getattr(pool, "_maybe_evict_cached_block", None)
+    if original is None:
+        return False
+
+    def evict(block: KVCacheBlock) -> bool:
+        if block.block_hash is not None:
+            on_evict(block)
+        return original(block)
+
+    pool._maybe_evict_cached_block = evict
+    return True
 
 
 def hold_blocks(pool: BlockPool, blocks: Sequence[KVCacheBlock]) -> None:

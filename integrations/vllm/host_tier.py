@@ -84,6 +84,11 @@ class HostTier:
         slots = slots[slots >= 0]
         return bool(slots.size) and bool((self.tm.readers_of(slots) > 0).any())
 
+    def holds(self, keys: torch.Tensor) -> np.ndarray:
+        """bool (n,): keys with a host copy, complete or being written."""
+        with self._on_stream():
+            return self.tm.holds(keys)
+
     def pin(self, keys: torch.Tensor) -> list[int]:
         """Pin the slots of keys that `match` found (same scheduling pass: they are still READY)."""
         with self._on_stream():

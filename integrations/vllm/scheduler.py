@@ -11,6 +11,12 @@ stores. Invariants:
 - a GPU block being copied to the host is held (one extra reference, out of vLLM's free queue)
   from the step that plans the copy until the worker reports it done, so vLLM cannot reuse it;
 - keys are derived from `Request.block_hashes` once per block per request (cached on `_ReqState`).
+
+Load modes: a layer-wise load runs in the request's own step, each layer's attention waiting for
+that layer's copy, so the whole step (every other request's decode in it too) waits for the copy;
+an async load lets the request wait while the others keep stepping. `load="auto"` picks per
+request: layer-wise when no other request runs (nothing to stall; the lowest TTFT), async
+otherwise.
 """
 from __future__ import annotations
 
@@ -75,7 +81,9 @@ class _ReqState:
     wt_done: int = 0
     counted: bool = False
     fresh: bool = False  # a lookup happened that update_state_after_alloc has not accounted yet
+    load_async: bool = False  # how the load planned by the last lookup runs
     request: Any = None
+    sched_seconds: float = 0.0  # scheduler time spent in the adapter's hooks for this request
 
     def keys_for(self, request: Request) -> torch.Tensor:
         """Keys of all the request's full blocks; only blocks hashed since the last call are converted."""
@@ -114,8 +122,15 @@ class SchedulerSide:
         # Lazy demotion copies the blocks vLLM will reuse next (`demotion_window`).
         self.budget_blocks = -(-sched.max_num_batched_tokens // self.block_size)
         self.max_num_seqs = sched.max_num_seqs
-        self.load_async = cfg.load == "async"
+        self.load_mode = cfg.load
+        #: the requests the latest step scheduled (finished ones leave at once): the batch a
+        #: layer-wise load would stall
+        self.running: set[str] = set()
         self.pool: BlockPool | None = None
+        #: (GPU block id, block hash) of cached blocks vLLM evicted since the last step, checked
+        #: against the host tier once per step (`missed_demotions`)
+        self._evicted: list[tuple[int, bytes]] = []
+        self._evictions_seen = 0
         self.reqs: dict[str, _ReqState] = {}
         self.pending_loads: list[LoadJob] = []
         self.inflight_loads: dict[str, list[int]] = {}  # req id -> pinned slots
@@ -139,6 +154,19 @@ class SchedulerSide:
     # ---- vLLM hooks ------------------------------------------------------------------------------
     def bind_gpu_block_pool(self, pool: BlockPool) -> None:
         self.pool = pool
+        if not compat.watch_evictions(pool, self._on_evict):
+            logger.info("triton-prefix-cache: this vLLM evicts GPU blocks without a hook; the "
+                        "missed_demotions counter stays 0")
+
+    def _on_evict(self, block: KVCacheBlock) -> None:
+        h = compat.block_hash_of(block)
+        if h is not None and not block.is_null:
+            self._evicted.append((block.block_id, h))
+
+    def _loads_async(self, req_id: str) -> bool:
+        if self.load_mode != "auto":
+            return self.load_mode == "async"
+        return any(r != req_id for r in self.running)
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         t0 = time.perf_counter()
@@ -162,15 +190,18 @@ class SchedulerSide:
         if not st.counted:  # one request counts once, however often vLLM asks
             st.counted = True
             s.add("sched_requests", 1)
-        # Another request loading this prefix right now (vLLM caches its blocks only when that load
-        # completes): ask again later and hit them in VRAM then, rather than copying the same prefix
-        # over PCIe once per request (a burst sharing one long prefix).
-        deferred = bool(n) and self.load_async and self.tier.loading(st.keys[start : start + 1])
+        # Another request loading this prefix right now (vLLM caches an async load's blocks only
+        # when it completes): ask again later and hit them in VRAM then, rather than copying the
+        # same prefix over PCIe once per request (a burst sharing one long prefix).
+        deferred = bool(n) and self.tier.loading(st.keys[start : start + 1])
         if deferred:
             st.plan_n = 0
             s.add("deferred_requests", 1)
-        s.add("sched_seconds", time.perf_counter() - t0)
-        return (None, False) if deferred else (n * bs, bool(n) and self.load_async)
+        st.load_async = bool(n) and self._loads_async(request.request_id)
+        dt = time.perf_counter() - t0
+        s.add("sched_seconds", dt)
+        st.sched_seconds += dt
+        return (None, False) if deferred else (n * bs, st.load_async)
 
     def _note_partial(self, request: Request, gpu_blocks: int, host_blocks: int, want: int) -> None:
         """A partial host hit (diagnostics, `recent_partial_hits`): where the lookup stopped, the
@@ -217,12 +248,16 @@ class SchedulerSide:
                 # when they near eviction, instead of looking each one up again then.
                 hashes = request.block_hashes[st.plan_start : st.plan_start + n]
                 self._known.update(zip(block_ids, map(compat.cached_hash, hashes)))
-            self.pending_loads.append(LoadJob(request.request_id, slots, block_ids, not self.load_async))
+            self.pending_loads.append(LoadJob(request.request_id, slots, block_ids, not st.load_async))
             self.inflight_loads[request.request_id] = slots
             s = self.stats
             s.add("host_hit_tokens", num_external_tokens)
+            if st.load_async:
+                s.add("async_loads", 1)
             st.plan_n = 0
-        self.stats.add("sched_seconds", time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        self.stats.add("sched_seconds", dt)
+        st.sched_seconds += dt
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict:
         if num_external_tokens == 0 or self.hit_source is None:
@@ -233,6 +268,9 @@ class SchedulerSide:
         t0 = time.perf_counter()
         meta = TPCMetadata(loads=self.pending_loads)
         self.pending_loads = []
+        self.running = set(scheduler_output.num_scheduled_tokens)
+        if self._evicted:
+            self._count_missed_demotions()
         if self.cfg.demote == "lazy":
             self._plan_lazy()
         else:
@@ -278,7 +316,10 @@ class SchedulerSide:
         self.stats.add("step_seconds", time.perf_counter() - t0)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict | None]:
+        self.running.discard(request.request_id)
         st = self.reqs.pop(request.request_id, None)
+        if st is not None and st.counted:
+            self.stats.observe("sched_request_seconds", st.sched_seconds)
         if st is not None and self.cfg.demote == "write_through" and self.pool is not None:
             # The last step's KV is written (its output came back): store what is still unstored.
             n_full = min(request.num_computed_tokens // self.block_size, len(block_ids),
@@ -302,6 +343,10 @@ class SchedulerSide:
 
     def get_stats(self) -> TPCStats | None:
         s = self.stats
+        evictions = self.tier.evictions
+        if evictions != self._evictions_seen:
+            s.add("host_evictions", evictions - self._evictions_seen)
+            self._evictions_seen = evictions
         s.set("host_used_slots", len(self.tier))
         s.set("inflight_loads", len(self.inflight_loads))
         s.set("inflight_stores", len(self.inflight_stores))
@@ -313,6 +358,15 @@ class SchedulerSide:
         return s
 
     # ---- demotion ---------------------------------------------------------------------------------
+    def _count_missed_demotions(self) -> None:
+        """Cached GPU blocks vLLM evicted while the host tier had no copy of them, stored or being
+        stored: each is a recompute if its prefix comes back."""
+        evicted, self._evicted = self._evicted, []
+        held = self.tier.holds(keys_from_block_hashes([h for _, h in evicted]))
+        missed = len(evicted) - int(np.count_nonzero(held))
+        if missed:
+            self.stats.add("missed_demotions", missed)
+
     def _plan_lazy(self) -> None:
         """Copy the cached GPU blocks vLLM will reuse first, unless the host tier has them already."""
         pool = self.pool

@@ -38,12 +38,17 @@ COUNTERS = (
     "failed_loads",
     "load_retries",  # layer-wise loads whose submission failed once and was retried (see the worker)
     "partial_host_hits",  # lookups that stopped at a missing block with later ones in the host tier
-    "deferred_requests",  # async loads: asked again later because another request loads that prefix
+    "deferred_requests",  # asked again later because another request's async load reads that prefix
+    "async_loads",  # loads the request waited for (the others ran layer-wise in their own step)
+    "missed_demotions",  # cached GPU blocks vLLM evicted while the host tier had no copy of them
+    "host_evictions",  # host-tier blocks evicted to make room
     "full_graph_loads",  # layer-wise loads waited for whole: their step replayed a full CUDA graph
     "sched_seconds",  # scheduler time spent inside the adapter (key derivation + lookup + bookkeeping)
     "sched_requests",  # requests that time is spread over
     "step_seconds",  # per-step adapter time (planning demotions, handling completions)
 )
+#: Observations (lists of values, concatenated on aggregate; Prometheus histograms).
+OBSERVATIONS = ("sched_request_seconds",)  # a finished request's scheduler time in the adapter
 #: Gauges (the latest value wins on aggregate).
 GAUGES = ("inflight_loads", "inflight_stores", "host_used_slots", "host_slots", "host_pool_pin_failures")
 
@@ -65,16 +70,21 @@ class TPCStats(KVConnectorStats):
     def set(self, key: str, value: float) -> None:
         self.data[key] = value
 
+    def observe(self, key: str, value: float) -> None:
+        self.data.setdefault(key, []).append(value)
+
     def aggregate(self, other: KVConnectorStats) -> TPCStats:
         for k, v in other.data.items():
             if k in GAUGES:
                 self.data[k] = v
+            elif k in OBSERVATIONS:
+                self.data[k] = self.data.get(k, []) + list(v)
             else:
                 self.data[k] = self.data.get(k, 0) + v
         return self
 
     def is_empty(self) -> bool:
-        return not any(self.data.get(k, 0) for k in COUNTERS) and not any(
+        return not any(self.data.get(k, 0) for k in (*COUNTERS, *OBSERVATIONS)) and not any(
             self.data.get(k, 0) for k in ("inflight_loads", "inflight_stores", "host_pool_pin_failures")
         )
 
@@ -101,6 +111,8 @@ class TPCStats(KVConnectorStats):
             "store_GB": round(d.get("store_bytes", 0) / 1e9, 3),
             "store_GBps": gbps("store_bytes", "store_seconds"),
             "dropped_stores": int(d.get("dropped_stores", 0)),
+            "missed_demotions": int(d.get("missed_demotions", 0)),
+            "host_evictions": int(d.get("host_evictions", 0)),
             "failed_loads": int(d.get("failed_loads", 0)),
             "inflight_loads": int(d.get("inflight_loads", 0)),
             "host_used_slots": int(d.get("host_used_slots", 0)),
@@ -126,11 +138,21 @@ _PROM_COUNTERS = {
                           "blocks of the same prompt were there (a hole)."),
     "deferred_requests": ("vllm:tpc_deferred_requests",
                           "Lookups deferred because another request was loading the same prefix."),
+    "async_loads": ("vllm:tpc_async_loads",
+                    "Host-tier loads the request waited for while others ran (the rest ran layer-wise)."),
+    "missed_demotions": ("vllm:tpc_missed_demotions",
+                         "Cached GPU blocks vLLM evicted while the host tier had no copy of them."),
+    "host_evictions": ("vllm:tpc_host_evictions", "Host-tier blocks evicted to make room."),
     "full_graph_loads": ("vllm:tpc_full_graph_loads",
                          "Layer-wise loads waited for whole because their step replayed a full CUDA graph."),
     "sched_seconds": ("vllm:tpc_scheduler_seconds", "Scheduler time spent in the adapter's lookups."),
     "step_seconds": ("vllm:tpc_step_seconds", "Scheduler time spent in the adapter's per-step planning."),
     "sched_requests": ("vllm:tpc_scheduler_requests", "Requests the adapter looked up."),
+}
+_PROM_HISTOGRAMS = {
+    "sched_request_seconds": ("vllm:tpc_scheduler_seconds_per_request",
+                              "Scheduler time the adapter spent on one request (lookups and planning).",
+                              (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)),
 }
 _PROM_GAUGES = {
     "inflight_loads": ("vllm:tpc_inflight_loads", "Host -> GPU loads in flight."),
@@ -163,6 +185,11 @@ class TPCPromMetrics(KVConnectorPromMetrics):
             key: per_engine(self._gauge_cls(name=name, documentation=doc, labelnames=labelnames))
             for key, (name, doc) in _PROM_GAUGES.items()
         }
+        self._histograms = {
+            key: per_engine(self._histogram_cls(name=name, documentation=doc, labelnames=labelnames,
+                                                buckets=list(buckets)))
+            for key, (name, doc, buckets) in _PROM_HISTOGRAMS.items()
+        }
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         for key, children in self._counters.items():
@@ -172,3 +199,6 @@ class TPCPromMetrics(KVConnectorPromMetrics):
         for key, children in self._gauges.items():
             if key in transfer_stats_data:
                 children[engine_idx].set(transfer_stats_data[key])
+        for key, children in self._histograms.items():
+            for v in transfer_stats_data.get(key, ()):
+                children[engine_idx].observe(v)

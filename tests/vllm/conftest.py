@@ -5,11 +5,13 @@ every workload through it, keeps the results (`harness.RunResult`) and shuts the
 at most one engine lives at a time and each starts once. Configurations:
   oracle     built-in prefix caching, KV cache big enough for every workload (no eviction)
   nocache    no prefix caching at all
-  tpc        the connector with load="async" (lazy demotion), KV cache far too small
-  layerwise  the connector's defaults (lazy demotion, layer-wise loads)
+  tpc        the connector with async loads and lazy demotion, KV cache far too small
+  layerwise  layer-wise loads, lazy demotion
   ahead      layer-wise loads submitted group by group as the forward reaches them (layerwise_ahead=0)
-  wt         the connector with demote="write_through"
-  smallhost  the connector with a host tier smaller than the working set (host evictions)
+  wt         layer-wise loads, write-through demotion
+  defaults   the connector's defaults (load="auto": layer-wise alone, async beside other requests;
+             write-through demotion)
+  smallhost  layer-wise loads and lazy demotion with a host tier smaller than the working set
 """
 from __future__ import annotations
 
@@ -32,13 +34,18 @@ WORKLOADS = {"docqa": H.docqa, "chat": H.chat, "concurrent": H.concurrent, "pree
 CONFIGS: dict[str, dict] = {
     "oracle": dict(kv_blocks=BIG_KV_BLOCKS),
     "nocache": dict(kv_blocks=BIG_KV_BLOCKS, prefix_caching=False),
-    "tpc": dict(kv_blocks=SMALL_KV_BLOCKS, kv_transfer_config=H.tpc_config(load="async")),
-    "layerwise": dict(kv_blocks=SMALL_KV_BLOCKS, kv_transfer_config=H.tpc_config()),
-    "ahead": dict(kv_blocks=SMALL_KV_BLOCKS, kv_transfer_config=H.tpc_config(layerwise_ahead=0)),
-    "wt": dict(kv_blocks=SMALL_KV_BLOCKS, kv_transfer_config=H.tpc_config(demote="write_through")),
+    "tpc": dict(kv_blocks=SMALL_KV_BLOCKS, kv_transfer_config=H.tpc_config(load="async", demote="lazy")),
+    "layerwise": dict(kv_blocks=SMALL_KV_BLOCKS,
+                      kv_transfer_config=H.tpc_config(load="layerwise", demote="lazy")),
+    "ahead": dict(kv_blocks=SMALL_KV_BLOCKS,
+                  kv_transfer_config=H.tpc_config(load="layerwise", demote="lazy", layerwise_ahead=0)),
+    "wt": dict(kv_blocks=SMALL_KV_BLOCKS,
+               kv_transfer_config=H.tpc_config(load="layerwise", demote="write_through")),
+    "defaults": dict(kv_blocks=SMALL_KV_BLOCKS, kv_transfer_config=H.tpc_config()),
     # 100 slots of 32 KiB: less than the docqa documents (150 blocks), so the host tier evicts too.
     "smallhost": dict(kv_blocks=SMALL_KV_BLOCKS,
-                      kv_transfer_config=H.tpc_config(host_cache_gib=100 * H.PAGE_BYTES_PER_BLOCK / 2**30)),
+                      kv_transfer_config=H.tpc_config(host_cache_gib=100 * H.PAGE_BYTES_PER_BLOCK / 2**30,
+                                                      load="layerwise", demote="lazy")),
 }
 
 
@@ -80,8 +87,8 @@ def _run(name: str, model_path: Path) -> H.RunResult:
     res = H.RunResult(name)
     saved_env = {k: os.environ.get(k) for k in ("TPC_DEBUG_PAGES", "TPC_DEBUG_LOAD_DELAY")}
     os.environ["TPC_DEBUG_PAGES"] = "1"
-    # The default run also delays async load completions by two steps (see WorkerSide).
-    os.environ["TPC_DEBUG_LOAD_DELAY"] = "2" if name == "tpc" else "0"
+    # Runs whose loads may be async also report them two steps late (see WorkerSide).
+    os.environ["TPC_DEBUG_LOAD_DELAY"] = "2" if name in ("tpc", "defaults") else "0"
     try:
         llm = H.make_llm(model_path, **cfg)
     finally:

@@ -35,21 +35,24 @@ SOAK_KV_BLOCKS = 80  # as the engine tests' small cache: < 2 long chat histories
 ORACLE_KV_BLOCKS = 6000  # more than the stream's 2,533 distinct blocks: built-in caching never evicts
 CHECK_EVERY = 25  # calls between full tier consistency checks and gauge reads
 BLOCK = 32
-#: Connector settings the soak runs with: its defaults (layer-wise loads, lazy demotion); and async
-#: loads reported a step late (requests wait in WAITING_FOR_REMOTE_KVS) with write-through demotion
-#: and stores that report a poll late (a store overlaps the next step, as slow copies on a GPU do).
+#: Connector settings the soak runs with: its defaults (load="auto", write-through demotion) with
+#: async loads reported a step late; async loads reported a step late (requests wait in
+#: WAITING_FOR_REMOTE_KVS) with write-through demotion and stores that report a poll late (a store
+#: overlaps the next step, as slow copies on a GPU do); layer-wise loads with either demotion.
 #: name -> (kv_connector_extra_config, TPC_DEBUG_LOAD_DELAY, store report delay in polls)
 CONFIGS: dict[str, tuple[dict, str, int]] = {
-    "defaults": ({}, "0", 0),
+    "defaults": ({}, "1", 0),
     "async_write_through": ({"load": "async", "demote": "write_through"}, "1", 1),
-    "layerwise_write_through": ({"demote": "write_through"}, "0", 1),
-    "async_lazy": ({"load": "async"}, "1", 0),
+    "layerwise_write_through": ({"load": "layerwise", "demote": "write_through"}, "0", 1),
+    "layerwise_lazy": ({"load": "layerwise", "demote": "lazy"}, "0", 0),
+    "async_lazy": ({"load": "async", "demote": "lazy"}, "1", 0),
 }
 #: The configurations test_soak.py runs (TPC_SOAK_CONFIGS=a,b overrides). layerwise_write_through is
 #: the one that showed, on the CPU too, write-through storing a block another request was still
 #: computing in the same step (scheduler.py, `_plan_write_through`).
 TEST_CONFIGS = [c for c in os.environ.get(
-    "TPC_SOAK_CONFIGS", "defaults,async_write_through,layerwise_write_through").split(",") if c]
+    "TPC_SOAK_CONFIGS", "defaults,async_write_through,layerwise_write_through,layerwise_lazy").split(",")
+    if c]
 #: live Python objects may grow less than this from the 1,000th to the 2,000th request (test_soak.py)
 OBJECT_GROWTH_LIMIT = 0.01
 SETTLE_MAX = 8  # requests shorter than a block, played after the soak until no store is in flight

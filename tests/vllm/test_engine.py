@@ -13,7 +13,7 @@ import torch
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-TPC_CONFIGS = ["tpc", "layerwise", "ahead", "wt"]
+TPC_CONFIGS = ["tpc", "layerwise", "ahead", "wt", "defaults"]
 _V026 = __import__("vllm").__version__.startswith("0.26.")
 
 

@@ -102,7 +102,7 @@ def test_host_cache_smaller_than_a_block_fails(vllm_config):
 
 def test_good_config_builds_both_roles(vllm_config):
     c = _make(vllm_config, {"host_cache_gib": 0.01}, _kv_cache_config(_spec()))
-    assert c.cfg.demote == "lazy" and c._sched is not None
+    assert (c.cfg.demote, c.cfg.load) == ("write_through", "auto") and c._sched is not None
     w = _make(vllm_config, {"host_cache_gib": 0.01, "load": "layerwise"}, _kv_cache_config(_spec()), "WORKER")
     assert w._worker is not None and w.cfg.load == "layerwise"
 

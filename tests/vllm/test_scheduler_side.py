@@ -1,0 +1,116 @@
+"""The scheduler half without an engine: how each load runs, deferral, and the counters that say
+whether demotion keeps up (a real vLLM BlockPool, fake requests and scheduler outputs)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from triton_prefix_cache.config import PrefixCacheConfig
+from triton_prefix_cache.keys import keys_from_block_hashes
+
+pytestmark = pytest.mark.vllm
+
+BLOCK = 32
+
+
+def _side(**extra):
+    from triton_prefix_cache_vllm.scheduler import SchedulerSide
+
+    spec = SimpleNamespace(block_size=BLOCK, page_size_bytes=1024)
+    kv = SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec, layer_names=["l0", "l1"])])
+    vc = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_batched_tokens=256, max_num_seqs=8))
+    cfg = PrefixCacheConfig.from_dict({"host_cache_gib": 64 * 2048 / 2**30, **extra})
+    return SchedulerSide(cfg, vc, kv)
+
+
+def _hashes(n: int, base: int) -> list[bytes]:
+    return [(base + i).to_bytes(4, "little") * 8 for i in range(n)]
+
+
+def _store(side, hashes) -> None:
+    slots, _, _ = side.tier.begin_store(keys_from_block_hashes(hashes))
+    side.tier.end_store(slots[slots >= 0].tolist(), ok=True)
+
+
+def _request(req_id: str, hashes: list[bytes]):
+    return SimpleNamespace(request_id=req_id, block_hashes=hashes, num_tokens=len(hashes) * BLOCK + 1,
+                           num_computed_tokens=0)
+
+
+def _step(side, *running: str) -> None:
+    cached = SimpleNamespace(req_ids=[], new_block_ids=[], resumed_req_ids=set())
+    side.build_connector_meta(SimpleNamespace(num_scheduled_tokens=dict.fromkeys(running, 1),
+                                              scheduled_new_reqs=[], scheduled_cached_reqs=cached))
+
+
+@pytest.mark.parametrize("mode", ["auto", "layerwise", "async"])
+def test_each_load_runs_as_its_mode_says(mode):
+    side = _side(load=mode)
+    hashes = _hashes(4, 0)
+    _store(side, hashes)
+    alone = side.get_num_new_matched_tokens(_request("a", hashes), 0)
+    _step(side, "other")  # another request runs: a layer-wise load would stall its decode
+    beside = side.get_num_new_matched_tokens(_request("b", hashes), 0)
+    want_alone, want_beside = {"auto": (False, True), "layerwise": (False, False),
+                               "async": (True, True)}[mode]
+    assert alone == (4 * BLOCK, want_alone) and beside == (4 * BLOCK, want_beside)
+    side.request_finished(_request("other", []), [])  # a finished request no longer counts
+    assert side.get_num_new_matched_tokens(_request("c", hashes), 0) == (4 * BLOCK, want_alone)
+
+
+@pytest.mark.parametrize("mode", ["auto", "layerwise", "async"])
+def test_a_prefix_being_loaded_is_asked_again_later_in_every_mode(mode):
+    side = _side(load=mode)
+    hashes = _hashes(3, 100)
+    _store(side, hashes)
+    pinned = side.tier.pin(keys_from_block_hashes(hashes))  # another request's load reads them
+    assert side.get_num_new_matched_tokens(_request("a", hashes), 0) == (None, False)
+    assert side.stats.data["deferred_requests"] == 1
+    side.tier.unpin(pinned)
+    assert side.get_num_new_matched_tokens(_request("a", hashes), 0)[0] == 3 * BLOCK
+
+
+def test_evictions_without_a_host_copy_count_as_missed_demotions():
+    from triton_prefix_cache_vllm import compat
+    from vllm.v1.core.block_pool import BlockPool
+
+    side = _side(demote="lazy")
+    pool = BlockPool(num_gpu_blocks=8, enable_caching=True, hash_block_size=BLOCK)
+    side.bind_gpu_block_pool(pool)
+    free = list(compat.iter_free_blocks(pool))[:4]
+    hashes = _hashes(4, 200)
+    for b, h in zip(free, hashes):
+        cached = compat.cached_hash(h)
+        if hasattr(b, "set_block_hash"):
+            b.set_block_hash(cached)
+        else:
+            b.block_hash = cached
+    _store(side, hashes[:1])  # a host copy
+    slots, _, _ = side.tier.begin_store(keys_from_block_hashes(hashes[1:2]))
+    side.tier.end_store(slots.tolist(), ok=False)  # its store failed: no copy
+    side.tier.begin_store(keys_from_block_hashes(hashes[2:3]))  # being stored: a copy on its way
+    # hashes[3]: never stored
+    got = pool.get_new_blocks(5)  # vLLM reuses the four and one hashless block (not counted)
+    assert [b.block_id for b in got][:4] == [b.block_id for b in free]
+    _step(side)
+    assert side.stats.data.get("missed_demotions", 0) == 2
+
+
+def test_scheduler_time_per_request_and_host_evictions_reach_the_stats():
+    from triton_prefix_cache_vllm.stats import TPCStats
+
+    side = _side()
+    hashes = _hashes(2, 300)
+    _store(side, hashes)
+    req = _request("a", hashes)
+    side.get_num_new_matched_tokens(req, 0)
+    side.request_finished(req, [])
+    _store(side, _hashes(side.tier.num_slots, 1000))  # a full tier: the 2 above are evicted
+    _store(side, _hashes(3, 5000))  # and 3 more
+    s = side.get_stats()
+    assert len(s.data["sched_request_seconds"]) == 1 and s.data["sched_request_seconds"][0] > 0
+    assert s.data["host_evictions"] == 5
+    merged = TPCStats().aggregate(s).aggregate(s)
+    assert len(merged.data["sched_request_seconds"]) == 2
+    assert side.get_stats() is None or side.get_stats().data.get("host_evictions", 0) == 0
