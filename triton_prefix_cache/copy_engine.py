@@ -41,13 +41,13 @@ import torch
 
 from .copiers import (
     STAGING_BYTES,
-    _Copier,
-    _DmaCopier,
-    _on,
-    _StagedCopier,
-    _TorchCopier,
-    _TritonCopier,
+    Copier,
+    DmaCopier,
+    StagedCopier,
+    TorchCopier,
+    TritonCopier,
     device_view,
+    on_stream,
 )
 from .host_pool import HostPool, HostPoolConfig
 from .kernels.copy import check_layer_views, layout_of
@@ -261,7 +261,7 @@ class _GroupPump:
             self._finish()
 
     def _submit(self, g: int) -> None:
-        with _on(self.stream):
+        with on_stream(self.stream):
             self.engine._enqueue_group(self.h, self.stream, *self.args, *self.groups[g])
 
     def _finish(self) -> None:
@@ -351,7 +351,7 @@ class CopyEngine:
         if backend == "auto":
             if self.device.type == "cuda" and len(self._copiers) > 1:
                 self.calibration = self.calibrate(calibrate_blocks)
-            self.backend = {d: _choose(self.calibration.get(d, {}), self._copiers) for d in DIRECTIONS}
+            self.backend = {d: choose_backend(self.calibration.get(d, {}), self._copiers) for d in DIRECTIONS}
         else:
             if backend not in self._copiers:
                 raise ValueError(
@@ -373,17 +373,17 @@ class CopyEngine:
         host_address: int,
         device_address: int | None,
         chunk_bytes: int,
-    ) -> tuple[dict[str, _Copier], dict[str, str]]:
+    ) -> tuple[dict[str, Copier], dict[str, str]]:
         """(copiers by name, why each missing backend is missing) for one set of layers and pool,
         pinned in registrations of `chunk_bytes` (DMA descriptors never span two)."""
-        copiers: dict[str, _Copier] = {}
+        copiers: dict[str, Copier] = {}
         missing: dict[str, str] = {}
         nslots = host.shape[0]
         if self.device.type == "cpu":
             layout = layout_of(layers, host_address, nslots)
-            copiers["torch"] = _TorchCopier(layers, host, layout.word_bytes)
+            copiers["torch"] = TorchCopier(layers, host, layout.word_bytes)
             if os.environ.get("TRITON_INTERPRET") == "1":
-                copiers["triton"] = _TritonCopier(layout, layers, host, *self._triton_opts)
+                copiers["triton"] = TritonCopier(layout, layers, host, *self._triton_opts)
             else:
                 missing["triton"] = (
                     "Triton has no CPU backend (TRITON_INTERPRET=1 runs it interpreted, for tests)"
@@ -395,12 +395,12 @@ class CopyEngine:
 
             batch = BatchMemcpy()
             host_layout = layout_of(layers, host_address, nslots, chunk_bytes)
-            copiers["dma"] = _DmaCopier(host_layout, batch)
+            copiers["dma"] = DmaCopier(host_layout, batch)
         except (RuntimeError, OSError) as e:  # CudaDriverError included
             missing["dma"] = missing["staged"] = f"{e}"
         else:
             try:
-                copiers["staged"] = _StagedCopier(host_layout, layers, batch, self.staging_bytes)
+                copiers["staged"] = StagedCopier(host_layout, layers, batch, self.staging_bytes)
             except (RuntimeError, ValueError) as e:  # torch.OutOfMemoryError is a RuntimeError
                 missing["staged"] = f"no device staging buffer: {e!r}"
         if device_address is not None:
@@ -408,15 +408,15 @@ class CopyEngine:
             view = None
             try:
                 view = device_view(device_address, host.numel(), self.device).view(host.shape)
-                copiers["torch"] = _TorchCopier(layers, view, dlayout.word_bytes)
+                copiers["torch"] = TorchCopier(layers, view, dlayout.word_bytes)
             except (RuntimeError, TypeError, ValueError) as e:
                 log.info("copy engine: no device view of the pool (%r); the torch path is staged", e)
             # Without a view, the kernel gets the pool's device address as a bare pointer.
-            copiers["triton"] = _TritonCopier(dlayout, layers, view, *self._triton_opts)
+            copiers["triton"] = TritonCopier(dlayout, layers, view, *self._triton_opts)
         else:
             missing["triton"] = "the pool has no device address (not pinned, or not mapped flat)"
         if "torch" not in copiers:
-            copiers["torch"] = _TorchCopier(layers, host, layout_of(layers, host_address, nslots).word_bytes)
+            copiers["torch"] = TorchCopier(layers, host, layout_of(layers, host_address, nslots).word_bytes)
         return copiers, missing
 
     # ---- public API -----------------------------------------------------------------------------
@@ -611,7 +611,7 @@ class CopyEngine:
         self._run(self._copiers["torch"], blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count)
 
     def _run(
-        self, copier: _Copier, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count
+        self, copier: Copier, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count
     ) -> None:
         if copier.device_indices and blocks_t is None:  # uploaded on the current (side) stream
             blocks_t, slots_t = _upload(blocks, self.device), _upload(slots, self.device)
@@ -632,7 +632,7 @@ class CopyEngine:
         spool = HostPool(
             HostPoolConfig(nb * self.slot_bytes, self.num_layers, self.page_bytes, device=self.device)
         )
-        copiers: dict[str, _Copier] = {}
+        copiers: dict[str, Copier] = {}
         try:
             if spool.num_slots < nb:
                 log.warning("copy engine: calibration pool could not be pinned; keeping default backends")
@@ -712,14 +712,14 @@ class _Submitter:
 
 
 def _measure(
-    copiers: dict[str, _Copier], device: torch.device, nb: int, num_layers: int, slot_bytes: int, repeats: int
+    copiers: dict[str, Copier], device: torch.device, nb: int, num_layers: int, slot_bytes: int, repeats: int
 ) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {d: {} for d in DIRECTIONS}
     rng = np.random.default_rng(0)
     blocks = rng.permutation(nb).astype(np.int64)
     slots = rng.permutation(nb).astype(np.int64)
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    with _on(stream):
+    with on_stream(stream):
         blocks_t = torch.from_numpy(blocks).to(device)
         slots_t = torch.from_numpy(slots).to(device)
         for name, c in copiers.items():
@@ -745,7 +745,7 @@ def _measure(
 
 
 def _time_copy(
-    copier: _Copier,
+    copier: Copier,
     stream,
     blocks,
     slots,
@@ -768,7 +768,7 @@ def _time_copy(
     return nbytes / sorted(times)[len(times) // 2] / 1e9
 
 
-def _choose(gbps: dict[str, float], available) -> str:
+def choose_backend(gbps: dict[str, float], available) -> str:
     """The fastest measured backend, a DMA one ("dma" or "staged", the faster) unless beaten by more
     than DMA_PREFERENCE; without measurements, "staged", else "dma", else torch."""
     gbps = {k: v for k, v in gbps.items() if k in available}
