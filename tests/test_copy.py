@@ -566,9 +566,7 @@ def test_layer_events_published_by_a_submission_thread_release_each_layer_in_tur
     from triton_prefix_cache.copy_engine import CopyHandle
 
     def background_handle() -> CopyHandle:
-        h = CopyHandle("promote", "dma", 2, 0)
-        h._submitted, h._layer_events, h._progress = threading.Event(), [], threading.Condition()
-        return h
+        return CopyHandle("promote", "dma", 2, 0, layerwise=True, background=True)
 
     h = background_handle()
     assert h.layerwise and not h.done() and not h.layer_done(0)
@@ -576,14 +574,12 @@ def test_layer_events_published_by_a_submission_thread_release_each_layer_in_tur
     gate = threading.Event()
 
     def submit():
-        h._publish(evs[0])
+        h._publish_layer(evs[0])
         gate.wait(5)  # layer 1 is published only once the reader has seen layer 0
         for ev in evs[1:]:
-            h._publish(ev)
-        h._event = evs[-1]
-        with h._progress:
-            h._submitted.set()
-            h._progress.notify_all()
+            h._publish_layer(ev)
+        h._enqueue_done("dma", 0.0, evs[-1])
+        h._end_background_submission()
 
     t = threading.Thread(target=submit)
     t.start()
@@ -600,11 +596,8 @@ def test_layer_events_published_by_a_submission_thread_release_each_layer_in_tur
     h = background_handle()  # the submission fails after layer 0: the waits end, error says why
     def fail():
         time.sleep(0.05)
-        h._publish(evs[0])
-        h.error = RuntimeError("injected")
-        with h._progress:
-            h._submitted.set()
-            h._progress.notify_all()
+        h._publish_layer(evs[0])
+        h._end_background_submission(RuntimeError("injected"))
 
     t = threading.Thread(target=fail)
     t.start()
