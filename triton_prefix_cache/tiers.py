@@ -157,13 +157,6 @@ class TierManager:
             out.append(self.slot_state(int(hit[0])) if len(hit) else None)
         return out
 
-    def slot_key(self, slot: int) -> tuple[int, int]:
-        s = self._slot(slot)
-        return int(self._keys[s, 0]), int(self._keys[s, 1])
-
-    def readers(self, slot: int) -> int:
-        return int(self._readers[self._slot(slot)])
-
     def readers_of(self, slots) -> np.ndarray:
         """int32 (n,): loads in progress reading each slot."""
         return self._readers[_as_slots(slots, self.num_slots, "readers_of")].copy()
