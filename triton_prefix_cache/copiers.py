@@ -22,8 +22,8 @@ import torch
 from .kernels.copy import PageLayout, copy_pages_torch, layout_of, word_views
 
 #: Device staging memory of the "staged" backend, per direction (two halves: copy and kernel
-#: overlap). A half holds one layer group of a 512-block (8,192-token) load of Llama-3.1-8B's
-#: geometry, so such a load is 8 DMA steps and 8 kernels (with 64 MiB it was 32 of each).
+#: overlap). Each half is one DMA step; this size holds one layer group of a 512-block
+#: (8,192-token) load of Llama-3.1-8B's geometry, so such a load takes one step per layer group.
 STAGING_BYTES = 256 << 20
 #: Layer-group rows of consecutive slots go as one strided copy (cuMemcpy2DAsync) from this many
 #: rows on; shorter runs as descriptors of one batch call. 0: batch descriptors only.
@@ -214,7 +214,7 @@ class StagedCopier(Copier):
         """Staged rows (contiguous, `run_bytes` apart) to or from their host runs. A whole-slot copy
         merges consecutive slots into one descriptor; a layer group's runs are a slot apart, so a
         run of consecutive slots is one strided copy (rows of `run_bytes` at the slot pitch) instead
-        of one descriptor per slot (~0.5 us of driver time each)."""
+        of one descriptor per slot, each of which costs driver time to submit."""
         host = dst if to_host else src
         chunk = host_chunks(self.layout, host)
         handle = stream.cuda_stream if stream is not None else 0
@@ -246,7 +246,7 @@ def merge_runs(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Descriptors (uint64 dsts, srcs, sizes) for copies of `run_bytes` each, adjacent ones merged
     where `chunk` (the host registration of each copy, if given) is the same: the driver refuses
-    one copy over two separately pinned chunks (CUDA_ERROR_INVALID_VALUE, seen on the H200)."""
+    one copy over two separately pinned chunks (CUDA_ERROR_INVALID_VALUE)."""
     n = len(dst)
     if n > 1:
         joined = (src[1:] == src[:-1] + run_bytes) & (dst[1:] == dst[:-1] + run_bytes)
@@ -280,6 +280,8 @@ def _record(stream):
 
 
 class TritonCopier(Copier):
+    """The Triton gather/scatter kernel (`PageCopyKernel`) over the pool's device address."""
+
     name = "triton"
 
     def __init__(

@@ -17,10 +17,11 @@ replaced by "torch".
 
 On CUDA, demotes and promotes run on two side streams (so both directions overlap), each ordered
 after the caller's current stream at submission; the returned CopyHandle polls or waits, and a
-layer-wise promote records one event per layer. DMA copies are enqueued by one thread per
-direction (`_Submitter`: the driver takes ~0.5 us a descriptor, as long as the copy itself), the
-events of a layer-wise load published layer by layer. On the CPU copies are synchronous and the
-handle is done at once. Callers keep the TierManager's invariants: a slot is never written while read.
+layer-wise promote records one event per layer. Page-wise DMA copies and large staged demotes are
+enqueued by one thread per direction (`_Submitter`: submitting a descriptor per page takes the
+driver about as long as the copy itself), the events of a layer-wise load published layer by
+layer. On the CPU copies are synchronous and the handle is done at once. Callers keep the
+TierManager's invariants: a slot is never written while read.
 """
 
 from __future__ import annotations
@@ -95,11 +96,10 @@ class CopyHandle:
     the end. A layer-wise copy submitted group by group (`_GroupPump`) submits, in those calls,
     the groups they need.
 
-    The engine side drives the handle through its `_`-methods only: `_record_start`,
-    `_attach_pump`, `_publish_layer`, `_enqueue_done` and, for a background copy,
-    `_end_background_submission`. The handle is complete once `_enqueue_done` has run; every field
-    a polling thread reads is assigned before the one that tells it so (`_event`, then `_pump`,
-    then the background `_submitted` event).
+    The engine side changes a handle only through its `_`-methods (`_record_start`, `_attach_pump`,
+    `_publish_layer`, `_enqueue_done`, and `_end_background_submission` for a background copy).
+    Each assigns last the field a poller on another thread tests (`_event`, `_pump`, the
+    `_submitted` event), so a poller that sees the copy enqueued sees the whole handle.
     """
 
     def __init__(
@@ -120,7 +120,8 @@ class CopyHandle:
         #: why the submission failed part way (the copy, or its layers from the failed group on,
         #: did not happen); None otherwise
         self.error: BaseException | None = None
-        #: host seconds the submission took (background or not), once it has ended; None on the CPU
+        #: host seconds the submission took (background or not), once it has ended; None before,
+        #: and for a copy the CPU ran synchronously
         self.submit_seconds: float | None = None
         #: the copy's last event; None on the CPU, or until the copy is on its stream
         self._event: Any = None
@@ -340,7 +341,7 @@ class CopyEngine:
     """Moves KV blocks between per-layer device pages and a HostPool (see the module docstring).
 
     layers: one uint8 `[num_blocks, page_bytes]` view per layer, all on one device (`byte_views`).
-    backend: "auto", "dma", "triton" or "torch" (CPU engines: "torch", or "triton" under
+    backend: "auto", "staged", "dma", "triton" or "torch" (CPU engines: "torch", or "triton" under
         TRITON_INTERPRET=1 for tests).
     wait_for_current_stream: order each copy after the work already queued on the caller's stream
         (the forward that wrote the KV, earlier users of reused blocks).
@@ -511,8 +512,8 @@ class CopyEngine:
     def warm_up(self, block: int = 0, slot: int = 0) -> float:
         """Run every copy path once on one block: device block -> host slot -> the same block, so
         the block ends with the bytes it had. The first real copy then pays no kernel compilation
-        or driver set-up (the Triton kernel's first launch took ~600 ms in an engine). Only for a
-        block and slot nothing else uses meanwhile (an engine's startup). Stats are left alone.
+        or driver set-up (the Triton kernel compiles at its first launch, inside a step). Only for
+        a block and slot nothing else uses meanwhile (an engine's startup). Stats are left alone.
         Returns the seconds taken."""
         b = _ids([block], "block", self.num_blocks)
         s = _ids([slot], "slot", self.pool.num_slots)

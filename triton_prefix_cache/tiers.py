@@ -50,8 +50,8 @@ class StoreStatus(enum.IntEnum):
     DROPPED = 4  # no slot could be freed (every slot in flight or being read)
 
 
-# The states as plain ints for the numpy arrays: an array compared with an enum member costs ~5 us
-# more per operation (numpy probes the member's attributes), and a step makes dozens of them.
+# The states as plain ints for the numpy arrays: comparing an array with an enum member makes numpy
+# probe the member's attributes on every operation, and a scheduling step makes dozens of them.
 _FREE, _STORING, _READY = int(SlotState.FREE), int(SlotState.STORING), int(SlotState.READY)
 _ASSIGNED, _PRESENT, _IN_FLIGHT, _DUPLICATE, _DROPPED = (int(s) for s in StoreStatus)
 
