@@ -145,7 +145,7 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
         # No: layer-wise loads wait per layer where Python runs between graph pieces (piecewise
         # graphs, eager), and wait whole before the forward where vLLM replays a full graph (it
         # says so in the forward context, see WorkerSide.start_load_kv). Asking for PIECEWISE would
-        # cost every decode step its full CUDA graph (measured: README "Results", no reuse).
+        # cost every decode step its full CUDA graph.
         return False
 
 
