@@ -98,8 +98,9 @@ class CopyHandle:
 
     The engine side changes a handle only through its `_`-methods (`_record_start`, `_attach_pump`,
     `_publish_layer`, `_enqueue_done`, and `_end_background_submission` for a background copy).
-    Each assigns last the field a poller on another thread tests (`_event`, `_pump`, the
-    `_submitted` event), so a poller that sees the copy enqueued sees the whole handle.
+    `_enqueue_done` assigns `_event` and then `_pump` last, and `_end_background_submission` sets
+    `_submitted` after everything else, so a poller on another thread that sees the copy enqueued
+    sees the whole handle.
     """
 
     def __init__(
