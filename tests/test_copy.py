@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from triton_prefix_cache.copiers import _DmaCopier, _StagedCopier, dma_descriptors, merge_runs
-from triton_prefix_cache.copy_engine import CopyEngine, _choose, byte_views
+from triton_prefix_cache.copiers import DmaCopier, StagedCopier, dma_descriptors, merge_runs
+from triton_prefix_cache.copy_engine import CopyEngine, byte_views, choose_backend
 from triton_prefix_cache.host_pool import HostPool, HostPoolConfig
 from triton_prefix_cache.kernels.copy import layout_of
 
@@ -286,7 +286,7 @@ def test_dma_copier_submits_in_slices(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: FakeStream())
     try:
-        copier = _DmaCopier(layout_of(views, pool.address, nslots), fake_batch)
+        copier = DmaCopier(layout_of(views, pool.address, nslots), fake_batch)
         copier.max_descriptors = 5
         rng = np.random.default_rng(3)
         blocks, slots = rng.permutation(nb)[:n], rng.permutation(nslots)[:n]
@@ -296,7 +296,7 @@ def test_dma_copier_submits_in_slices(monkeypatch):
         copier.run(blocks, slots, None, None, True, 0, layers)
         assert_bytes_equal(pool.slots.numpy(), want, "dma demote")
         total = len(
-            dma_descriptors(copier.layout, copier._addrs, copier._strides, blocks, slots, True, 0, layers)[0]
+            dma_descriptors(copier.layout, copier.addrs, copier.strides, blocks, slots, True, 0, layers)[0]
         )
         assert total > 10  # separate layers: (almost) one descriptor per page
         assert [c[0] for c in calls] == [5] * (total // 5) + ([total % 5] if total % 5 else [])
@@ -408,16 +408,16 @@ def test_calibration_measures_every_backend_on_scratch_memory(kernel_device, cap
 
 def test_auto_choice_prefers_dma_unless_clearly_beaten():
     avail = {"dma": 1, "triton": 1, "torch": 1}
-    assert _choose({"dma": 50.0, "triton": 52.0, "torch": 20.0}, avail) == "dma"  # within 5%
-    assert _choose({"dma": 40.0, "triton": 52.0}, avail) == "triton"
-    assert _choose({"triton": 30.0, "torch": 31.0}, avail) == "torch"
-    assert _choose({}, avail) == "dma" and _choose({}, {"torch": 1}) == "torch"
-    assert _choose({"dma": 99.0, "torch": 1.0}, {"torch": 1}) == "torch"  # measured but gone
+    assert choose_backend({"dma": 50.0, "triton": 52.0, "torch": 20.0}, avail) == "dma"  # within 5%
+    assert choose_backend({"dma": 40.0, "triton": 52.0}, avail) == "triton"
+    assert choose_backend({"triton": 30.0, "torch": 31.0}, avail) == "torch"
+    assert choose_backend({}, avail) == "dma" and choose_backend({}, {"torch": 1}) == "torch"
+    assert choose_backend({"dma": 99.0, "torch": 1.0}, {"torch": 1}) == "torch"  # measured but gone
     both = {"dma": 1, "staged": 1, "triton": 1}
-    assert _choose({}, both) == "staged"
-    assert _choose({"dma": 30.0, "staged": 50.0, "triton": 52.0}, both) == "staged"  # faster DMA kind
-    assert _choose({"dma": 50.0, "staged": 40.0, "triton": 51.0}, both) == "dma"
-    assert _choose({"dma": 30.0, "staged": 40.0, "triton": 52.0}, both) == "triton"
+    assert choose_backend({}, both) == "staged"
+    assert choose_backend({"dma": 30.0, "staged": 50.0, "triton": 52.0}, both) == "staged"  # faster DMA kind
+    assert choose_backend({"dma": 50.0, "staged": 40.0, "triton": 51.0}, both) == "dma"
+    assert choose_backend({"dma": 30.0, "staged": 40.0, "triton": 52.0}, both) == "triton"
 
 
 class _MemmoveBatch:
@@ -456,7 +456,7 @@ def test_staged_copier_matches_reference_in_chunks_and_layer_groups(layout, stag
     batch = _MemmoveBatch()
     # staging_bytes sizes each half for `staging_slots` whole slots (more rows for a layer group)
     staging = 2 * staging_slots * layers * page
-    copier = _StagedCopier(layout_of(views, pool.address, nslots), views, batch, staging)
+    copier = StagedCopier(layout_of(views, pool.address, nslots), views, batch, staging)
     rng = np.random.default_rng(staging_slots)
     try:
         for to_host in (True, False):
@@ -501,7 +501,7 @@ def test_staged_layer_groups_copy_slot_runs_as_strided_copies(to_host):
     batch = _MemmoveBatch()
     # registrations of 8 slots: a run over slot 24 splits there
     layout = layout_of(views, pool.address, nslots, host_chunk_bytes=8 * layers * page)
-    copier = _StagedCopier(layout, views, batch, 2 * 64 * layers * page)  # one chunk per group
+    copier = StagedCopier(layout, views, batch, 2 * 64 * layers * page)  # one chunk per group
     # runs: 18-23 (6 rows) | 24-29 (6) | 33, 34 (2: descriptors) | 40 | 42-46 (5)
     slots = np.array([18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 33, 34, 40, 42, 43, 44, 45, 46])
     blocks = np.random.default_rng(1).permutation(nb)[: len(slots)]
@@ -529,7 +529,7 @@ def test_layer_groups_cover_every_layer_once():
     views = byte_views(make_kv(4, 3, (2, 4), torch.float32, "separate", "cpu"))
     pool = make_pool(4, 3, views[0].shape[1], "cpu")
     try:
-        copier = _StagedCopier(layout_of(views, pool.address, 4), views, _MemmoveBatch(), 1 << 16)
+        copier = StagedCopier(layout_of(views, pool.address, 4), views, _MemmoveBatch(), 1 << 16)
         for num_layers in (1, 3, 8, 13, 64):
             groups = copier.layer_groups(num_layers)
             assert len(groups) == min(num_layers, 8)
@@ -566,9 +566,7 @@ def test_layer_events_published_by_a_submission_thread_release_each_layer_in_tur
     from triton_prefix_cache.copy_engine import CopyHandle
 
     def background_handle() -> CopyHandle:
-        h = CopyHandle("promote", "dma", 2, 0)
-        h._submitted, h._layer_events, h._progress = threading.Event(), [], threading.Condition()
-        return h
+        return CopyHandle("promote", "dma", 2, 0, layerwise=True, background=True)
 
     h = background_handle()
     assert h.layerwise and not h.done() and not h.layer_done(0)
@@ -576,14 +574,12 @@ def test_layer_events_published_by_a_submission_thread_release_each_layer_in_tur
     gate = threading.Event()
 
     def submit():
-        h._publish(evs[0])
+        h._publish_layer(evs[0])
         gate.wait(5)  # layer 1 is published only once the reader has seen layer 0
         for ev in evs[1:]:
-            h._publish(ev)
-        h._event = evs[-1]
-        with h._progress:
-            h._submitted.set()
-            h._progress.notify_all()
+            h._publish_layer(ev)
+        h._enqueue_done("dma", 0.0, evs[-1])
+        h._end_background_submission()
 
     t = threading.Thread(target=submit)
     t.start()
@@ -600,11 +596,8 @@ def test_layer_events_published_by_a_submission_thread_release_each_layer_in_tur
     h = background_handle()  # the submission fails after layer 0: the waits end, error says why
     def fail():
         time.sleep(0.05)
-        h._publish(evs[0])
-        h.error = RuntimeError("injected")
-        with h._progress:
-            h._submitted.set()
-            h._progress.notify_all()
+        h._publish_layer(evs[0])
+        h._end_background_submission(RuntimeError("injected"))
 
     t = threading.Thread(target=fail)
     t.start()

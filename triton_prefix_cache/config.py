@@ -44,14 +44,16 @@ class PrefixCacheConfig:
         descriptor per slot through a device staging buffer, the Triton kernel between that buffer
         and the pages), "dma" (one descriptor per page), "triton" (the gather/scatter kernel over
         pinned memory), "torch" (per-layer index ops over a device view of the pinned pool), or
-        "auto": staged in an engine where cuda.bindings is present, else torch (measured best
-        there, README "Results"); the CopyEngine alone measures the available backends at start.
+        "auto": in an engine, "staged" where the driver offers batched DMA, else "torch"; a
+        CopyEngine used on its own measures the available backends at start. Staged copies cross
+        PCIe on the copy engines with one descriptor per slot; "triton" and "torch" copies are SM
+        kernels that slow the forward they overlap.
     eviction: the host tier's eviction policy.
     layerwise_ahead: None (default): a layer-wise load's layer groups are all submitted before the
         step's forward starts; an int k >= 0: only the first k + 1 are, and the forward's wait for
         each layer submits the groups up to k past it (the forward then starts after one group's
-        submission). Measured on an H200 with k = 1: chat faster (p50 48.3 vs 53.5 ms), document
-        QA slower (35.6 vs 29.6 ms: its copy waits for the forward to submit), hence off.
+        submission). Off by default: the later groups of a long load are then submitted only as
+        the forward reaches them, so its copy waits for the forward.
     staging_mib: GPU memory of the "staged" copy backend's staging buffer, per direction (two
         buffers), outside the engine's KV budget. Each half of a buffer is one DMA step: 256 holds
         a layer group (1/8 of the layers) of a 512-block load of an 8B model in one step.

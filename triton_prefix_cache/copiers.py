@@ -1,11 +1,11 @@
 """The copy paths of the CopyEngine: each enqueues one gather/scatter of pages between an engine's
 per-layer KV views and host-pool slots on the current stream (or runs it, on the CPU).
 
-- `_DmaCopier`: cuMemcpyBatchAsync, one descriptor per page (adjacent pages merged);
-- `_StagedCopier`: one DMA per run of consecutive slots (a strided copy for a layer group) into a
+- `DmaCopier`: cuMemcpyBatchAsync, one descriptor per page (adjacent pages merged);
+- `StagedCopier`: one DMA per run of consecutive slots (a strided copy for a layer group) into a
   device staging buffer, the Triton kernel between that buffer and the pages;
-- `_TritonCopier`: the Triton kernel over the pinned pool's device address;
-- `_TorchCopier`: per-layer index ops over a device view of the pool (or staged through the CPU).
+- `TritonCopier`: the Triton kernel over the pinned pool's device address;
+- `TorchCopier`: per-layer index ops over a device view of the pool (or staged through the CPU).
 
 A DMA descriptor never spans two pinned registrations of the pool (`host_chunks`): the driver
 refuses such a copy. Selection, streams, handles and fallbacks live in copy_engine.py.
@@ -22,8 +22,8 @@ import torch
 from .kernels.copy import PageLayout, copy_pages_torch, layout_of, word_views
 
 #: Device staging memory of the "staged" backend, per direction (two halves: copy and kernel
-#: overlap). A half holds one layer group of a 512-block (8,192-token) load of Llama-3.1-8B's
-#: geometry, so such a load is 8 DMA steps and 8 kernels (with 64 MiB it was 32 of each).
+#: overlap). Each half is one DMA step; this size holds one layer group of a 512-block
+#: (8,192-token) load of Llama-3.1-8B's geometry, so such a load takes one step per layer group.
 STAGING_BYTES = 256 << 20
 #: Layer-group rows of consecutive slots go as one strided copy (cuMemcpy2DAsync) from this many
 #: rows on; shorter runs as descriptors of one batch call. 0: batch descriptors only.
@@ -32,7 +32,7 @@ MIN_2D_ROWS = 4
 LAYERWISE_GROUPS = 8
 
 
-class _Copier:
+class Copier:
     """Enqueues one copy on the current stream (or runs it, on the CPU)."""
 
     name = "?"
@@ -55,7 +55,7 @@ class _Copier:
         raise NotImplementedError
 
 
-class _DmaCopier(_Copier):
+class DmaCopier(Copier):
     """Descriptors built in numpy, submitted in slices so the copy engines start on the first
     slice while the driver takes in the next."""
 
@@ -67,14 +67,15 @@ class _DmaCopier(_Copier):
     def __init__(self, layout: PageLayout, batch) -> None:
         self.layout = layout
         self.batch = batch
-        self._addrs = np.array(layout.layer_addresses, dtype=np.int64)
-        self._strides = np.array(layout.layer_strides, dtype=np.int64)
+        #: per layer, the address of block 0 and the bytes between blocks (`dma_descriptors`)
+        self.addrs = np.array(layout.layer_addresses, dtype=np.int64)
+        self.strides = np.array(layout.layer_strides, dtype=np.int64)
 
     def run(self, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count) -> None:
         dst, src, size = dma_descriptors(
             self.layout,
-            self._addrs,
-            self._strides,
+            self.addrs,
+            self.strides,
             blocks,
             slots,
             to_host,
@@ -110,7 +111,7 @@ def dma_descriptors(
     return merge_runs(dst, src, layout.page_bytes, host_chunks(layout, host))
 
 
-class _StagedCopier(_Copier):
+class StagedCopier(Copier):
     """DMA through a device staging buffer: a few large descriptors instead of one per page.
 
     A slot holds its block's L pages contiguously, so the pages of a layer range [l0, l0 + c) of
@@ -186,7 +187,7 @@ class _StagedCopier(_Copier):
             stage = buf_addr + half * cap * run_bytes + np.arange(i1 - i0, dtype=np.int64) * run_bytes
             stage_rows = rows[half * cap : half * cap + (i1 - i0)]
             if to_host:  # gather on the aux stream, then DMA the staged runs out on the copy stream
-                with _on(aux):
+                with on_stream(aux):
                     if half_free[half] is not None:
                         aux.wait_event(half_free[half])
                     kernel(blocks_t[i0:i1], stage_rows, True)
@@ -200,7 +201,7 @@ class _StagedCopier(_Copier):
                     stream.wait_event(half_free[half])
                 self._dma(stage, host_runs[i0:i1], run_bytes, stream, False)
                 landed = _record(stream)
-                with _on(aux):
+                with on_stream(aux):
                     if landed is not None:
                         aux.wait_event(landed)
                     kernel(blocks_t[i0:i1], stage_rows, False)
@@ -213,7 +214,7 @@ class _StagedCopier(_Copier):
         """Staged rows (contiguous, `run_bytes` apart) to or from their host runs. A whole-slot copy
         merges consecutive slots into one descriptor; a layer group's runs are a slot apart, so a
         run of consecutive slots is one strided copy (rows of `run_bytes` at the slot pitch) instead
-        of one descriptor per slot (~0.5 us of driver time each)."""
+        of one descriptor per slot, each of which costs driver time to submit."""
         host = dst if to_host else src
         chunk = host_chunks(self.layout, host)
         handle = stream.cuda_stream if stream is not None else 0
@@ -245,7 +246,7 @@ def merge_runs(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Descriptors (uint64 dsts, srcs, sizes) for copies of `run_bytes` each, adjacent ones merged
     where `chunk` (the host registration of each copy, if given) is the same: the driver refuses
-    one copy over two separately pinned chunks (CUDA_ERROR_INVALID_VALUE, seen on the H200)."""
+    one copy over two separately pinned chunks (CUDA_ERROR_INVALID_VALUE)."""
     n = len(dst)
     if n > 1:
         joined = (src[1:] == src[:-1] + run_bytes) & (dst[1:] == dst[:-1] + run_bytes)
@@ -265,7 +266,8 @@ def host_chunks(layout: PageLayout, host: np.ndarray) -> np.ndarray | None:
     return (host - layout.host_address) // layout.host_chunk_bytes
 
 
-def _on(stream):
+def on_stream(stream: torch.cuda.Stream | None):
+    """`torch.cuda.stream(stream)`, or no context for None (the CPU, where copies run in order)."""
     return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
@@ -277,7 +279,9 @@ def _record(stream):
     return ev
 
 
-class _TritonCopier(_Copier):
+class TritonCopier(Copier):
+    """The Triton gather/scatter kernel (`PageCopyKernel`) over the pool's device address."""
+
     name = "triton"
 
     def __init__(
@@ -303,7 +307,7 @@ class _TritonCopier(_Copier):
         self.kernel(blocks_t, slots_t, to_host, layer_begin, layer_count)
 
 
-class _TorchCopier(_Copier):
+class TorchCopier(Copier):
     """Per-layer index ops. `host` is a device view of the pool (direct) or the CPU pool (staged)."""
 
     name = "torch"

@@ -17,23 +17,24 @@ replaced by "torch".
 
 On CUDA, demotes and promotes run on two side streams (so both directions overlap), each ordered
 after the caller's current stream at submission; the returned CopyHandle polls or waits, and a
-layer-wise promote records one event per layer. DMA copies are enqueued by one thread per
-direction (`_Submitter`: the driver takes ~0.5 us a descriptor, as long as the copy itself), the
-events of a layer-wise load published layer by layer. On the CPU copies are synchronous and the
-handle is done at once. Callers keep the TierManager's invariants: a slot is never written while read.
+layer-wise promote records one event per layer. Page-wise DMA copies and large staged demotes are
+enqueued by one thread per direction (`_Submitter`: submitting a descriptor per page takes the
+driver about as long as the copy itself), the events of a layer-wise load published layer by
+layer. On the CPU copies are synchronous and the handle is done at once. Callers keep the
+TierManager's invariants: a slot is never written while read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,13 +42,13 @@ import torch
 
 from .copiers import (
     STAGING_BYTES,
-    _Copier,
-    _DmaCopier,
-    _on,
-    _StagedCopier,
-    _TorchCopier,
-    _TritonCopier,
+    Copier,
+    DmaCopier,
+    StagedCopier,
+    TorchCopier,
+    TritonCopier,
     device_view,
+    on_stream,
 )
 from .host_pool import HostPool, HostPoolConfig
 from .kernels.copy import check_layer_views, layout_of
@@ -85,38 +86,68 @@ def byte_views(kv_caches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-@dataclass
 class CopyHandle:
     """One submitted demote or promote. `done()` polls, `wait()` blocks the host; for a layer-wise
     promote, `wait_layer(l)` makes a stream wait (on the device) until layer l has landed.
 
-    A DMA copy is enqueued by a submission thread of the engine (see `_Submitter`): until then
-    the handle is not done, and `wait_layer(l)` / `wait_all()` first block the host until layer l
-    (or the whole copy) is on its stream, which for a layer-wise load is well before the end.
+    A copy enqueued by a submission thread of the engine (`background`, see `_Submitter`) is not
+    done until that thread has enqueued it, and `wait_layer(l)` / `wait_all()` first block the host
+    until layer l (or the whole copy) is on its stream, which for a layer-wise load is well before
+    the end. A layer-wise copy submitted group by group (`_GroupPump`) submits, in those calls,
+    the groups they need.
+
+    The engine side changes a handle only through its `_`-methods (`_record_start`, `_attach_pump`,
+    `_publish_layer`, `_enqueue_done`, and `_end_background_submission` for a background copy).
+    `_enqueue_done` assigns `_event` and then `_pump` last, and `_end_background_submission` sets
+    `_submitted` after everything else, so a poller on another thread that sees the copy enqueued
+    sees the whole handle.
     """
 
-    direction: str
-    backend: str
-    num_blocks: int
-    nbytes: int
-    _event: Any = None
-    _layer_events: list | None = None
-    _keep: tuple = field(default=(), repr=False)
-    #: recorded on the copy stream before the first copy (CUDA): `gpu_seconds` measures from it
-    _start: Any = None
-    #: set once a background submission has enqueued the copy (None: enqueued at creation)
-    _submitted: threading.Event | None = None
-    #: guards `_layer_events` while a background submission appends to it
-    _progress: threading.Condition | None = None
-    #: why a background submission failed (the copy, or its layers from the failed one on, did
-    #: not happen); None otherwise
-    error: BaseException | None = None
-    #: host seconds the submission took (background or not), once it has ended
-    submit_seconds: float | None = None
-    #: a layer-wise copy submitted group by group as its layers are asked for (`_GroupPump`);
-    #: None once every group is submitted (or for any other copy)
-    _pump: Any = field(default=None, repr=False)
+    def __init__(
+        self,
+        direction: str,
+        backend: str,
+        num_blocks: int,
+        nbytes: int,
+        *,
+        layerwise: bool = False,
+        background: bool = False,
+    ) -> None:
+        self.direction = direction
+        #: the backend that ran the copy (a backend that failed falls back to torch)
+        self.backend = backend
+        self.num_blocks = num_blocks
+        self.nbytes = nbytes
+        #: why the submission failed part way (the copy, or its layers from the failed group on,
+        #: did not happen); None otherwise
+        self.error: BaseException | None = None
+        #: host seconds the submission took (background or not), once it has ended; None before,
+        #: and for a copy the CPU ran synchronously
+        self.submit_seconds: float | None = None
+        #: the copy's last event; None on the CPU, or until the copy is on its stream
+        self._event: Any = None
+        #: one event per layer, in layer order, as they are published; None: not layer-wise
+        self._layer_events: list | None = [] if layerwise else None
+        #: recorded on the copy stream before the first copy (CUDA): `gpu_seconds` measures from it
+        self._start: Any = None
+        #: the copy's index arrays, kept alive until `wait`
+        self._keep: tuple = ()
+        #: set once a background submission has ended; None: enqueued by the caller
+        self._submitted: threading.Event | None = threading.Event() if background else None
+        #: guards `_layer_events` while a background submission appends to it
+        self._progress: threading.Condition | None = (
+            threading.Condition() if background and layerwise else None
+        )
+        #: the `_GroupPump` of a copy submitted group by group, until every group is submitted
+        self._pump: _GroupPump | None = None
 
+    def __repr__(self) -> str:
+        return (
+            f"CopyHandle({self.direction}, {self.backend}, {self.num_blocks} blocks, {self.nbytes} B"
+            f"{', layer-wise' if self.layerwise else ''}{f', error={self.error!r}' if self.error else ''})"
+        )
+
+    # ---- the caller's side --------------------------------------------------------------------
     def done(self) -> bool:
         pump = self._pump
         if pump is not None:  # asked before every layer was: submit the rest now
@@ -126,7 +157,7 @@ class CopyHandle:
         return self._event is None or bool(self._event.query())
 
     def wait(self) -> None:
-        self._enqueued()
+        self._wait_enqueued()
         if self._event is not None:
             self._event.synchronize()
         self._keep = ()
@@ -160,7 +191,7 @@ class CopyHandle:
     def wait_all(self, stream: torch.cuda.Stream | None = None) -> None:
         """Order `stream` (default: the current one) after the whole copy; the host does not block
         on the copy."""
-        self._enqueued()
+        self._wait_enqueued()
         if self._event is not None:
             (stream or torch.cuda.current_stream()).wait_event(self._event)
 
@@ -169,7 +200,7 @@ class CopyHandle:
         if ev is not None:
             ev.synchronize()
 
-    def _enqueued(self, layer: int | None = None) -> None:
+    def _wait_enqueued(self, layer: int | None = None) -> None:
         """Block the host until the copy (or layer `layer` of a layer-wise one) is on its stream;
         a copy submitted group by group submits what that takes, here, on the caller's thread."""
         pump = self._pump
@@ -185,21 +216,58 @@ class CopyHandle:
         sub.wait()
 
     def _layer_event(self, layer: int):
-        self._enqueued(layer)
+        self._wait_enqueued(layer)
         if self._layer_events is None:
             return self._event
-        # Short only where a background submission failed before this layer (`error` says so).
+        # Short only where a submission failed before this layer (`error` says so).
         return self._layer_events[layer] if layer < len(self._layer_events) else None
 
-    def _publish(self, ev) -> None:
-        """Append the next layer's event (the submission side), waking any `wait_layer`."""
-        assert self._layer_events is not None
+    # ---- the engine's side --------------------------------------------------------------------
+    def _record_start(self, start, keep: tuple) -> None:
+        """The copy stream reaches this copy at `start` (an event); `keep` holds its index arrays
+        (host and device) until `wait`."""
+        self._start = start
+        self._keep = keep
+
+    def _attach_pump(self, pump: _GroupPump) -> None:
+        """The copy is submitted group by group from here on (before its first group is)."""
+        self._pump = pump
+
+    def _publish_layer(self, event, count: int = 1) -> None:
+        """The next `count` layers landed at `event` (None on the CPU: already there); wakes any
+        waiter for them."""
+        assert self._layer_events is not None, "not a layer-wise copy"
         if self._progress is None:
-            self._layer_events.append(ev)
+            self._layer_events.extend([event] * count)
             return
         with self._progress:
-            self._layer_events.append(ev)
+            self._layer_events.extend([event] * count)
             self._progress.notify_all()
+
+    def _enqueue_done(
+        self, backend: str, submit_seconds: float, event=None, error: BaseException | None = None
+    ) -> None:
+        """The submission has ended: every copy is on its stream, or `error` stopped it part way.
+        backend: the one that ran; event: the copy's last one (default: the last layer's)."""
+        if error is not None:
+            self.error = error
+        self.backend = backend
+        self.submit_seconds = submit_seconds
+        if event is None and self._layer_events:
+            event = self._layer_events[-1]
+        self._event = event  # after the fields above: a poller that sees it sees them
+        self._pump = None  # last: the handle is complete
+
+    def _end_background_submission(self, error: BaseException | None = None) -> None:
+        """The submission thread is done with this copy (`error`: it raised before
+        `_enqueue_done`); wakes every waiter."""
+        assert self._submitted is not None, "not a background copy"
+        if error is not None:
+            self.error = error
+        with self._progress or contextlib.nullcontext():
+            self._submitted.set()
+            if self._progress is not None:
+                self._progress.notify_all()
 
 
 class _GroupPump:
@@ -208,25 +276,31 @@ class _GroupPump:
     `start` submits the first `ahead + 1` layer groups (a failure there raises, as a whole
     submission would); `pump(layer)` submits the groups up to `ahead` past the one holding `layer`,
     `pump(None)` all that are left, on the calling thread (in an engine: the forward's, between
-    layers). A later group that fails even on the torch fallback sets the handle's `error` and
-    publishes nothing more, as a failed background submission does. A lock keeps groups in order.
-    Later groups are not ordered after the caller's stream again: the forward queued there waits
-    for them.
+    layers). A later group that fails even on the torch fallback ends the submission with the
+    handle's `error` set, publishing nothing more, as a failed background submission does. A lock
+    keeps groups in order. Later groups are not ordered after the caller's stream again: the
+    forward queued there waits for them.
     """
 
-    def __init__(self, engine: CopyEngine, h: CopyHandle, stream, blocks, slots, blocks_t, slots_t,
-                 t0: float | None = None) -> None:
-        self.engine, self.h, self.stream = engine, h, stream
-        self.args = (blocks, slots, blocks_t, slots_t)
-        self.groups = engine._copiers[engine.backend[h.direction]].layer_groups(engine.num_layers)
-        self.group_of = np.repeat(np.arange(len(self.groups)), [count for _, count in self.groups])
+    def __init__(
+        self,
+        engine: CopyEngine,
+        h: CopyHandle,
+        groups: list[tuple[int, int]],
+        enqueue_group: Callable[[int, int], None],
+        seconds: float = 0.0,
+    ) -> None:
+        self.engine, self.h = engine, h
+        self.groups = groups
+        self.enqueue_group = enqueue_group  # (first layer, count) -> None, on the copy's stream
+        self.group_of = np.repeat(np.arange(len(groups)), [count for _, count in groups])
         self.ahead = int(engine.layerwise_ahead or 0)
         self.next = 0
-        self.seconds = time.perf_counter() - t0 if t0 is not None else 0.0
+        self.seconds = seconds  # host time spent submitting, so far
         self.lock = threading.Lock()
 
     def start(self) -> None:
-        self.h._pump = self
+        self.h._attach_pump(self)
         with self.lock:
             self._submit_through(min(len(self.groups) - 1, self.ahead))
 
@@ -243,9 +317,8 @@ class _GroupPump:
                 log.warning("copy engine: layer-wise %s failed at group %d (%r)", self.h.direction,
                             self.next, e)
                 self.engine.stats.late_groups += self.next - before
-                self.h.error = e
                 self.next = n
-                self._finish()
+                self._finish(error=e)
                 return
             self.engine.stats.late_groups += self.next - before
 
@@ -253,23 +326,15 @@ class _GroupPump:
         t0 = time.perf_counter()
         try:
             while self.next <= last:
-                self._submit(self.next)
+                self.enqueue_group(*self.groups[self.next])
                 self.next += 1
         finally:
             self.seconds += time.perf_counter() - t0
         if self.next == len(self.groups):
             self._finish()
 
-    def _submit(self, g: int) -> None:
-        with _on(self.stream):
-            self.engine._enqueue_group(self.h, self.stream, *self.args, *self.groups[g])
-
-    def _finish(self) -> None:
-        h = self.h
-        h.backend = self.engine.backend[h.direction]
-        h.submit_seconds = self.seconds
-        h._event = h._layer_events[-1] if h._layer_events else None
-        h._pump = None  # last: a poller sees a complete handle
+    def _finish(self, error: BaseException | None = None) -> None:
+        self.h._enqueue_done(self.engine.backend[self.h.direction], self.seconds, error=error)
 
 
 # ---- the engine --------------------------------------------------------------------------------------
@@ -277,7 +342,7 @@ class CopyEngine:
     """Moves KV blocks between per-layer device pages and a HostPool (see the module docstring).
 
     layers: one uint8 `[num_blocks, page_bytes]` view per layer, all on one device (`byte_views`).
-    backend: "auto", "dma", "triton" or "torch" (CPU engines: "torch", or "triton" under
+    backend: "auto", "staged", "dma", "triton" or "torch" (CPU engines: "torch", or "triton" under
         TRITON_INTERPRET=1 for tests).
     wait_for_current_stream: order each copy after the work already queued on the caller's stream
         (the forward that wrote the KV, earlier users of reused blocks).
@@ -351,7 +416,7 @@ class CopyEngine:
         if backend == "auto":
             if self.device.type == "cuda" and len(self._copiers) > 1:
                 self.calibration = self.calibrate(calibrate_blocks)
-            self.backend = {d: _choose(self.calibration.get(d, {}), self._copiers) for d in DIRECTIONS}
+            self.backend = {d: choose_backend(self.calibration.get(d, {}), self._copiers) for d in DIRECTIONS}
         else:
             if backend not in self._copiers:
                 raise ValueError(
@@ -373,17 +438,17 @@ class CopyEngine:
         host_address: int,
         device_address: int | None,
         chunk_bytes: int,
-    ) -> tuple[dict[str, _Copier], dict[str, str]]:
+    ) -> tuple[dict[str, Copier], dict[str, str]]:
         """(copiers by name, why each missing backend is missing) for one set of layers and pool,
         pinned in registrations of `chunk_bytes` (DMA descriptors never span two)."""
-        copiers: dict[str, _Copier] = {}
+        copiers: dict[str, Copier] = {}
         missing: dict[str, str] = {}
         nslots = host.shape[0]
         if self.device.type == "cpu":
             layout = layout_of(layers, host_address, nslots)
-            copiers["torch"] = _TorchCopier(layers, host, layout.word_bytes)
+            copiers["torch"] = TorchCopier(layers, host, layout.word_bytes)
             if os.environ.get("TRITON_INTERPRET") == "1":
-                copiers["triton"] = _TritonCopier(layout, layers, host, *self._triton_opts)
+                copiers["triton"] = TritonCopier(layout, layers, host, *self._triton_opts)
             else:
                 missing["triton"] = (
                     "Triton has no CPU backend (TRITON_INTERPRET=1 runs it interpreted, for tests)"
@@ -395,12 +460,12 @@ class CopyEngine:
 
             batch = BatchMemcpy()
             host_layout = layout_of(layers, host_address, nslots, chunk_bytes)
-            copiers["dma"] = _DmaCopier(host_layout, batch)
+            copiers["dma"] = DmaCopier(host_layout, batch)
         except (RuntimeError, OSError) as e:  # CudaDriverError included
             missing["dma"] = missing["staged"] = f"{e}"
         else:
             try:
-                copiers["staged"] = _StagedCopier(host_layout, layers, batch, self.staging_bytes)
+                copiers["staged"] = StagedCopier(host_layout, layers, batch, self.staging_bytes)
             except (RuntimeError, ValueError) as e:  # torch.OutOfMemoryError is a RuntimeError
                 missing["staged"] = f"no device staging buffer: {e!r}"
         if device_address is not None:
@@ -408,15 +473,15 @@ class CopyEngine:
             view = None
             try:
                 view = device_view(device_address, host.numel(), self.device).view(host.shape)
-                copiers["torch"] = _TorchCopier(layers, view, dlayout.word_bytes)
+                copiers["torch"] = TorchCopier(layers, view, dlayout.word_bytes)
             except (RuntimeError, TypeError, ValueError) as e:
                 log.info("copy engine: no device view of the pool (%r); the torch path is staged", e)
             # Without a view, the kernel gets the pool's device address as a bare pointer.
-            copiers["triton"] = _TritonCopier(dlayout, layers, view, *self._triton_opts)
+            copiers["triton"] = TritonCopier(dlayout, layers, view, *self._triton_opts)
         else:
             missing["triton"] = "the pool has no device address (not pinned, or not mapped flat)"
         if "torch" not in copiers:
-            copiers["torch"] = _TorchCopier(layers, host, layout_of(layers, host_address, nslots).word_bytes)
+            copiers["torch"] = TorchCopier(layers, host, layout_of(layers, host_address, nslots).word_bytes)
         return copiers, missing
 
     # ---- public API -----------------------------------------------------------------------------
@@ -448,8 +513,8 @@ class CopyEngine:
     def warm_up(self, block: int = 0, slot: int = 0) -> float:
         """Run every copy path once on one block: device block -> host slot -> the same block, so
         the block ends with the bytes it had. The first real copy then pays no kernel compilation
-        or driver set-up (the Triton kernel's first launch took ~600 ms in an engine). Only for a
-        block and slot nothing else uses meanwhile (an engine's startup). Stats are left alone.
+        or driver set-up (the Triton kernel compiles at its first launch, inside a step). Only for
+        a block and slot nothing else uses meanwhile (an engine's startup). Stats are left alone.
         Returns the seconds taken."""
         b = _ids([block], "block", self.num_blocks)
         s = _ids([slot], "slot", self.pool.num_slots)
@@ -485,88 +550,87 @@ class CopyEngine:
             # of consecutive slots, e.g. a document demoted tail first, become single DMAs
             order = np.argsort(slots, kind="stable")
             blocks, slots = blocks[order], slots[order]
+        backend = self.backend[direction]
+        group_by_group = layerwise and self.layerwise_ahead is not None and len(blocks) > 0
         if self.device.type == "cpu":
-            if layerwise and self.layerwise_ahead is not None and len(blocks):
-                h = CopyHandle(direction, self.backend[direction], len(blocks), nbytes, _layer_events=[])
-                ids = torch.from_numpy(blocks), torch.from_numpy(slots)
-                _GroupPump(self, h, None, blocks, slots, *ids).start()
+            ids = torch.from_numpy(blocks), torch.from_numpy(slots)
+            if group_by_group:
+                h = CopyHandle(direction, backend, len(blocks), nbytes, layerwise=True)
+                self._start_pump(h, None, blocks, slots, *ids)
                 return h
-            self._run_with_fallback(
-                direction,
-                blocks,
-                slots,
-                torch.from_numpy(blocks),
-                torch.from_numpy(slots),
-                to_host,
-                0,
-                self.num_layers,
-            )
-            return CopyHandle(
-                direction,
-                self.backend[direction],
-                len(blocks),
-                nbytes,
-                _layer_events=[None] * self.num_layers if layerwise else None,
-            )
+            self._run_with_fallback(direction, blocks, slots, *ids, to_host, 0, self.num_layers)
+            h = CopyHandle(direction, self.backend[direction], len(blocks), nbytes, layerwise=layerwise)
+            if layerwise:  # synchronous: every layer is there already
+                h._publish_layer(None, self.num_layers)
+            return h
         stream = self._streams[direction]
         if self.wait_for_current_stream:  # ordered now, even where the copies are enqueued later
             stream.wait_stream(torch.cuda.current_stream(self.device))
-        h = CopyHandle(direction, self.backend[direction], len(blocks), nbytes)
-        backend = self.backend[direction]
-        # Page-wise DMA (a descriptor per page, ~0.5 us each) is submitted by a thread either way;
-        # large staged demotes too (off the step's critical path). Staged loads and small staged
-        # demotes cost well under a millisecond to submit and are enqueued here, without a thread
-        # hand-off in front of them (64-block staged demotes reached 75% of memcpy through the
-        # thread, promotes 86% without it: README "Copies").
+        # Page-wise DMA (a descriptor per page) is submitted by a thread either way; large staged
+        # demotes too, off the step's critical path. Staged loads and small staged demotes take
+        # little driver time to submit and are enqueued here, with no thread hand-off in front.
         threaded = backend == "dma" or (backend == "staged" and to_host and nbytes >= STAGED_THREAD_BYTES)
-        if len(blocks) and threaded:
+        background = threaded and len(blocks) > 0
+        h = CopyHandle(direction, backend, len(blocks), nbytes, layerwise=layerwise, background=background)
+        if background:
             submitter = self._submitters.get(direction)
             if submitter is None:
-                submitter = self._submitters[direction] = _Submitter(self, direction)
-            h._submitted = threading.Event()
-            if layerwise:
-                h._layer_events, h._progress = [], threading.Condition()
-            submitter.put(h, blocks, slots, layerwise)
+                submitter = self._submitters[direction] = _Submitter(direction, self.device)
+            submitter.put(h, functools.partial(self._enqueue, h, stream, blocks, slots, layerwise, False))
         else:
-            self._enqueue(h, stream, blocks, slots, layerwise)
+            self._enqueue(h, stream, blocks, slots, layerwise, group_by_group)
         return h
 
     def _enqueue(
-        self, h: CopyHandle, stream, blocks: np.ndarray, slots: np.ndarray, layerwise: bool
+        self,
+        h: CopyHandle,
+        stream,
+        blocks: np.ndarray,
+        slots: np.ndarray,
+        layerwise: bool,
+        group_by_group: bool,
     ) -> None:
         """Put h's copies on `stream` (already ordered after the work that produced the source).
-        A layer-wise copy publishes each layer's event as soon as it is recorded."""
+        A layer-wise copy publishes each layer's event as soon as it is recorded; one submitted
+        `group_by_group` enqueues its first groups here and the rest as its layers are asked for."""
         t0 = time.perf_counter()
         direction = h.direction
-        to_host = direction == "demote"
         with torch.cuda.stream(stream):
             start = torch.cuda.Event(enable_timing=True)
             start.record(stream)
-            h._start = start
             blocks_t = slots_t = None
             if self._copiers[self.backend[direction]].device_indices:  # a fallback uploads its own
                 blocks_t, slots_t = _upload(blocks, self.device), _upload(slots, self.device)
-            h._keep = (blocks, slots, blocks_t, slots_t)
-            if layerwise and self.layerwise_ahead is not None and h._submitted is None and len(blocks):
-                h._layer_events = []
-                _GroupPump(self, h, stream, blocks, slots, blocks_t, slots_t, t0).start()
+            h._record_start(start, keep=(blocks, slots, blocks_t, slots_t))
+            if group_by_group:
+                self._start_pump(h, stream, blocks, slots, blocks_t, slots_t, time.perf_counter() - t0)
                 return
+            done = None  # layer-wise: the last layer's event
             if layerwise:
-                if h._layer_events is None:
-                    h._layer_events = []
                 groups = self._copiers[self.backend[direction]].layer_groups(self.num_layers)
                 for begin, count in groups:
                     self._enqueue_group(h, stream, blocks, slots, blocks_t, slots_t, begin, count)
-                done = h._layer_events[-1]
             else:
                 self._run_with_fallback(
-                    direction, blocks, slots, blocks_t, slots_t, to_host, 0, self.num_layers
+                    direction, blocks, slots, blocks_t, slots_t, direction == "demote", 0, self.num_layers
                 )
                 done = torch.cuda.Event(enable_timing=True)
                 done.record(stream)
-        h.backend = self.backend[direction]  # the one that ran (a failed backend fell back to torch)
-        h.submit_seconds = time.perf_counter() - t0
-        h._event = done  # last: a polling thread sees a complete handle
+        # the backend that ran (a failed backend fell back to torch)
+        h._enqueue_done(self.backend[direction], time.perf_counter() - t0, done)
+
+    def _start_pump(
+        self, h: CopyHandle, stream, blocks, slots, blocks_t, slots_t, seconds: float = 0.0
+    ) -> None:
+        """Submit h's layer-wise copy group by group (`_GroupPump`), its first groups now; `stream`
+        None: the CPU. `seconds`: host time the submission has taken so far."""
+
+        def enqueue_group(begin: int, count: int) -> None:
+            with on_stream(stream):
+                self._enqueue_group(h, stream, blocks, slots, blocks_t, slots_t, begin, count)
+
+        groups = self._copiers[self.backend[h.direction]].layer_groups(self.num_layers)
+        _GroupPump(self, h, groups, enqueue_group, seconds).start()
 
     def _enqueue_group(
         self, h: CopyHandle, stream, blocks, slots, blocks_t, slots_t, begin: int, count: int
@@ -582,8 +646,7 @@ class CopyEngine:
         if stream is not None:
             ev = torch.cuda.Event(enable_timing=begin + count == self.num_layers)
             ev.record(stream)
-        for _ in range(count):
-            h._publish(ev)
+        h._publish_layer(ev, count)
 
     def _run_with_fallback(
         self, direction, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count
@@ -611,7 +674,7 @@ class CopyEngine:
         self._run(self._copiers["torch"], blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count)
 
     def _run(
-        self, copier: _Copier, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count
+        self, copier: Copier, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count
     ) -> None:
         if copier.device_indices and blocks_t is None:  # uploaded on the current (side) stream
             blocks_t, slots_t = _upload(blocks, self.device), _upload(slots, self.device)
@@ -632,7 +695,7 @@ class CopyEngine:
         spool = HostPool(
             HostPoolConfig(nb * self.slot_bytes, self.num_layers, self.page_bytes, device=self.device)
         )
-        copiers: dict[str, _Copier] = {}
+        copiers: dict[str, Copier] = {}
         try:
             if spool.num_slots < nb:
                 log.warning("copy engine: calibration pool could not be pinned; keeping default backends")
@@ -651,28 +714,29 @@ class CopyEngine:
 
 
 class _Submitter:
-    """A thread that enqueues one direction's DMA copies for the engine's caller.
+    """A thread that enqueues one direction's copies for the engine's caller.
 
-    Submitting a copy costs the driver 0.35-0.6 us a page (a 500-block document of 64 pages a
-    block: 11-19 ms on the H200 hosts, about as long as the copy itself). Enqueued from the thread
-    that runs the model, a store delayed the step's forward by as much, and a layer-wise load
-    launched the forward only once every layer's pages were submitted (measured, README
-    "Results"). Here the caller only orders the copy stream after its own work (`_submit`) and
+    Building and submitting one DMA descriptor per page takes the driver about as long as the
+    copy itself. Enqueued from the thread that runs the model, that time would delay the step's
+    forward, and a layer-wise load could start the forward only once every layer's pages were
+    submitted. Here the caller only orders the copy stream after its own work (`_submit`) and
     queues the job; this thread builds and submits the descriptors (ctypes releases the GIL inside
-    the driver call) and publishes each layer's event as it goes, so a forward starts on layer 0
-    while later layers are still being submitted. One thread per direction: a long demote never
-    delays a load. Jobs of a direction run in order.
+    the driver call) and the job publishes each layer's event as it goes, so a forward starts on
+    layer 0 while later layers are still being submitted. One thread per direction: a long demote
+    never delays a load. Jobs of a direction run in order.
     """
 
-    def __init__(self, engine: CopyEngine, direction: str) -> None:
-        self._engine = engine
+    def __init__(self, direction: str, device: torch.device) -> None:
         self._direction = direction
+        self._device = device
         self._jobs: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name=f"tpc-{direction}-submit", daemon=True)
         self._thread.start()
 
-    def put(self, h: CopyHandle, blocks: np.ndarray, slots: np.ndarray, layerwise: bool) -> None:
-        self._jobs.put((h, blocks, slots, layerwise))
+    def put(self, h: CopyHandle, enqueue: Callable[[], None]) -> None:
+        """Run `enqueue` (which puts h's copies on their stream) on this thread, after the jobs
+        queued before it; h learns when it has ended."""
+        self._jobs.put((h, enqueue))
 
     def drain(self) -> None:
         """Return once every queued job is enqueued on its stream (or failed)."""
@@ -685,41 +749,36 @@ class _Submitter:
             log.warning("copy engine: the %s submission thread did not stop within 60 s", self._direction)
 
     def _loop(self) -> None:
-        eng = self._engine
-        torch.cuda.set_device(eng.device)
-        stream = eng._streams[self._direction]
+        torch.cuda.set_device(self._device)
         while True:
             job = self._jobs.get()
             try:
                 if job is None:
                     return
-                h, blocks, slots, layerwise = job
+                h, enqueue = job
+                error = None
                 try:
-                    eng._enqueue(h, stream, blocks, slots, layerwise)
+                    enqueue()
                 except BaseException as e:  # surfaced through the handle: the caller counts it
-                    h.error = e
+                    error = e
                     log.warning(
                         "copy engine: %s of %d blocks failed at submission: %r", h.direction, h.num_blocks, e
                     )
                 finally:
-                    assert h._submitted is not None
-                    with h._progress or contextlib.nullcontext():
-                        h._submitted.set()
-                        if h._progress is not None:
-                            h._progress.notify_all()
+                    h._end_background_submission(error)
             finally:
                 self._jobs.task_done()
 
 
 def _measure(
-    copiers: dict[str, _Copier], device: torch.device, nb: int, num_layers: int, slot_bytes: int, repeats: int
+    copiers: dict[str, Copier], device: torch.device, nb: int, num_layers: int, slot_bytes: int, repeats: int
 ) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {d: {} for d in DIRECTIONS}
     rng = np.random.default_rng(0)
     blocks = rng.permutation(nb).astype(np.int64)
     slots = rng.permutation(nb).astype(np.int64)
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    with _on(stream):
+    with on_stream(stream):
         blocks_t = torch.from_numpy(blocks).to(device)
         slots_t = torch.from_numpy(slots).to(device)
         for name, c in copiers.items():
@@ -745,7 +804,7 @@ def _measure(
 
 
 def _time_copy(
-    copier: _Copier,
+    copier: Copier,
     stream,
     blocks,
     slots,
@@ -768,7 +827,7 @@ def _time_copy(
     return nbytes / sorted(times)[len(times) // 2] / 1e9
 
 
-def _choose(gbps: dict[str, float], available) -> str:
+def choose_backend(gbps: dict[str, float], available) -> str:
     """The fastest measured backend, a DMA one ("dma" or "staged", the faster) unless beaten by more
     than DMA_PREFERENCE; without measurements, "staged", else "dma", else torch."""
     gbps = {k: v for k, v in gbps.items() if k in available}

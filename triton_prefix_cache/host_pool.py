@@ -134,8 +134,8 @@ class HostPoolConfig:
     device: the engine's KV device; a CUDA device gets pinned memory, "cpu" plain memory.
     chunk_bytes: target size of one pinned registration (rounded to whole slots and OS pages).
     huge_pages: ask for transparent huge pages. Off by default: where the kernel compacts memory on
-        a huge-page fault (THP defrag "madvise"), faulting them in was 5x slower than 4 KiB pages
-        on a test machine; bench/copy_bench.py times both on the GPU host.
+        a huge-page fault (THP defrag "madvise"), faulting them in is slower than faulting in 4 KiB
+        pages; bench/copy_bench.py times both.
     prefault: touch every page (in parallel) before pinning; the driver would fault them one thread
         at a time. Only used when pinning.
     register_threads: chunks registered at once, where the registrar allows it.
@@ -174,7 +174,7 @@ class HostPool:
 
     Public state: `slots` (uint8 [num_slots, num_layers, page_bytes], CPU), `address` (host address
     of slot 0), `device_address` (the address a CUDA kernel uses for slot 0, or None when the pool is
-    not directly addressable from the device), `pinned`, `stats` (PoolStats).
+    not directly addressable from the device), `pinned`, `registered_chunks`, `stats` (PoolStats).
     """
 
     def __init__(self, config: HostPoolConfig, registrar: Registrar | None = None) -> None:

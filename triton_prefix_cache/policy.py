@@ -94,10 +94,6 @@ class LRUPolicy(EvictionPolicy):
     def clear(self) -> None:
         self._order.clear()
 
-    def order(self) -> list[int]:
-        """Resident slots, coldest first (for tests and debugging)."""
-        return list(self._order)
-
 
 POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRUPolicy}
 

@@ -50,8 +50,8 @@ class StoreStatus(enum.IntEnum):
     DROPPED = 4  # no slot could be freed (every slot in flight or being read)
 
 
-# The states as plain ints for the numpy arrays: an array compared with an enum member costs ~5 us
-# more per operation (numpy probes the member's attributes), and a step makes dozens of them.
+# The states as plain ints for the numpy arrays: comparing an array with an enum member makes numpy
+# probe the member's attributes on every operation, and a scheduling step makes dozens of them.
 _FREE, _STORING, _READY = int(SlotState.FREE), int(SlotState.STORING), int(SlotState.READY)
 _ASSIGNED, _PRESENT, _IN_FLIGHT, _DUPLICATE, _DROPPED = (int(s) for s in StoreStatus)
 
@@ -157,10 +157,6 @@ class TierManager:
             out.append(self.slot_state(int(hit[0])) if len(hit) else None)
         return out
 
-    def slot_key(self, slot: int) -> tuple[int, int]:
-        s = self._slot(slot)
-        return int(self._keys[s, 0]), int(self._keys[s, 1])
-
     def holds(self, keys) -> np.ndarray:
         """bool (n,): keys READY or STORING (retired ones excluded): a copy exists or is on its way."""
         k = self._keys_np(keys)
@@ -171,9 +167,6 @@ class TierManager:
         if len(storing):
             held |= np.isin(_void(k), _void(self._keys[storing]))
         return held
-
-    def readers(self, slot: int) -> int:
-        return int(self._readers[self._slot(slot)])
 
     def readers_of(self, slots) -> np.ndarray:
         """int32 (n,): loads in progress reading each slot."""

@@ -35,9 +35,6 @@ def _parse_version(v: str) -> tuple[int, int, int]:
 VLLM_VERSION: tuple[int, int, int] = _parse_version(getattr(vllm, "__version__", "0.0.0"))
 #: The versions this adapter was written and tested against.
 TESTED_VERSIONS = ((0, 26), (0, 32))
-#: 0.32 moved connector hooks (start_load_kv after the forward for async loads, tagged hit
-#: sources, bind_kv_cache_manager); the helpers below hide that.
-IS_V032_OR_LATER = VLLM_VERSION[:2] >= (0, 32)
 
 if VLLM_VERSION[:2] not in TESTED_VERSIONS:
     logger.warning(

@@ -98,8 +98,8 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._connector_metadata
         if isinstance(meta, TPCMetadata):
-            mode = compat.cuda_graph_mode_name(forward_context)
-            self._worker.start_load_kv(meta, full_graph=mode in compat.FULL_GRAPH_MODES, mode=mode)
+            self._worker.start_load_kv(meta, full_graph=compat.replays_full_cuda_graph(forward_context),
+                                       mode=compat.cuda_graph_mode_name(forward_context))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         self._worker.wait_for_layer_load(layer_name)
@@ -145,7 +145,7 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
         # No: layer-wise loads wait per layer where Python runs between graph pieces (piecewise
         # graphs, eager), and wait whole before the forward where vLLM replays a full graph (it
         # says so in the forward context, see WorkerSide.start_load_kv). Asking for PIECEWISE would
-        # cost every decode step its full CUDA graph (measured: README "Results", no reuse).
+        # cost every decode step its full CUDA graph.
         return False
 
 

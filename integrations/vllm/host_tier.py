@@ -127,10 +127,6 @@ class HostTier:
         with self._on_stream():
             self.tm.limit(max(0, min(n, self.tm.usable_slots)))
 
-    def pinned(self) -> int:
-        """Slots being read by loads (pinned)."""
-        return self.tm.snapshot().loading_slots
-
     def check(self) -> None:
         with self._on_stream():
             self.tm.check_consistency()

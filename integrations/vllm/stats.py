@@ -122,7 +122,7 @@ class TPCStats(KVConnectorStats):
 
 
 # Prometheus names: counters get `_total` appended by the client library.
-_PROM_COUNTERS = {
+PROM_COUNTERS = {
     "host_hit_tokens": ("vllm:tpc_host_hit_tokens", "Prompt tokens served from the host tier."),
     "gpu_hit_tokens": ("vllm:tpc_gpu_hit_tokens", "Prompt tokens vLLM served from its own GPU prefix cache."),
     "queried_tokens": ("vllm:tpc_queried_tokens", "Prompt tokens looked up in the host tier."),
@@ -149,23 +149,18 @@ _PROM_COUNTERS = {
     "step_seconds": ("vllm:tpc_step_seconds", "Scheduler time spent in the adapter's per-step planning."),
     "sched_requests": ("vllm:tpc_scheduler_requests", "Requests the adapter looked up."),
 }
-_PROM_HISTOGRAMS = {
+PROM_HISTOGRAMS = {
     "sched_request_seconds": ("vllm:tpc_scheduler_seconds_per_request",
                               "Scheduler time the adapter spent on one request (lookups and planning).",
                               (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)),
 }
-_PROM_GAUGES = {
+PROM_GAUGES = {
     "inflight_loads": ("vllm:tpc_inflight_loads", "Host -> GPU loads in flight."),
     "host_used_slots": ("vllm:tpc_host_used_slots", "Host-tier slots holding a block."),
     "host_slots": ("vllm:tpc_host_slots", "Host-tier slots (fewer than configured if pinning failed)."),
     "host_pool_pin_failures": ("vllm:tpc_host_pool_pin_failures",
                                "Pinned registrations of the host pool that failed (the pool shrank)."),
 }
-
-
-def prom_counter_values(totals: dict[str, float]) -> dict[str, float]:
-    """Counter totals under their Prometheus names, as `LLM.get_metrics()` reports them."""
-    return {name: totals.get(key, 0) for key, (name, _) in _PROM_COUNTERS.items()}
 
 
 class TPCPromMetrics(KVConnectorPromMetrics):
@@ -179,16 +174,16 @@ class TPCPromMetrics(KVConnectorPromMetrics):
 
         self._counters = {
             key: per_engine(self._counter_cls(name=name, documentation=doc, labelnames=labelnames))
-            for key, (name, doc) in _PROM_COUNTERS.items()
+            for key, (name, doc) in PROM_COUNTERS.items()
         }
         self._gauges = {
             key: per_engine(self._gauge_cls(name=name, documentation=doc, labelnames=labelnames))
-            for key, (name, doc) in _PROM_GAUGES.items()
+            for key, (name, doc) in PROM_GAUGES.items()
         }
         self._histograms = {
             key: per_engine(self._histogram_cls(name=name, documentation=doc, labelnames=labelnames,
                                                 buckets=list(buckets)))
-            for key, (name, doc, buckets) in _PROM_HISTOGRAMS.items()
+            for key, (name, doc, buckets) in PROM_HISTOGRAMS.items()
         }
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:

@@ -66,7 +66,7 @@ def _connector_state(llm) -> dict:
     out = {
         "tier_ready": len(side.tier),
         "tier_evictions": side.tier.evictions,
-        "pins": side.tier.pinned(),
+        "pins": H.pinned_slots(side.tier),
         "held": len(side.held),
         "inflight_loads": len(side.inflight_loads),
         "inflight_stores": len(side.inflight_stores),

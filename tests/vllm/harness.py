@@ -214,7 +214,7 @@ def _tpc_connected(llm) -> bool:
 
 def tpc_counter_totals(llm) -> dict[str, float]:
     """The adapter's counters summed by its two sides (scheduler and worker), Prometheus names."""
-    from triton_prefix_cache_vllm.stats import prom_counter_values
+    from triton_prefix_cache_vllm.stats import PROM_COUNTERS
 
     totals: dict[str, float] = {}
     sides = (scheduler_of(llm).connector._sched, worker_side())
@@ -222,7 +222,12 @@ def tpc_counter_totals(llm) -> dict[str, float]:
         for k, v in side.totals.items():
             totals[k] = totals.get(k, 0) + v
         side.stats.add_counters_to(totals)  # the interval not yet handed over
-    return prom_counter_values(totals)
+    return {name: totals.get(key, 0) for key, (name, _) in PROM_COUNTERS.items()}
+
+
+def pinned_slots(tier) -> int:
+    """Host-tier slots being read by loads (pinned), of the scheduler's HostTier."""
+    return tier.tm.snapshot().loading_slots
 
 
 def scheduler_of(llm):

@@ -321,7 +321,7 @@ def run(model_path: str, config: str = "defaults") -> SoakResult:
         after = H.metric_values(llm)
         res.metrics = {k: v - before.get(k, 0) for k, v in after.items()}
         res.tier = side.tier.tm.snapshot().as_dict()
-        res.final_state = {"pins": side.tier.pinned(), "held": len(side.held),
+        res.final_state = {"pins": H.pinned_slots(side.tier), "held": len(side.held),
                            "inflight_loads": len(side.inflight_loads),
                            "inflight_stores": len(side.inflight_stores), "reqs": len(side.reqs)}
         res.debug_checked, res.debug_mismatches = wk.debug_checked, list(wk.debug_mismatches)

@@ -72,7 +72,7 @@ def _state(llm) -> dict:
     side = sched.connector._sched
     side.tier.check()
     return {
-        "pins": side.tier.pinned(),
+        "pins": H.pinned_slots(side.tier),
         "held": len(side.held),
         "inflight_loads": len(side.inflight_loads),
         "inflight_stores": len(side.inflight_stores),
@@ -368,7 +368,7 @@ def test_full_pinned_host_tier_drops_demotions_and_serves(runs, model_path):
         # every slot gets a reader, as loads in flight would
         ready = np.flatnonzero(tm._state == SlotState.READY)
         slots = tm.begin_load(tm._keys[ready])
-        assert (slots >= 0).all() and side.tier.pinned() == 160
+        assert (slots >= 0).all() and H.pinned_slots(side.tier) == 160
         m0, s0 = H.metric_values(llm), tm.snapshot().as_dict()
         ours = _flat(H.play(llm, H.concurrent()))  # new documents: their demotions find no room
         H.compare_records(ours, _flat(oracle.outputs["concurrent"]), "all pinned/concurrent")
@@ -377,7 +377,7 @@ def test_full_pinned_host_tier_drops_demotions_and_serves(runs, model_path):
         assert dropped > 0, "no demotion was attempted while the tier was pinned full"
         assert dropped == s1["drops_full"] - s0["drops_full"]
         assert s1["stores_started"] == s0["stores_started"] and s1["evictions"] == s0["evictions"]
-        assert side.tier.pinned() == 160 and len(side.held) == 0 and not side.inflight_stores
+        assert H.pinned_slots(side.tier) == 160 and len(side.held) == 0 and not side.inflight_stores
         # the readers finish: demotion resumes, and what comes back from the host is right
         tm.abort_load(slots)
         side.tier.check()

@@ -54,6 +54,7 @@ def test_page_views_refuse_scattered_blocks():
 
 
 def test_host_tier_lifecycle():
+    from harness import pinned_slots
     from triton_prefix_cache_vllm.host_tier import HostTier
 
     tier = HostTier(4, 100, index_backend="torch")
@@ -68,7 +69,7 @@ def test_host_tier_lifecycle():
     assert tier.match(torch.cat([k[:1], k[4:5], k[1:2]])) == 1
     tier.check()
     pinned = tier.pin(k[:2])  # a load reads the first two
-    assert pinned == slots[:2].tolist() and tier.pinned() == 2
+    assert pinned == slots[:2].tolist() and pinned_slots(tier) == 2
     s2, _, dropped = tier.begin_store(k[3:6])  # 1 free slot + the one unpinned ready slot (k[2])
     assert dropped == 1 and sorted(s2[s2 >= 0].tolist()) == sorted([3, int(slots[2])])
     tier.end_store(s2[s2 >= 0].tolist(), ok=True)
@@ -85,7 +86,7 @@ def test_host_tier_lifecycle():
     assert tier.match(_keys(1, 100)) == 0
     tier.unpin(pinned)
     tier.check()
-    assert tier.pinned() == 0 and tier.tm.num_free == 4
+    assert pinned_slots(tier) == 0 and tier.tm.num_free == 4
 
 
 def test_host_tier_failed_store_and_shrink():

@@ -114,8 +114,8 @@ def check_layer_views(layers: list[torch.Tensor], name: str = "layers") -> None:
 # No value specialization of the integer arguments nor of the index arrays' alignment: Triton would
 # otherwise compile a variant per batch size class (n == 1, n % 16 == 0, ...) or per index slice
 # starting off a 16-byte boundary (a staged copy's second chunk of an odd row count) at its first
-# launch, 100-300 ms inside an engine step (measured on the H200: the first staged load after
-# warm-up; session 7, Qwen3-8B's first load, 104 ms). The alignment facts come from ALIGN.
+# launch, which is inside an engine step, after warm-up. One variant serves every launch; the
+# alignment facts come from ALIGN.
 _UNSPECIALIZED = ["blocks", "slots", "n", "layer_begin", "total", "chunks_per_page", "slot_words",
                   "page_words"]
 
