@@ -10,6 +10,7 @@
 #                                        they produced to $OUT
 # Suites:
 #   gpu-tests       kernels, index, host pool, copies and tiers compiled; the adapter's engine tests
+#   gpu-copy-tests  the GPU tests of the host pool and the copy paths alone (a few minutes)
 #   bench-serve     python -m bench.serve (ARGS: its arguments; default the headline: prefix, every config)
 #   bench-variants  bench.serve prefix at 16 and 64 in flight: this plugin's load modes side by side
 #   bench-docqa     python -m bench.compare document QA, one request at a time (offloading vs this plugin)
@@ -38,8 +39,10 @@ suite() {  # suite NAME [ARGS...]: one suite, its output in $RUN/NAME.log
       timeout 900 python3 -m pytest -q -p no:cacheprovider tests/test_host_pool.py tests/test_copy.py \
         tests/test_index.py tests/test_tiers.py "$@"
       timeout 900 python3 -m pytest -q -p no:cacheprovider tests/vllm/test_engine.py "$@" ;;
+    gpu-copy-tests)
+      timeout 600 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_host_pool.py tests/test_copy.py "$@" ;;
     bench-serve)
-      [ $# -gt 0 ] || set -- --workload prefix
+      [ $# -gt 0 ] || set -- --workload prefix --configs offload ours prefix roof simple
       python3 -m bench.serve --record "$RUN/results.jsonl" --raw-dir "$RUN/raw" \
         --chart "$RUN/serve-$(workload_of "$@").png" "$@" ;;
     bench-variants)
