@@ -321,7 +321,7 @@ def resolve_configs(names: list[str], w: Workload, model: ModelSpec, s: Scale) -
 
 
 def run_config(name: str, config: str, model: ModelSpec, model_dir: Path, w: Workload, s: Scale,
-               concurrencies: list[int], args, raw_dir: Path, env: dict, progress) -> dict:
+               concurrencies: list[int], args, raw_dir: Path, env: dict, progress, on_run) -> dict:
     kv_gib = parse_config(config)[1].get("kv_gib", s.kv_gib)
     flags = [str(model_dir), "--load-format", "dummy" if model.weights == "dummy" else "auto",
              "--dtype", model.dtype, "--max-model-len", str(s.max_model_len),
@@ -344,6 +344,7 @@ def run_config(name: str, config: str, model: ModelSpec, model_dir: Path, w: Wor
             (raw_dir / f"{slug}.c{c}.metrics.json").write_text(json.dumps(
                 {"before": before, "after": after}, indent=1))
             entry["runs"].append(run)
+            on_run(entry)
             progress.update(1)
             progress.write(f"[{name}] c={c}: {run.get('request_throughput', 0):.2f} req/s, "
                            f"TTFT p50 {run.get('median_ttft_ms', 0):.0f} ms, "
@@ -442,7 +443,8 @@ def plot(record: dict, path: Path) -> Path | None:
     axes[2].set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"bench.serve {record['workload']} | {record['model']} | {record['device']} | "
-                 f"vLLM {record['versions'].get('vllm')} | {record['date'][:10]}", fontsize=10)
+                 f"vLLM {record['versions'].get('vllm')} | {record['date'][:10]}"
+                 + (" | partial: runs missing" if record.get("partial") else ""), fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -470,6 +472,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--record", type=Path, default=RECORD, help="the JSON-lines record to append to")
     p.add_argument("--chart", type=Path, help="default: bench/results/serve-<workload>.png")
     p.add_argument("--label", default="", help="a free-form note stored with the record")
+    p.add_argument("--from-raw", type=Path, metavar="DIR",
+                   help="append the record a run left in its raw folder DIR (a run cut off before its "
+                        "end; marked partial) instead of running anything")
     args = p.parse_args(argv)
     if args.concurrency and min(args.concurrency) < 1:
         p.error("--concurrency: every value must be >= 1")
@@ -500,6 +505,12 @@ def _has_cuda() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_raw is not None:
+        path = args.from_raw / "record.json"
+        if not path.exists():
+            print(f"--from-raw: {path} does not exist", file=sys.stderr)
+            return 2
+        return finish(json.loads(path.read_text()), args)
     gpu = (args.scale or ("gpu" if _has_cuda() else "cpu")) == "gpu"
     s = GPU if gpu else CPU
     model = get_model(args.model or s.model)
@@ -530,20 +541,36 @@ def main(argv: list[str] | None = None) -> int:
           f"{w.working_set_tokens:,} tokens | raw files {raw_dir}", flush=True)
     from tqdm import tqdm
 
+    # The record so far, rewritten after every run: a run cut off (a lease ending) leaves it in
+    # the raw folder, and `--from-raw` appends it later.
+    progress_file = raw_dir / "record.json"
+    record["partial"] = True
+    progress_file.write_text(json.dumps(record))
     with tqdm(total=len(configs) * len(concurrencies), desc="runs", file=sys.stderr) as progress:
         for name, config in configs.items():
+            def on_run(entry: dict, name: str = name) -> None:
+                record["configs"][name] = entry
+                progress_file.write_text(json.dumps(record))
+
             record["configs"][name] = run_config(name, config, model, model_dir, w, s, concurrencies,
-                                                 args, raw_dir, env, progress)
+                                                 args, raw_dir, env, progress, on_run)
+    record["partial"] = False
+    progress_file.write_text(json.dumps(record))
+    return finish(record, args)
+
+
+def finish(record: dict, args) -> int:
+    """Ratios, the table, one line appended to the record, the chart."""
     record["ratios"] = ratios(record["configs"])
     print()
     print_table(record)
     args.record.parent.mkdir(parents=True, exist_ok=True)
     with args.record.open("a") as f:
         f.write(json.dumps(record, separators=(",", ":")) + "\n")
-    chart = plot(record, args.chart or CHARTS / f"serve-{args.workload}.png")
+    chart = plot(record, args.chart or CHARTS / f"serve-{record['workload']}.png")
     print(f"\nappended to {args.record}" + (f"\nchart {chart}" if chart else ""))
     failed = [n for n, e in record["configs"].items() if "error" in e]
-    return 1 if failed else 0
+    return 1 if failed or record.get("partial") else 0
 
 
 if __name__ == "__main__":

@@ -34,6 +34,11 @@ def test_serve_runs_both_configs_and_leaves_nothing_behind(tmp_path):
     assert ours["vllm:external_prefix_cache_hits_total"] == ours["vllm:tpc_host_hit_tokens_total"]
     assert "TritonPrefixCacheConnector" in rec["configs"]["ours"]["server_command"]
     assert rec["ratios"]["baseline"] == "prefix" and rec["ratios"]["ours@2"]["throughput"] > 0
+    # The raw folder keeps the record too; --from-raw appends it (a run cut off appends it that way).
+    (raw,) = (tmp_path / "raw").iterdir()
+    assert json.loads((raw / "record.json").read_text())["partial"] is False
+    assert S.main(["--from-raw", str(raw), "--record", str(record), "--chart", str(chart)]) == 0
+    assert [json.loads(x)["configs"].keys() for x in record.read_text().splitlines()] == [rec["configs"].keys()] * 2
     # No server left: every process of each server's group is gone.
     import subprocess
 
