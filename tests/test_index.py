@@ -89,9 +89,21 @@ def test_backends_share_one_layout(kernel_device):
     from triton_prefix_cache.kernels import hash_table
 
     assert torch.equal(hash_table.lookup(b._tkeys, b._tvals, keys), vals)
-    assert torch.equal(hash_table.home_slot(keys, 1 << 12), K.home_slot(keys, 1 << 12))
-    # ... and so does the numpy twin that serves CPU lookups
-    assert (reference._home_np(keys.cpu().numpy(), 1 << 12) == K.home_slot(keys.cpu(), 1 << 12).numpy()).all()
+
+def test_one_hash_everywhere(kernel_device):
+    """keys.hash_words is the one hash: torch, numpy, the Triton kernels and the C probe agree."""
+    from triton_prefix_cache import cprobe
+    from triton_prefix_cache.kernels import hash_table
+
+    structured = torch.stack([torch.arange(500), torch.full((500,), 7)], dim=1)  # counters
+    keys = K.sanitize(torch.cat([rand_keys(5000, 8), structured, structured.flip(1)]))
+    for num_slots in (16, 1 << 12, 1 << 30):
+        want = K.home_slot(keys, num_slots)
+        assert_equal_lists(K.home_slot(keys.numpy(), num_slots).tolist(), want.tolist(), "numpy home")
+        got = hash_table.home_slot(keys.to(kernel_device), num_slots).cpu()
+        assert_equal_lists(got.tolist(), want.tolist(), "Triton home")
+        if cprobe.load() is not None:
+            assert_equal_lists(cprobe.home_slot(keys.numpy(), num_slots).tolist(), want.tolist(), "C home")
 
 
 def test_keys_sharing_first_word(make_index):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .keys import EMPTY, FIRST_REAL, TOMBSTONE
+from . import keys as K
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +31,17 @@ _SOURCE = r"""
 #define TOMB ((int64_t)@TOMB@ULL)
 #define FIRST_REAL ((int64_t)@FIRST_REAL@ULL)
 
+/* keys.hash_words (uint64_t: >> is the logical shift, * wraps) */
 static inline int64_t home(int64_t w0, int64_t w1, int64_t mask) {
-    uint64_t x = (uint64_t)w0 ^ ((uint64_t)w1 * 0x9E3779B97F4A7C15ULL);
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
-    x = x ^ (x >> 31);
+    uint64_t x = (uint64_t)w0 ^ ((uint64_t)w1 * @HASH_MUL_IN@ULL);
+    x = (x ^ (x >> @HASH_SHIFT_1@)) * @HASH_MUL_1@ULL;
+    x = (x ^ (x >> @HASH_SHIFT_2@)) * @HASH_MUL_2@ULL;
+    x = x ^ (x >> @HASH_SHIFT_3@);
     return (int64_t)(x & (uint64_t)mask);
+}
+
+void tpc_home(const int64_t *k, int64_t n, int64_t mask, int64_t *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = home(k[2 * i], k[2 * i + 1], mask);
 }
 
 /* slot of the key or -1; *tomb: first tombstone on the way (or -1); *empty: the EMPTY that ended it */
@@ -100,8 +105,19 @@ void tpc_remove(int64_t *tk, int64_t mask, const int64_t *k, int64_t n, uint8_t 
     }
 }
 """
-for _name, _value in (("EMPTY", EMPTY), ("TOMB", TOMBSTONE), ("FIRST_REAL", FIRST_REAL)):
+# Every constant comes from keys.py: the markers, and the hash (one definition for all backends).
+for _name, _value in (
+    ("EMPTY", K.EMPTY),
+    ("TOMB", K.TOMBSTONE),
+    ("FIRST_REAL", K.FIRST_REAL),
+    ("HASH_MUL_IN", K.HASH_MUL_IN),
+    ("HASH_MUL_1", K.HASH_MUL_1),
+    ("HASH_MUL_2", K.HASH_MUL_2),
+):
     _SOURCE = _SOURCE.replace(f"@{_name}@", hex(_value % 2**64))
+for _name in ("HASH_SHIFT_1", "HASH_SHIFT_2", "HASH_SHIFT_3"):
+    _SOURCE = _SOURCE.replace(f"@{_name}@", str(getattr(K, _name)))
+assert "@" not in _SOURCE
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -140,6 +156,8 @@ def load() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("cprobe: could not build or load the C probe (%s); the CPU index stays on numpy", e)
         return None
+    lib.tpc_home.argtypes = [_P, _I64, _I64, _P]
+    lib.tpc_home.restype = None
     lib.tpc_lookup.argtypes = [_P, _P, _I64, _P, _I64, _P]
     lib.tpc_lookup.restype = None
     lib.tpc_leading.argtypes = [_P, _I64, _P, _I64]
@@ -162,6 +180,14 @@ def _loaded() -> ctypes.CDLL:
 def _ptr(a: np.ndarray) -> int:
     assert a.flags.c_contiguous
     return a.ctypes.data
+
+
+def home_slot(k: np.ndarray, num_slots: int) -> np.ndarray:
+    """keys.home_slot computed by the C code (for the test that every backend hashes alike)."""
+    k = np.ascontiguousarray(k)
+    out = np.empty(len(k), dtype=np.int64)
+    _loaded().tpc_home(_ptr(k), len(k), num_slots - 1, _ptr(out))
+    return out
 
 
 def lookup(tk: np.ndarray, tv: np.ndarray, k: np.ndarray) -> np.ndarray:

@@ -48,29 +48,13 @@ def _first_true(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return m.any(1), m.to(torch.uint8).argmax(1)
 
 
-# splitmix64's constants as uint64, for the numpy twin of keys.hash_words (same bits).
-_U_IN = np.uint64(0x9E3779B97F4A7C15)
-_U_1 = np.uint64(0xBF58476D1CE4E5B9)
-_U_2 = np.uint64(0x94D049BB133111EB)
-
-
-def _home_np(k: np.ndarray, num_slots: int) -> np.ndarray:
-    w0, w1 = k[:, 0].view(np.uint64), k[:, 1].view(np.uint64)
-    with np.errstate(over="ignore"):
-        x = w0 ^ (w1 * _U_IN)
-        x = (x ^ (x >> np.uint64(30))) * _U_1
-        x = (x ^ (x >> np.uint64(27))) * _U_2
-    x = x ^ (x >> np.uint64(31))
-    return (x & np.uint64(num_slots - 1)).astype(np.int64)
-
-
 def _find_slots_np(tk: np.ndarray, k: np.ndarray) -> np.ndarray:
     """find_slots on CPU arrays. numpy's per-call cost is a few microseconds where torch's is tens:
     this is what keeps a scheduler's per-request lookup of a few hundred keys cheap."""
     n, mask = len(k), len(tk) - 1
     out = np.full(n, -1, dtype=np.int64)
     idx = np.arange(n)
-    pos = _home_np(k, len(tk))
+    pos = home_slot(k, len(tk))
     w0, w1 = k[:, 0:1], k[:, 1:2]
     steps = np.arange(WINDOW)
     while idx.size:
@@ -93,7 +77,7 @@ def _claim_np(tk: np.ndarray, k: np.ndarray, lanes: np.ndarray) -> tuple[np.ndar
     slots = np.full(lanes.size, -1, dtype=np.int64)
     claimed = np.zeros(lanes.size, dtype=bool)
     at = np.arange(lanes.size)  # ascending, so np.unique's first index is the lowest lane
-    pos = _home_np(k[lanes], len(tk))
+    pos = home_slot(k[lanes], len(tk))
     w0, w1 = k[lanes, 0:1], k[lanes, 1:2]
     steps = np.arange(WINDOW)
     reused = 0
