@@ -1,11 +1,13 @@
-"""The CPU index's sequential probe loops in C, compiled on first use and called through ctypes.
+"""The CPU table's probe loops in C (`cpu_table.py`), compiled on first use and called through ctypes.
 
 Per-key loops are what a CPU does best with a hash table; vectorized numpy pays tens of
-microseconds per probe round instead. The C code follows the same layout and hash as every other
-backend (keys.py). It is built once per machine with the system C compiler into a cache folder
-(`$TPC_CACHE_DIR`, default ~/.cache/triton-prefix-cache); where no compiler works, `load()`
-returns None and the caller stays on numpy. No LLVM is loaded into the process (numba would load
-it, which breaks vLLM 0.32's kernel scan: reference.py).
+microseconds per probe round instead. The C source is generated from keys.py (the markers and the
+hash), so it follows the same layout and hash as every other backend. It is built once per machine
+with the system C compiler into a cache folder (`$TPC_CACHE_DIR`, default
+~/.cache/triton-prefix-cache); where no compiler works, `load()` returns None and the CPU table
+probes with numpy. The loops are plain C rather than numba because loading LLVM into a vLLM 0.32
+process breaks vLLM's kernel-override scan (vllm/triton_utils/dispatcher.py calls `vars()` on every
+module attribute, and llvmlite's library wrapper answers with a function wrapper).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import keys as K
+from .. import keys as K
 
 log = logging.getLogger(__name__)
 
@@ -133,16 +135,16 @@ def load() -> ctypes.CDLL | None:
     _tried = True
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        log.info("cprobe: no C compiler; the CPU index stays on numpy")
+        log.info("CPU index: no C compiler; the CPU table probes with numpy")
         return None
     tag = hashlib.sha1(_SOURCE.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("TPC_CACHE_DIR", Path.home() / ".cache" / "triton-prefix-cache"))
-    so = cache / f"cprobe-{tag}.so"
+    so = cache / f"cpu_table-{tag}.so"
     try:
         if not so.exists():
             cache.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                src = Path(tmp) / "cprobe.c"
+                src = Path(tmp) / "cpu_table.c"
                 src.write_text(_SOURCE)
                 out = Path(tmp) / so.name
                 subprocess.run(
@@ -154,7 +156,7 @@ def load() -> ctypes.CDLL | None:
                 os.replace(out, so)  # atomic: concurrent builders never load a half-written file
         lib = ctypes.CDLL(str(so))
     except (OSError, subprocess.SubprocessError) as e:
-        log.warning("cprobe: could not build or load the C probe (%s); the CPU index stays on numpy", e)
+        log.warning("CPU index: could not build or load the C probe (%s); the CPU table probes with numpy", e)
         return None
     lib.tpc_home.argtypes = [_P, _I64, _I64, _P]
     lib.tpc_home.restype = None
@@ -173,7 +175,7 @@ def load() -> ctypes.CDLL | None:
 def _loaded() -> ctypes.CDLL:
     lib = load()
     if lib is None:
-        raise RuntimeError("cprobe: the C probe could not be built here (see the log); use numpy")
+        raise RuntimeError("CPU index: the C probe could not be built here (see the log); use numpy")
     return lib
 
 

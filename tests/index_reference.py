@@ -1,143 +1,28 @@
-"""Plain-torch versions of the hash-table kernels: the CPU backend and the kernels' test oracle.
+"""The index's test oracle: every table operation in plain torch, on any device, as a TableBackend.
 
-On CPU tensors the same algorithms run in numpy (zero-copy views): its per-call cost is a few
-microseconds where torch's is tens, which decides small batches such as a scheduler's lookups.
-
-They work on the same table layout as the Triton kernels (keys int64 [S, 2], values int32 [S],
-open addressing with linear probing from `keys.home_slot`), so a table written by one backend can
-be read by the other. Everything is vectorized over the batch: one loop iteration per probe step,
-never one per key.
+The tests compare the Triton kernels and the CPU table against these functions, and run PrefixIndex
+over `ReferenceTable` to check them against a Python dict; bench/kernels.py times them on CUDA as
+the baseline. They work on the layout every backend shares (keys int64 [S, 2], values int32 [S],
+open addressing with linear probing from `keys.home_slot`) and are vectorized over the batch: one
+loop iteration per probe step, never one per key.
 """
 
 from __future__ import annotations
 
-import os
-
-import numpy as np
 import torch
 
-from . import cprobe
-from .keys import EMPTY, FIRST_REAL, TOMBSTONE, home_slot, sanitize
+from triton_prefix_cache.index import Inserted
+from triton_prefix_cache.keys import EMPTY, TOMBSTONE, home_slot, sanitize
 
-#: Slots examined per key and probe round. Linear-probing runs at load <= 0.5 are short, so most
-#: keys finish in the first window: few rounds of wide gathers beat many rounds of narrow ones.
+#: Slots examined per key and probe round: runs at load <= 0.5 are short, so most keys finish in
+#: the first window.
 WINDOW = 4
-#: How CPU tensors are served: "c" (sequential probe loops in C, compiled on first use: cprobe.py),
-#: "numpy" (the vectorized twins below) or "torch" (the code that serves CUDA tensors; tests set it
-#: to run that code on the CPU too). "auto", the default, is "c" where a C compiler works, else
-#: "numpy". (numba would do the loops too, but loading LLVM into a vLLM 0.32 process breaks vLLM's
-#: kernel-override scan, vllm/triton_utils/dispatcher.py, for every engine started after it.)
-CPU_IMPL = os.environ.get("TPC_CPU_INDEX", "auto")
-if CPU_IMPL not in ("auto", "c", "numpy", "torch"):
-    raise ValueError(f"TPC_CPU_INDEX: expected 'auto', 'c', 'numpy' or 'torch', got {CPU_IMPL!r}")
-
-
-def _cpu_impl() -> str:
-    """Resolve "auto" (and an unbuildable "c") once, on first use."""
-    global CPU_IMPL
-    if CPU_IMPL in ("auto", "c"):
-        CPU_IMPL = "c" if cprobe.load() is not None else "numpy"
-    return CPU_IMPL
-
-
 _I32_MAX = 2**31 - 1
 
 
 def _first_true(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(any, index of the first True) along the last axis."""
     return m.any(1), m.to(torch.uint8).argmax(1)
-
-
-def _find_slots_np(tk: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """find_slots on CPU arrays. numpy's per-call cost is a few microseconds where torch's is tens:
-    this is what keeps a scheduler's per-request lookup of a few hundred keys cheap."""
-    n, mask = len(k), len(tk) - 1
-    out = np.full(n, -1, dtype=np.int64)
-    idx = np.arange(n)
-    pos = home_slot(k, len(tk))
-    w0, w1 = k[:, 0:1], k[:, 1:2]
-    steps = np.arange(WINDOW)
-    while idx.size:
-        p = (pos[:, None] + steps) & mask
-        s = tk[p]
-        hit = (s[..., 0] == w0) & (s[..., 1] == w1)
-        stop = hit | (s[..., 0] == EMPTY)
-        stopped, j = stop.any(1), stop.argmax(1)
-        rows = np.arange(idx.size)
-        is_hit = stopped & hit[rows, j]
-        out[idx[is_hit]] = p[rows, j][is_hit]
-        go = ~stopped
-        idx, pos, w0, w1 = idx[go], (pos[go] + WINDOW) & mask, w0[go], w1[go]
-    return out
-
-
-def _claim_np(tk: np.ndarray, k: np.ndarray, lanes: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """_claim on CPU arrays (same rule: first free slot on the probe sequence, lowest lane wins)."""
-    mask = len(tk) - 1
-    slots = np.full(lanes.size, -1, dtype=np.int64)
-    claimed = np.zeros(lanes.size, dtype=bool)
-    at = np.arange(lanes.size)  # ascending, so np.unique's first index is the lowest lane
-    pos = home_slot(k[lanes], len(tk))
-    w0, w1 = k[lanes, 0:1], k[lanes, 1:2]
-    steps = np.arange(WINDOW)
-    reused = 0
-    while at.size:
-        p = (pos[:, None] + steps) & mask
-        s = tk[p]
-        mine = (s[..., 0] == w0) & (s[..., 1] == w1)
-        free = (s[..., 0] == EMPTY) | (s[..., 0] == TOMBSTONE)
-        stop = mine | free
-        stopped, j = stop.any(1), stop.argmax(1)
-        rows = np.arange(at.size)
-        target = p[rows, j]
-        is_mine = stopped & mine[rows, j]
-        cand = np.flatnonzero(stopped & ~is_mine)
-        won = np.zeros(at.size, dtype=bool)
-        if cand.size:
-            won[cand[np.unique(target[cand], return_index=True)[1]]] = True
-        wpos = target[won]
-        reused += int(np.count_nonzero(tk[wpos, 0] == TOMBSTONE))
-        tk[wpos, 0] = w0[won, 0]
-        tk[wpos, 1] = w1[won, 0]
-        done = is_mine | won
-        slots[at[done]] = target[done]
-        claimed[at[won]] = True
-        keep = ~done
-        nxt = np.where(stopped, target, (pos + WINDOW) & mask)
-        at, pos, w0, w1 = at[keep], nxt[keep], w0[keep], w1[keep]
-    return slots, claimed, reused
-
-
-def _insert_np(tk: np.ndarray, tv: np.ndarray, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, int]:
-    """insert on CPU arrays; groups lanes by slot with one stable sort instead of scratch arrays."""
-    n = len(k)
-    slots = _find_slots_np(tk, k)
-    absent = np.flatnonzero(slots < 0)
-    fresh = np.zeros(n, dtype=bool)
-    reused = 0
-    if absent.size:
-        got, claimed, reused = _claim_np(tk, k, absent)
-        slots[absent] = got
-        fresh[absent[claimed]] = True
-    order = np.argsort(slots, kind="stable")
-    ss = slots[order]
-    starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
-    ends = np.r_[starts[1:], n] - 1
-    tv[ss[starts]] = v[order[ends]]  # the last occurrence's value
-    new = np.zeros(n, dtype=bool)
-    new[order[starts][np.logical_or.reduceat(fresh[order], starts)]] = True  # at the first occurrence
-    return new, reused
-
-
-def _remove_np(tk: np.ndarray, k: np.ndarray) -> np.ndarray:
-    slots = _find_slots_np(tk, k)
-    found = np.flatnonzero(slots >= 0)
-    removed = np.zeros(len(k), dtype=bool)
-    if found.size:
-        win = found[np.unique(slots[found], return_index=True)[1]]  # first occurrence per slot
-        tk[slots[win], 0] = TOMBSTONE
-        removed[win] = True
-    return removed
 
 
 def find_slots(tkeys: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -163,18 +48,6 @@ def find_slots(tkeys: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 def lookup(tkeys: torch.Tensor, tvals: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Value of each key, or -1."""
-    impl = _cpu_impl() if keys.device.type == "cpu" else "torch"
-    if impl == "c":
-        return torch.from_numpy(cprobe.lookup(tkeys.numpy(), tvals.numpy(), keys.numpy()))
-    if impl == "numpy":  # the whole lookup in numpy (see _find_slots_np)
-        k = keys.numpy()
-        if (k[:, 0] < FIRST_REAL).any():
-            k = sanitize(keys).numpy()
-        slots = _find_slots_np(tkeys.numpy(), k)
-        out = np.full(len(k), -1, dtype=np.int32)
-        hit = slots >= 0
-        out[hit] = tvals.numpy()[slots[hit]]
-        return torch.from_numpy(out)
     slots = find_slots(tkeys, sanitize(keys))
     out = torch.full((keys.shape[0],), -1, dtype=torch.int32, device=keys.device)
     hit = slots >= 0
@@ -248,13 +121,6 @@ def insert(
     dev = keys.device
     if n == 0:
         return torch.zeros(0, dtype=torch.bool, device=dev), 0
-    impl = _cpu_impl() if dev.type == "cpu" else "torch"
-    if impl == "c":
-        new, reused = cprobe.insert(tkeys.numpy(), tvals.numpy(), keys.numpy(), values.numpy())
-        return torch.from_numpy(new), reused
-    if impl == "numpy":
-        new, reused = _insert_np(tkeys.numpy(), tvals.numpy(), keys.numpy(), values.numpy())
-        return torch.from_numpy(new), reused
     slots = find_slots(tkeys, keys)
     absent = (slots < 0).nonzero().squeeze(1)
     fresh = torch.zeros(n, dtype=torch.bool, device=dev)
@@ -282,11 +148,6 @@ def remove(tkeys: torch.Tensor, first: torch.Tensor, keys: torch.Tensor) -> torc
     """Tombstone each present key; for a key repeated in the batch only the first occurrence is True."""
     keys = sanitize(keys)
     n = keys.shape[0]
-    impl = _cpu_impl() if keys.device.type == "cpu" else "torch"
-    if impl == "c":
-        return torch.from_numpy(cprobe.remove(tkeys.numpy(), keys.numpy()))
-    if impl == "numpy":
-        return torch.from_numpy(_remove_np(tkeys.numpy(), keys.numpy()))
     removed = torch.zeros(n, dtype=torch.bool, device=keys.device)
     if n == 0:
         return removed
@@ -302,9 +163,7 @@ def remove(tkeys: torch.Tensor, first: torch.Tensor, keys: torch.Tensor) -> torc
 
 
 def count_leading(tkeys: torch.Tensor, tvals: torch.Tensor, keys: torch.Tensor) -> int:
-    """How many leading keys are present (the C probe stops at the first miss)."""
-    if keys.device.type == "cpu" and _cpu_impl() == "c":
-        return cprobe.leading(tkeys.numpy(), keys.numpy())
+    """How many leading keys are present."""
     miss = torch.nonzero(lookup(tkeys, tvals, keys) < 0)
     return int(miss[0, 0]) if miss.numel() else keys.shape[0]
 
@@ -327,3 +186,36 @@ def match_prefix(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     values = lookup(tkeys, tvals, keys)
     return segment_first_miss(values, offsets), values
+
+
+class ReferenceTable:
+    """These functions as a TableBackend, on any device: PrefixIndex(..., backend=ReferenceTable)."""
+
+    name = "reference"
+
+    def __init__(self, num_slots: int, device: str | torch.device) -> None:
+        self.slot_keys = torch.full((num_slots, 2), EMPTY, dtype=torch.int64, device=device)
+        self.slot_values = torch.full((num_slots,), -1, dtype=torch.int32, device=device)
+        # Per-slot scratch for in-batch de-duplication; every operation leaves it as it found it.
+        self.first = torch.full((num_slots,), _I32_MAX, dtype=torch.int32, device=device)
+        self.last = torch.full((num_slots,), -1, dtype=torch.int32, device=device)
+
+    def reset(self) -> None:
+        self.slot_keys.fill_(EMPTY)
+        self.slot_values.fill_(-1)
+
+    def lookup(self, keys: torch.Tensor) -> torch.Tensor:
+        return lookup(self.slot_keys, self.slot_values, keys)
+
+    def insert(self, keys: torch.Tensor, values: torch.Tensor) -> Inserted:
+        new, reused = insert(self.slot_keys, self.slot_values, self.first, self.last, keys, values)
+        return Inserted(new, int(new.sum()), reused)
+
+    def remove(self, keys: torch.Tensor) -> torch.Tensor:
+        return remove(self.slot_keys, self.first, keys)
+
+    def count_leading(self, keys: torch.Tensor) -> int:
+        return count_leading(self.slot_keys, self.slot_values, keys)
+
+    def match_prefix(self, keys: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return match_prefix(self.slot_keys, self.slot_values, keys, offsets)
