@@ -12,9 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .index.backend import ALIASES, BACKENDS, canonical_backend
+
 DEMOTE_MODES = ("lazy", "write_through")
 LOAD_MODES = ("async", "layerwise")
-INDEX_BACKENDS = ("auto", "triton", "torch")
 COPY_BACKENDS = ("auto", "staged", "dma", "triton", "torch")
 EVICTION_POLICIES = ("lru",)
 
@@ -32,22 +33,24 @@ class PrefixCacheConfig:
         every new full block once its KV has been written.
     load: "layerwise" (default) loads inside the request's own step, overlapped with the forward
         per layer; "async" lets the request wait while its blocks load and other requests run.
-        Layer-wise measured lower TTFT on host hits (README, "Results").
-    index_backend: which PrefixIndex backend serves host-tier lookups: "auto" keeps an engine's
-        scheduler-side table on the CPU (small, latency-bound lookups; measured faster than the
-        Triton table next to a busy GPU), "triton" puts it on the engine's GPU, "torch" on the CPU.
+        Layer-wise gives the lower TTFT on host hits (README, "Results").
+    index_backend: which PrefixIndex backend serves host-tier lookups: "cpu" keeps the
+        scheduler's table in host memory (C probe loops), "triton" puts it on the engine's GPU,
+        and "auto" (default) is "cpu": the scheduler's lookups are small and latency-bound, and on
+        a GPU busy with the forward and the KV copies they would wait for both. "torch" is a
+        deprecated alias of "cpu" (stored as "cpu", with one warning in the log).
     copy_backend: how pages move between the KV cache and the host pool: "staged" (one batched DMA
         descriptor per slot through a device staging buffer, the Triton kernel between that buffer
         and the pages), "dma" (one descriptor per page), "triton" (the gather/scatter kernel over
         pinned memory), "torch" (per-layer index ops over a device view of the pinned pool), or
-        "auto": staged in an engine where cuda.bindings is present, else torch (measured best
+        "auto": staged in an engine where cuda.bindings is present, else torch (the fastest
         there, README "Results"); the CopyEngine alone measures the available backends at start.
     eviction: the host tier's eviction policy.
     layerwise_ahead: None (default): a layer-wise load's layer groups are all submitted before the
         step's forward starts; an int k >= 0: only the first k + 1 are, and the forward's wait for
         each layer submits the groups up to k past it (the forward then starts after one group's
-        submission). Measured on an H200 with k = 1: chat faster (p50 48.3 vs 53.5 ms), document
-        QA slower (35.6 vs 29.6 ms: its copy waits for the forward to submit), hence off.
+        submission). Off by default: it helps requests that load a little each, and slows large
+        loads such as document QA's, whose copy then waits for the forward to submit each group.
     staging_mib: GPU memory of the "staged" copy backend's staging buffer, per direction (two
         buffers), outside the engine's KV budget. Each half of a buffer is one DMA step: 256 holds
         a layer group (1/8 of the layers) of a 512-block load of an 8B model in one step.
@@ -66,7 +69,7 @@ class PrefixCacheConfig:
         _check_gib(self.host_cache_gib)
         _check_choice("demote", self.demote, DEMOTE_MODES)
         _check_choice("load", self.load, LOAD_MODES)
-        _check_choice("index_backend", self.index_backend, INDEX_BACKENDS)
+        _check_index_backend(self)
         _check_choice("eviction", self.eviction, EVICTION_POLICIES)
         _check_choice("copy_backend", self.copy_backend, COPY_BACKENDS)
         v = self.layerwise_ahead
@@ -122,6 +125,20 @@ def _check_gib(value: Any) -> None:
         raise ConfigError(
             f"config key 'host_cache_gib' must be a number > 0 (GiB of host memory), got {value!r}"
         )
+
+
+def _check_index_backend(cfg: PrefixCacheConfig) -> None:
+    """Validate `index_backend` and store its canonical name (the frozen dataclass is set through
+    object.__setattr__): the deprecated alias never reaches the code that builds the index."""
+    try:
+        name = canonical_backend(cfg.index_backend)
+    except ValueError:
+        aliases = ", ".join(f"{a!r}: a deprecated alias of {c!r}" for a, c in ALIASES.items())
+        raise ConfigError(
+            f"config key 'index_backend' must be one of {list(BACKENDS)} ({aliases}), "
+            f"got {cfg.index_backend!r}"
+        ) from None
+    object.__setattr__(cfg, "index_backend", name)
 
 
 def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -56,7 +56,7 @@ def test_page_views_refuse_scattered_blocks():
 def test_host_tier_lifecycle():
     from triton_prefix_cache_vllm.host_tier import HostTier
 
-    tier = HostTier(4, 100, index_backend="torch")
+    tier = HostTier(4, 100, index_backend="cpu")
     k = _keys(6)
     slots, present, dropped = tier.begin_store(k[:3])
     assert sorted(slots.tolist()) == [0, 1, 2] and dropped == 0 and not present.any()
@@ -91,7 +91,7 @@ def test_host_tier_lifecycle():
 def test_host_tier_failed_store_and_shrink():
     from triton_prefix_cache_vllm.host_tier import HostTier
 
-    tier = HostTier(2, 100, index_backend="torch")
+    tier = HostTier(2, 100, index_backend="cpu")
     s, _, _ = tier.begin_store(_keys(2))
     tier.end_store(s.tolist(), ok=False)
     assert len(tier) == 0 and tier.tm.num_free == 2
@@ -101,6 +101,21 @@ def test_host_tier_failed_store_and_shrink():
     assert dropped == 1 and s.tolist().count(-1) == 1
     with pytest.raises(RuntimeError, match="vanished"):
         tier.pin(_keys(1, 50))
+
+
+def test_host_tier_places_its_index():
+    """"auto" keeps the scheduler's table on the CPU, also where a GPU is present; "torch" is the
+    deprecated name of the CPU table; "triton" puts it on the GPU (the interpreter without one)."""
+    from triton_prefix_cache_vllm.host_tier import HostTier
+
+    for name in ("auto", "cpu", "torch"):
+        tier = HostTier(2, 100, index_backend=name)
+        assert (tier.backend, tier.device.type, tier.tm.index.backend) == ("cpu", "cpu", "cpu"), name
+    tier = HostTier(2, 100, index_backend="triton")
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert (tier.backend, tier.device.type, tier.tm.index.backend) == ("triton", want, "triton")
+    tier.end_store(tier.begin_store(_keys(2))[0].tolist(), ok=True)
+    assert tier.match(_keys(3)) == 2
 
 
 def test_stats_aggregate_and_reduce():

@@ -94,7 +94,7 @@ def canonical_backend(backend: object) -> str:
 
 @functools.cache
 def _warn_deprecated(alias: str) -> None:
-    log.warning("index backend %r is deprecated: use %r (the same CPU table)", alias, ALIASES[alias])
+    log.warning("index backend %r is deprecated: it is the CPU table, now named %r", alias, ALIASES[alias])
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
