@@ -330,11 +330,11 @@ def test_a_steps_jobs_share_one_copy_per_direction_and_kind():
 
 def test_demotion_window_is_what_the_next_step_can_allocate():
     """The token budget's blocks plus one partial block per request the step can schedule: the known
-    ones and a few arriving, never more than max_num_seqs (the old bound)."""
+    ones and a few arriving, never more than max_num_seqs."""
     from triton_prefix_cache_vllm.scheduler import NEW_REQUEST_SLACK, demotion_window
 
     # vLLM's H200 defaults (16,384 tokens = 1,024 blocks, 1,024 sequences), one request alive: about
     # half a 4 GiB KV cache (2,048 blocks) instead of all of it
     assert demotion_window(1024, 1024, 1) == 1024 + 1 + NEW_REQUEST_SLACK
     assert demotion_window(1024, 1024, 5000) == 2048
-    assert demotion_window(64, 8, 0) == 72  # the CPU tests' engines: as before
+    assert demotion_window(64, 8, 0) == 72  # the CPU tests' engines: capped at max_num_seqs

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 #: Values of `backend` (PrefixIndex) and `index_backend` (the config).
 BACKENDS = ("auto", "triton", "cpu")
-#: Former names, still accepted: the CPU table was once the "torch" backend.
+#: Deprecated names, still accepted with one warning per process: "torch" is the CPU table.
 ALIASES = {"torch": "cpu"}
 ALLOWED = "'auto', 'triton' or 'cpu' ('torch' is a deprecated alias of 'cpu')"
 
@@ -94,7 +94,7 @@ def canonical_backend(backend: object) -> str:
 
 @functools.cache
 def _warn_deprecated(alias: str) -> None:
-    log.warning("index backend %r is deprecated: it is the CPU table, now named %r", alias, ALIASES[alias])
+    log.warning("index backend %r is a deprecated alias: use %r (the same CPU table)", alias, ALIASES[alias])
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
