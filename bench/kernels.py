@@ -1,24 +1,33 @@
-"""Kernel microbenchmark of the prefix index: Triton vs the torch backend vs a Python dict.
+"""Kernel microbenchmark of the prefix index: the Triton table, the CPU table, the plain-torch
+reference on CUDA, and a Python dict.
 
     python -m bench.kernels                      # GPU host: everything, JSON + PNG in bench/results/
-    python -m bench.kernels --sizes 1e3 1e4      # quick (a CPU machine runs only torch-cpu and dict)
+    python -m bench.kernels --sizes 1e3 1e4      # quick (a CPU machine runs only cpu and dict)
+    python -m bench.kernels --cpu-probe numpy    # the CPU table's numpy probe instead of C
 
-Lookup, insert and remove of N keys at load 0.5 for N from 1e3 to 1e7, and match_prefix for 256
-requests x 512 blocks (half fully present, half missing from a random block on). Every timed
-result is checked against the known answer in the same run. Triton/torch-cuda times are kernel
-times (CUDA events / triton.testing.do_bench) of the launchers; the `*_api` rows time the public
-PrefixIndex call with its validation, stream hand-off and host sync.
+Providers: "triton" (the Triton backend), "reference-cuda" (tests/index_reference.py, the tests'
+oracle, on CUDA: what the kernels are compared against), "cpu" (the CPU backend, C probe loops or
+numpy) and "dict" (a Python dict with tuple keys). Lookup, insert and remove of N keys at load 0.5
+for N from 1e3 to 1e7, and match_prefix for 256 requests x 512 blocks (half fully present, half
+missing from a random block on). Every timed result is checked against the known answer in the
+same run. Triton and reference-cuda times are kernel times (CUDA events / triton.testing.do_bench)
+of the table operations; the `*_api` rows time the public PrefixIndex call with its validation,
+stream hand-off and host sync.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 import torch
 
 from bench.common import environment, print_table, time_cpu, time_with_setup, write_result
-from triton_prefix_cache import PrefixIndex, reference
+from triton_prefix_cache import PrefixIndex
+from triton_prefix_cache.index.cpu_table import CpuTable
+
+GPU_PROVIDERS = ("triton", "reference-cuda")
 
 TARGETS = {
     "lookup_keys_per_s": {"h200": 5e9, "h100": 3.5e9},
@@ -37,9 +46,20 @@ def check(ok: bool, what: str) -> None:
         raise AssertionError(f"benchmark result check failed: {what}")
 
 
-def bench_index(provider: str, n: int) -> list[dict]:
-    device = "cuda" if provider in ("triton", "torch-cuda") else "cpu"
-    backend = "triton" if provider == "triton" else "torch"
+def index_backend(provider: str, cpu_probe: str | None):
+    """(PrefixIndex's `backend` argument, device) of a provider."""
+    if provider == "triton":
+        return "triton", "cuda"
+    if provider == "reference-cuda":
+        # The tests' oracle: importable from the repository root (python -m bench.kernels).
+        from tests.index_reference import ReferenceTable
+
+        return ReferenceTable, "cuda"
+    return functools.partial(CpuTable, probe=cpu_probe), "cpu"
+
+
+def bench_index(provider: str, n: int, cpu_probe: str | None = None) -> list[dict]:
+    backend, device = index_backend(provider, cpu_probe)
     keys = rand_keys(n, n, device)
     vals = torch.randperm(n, device=device).to(torch.int32)
     perm = torch.randperm(n, device=device)
@@ -68,32 +88,31 @@ def bench_index(provider: str, n: int) -> list[dict]:
             }
         )
 
+    table = idx.table
     if provider == "triton":
         from triton.testing import do_bench
 
         from triton_prefix_cache.kernels import hash_table as ht
 
-        def raw_insert():
-            ht.insert(idx._tkeys, idx._tvals, idx._first, idx._last, idx._fresh, keys, vals)
+        def raw_insert():  # the launcher: the table's insert adds a host sync for its counts
+            ht.insert(table.slot_keys, table.slot_values, table.first, table.last, table.fresh, keys, vals)
 
         row("insert", time_with_setup(raw_insert, prefill))
         idx._live = idx.capacity  # the raw launcher bypassed the bookkeeping
         check(torch.equal(idx.lookup(queries), want), "triton insert+lookup")
         row("insert_api", time_with_setup(lambda: idx.insert(keys, vals), prefill))
-        row(
-            "lookup", do_bench(lambda: ht.lookup(idx._tkeys, idx._tvals, queries), return_mode="median") / 1e3
-        )
+        row("lookup", do_bench(lambda: table.lookup(queries), return_mode="median") / 1e3)
         row("lookup_api", do_bench(lambda: idx.lookup(queries), return_mode="median") / 1e3)
-        check(torch.equal(ht.lookup(idx._tkeys, idx._tvals, queries), want), "triton lookup")
-        saved = idx._tkeys.clone()
+        check(torch.equal(table.lookup(queries), want), "triton lookup")
+        saved = table.slot_keys.clone()
         row(
             "remove",
-            time_with_setup(lambda: ht.remove(idx._tkeys, idx._first, keys), lambda: idx._tkeys.copy_(saved)),
+            time_with_setup(lambda: table.remove(keys), lambda: table.slot_keys.copy_(saved)),
         )
-        idx._tkeys.copy_(saved)
+        table.slot_keys.copy_(saved)
         idx._tombstones = 0
         check(bool(idx.remove(keys).all()) and bool((idx.lookup(queries) == -1).all()), "triton remove")
-    elif provider in ("torch-cuda", "torch-cpu"):
+    else:
         reps = 10 if device == "cuda" else 3
         row(
             "insert",
@@ -107,17 +126,17 @@ def bench_index(provider: str, n: int) -> list[dict]:
 
         row("lookup", time_with_setup(lookup, lambda: None, reps=reps, warmup=1, device=device))
         check(torch.equal(got, want), f"{provider} lookup")
-        saved = idx._tkeys.clone()
+        saved = table.slot_keys.clone()
 
         def restore():
-            idx._tkeys.copy_(saved)
+            table.slot_keys.copy_(saved)
             idx._live, idx._tombstones = idx.capacity, 0
 
-        # The operation itself, as for the Triton launchers (the public call may add a rebuild).
+        # The table operation itself, as for Triton (the public call may add a rebuild).
         row(
             "remove",
             time_with_setup(
-                lambda: reference.remove(idx._tkeys, idx._first, keys),
+                lambda: table.remove(keys),
                 restore,
                 reps=reps,
                 warmup=1,
@@ -162,10 +181,9 @@ def bench_dict(n: int) -> list[dict]:
 
 
 def bench_match_prefix(
-    provider: str, requests: int = 256, blocks: int = 512, fill: int = 1_000_000
+    provider: str, requests: int = 256, blocks: int = 512, fill: int = 1_000_000, cpu_probe: str | None = None
 ) -> list[dict]:
-    device = "cuda" if provider in ("triton", "torch-cuda") else "cpu"
-    backend = "triton" if provider == "triton" else "torch"
+    backend, device = index_backend(provider, cpu_probe)
     g = torch.Generator().manual_seed(7)
     n = requests * blocks
     keys = rand_keys(n, 1, device)
@@ -189,12 +207,7 @@ def bench_match_prefix(
     if provider == "triton":
         from triton.testing import do_bench
 
-        from triton_prefix_cache.kernels import hash_table as ht
-
-        t = (
-            do_bench(lambda: ht.match_prefix(idx._tkeys, idx._tvals, keys, offsets), return_mode="median")
-            / 1e3
-        )
+        t = do_bench(lambda: idx.table.match_prefix(keys, offsets), return_mode="median") / 1e3
         rows.append({"provider": provider, "op": "match_prefix", "n": n, "us": t * 1e6, "keys_per_s": n / t})
         t = do_bench(lambda: idx.match_prefix(keys, offsets), return_mode="median") / 1e3
         rows.append(
@@ -233,13 +246,13 @@ def summarize(rows: list[dict], slug: str) -> dict:
         out["match_prefix_met"] = mp[0]["us"] <= TARGETS["match_prefix_us"]
     ratios = {}
     for op in ("insert", "lookup", "remove"):
-        for r in best("torch-cpu", op, 10_000):
+        for r in best("cpu", op, 10_000):
             d = [x for x in best("dict", op, r["n"]) if x["n"] == r["n"]]
             if d:
                 ratios[f"{op}@{r['n']}"] = r["keys_per_s"] / d[0]["keys_per_s"]
     if ratios:
-        out["torch_cpu_over_dict_speed"] = ratios
-        out["torch_cpu_not_slower_than_dict_1e4plus"] = all(v >= 1.0 for v in ratios.values())
+        out["cpu_over_dict_speed"] = ratios
+        out["cpu_not_slower_than_dict_1e4plus"] = all(v >= 1.0 for v in ratios.values())
     return out
 
 
@@ -274,32 +287,36 @@ def plot(rows: list[dict], path) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", type=float, default=[1e3, 1e4, 1e5, 1e6, 1e7])
+    ap.add_argument("--cpu-max", type=float, default=1e6, help="largest N for the CPU providers (cpu, dict)")
     ap.add_argument(
-        "--cpu-max", type=float, default=1e6, help="largest N for the CPU providers (torch-cpu, dict)"
+        "--cpu-probe",
+        choices=["c", "numpy"],
+        default=None,
+        help="the CPU table's probe (default: C where a compiler works, else numpy)",
     )
     ap.add_argument(
         "--out", default=None, help="JSON path (default bench/results/kernels-<device>-<date>.json)"
     )
     args = ap.parse_args(argv)
     env = environment()
-    env["cpu_index"] = reference._cpu_impl()  # how the torch backend serves CPU tensors (TPC_CPU_INDEX)
+    env["cpu_probe"] = CpuTable(16, probe=args.cpu_probe).probe  # how the cpu provider probes
     print(
         f"# {env['command']}\n# device: {env['device']} | torch {env['torch']} | triton {env['triton']}",
         flush=True,
     )
     gpu = torch.cuda.is_available()
-    providers = (["triton", "torch-cuda"] if gpu else []) + ["torch-cpu", "dict"]
+    providers = (list(GPU_PROVIDERS) if gpu else []) + ["cpu", "dict"]
     sizes = [int(s) for s in args.sizes]
-    jobs = [(p, n) for n in sizes for p in providers if p in ("triton", "torch-cuda") or n <= args.cpu_max]
+    jobs = [(p, n) for n in sizes for p in providers if p in GPU_PROVIDERS or n <= args.cpu_max]
     rows: list[dict] = []
     for i, (prov, n) in enumerate(jobs, 1):
         print(f"[{i}/{len(jobs)}] {prov} n={n:,}", flush=True)
-        rows += bench_dict(n) if prov == "dict" else bench_index(prov, n)
+        rows += bench_dict(n) if prov == "dict" else bench_index(prov, n, args.cpu_probe)
     for prov in providers:
         if prov == "dict":
             continue
         print(f"[match_prefix] {prov}", flush=True)
-        rows += bench_match_prefix(prov)
+        rows += bench_match_prefix(prov, cpu_probe=args.cpu_probe)
     cols = ["provider", "op", "n", "load", "us", "keys_per_s"]
     print()
     print_table(rows, cols)

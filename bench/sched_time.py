@@ -5,7 +5,7 @@
 Both scheduler halves (ours and vLLM's OffloadingConnector) get the same vLLM Request objects and
 host tiers holding prompt A's blocks; get_num_new_matched_tokens (key derivation + lookup) is timed
 for fresh requests of A (every block hits) and of random prompts (the first block misses), median
-of --reps. Target (issue 4): ours at most half of OffloadingConnector's, at 8k and at 128k tokens.
+of --reps. Target: ours at most half of OffloadingConnector's, at 8k and at 128k tokens.
 The in-engine counterpart is the `conn_lookup_ms` column of `python -m bench.compare`.
 """
 
@@ -40,8 +40,8 @@ def run_sched_micro(args: argparse.Namespace) -> dict:
     Each host tier first holds prompt A's blocks (ours through the TierManager, OffloadingConnector's
     through its manager's prepare_store/complete_store); then get_num_new_matched_tokens is timed
     for fresh requests of A (all blocks hit) and of random prompts (first block misses), at 8k and
-    --long-tokens tokens, median of --micro-reps. Our index uses index_backend "auto" (the Triton
-    table on this GPU).
+    --long-tokens tokens, median of --reps. Our index uses index_backend "auto": the CPU table, as
+    in an engine.
     """
     import torch
     import triton_prefix_cache_vllm
@@ -78,7 +78,7 @@ def run_sched_micro(args: argparse.Namespace) -> dict:
     )
     names = [f"model.layers.{i}.self_attn.attn" for i in range(spec_m.num_layers)]
     # vLLM 0.26's OffloadingConnector sizes its host tier from the KV tensors' sizes (with none it
-    # had 0 blocks and stored nothing, so its "hit" case missed); 0.32 sizes it otherwise and
+    # holds 0 blocks, stores nothing and its "hit" case misses); 0.32 sizes it otherwise and
     # describes tensors with other fields, so it gets none.
     nblocks = 4096
     try:

@@ -1,7 +1,10 @@
 """PrefixCacheConfig: defaults, and every bad input fails naming the key and the allowed values."""
+import logging
+
 import pytest
 
 from triton_prefix_cache.config import ConfigError, PrefixCacheConfig
+from triton_prefix_cache.index import backend
 
 
 def test_defaults():
@@ -19,13 +22,28 @@ def test_defaults():
 
 
 def test_all_keys_set():
-    raw = {"host_cache_gib": 0.5, "demote": "write_through", "load": "layerwise", "index_backend": "torch",
+    raw = {"host_cache_gib": 0.5, "demote": "write_through", "load": "layerwise", "index_backend": "cpu",
            "eviction": "lru", "copy_backend": "staged", "layerwise_ahead": 2, "staging_mib": 64}
     cfg = PrefixCacheConfig.from_dict(raw)
     assert sorted(raw) == sorted(PrefixCacheConfig.keys())  # every key is exercised here
     assert cfg.host_cache_bytes == 1 << 29
     assert (cfg.copy_backend, cfg.layerwise_ahead, cfg.staging_mib) == ("staged", 2, 64)
-    assert (cfg.demote, cfg.load, cfg.index_backend) == ("write_through", "layerwise", "torch")
+    assert (cfg.demote, cfg.load, cfg.index_backend) == ("write_through", "layerwise", "cpu")
+
+
+@pytest.mark.parametrize("name", ["auto", "triton", "cpu"])
+def test_index_backends(name):
+    assert PrefixCacheConfig.from_dict({"host_cache_gib": 1, "index_backend": name}).index_backend == name
+
+
+def test_index_backend_torch_is_a_deprecated_alias_of_cpu(caplog):
+    backend._warn_deprecated.cache_clear()  # the warning is logged once per process
+    with caplog.at_level(logging.WARNING, logger=backend.__name__):
+        for _ in range(2):
+            cfg = PrefixCacheConfig.from_dict({"host_cache_gib": 1, "index_backend": "torch"})
+            assert cfg.index_backend == "cpu"
+    warnings = [r for r in caplog.records if "deprecated" in r.getMessage()]
+    assert len(warnings) == 1 and "'torch'" in warnings[0].getMessage(), caplog.text
 
 
 def test_frozen():
@@ -51,7 +69,11 @@ def test_frozen():
             {"host_cache_gib": 1, "copy_backend": "cuda"},
             ["copy_backend", "auto", "staged", "dma", "triton", "torch"],
         ),
-        ({"host_cache_gib": 1, "index_backend": "cuda"}, ["index_backend", "auto", "triton", "torch"]),
+        (
+            {"host_cache_gib": 1, "index_backend": "cuda"},
+            ["index_backend", "'auto'", "'triton'", "'cpu'", "'torch'", "deprecated", "'cuda'"],
+        ),
+        ({"host_cache_gib": 1, "index_backend": None}, ["index_backend", "'cpu'", "None"]),
         ({"host_cache_gib": 1, "eviction": "arc"}, ["eviction", "lru", "arc"]),
         ({"host_cache_gib": 1, "layerwise_ahead": -1}, ["layerwise_ahead", "null", "-1"]),
         ({"host_cache_gib": 1, "layerwise_ahead": "1"}, ["layerwise_ahead", "'1'"]),

@@ -1,39 +1,53 @@
-"""PrefixIndex against a Python dict (the independent oracle) and across its two backends.
+"""PrefixIndex against a Python dict (the independent oracle), over every table backend.
 
 Every test runs for the Triton backend on `kernel_device` (interpreted on the CPU here and in CI,
-compiled on the GPU host) and for the torch backend.
+compiled on the GPU host), for the CPU table with each of its probes (C, numpy), and for the plain
+torch reference (index_reference.py, the oracle of the kernel comparisons) on `kernel_device`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 
+import index_reference
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from triton_prefix_cache import IndexFullError, PrefixIndex, keys_from_block_hashes, reference
+from triton_prefix_cache import IndexFullError, PrefixIndex, keys_from_block_hashes
 from triton_prefix_cache import keys as K
+from triton_prefix_cache.index import backend as B
+from triton_prefix_cache.index import cpu_table_c
+from triton_prefix_cache.index.cpu_table import CpuTable
 
 INT64 = (-(2**63), 2**63 - 1)
+TABLES = ["triton", "cpu/c", "cpu/numpy", "reference"]
 
 
-@pytest.fixture(params=["triton", "torch", "torch/numpy", "torch/torch"])
-def make_index(request, kernel_device, monkeypatch):
-    """The torch backend serves CPU tensors with C loops (default where a compiler works), numpy,
-    or the torch code that serves CUDA tensors: each of them runs here."""
-    backend, _, cpu_impl = request.param.partition("/")
-    if cpu_impl:
-        if kernel_device != "cpu":
-            pytest.skip("CPU implementations of the torch backend run on the CPU machines")
-        monkeypatch.setattr(reference, "CPU_IMPL", cpu_impl)
+def table_factory(kind: str, kernel_device: str):
+    """(PrefixIndex's `backend` argument, the device) for one of TABLES."""
+    if kind == "triton":
+        return "triton", kernel_device
+    if kind == "reference":
+        return index_reference.ReferenceTable, kernel_device
+    probe = kind.partition("/")[2]
+    if probe == "c" and cpu_table_c.load() is None:
+        pytest.skip("no working C compiler here: the CPU table probes with numpy")
+    return functools.partial(CpuTable, probe=probe), "cpu"
+
+
+@pytest.fixture(params=TABLES)
+def make_index(request, kernel_device):
+    backend, device = table_factory(request.param, kernel_device)
 
     def make(capacity: int) -> PrefixIndex:
-        return PrefixIndex(capacity, device=kernel_device, backend=backend)
+        return PrefixIndex(capacity, device=device, backend=backend)
 
-    make.device = torch.device(kernel_device)
-    make.backend = backend
+    make.device = torch.device(device)
+    make.kind = request.param
     return make
 
 
@@ -76,22 +90,40 @@ def test_insert_lookup_matches_dict(make_index, n):
 
 
 def test_backends_share_one_layout(kernel_device):
-    """A table written by the Triton kernels is read correctly by the torch code, and back."""
-    keys, vals = (
-        rand_keys(3000, 7).to(kernel_device),
-        torch.arange(3000, dtype=torch.int32, device=kernel_device),
-    )
-    a = PrefixIndex(3000, device=kernel_device, backend="triton")
-    a.insert(keys, vals)
-    assert torch.equal(reference.lookup(a._tkeys, a._tvals, keys), vals)
-    b = PrefixIndex(3000, device=kernel_device, backend="torch")
-    b.insert(keys, vals)
+    """A table written by any backend is read correctly by every other one and by the reference."""
+    keys, vals = rand_keys(3000, 7), torch.arange(3000, dtype=torch.int32)
+    # tombstones on the way: removed keys sit between the home slots and the keys read back
+    gone = rand_keys(500, 8)
+    for writer_kind in TABLES:
+        backend, device = table_factory(writer_kind, kernel_device)
+        writer = PrefixIndex(4000, device=device, backend=backend)
+        writer.insert(gone.to(device), torch.zeros(500, dtype=torch.int32, device=device))
+        writer.insert(keys.to(device), vals.to(device))
+        writer.remove(gone.to(device))
+        for reader_kind in TABLES:
+            backend, device = table_factory(reader_kind, kernel_device)
+            reader = PrefixIndex(4000, device=device, backend=backend)
+            reader.table.slot_keys.copy_(writer.table.slot_keys)
+            reader.table.slot_values.copy_(writer.table.slot_values)
+            q = torch.cat([keys, gone])
+            want = vals.tolist() + [-1] * 500
+            got = reader.lookup(q.to(device)).cpu().tolist()
+            assert_equal_lists(got, want, f"{writer_kind} read by {reader_kind}")
+
+def test_one_hash_everywhere(kernel_device):
+    """keys.hash_words is the one hash: torch, numpy, the Triton kernels and the C probe agree."""
     from triton_prefix_cache.kernels import hash_table
 
-    assert torch.equal(hash_table.lookup(b._tkeys, b._tvals, keys), vals)
-    assert torch.equal(hash_table.home_slot(keys, 1 << 12), K.home_slot(keys, 1 << 12))
-    # ... and so does the numpy twin that serves CPU lookups
-    assert (reference._home_np(keys.cpu().numpy(), 1 << 12) == K.home_slot(keys.cpu(), 1 << 12).numpy()).all()
+    structured = torch.stack([torch.arange(500), torch.full((500,), 7)], dim=1)  # counters
+    keys = K.sanitize(torch.cat([rand_keys(5000, 8), structured, structured.flip(1)]))
+    for num_slots in (16, 1 << 12, 1 << 30):
+        want = K.home_slot(keys, num_slots)
+        assert_equal_lists(K.home_slot(keys.numpy(), num_slots).tolist(), want.tolist(), "numpy home")
+        got = hash_table.home_slot(keys.to(kernel_device), num_slots).cpu()
+        assert_equal_lists(got.tolist(), want.tolist(), "Triton home")
+        if cpu_table_c.load() is not None:
+            got = cpu_table_c.home_slot(keys.numpy(), num_slots)
+            assert_equal_lists(got.tolist(), want.tolist(), "C home")
 
 
 def test_keys_sharing_first_word(make_index):
@@ -414,7 +446,7 @@ def test_bad_constructor_arguments(monkeypatch):
         PrefixIndex(0)
     with pytest.raises(ValueError, match=r"capacity: expected a positive int"):
         PrefixIndex(2.5)
-    with pytest.raises(ValueError, match="backend: expected 'auto', 'triton' or 'torch'"):
+    with pytest.raises(ValueError, match="backend: expected 'auto', 'triton' or 'cpu'"):
         PrefixIndex(8, backend="cuda")
     with pytest.raises(ValueError, match="device: expected 'cpu' or a CUDA device"):
         PrefixIndex(8, device="meta")
@@ -423,7 +455,47 @@ def test_bad_constructor_arguments(monkeypatch):
         PrefixIndex(8, device="cpu", backend="triton")
     idx = PrefixIndex(100)
     assert idx.num_slots >= 200 and idx.num_slots & (idx.num_slots - 1) == 0
-    assert idx.backend == ("triton" if idx.device.type == "cuda" else "torch")
+    assert idx.backend == ("triton" if idx.device.type == "cuda" else "cpu")
+
+
+def test_auto_is_resolved_in_one_place():
+    """"auto": the CPU table unless the table must live in CUDA memory; the device follows the backend
+    where the caller leaves it open (an engine's scheduler does)."""
+    cpu = torch.device("cpu")
+    assert B.resolve_backend("auto") == ("cpu", cpu)
+    assert B.resolve_backend("auto", "cpu") == ("cpu", cpu)
+    assert B.resolve_backend("cpu") == ("cpu", cpu)
+    assert B.resolve_backend("triton", "cpu") == ("triton", cpu)  # the interpreter (conftest.py)
+    if torch.cuda.is_available():
+        cuda = torch.device("cuda", torch.cuda.current_device())
+        assert B.resolve_backend("auto", "cuda") == ("triton", cuda)
+        assert B.resolve_backend("triton") == ("triton", cuda)
+        with pytest.raises(ValueError, match="'cpu' keeps its table in host memory"):
+            B.resolve_backend("cpu", "cuda")
+    else:
+        assert B.resolve_backend("triton") == ("triton", cpu)
+    assert PrefixIndex(8, device=None).backend == "cpu"
+    with pytest.raises(ValueError, match=r"backend: expected 'auto', 'triton' or 'cpu' \('torch' is"):
+        B.resolve_backend("gpu")
+
+
+def test_torch_is_a_deprecated_alias_of_cpu(caplog):
+    B._warn_deprecated.cache_clear()  # the warning is logged once per process
+    with caplog.at_level(logging.WARNING, logger=B.__name__):
+        assert PrefixIndex(8, backend="torch").backend == "cpu"
+        assert B.resolve_backend("torch") == ("cpu", torch.device("cpu"))
+    warnings = [r for r in caplog.records if "deprecated" in r.getMessage()]
+    assert len(warnings) == 1 and "'torch'" in warnings[0].getMessage(), caplog.text
+
+
+def test_cpu_table_probes():
+    """The CPU table probes in C where a compiler works, else in numpy; an impossible ask raises."""
+    assert CpuTable(16).probe == ("c" if cpu_table_c.load() is not None else "numpy")
+    assert CpuTable(16, probe="numpy").probe == "numpy"
+    with pytest.raises(ValueError, match="probe: expected 'c', 'numpy' or None"):
+        CpuTable(16, probe="torch")
+    with pytest.raises(ValueError, match="host memory"):
+        CpuTable(16, device="meta")
 
 
 # ---- keys from vLLM block hashes ---------------------------------------------------------------
@@ -488,7 +560,7 @@ def test_concurrent_distinct_inserts_sharing_first_word_gpu():
     assert bool(idx.insert(keys.to(dev), vals.to(dev)).all())
     assert len(idx) == n
     assert torch.equal(idx.lookup(keys.to(dev)).cpu(), vals)
-    ref = PrefixIndex(n, device=dev, backend="torch")
+    ref = PrefixIndex(n, device=dev, backend=index_reference.ReferenceTable)
     ref.insert(keys.to(dev), vals.to(dev))
     q = torch.cat([keys[::3], rand_keys(10_000, 92)]).to(dev)
     assert torch.equal(idx.lookup(q), ref.lookup(q))

@@ -1,7 +1,7 @@
 """TierManager state transitions and its agreement with the PrefixIndex, plus the LRU policy.
 
 The oracle is a plain Python model (dicts of key -> state); `check_consistency()` runs after every
-step. The index runs on `kernel_device` (the torch backend on the CPU here, the compiled Triton
+step. The index runs on `kernel_device` (the CPU table on the CPU here, the compiled Triton
 backend on the GPU host).
 """
 

@@ -12,9 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .index.backend import ALIASES, BACKENDS, canonical_backend
+
 DEMOTE_MODES = ("lazy", "write_through")
 LOAD_MODES = ("auto", "layerwise", "async")
-INDEX_BACKENDS = ("auto", "triton", "torch")
 COPY_BACKENDS = ("auto", "staged", "dma", "triton", "torch")
 EVICTION_POLICIES = ("lru",)
 
@@ -37,9 +38,11 @@ class PrefixCacheConfig:
         that layer's copy, so the step (with every other request in it) waits for the copy;
         "async" lets the request wait while its blocks load and the other requests keep stepping;
         "auto" (default) loads layer-wise when no other request runs and async otherwise.
-    index_backend: which PrefixIndex backend serves host-tier lookups: "auto" keeps an engine's
-        scheduler-side table on the CPU (small, latency-bound lookups; measured faster than the
-        Triton table next to a busy GPU), "triton" puts it on the engine's GPU, "torch" on the CPU.
+    index_backend: which PrefixIndex backend serves host-tier lookups: "cpu" keeps the
+        scheduler's table in host memory (C probe loops), "triton" puts it on the engine's GPU,
+        and "auto" (default) is "cpu": the scheduler's lookups are small and latency-bound, and on
+        a GPU busy with the forward and the KV copies they would wait for both. "torch" is a
+        deprecated alias of "cpu" (stored as "cpu", with one warning in the log).
     copy_backend: how pages move between the KV cache and the host pool: "staged" (one batched DMA
         descriptor per slot through a device staging buffer, the Triton kernel between that buffer
         and the pages), "dma" (one descriptor per page), "triton" (the gather/scatter kernel over
@@ -72,7 +75,7 @@ class PrefixCacheConfig:
         _check_gib(self.host_cache_gib)
         _check_choice("demote", self.demote, DEMOTE_MODES)
         _check_choice("load", self.load, LOAD_MODES)
-        _check_choice("index_backend", self.index_backend, INDEX_BACKENDS)
+        _check_index_backend(self)
         _check_choice("eviction", self.eviction, EVICTION_POLICIES)
         _check_choice("copy_backend", self.copy_backend, COPY_BACKENDS)
         v = self.layerwise_ahead
@@ -128,6 +131,20 @@ def _check_gib(value: Any) -> None:
         raise ConfigError(
             f"config key 'host_cache_gib' must be a number > 0 (GiB of host memory), got {value!r}"
         )
+
+
+def _check_index_backend(cfg: PrefixCacheConfig) -> None:
+    """Validate `index_backend` and store its canonical name (the frozen dataclass is set through
+    object.__setattr__): the deprecated alias never reaches the code that builds the index."""
+    try:
+        name = canonical_backend(cfg.index_backend)
+    except ValueError:
+        aliases = ", ".join(f"{a!r}: a deprecated alias of {c!r}" for a, c in ALIASES.items())
+        raise ConfigError(
+            f"config key 'index_backend' must be one of {list(BACKENDS)} ({aliases}), "
+            f"got {cfg.index_backend!r}"
+        ) from None
+    object.__setattr__(cfg, "index_backend", name)
 
 
 def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -11,6 +11,8 @@ and keys that differ only by such a first word alias (probability 2^-126 for has
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
 import torch
 
@@ -21,31 +23,41 @@ BUSY = INT64_MIN + 2
 NEVER = INT64_MIN + 3
 FIRST_REAL = INT64_MIN + 4
 
-# splitmix64's finalizer constants, written as signed int64 (Triton rejects literals > INT64_MAX).
-_MIX_IN = -7046029254386353131  # 0x9E3779B97F4A7C15, the golden-ratio increment
-_MIX_1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
-_MIX_2 = -7723592293110705685  # 0x94D049BB133111EB
+# The one hash of every backend: splitmix64's finalizer over both words,
+#     x = w0 ^ (w1 * HASH_MUL_IN); x = (x ^ (x >>> S1)) * M1; x = (x ^ (x >>> S2)) * M2; x ^ (x >>> S3)
+# with >>> a logical shift. `hash_words` below computes it for torch and numpy; the Triton kernels
+# (kernels/hash_table.py) take these values as constexprs and the C probe (index/cpu_table_c.py) is
+# generated from them; tests/test_index.py checks that all of them give the same home slots.
+# Written as signed int64: Triton rejects literals > INT64_MAX.
+HASH_MUL_IN = -7046029254386353131  # 0x9E3779B97F4A7C15, the golden-ratio increment
+HASH_SHIFT_1 = 30
+HASH_MUL_1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+HASH_SHIFT_2 = 27
+HASH_MUL_2 = -7723592293110705685  # 0x94D049BB133111EB
+HASH_SHIFT_3 = 31
+
+Words = TypeVar("Words", torch.Tensor, np.ndarray)
 
 
-def _lsr(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
+def _lsr(x: Words, k: int) -> Words:
+    """Logical right shift of int64 (torch's and numpy's >> are arithmetic)."""
     return (x >> k) & ((1 << (64 - k)) - 1)
 
 
-def hash_words(w0: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
-    """Mix both words into one int64 (splitmix64 finalizer). Kernels compute the same bits.
+def hash_words(w0: Words, w1: Words) -> Words:
+    """Mix both words into one int64, on int64 torch tensors or numpy arrays (both wrap on overflow).
 
     The words are hashes already, but tests and other engines may hand in structured keys
     (counters, shared first words), so both words are mixed.
     """
-    x = w0 ^ (w1 * _MIX_IN)
-    x = (x ^ _lsr(x, 30)) * _MIX_1
-    x = (x ^ _lsr(x, 27)) * _MIX_2
-    return x ^ _lsr(x, 31)
+    x = w0 ^ (w1 * HASH_MUL_IN)
+    x = (x ^ _lsr(x, HASH_SHIFT_1)) * HASH_MUL_1
+    x = (x ^ _lsr(x, HASH_SHIFT_2)) * HASH_MUL_2
+    return x ^ _lsr(x, HASH_SHIFT_3)
 
 
-def home_slot(keys: torch.Tensor, num_slots: int) -> torch.Tensor:
-    """The first slot a key probes in a table of `num_slots` (a power of two)."""
+def home_slot(keys: Words, num_slots: int) -> Words:
+    """The first slot a key probes in a table of `num_slots` (a power of two); keys int64 (n, 2)."""
     return hash_words(keys[:, 0], keys[:, 1]) & (num_slots - 1)
 
 

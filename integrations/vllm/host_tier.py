@@ -18,25 +18,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from triton_prefix_cache.index import PrefixIndex
+from triton_prefix_cache.index import PrefixIndex, resolve_backend
 from triton_prefix_cache.tiers import TierManager
 
 
 class HostTier:
     def __init__(self, num_slots: int, slot_bytes: int = 0, index_backend: str = "auto",
                  eviction: str = "lru", device: str | None = None) -> None:
-        if device is None:
-            # "auto" keeps the scheduler's table on the CPU: its lookups are a few hundred keys per
-            # request, latency-bound, and on a GPU that is busy with the forward and the KV copies
-            # they waited for both (measured: README, "Results"). "triton" puts it on the GPU.
-            device = "cuda" if (index_backend == "triton" and torch.cuda.is_available()) else "cpu"
-            if index_backend == "auto":
-                index_backend = "torch"
-        self.device = torch.device(device)
+        # With no device given, the backend places the table: "auto" keeps it on the CPU (the
+        # scheduler's lookups are a few hundred keys per request, latency-bound, and on a GPU busy
+        # with the forward and the KV copies they would wait for both); "triton" puts it on the GPU.
+        self.backend, self.device = resolve_backend(index_backend, device)
         cuda = self.device.type == "cuda"
         self._stream: Any = torch.cuda.Stream(self.device, priority=-1) if cuda else None
         with self._on_stream():
-            index = PrefixIndex(max(1, num_slots), device=self.device, backend=index_backend,
+            index = PrefixIndex(max(1, num_slots), device=self.device, backend=self.backend,
                                 stream=self._stream)
             self.tm = TierManager(num_slots, slot_bytes, index=index, policy=eviction)
             if self._stream is not None:

@@ -66,7 +66,8 @@ BAD = [
     ({"host_cache_gib": "16"}, ["host_cache_gib"]),
     ({"host_cache_gib": 1, "demote": "eager"}, ["demote", "'lazy'", "'write_through'"]),
     ({"host_cache_gib": 1, "load": "sync"}, ["load", "'async'", "'layerwise'"]),
-    ({"host_cache_gib": 1, "index_backend": "gpu"}, ["index_backend", "'auto'", "'triton'", "'torch'"]),
+    ({"host_cache_gib": 1, "index_backend": "gpu"},
+     ["index_backend", "'auto'", "'triton'", "'cpu'", "'torch'"]),
     ({"host_cache_gib": 1, "eviction": "fifo"}, ["eviction", "'lru'"]),
     ({"host_cache_gib": 1, "cpu_bytes_to_use": 1}, ["cpu_bytes_to_use", "allowed keys"]),
     ({"host_cache_gib": 1e6}, ["host_cache_gib", "physical memory"]),  # a million GiB: no such machine

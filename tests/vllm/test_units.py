@@ -57,7 +57,7 @@ def test_host_tier_lifecycle():
     from harness import pinned_slots
     from triton_prefix_cache_vllm.host_tier import HostTier
 
-    tier = HostTier(4, 100, index_backend="torch")
+    tier = HostTier(4, 100, index_backend="cpu")
     k = _keys(6)
     slots, present, dropped = tier.begin_store(k[:3])
     assert sorted(slots.tolist()) == [0, 1, 2] and dropped == 0 and not present.any()
@@ -92,7 +92,7 @@ def test_host_tier_lifecycle():
 def test_host_tier_failed_store_and_shrink():
     from triton_prefix_cache_vllm.host_tier import HostTier
 
-    tier = HostTier(2, 100, index_backend="torch")
+    tier = HostTier(2, 100, index_backend="cpu")
     s, _, _ = tier.begin_store(_keys(2))
     tier.end_store(s.tolist(), ok=False)
     assert len(tier) == 0 and tier.tm.num_free == 2
@@ -102,6 +102,21 @@ def test_host_tier_failed_store_and_shrink():
     assert dropped == 1 and s.tolist().count(-1) == 1
     with pytest.raises(RuntimeError, match="vanished"):
         tier.pin(_keys(1, 50))
+
+
+def test_host_tier_places_its_index():
+    """"auto" keeps the scheduler's table on the CPU, also where a GPU is present; "torch" is the
+    deprecated name of the CPU table; "triton" puts it on the GPU (the interpreter without one)."""
+    from triton_prefix_cache_vllm.host_tier import HostTier
+
+    for name in ("auto", "cpu", "torch"):
+        tier = HostTier(2, 100, index_backend=name)
+        assert (tier.backend, tier.device.type, tier.tm.index.backend) == ("cpu", "cpu", "cpu"), name
+    tier = HostTier(2, 100, index_backend="triton")
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert (tier.backend, tier.device.type, tier.tm.index.backend) == ("triton", want, "triton")
+    tier.end_store(tier.begin_store(_keys(2))[0].tolist(), ok=True)
+    assert tier.match(_keys(3)) == 2
 
 
 def test_stats_aggregate_and_reduce():
@@ -316,11 +331,11 @@ def test_a_steps_jobs_share_one_copy_per_direction_and_kind():
 
 def test_demotion_window_is_what_the_next_step_can_allocate():
     """The token budget's blocks plus one partial block per request the step can schedule: the known
-    ones and a few arriving, never more than max_num_seqs (the old bound)."""
+    ones and a few arriving, never more than max_num_seqs."""
     from triton_prefix_cache_vllm.scheduler import NEW_REQUEST_SLACK, demotion_window
 
     # vLLM's H200 defaults (16,384 tokens = 1,024 blocks, 1,024 sequences), one request alive: about
     # half a 4 GiB KV cache (2,048 blocks) instead of all of it
     assert demotion_window(1024, 1024, 1) == 1024 + 1 + NEW_REQUEST_SLACK
     assert demotion_window(1024, 1024, 5000) == 2048
-    assert demotion_window(64, 8, 0) == 72  # the CPU tests' engines: as before
+    assert demotion_window(64, 8, 0) == 72  # the CPU tests' engines: capped at max_num_seqs

@@ -1,8 +1,8 @@
 """Triton kernels of the device-resident hash table, each with its launcher.
 
-Layout (shared with `reference.py`): `tkeys` int64 [S, 2] holds the two words of each slot's key,
-`tvals` int32 [S] its value; S is a power of two; linear probing from `keys.home_slot`. The first
-word doubles as the slot state: EMPTY, TOMBSTONE, BUSY (being claimed) or a real key.
+Layout (shared by every index backend): `tkeys` int64 [S, 2] holds the two words of each slot's
+key, `tvals` int32 [S] its value; S is a power of two; linear probing from `keys.home_slot`. The
+first word doubles as the slot state: EMPTY, TOMBSTONE, BUSY (being claimed) or a real key.
 
 Insert publishes each entry whole. Kernel 1 finds each key's slot or claims one: a lane claims a
 free slot by CAS-ing its first word to BUSY, writes the second word, then publishes the first word
@@ -36,6 +36,17 @@ _BUSY = tl.constexpr(K.BUSY)
 _NEVER = tl.constexpr(K.NEVER)
 _FIRST_REAL = tl.constexpr(K.FIRST_REAL)
 _I32_MAX = tl.constexpr(2**31 - 1)
+# The hash, defined once in keys.py (keys.hash_words). A logical right shift by k is the
+# arithmetic shift masked to its low 64 - k bits.
+_MUL_IN = tl.constexpr(K.HASH_MUL_IN)
+_SHIFT_1 = tl.constexpr(K.HASH_SHIFT_1)
+_LOW_1 = tl.constexpr((1 << (64 - K.HASH_SHIFT_1)) - 1)
+_MUL_1 = tl.constexpr(K.HASH_MUL_1)
+_SHIFT_2 = tl.constexpr(K.HASH_SHIFT_2)
+_LOW_2 = tl.constexpr((1 << (64 - K.HASH_SHIFT_2)) - 1)
+_MUL_2 = tl.constexpr(K.HASH_MUL_2)
+_SHIFT_3 = tl.constexpr(K.HASH_SHIFT_3)
+_LOW_3 = tl.constexpr((1 << (64 - K.HASH_SHIFT_3)) - 1)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -48,17 +59,12 @@ def _block(n: int) -> int:
 
 
 @triton.jit
-def _lsr(x, k: tl.constexpr):
-    return (x >> k) & ((1 << (64 - k)) - 1)
-
-
-@triton.jit
 def _home(w0, w1, mask_bits):
-    """Same bits as keys.hash_words(w0, w1) & mask_bits."""
-    x = w0 ^ (w1 * -7046029254386353131)
-    x = (x ^ _lsr(x, 30)) * -4658895280553007687
-    x = (x ^ _lsr(x, 27)) * -7723592293110705685
-    x = x ^ _lsr(x, 31)
+    """keys.hash_words(w0, w1) & mask_bits."""
+    x = w0 ^ (w1 * _MUL_IN)
+    x = (x ^ ((x >> _SHIFT_1) & _LOW_1)) * _MUL_1
+    x = (x ^ ((x >> _SHIFT_2) & _LOW_2)) * _MUL_2
+    x = x ^ ((x >> _SHIFT_3) & _LOW_3)
     return x & mask_bits
 
 

@@ -1,28 +1,26 @@
-"""PrefixIndex: the device-resident hash table that maps 128-bit block keys to host-tier slots.
+"""PrefixIndex: the hash table that maps 128-bit block keys to host-tier slots, on one device.
 
 Open addressing with linear probing over a power-of-two number of slots, at least twice the
 capacity, so the live load stays <= 0.5; deletes leave tombstones, and the table is rebuilt on its
 own device once tombstones pass a quarter of the slots, so at least a quarter of the slots are
-always EMPTY and every probe ends without a probe bound. Backends: "triton" (CUDA, or the CPU under
-TRITON_INTERPRET=1) and "torch" (vectorized, the CPU path and the test oracle). Both read and write
-the same layout. On CUDA every operation runs on the index's own stream, ordered after the
-caller's current stream and before its next use of the results.
+always EMPTY and every probe ends without a probe bound. The table itself is a backend
+(`backend.py`: Triton on CUDA, the CPU table in host memory); this class checks arguments, keeps
+the capacity and tombstone accounting, and on CUDA runs every operation on the index's own stream,
+ordered after the caller's current stream and before its next use of the results.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
+import functools
 from typing import Literal
 
 import torch
 
-from . import reference
-from .keys import EMPTY, TOMBSTONE, check_keys, keys_from_block_hashes
+from ..keys import EMPTY, TOMBSTONE, check_keys
+from .backend import TableFactory, make_table, resolve_backend, resolve_device
 
-__all__ = ["IndexFullError", "PrefixIndex", "keys_from_block_hashes"]
-
-Backend = Literal["auto", "triton", "torch"]
+Backend = Literal["auto", "triton", "cpu"]
 
 #: Rebuild once tombstones exceed this fraction of the slots (live keys are at most 1/2).
 TOMBSTONE_REBUILD_FRACTION = 0.25
@@ -32,31 +30,6 @@ class IndexFullError(RuntimeError):
     """Inserting would take the index past its capacity; nothing was changed."""
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device: CUDA was asked for but torch sees no CUDA device")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    elif dev.type != "cpu":
-        raise ValueError(f"device: expected 'cpu' or a CUDA device, got {dev}")
-    return dev
-
-
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend: expected 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            "backend: 'triton' on the CPU needs TRITON_INTERPRET=1 set before triton_prefix_cache is "
-            "imported (Triton has no compiled CPU backend); use backend='torch' for CPU engines"
-        )
-    return backend
-
-
 class PrefixIndex:
     """A map from 128-bit keys (int64 (n, 2)) to int32 values >= 0, resident on one device.
 
@@ -64,19 +37,27 @@ class PrefixIndex:
     impossible compare value (`keys.py`). No real key is lost to them: every operation folds a
     first word that equals one of those four onto the next value, consistently, so such a key is
     still stored and found (it aliases only a key that differs from it in nothing but such a word).
+
+    backend: "auto", "triton" or "cpu" ("torch": a deprecated alias of "cpu"), resolved by
+    `backend.resolve_backend`; or a TableFactory that builds the table (tests pass their own
+    backends this way). device: where the table lives; None leaves it to the backend.
     """
 
     def __init__(
         self,
         capacity: int,
-        device: str | torch.device = "cpu",
-        backend: Backend = "auto",
+        device: str | torch.device | None = "cpu",
+        backend: Backend | TableFactory = "auto",
         stream: torch.cuda.Stream | None = None,
     ) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0:
             raise ValueError(f"capacity: expected a positive int, got {capacity!r}")
-        self.device = _resolve_device(device)
-        self.backend = _resolve_backend(backend, self.device)
+        if callable(backend):
+            self.device = resolve_device("cpu" if device is None else device)
+            make = backend
+        else:
+            name, self.device = resolve_backend(backend, device)
+            make = functools.partial(make_table, name)
         self._capacity = capacity
         self.num_slots = 1 << max(4, (2 * capacity - 1).bit_length())
         if self.num_slots >= 2**31:
@@ -85,20 +66,12 @@ class PrefixIndex:
         if self.device.type == "cuda":
             self._stream = stream or torch.cuda.Stream(self.device, priority=-1)
         with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
-            self._tkeys = torch.empty((self.num_slots, 2), dtype=torch.int64, device=self.device)
-            self._tvals = torch.empty(self.num_slots, dtype=torch.int32, device=self.device)
-            # Per-slot scratch for in-batch de-duplication; every operation leaves it as it found it.
-            self._first = torch.full((self.num_slots,), 2**31 - 1, dtype=torch.int32, device=self.device)
-            self._last = torch.full((self.num_slots,), -1, dtype=torch.int32, device=self.device)
-            if self.backend == "triton":
-                self._fresh = torch.zeros(self.num_slots, dtype=torch.int8, device=self.device)
-            self._reset_table()
+            self.table = make(self.num_slots, self.device)
+        #: the backend's name: "triton" or "cpu"
+        self.backend: str = self.table.name
         self._live = 0
         self._tombstones = 0
         self.rebuilds = 0
-        from .kernels import hash_table  # deferred: importing it decides Triton's interpreter mode
-
-        self._kernels = hash_table
 
     # ---- properties ---------------------------------------------------------------------------
     @property
@@ -127,8 +100,7 @@ class PrefixIndex:
     def lookup(self, keys: torch.Tensor) -> torch.Tensor:
         """int32 (n,): each key's value, or -1 where absent. A hit needs both words to match."""
         keys = self._check_keys(keys)
-        impl = self._kernels if self.backend == "triton" else reference
-        return self._run(lambda: impl.lookup(self._tkeys, self._tvals, keys), keys)
+        return self._run(lambda: self.table.lookup(keys), keys)
 
     def insert(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Upsert; bool (n,): which keys were new.
@@ -156,22 +128,18 @@ class PrefixIndex:
         """
         keys = self._check_keys(keys)
         offsets = self._check_offsets(offsets, keys.shape[0])
-        impl = self._kernels if self.backend == "triton" else reference
-        return self._run(lambda: impl.match_prefix(self._tkeys, self._tvals, keys, offsets), keys, offsets)
+        return self._run(lambda: self.table.match_prefix(keys, offsets), keys, offsets)
 
     def count_leading(self, keys: torch.Tensor) -> int:
         """How many leading keys are present: one request's prefix hit (`match_prefix` with r=1,
-        answered on the host; on the CPU the probe stops at the first miss)."""
+        answered on the host; the CPU table's C probe stops at the first miss)."""
         keys = self._check_keys(keys)
         if keys.shape[0] == 0:
             return 0
-        if self.backend == "triton":
-            counts, _ = self.match_prefix(keys, torch.tensor([0, keys.shape[0]], device=self.device))
-            return int(counts[0])
-        return self._run(lambda: reference.count_leading(self._tkeys, self._tvals, keys), keys)
+        return self._run(lambda: self.table.count_leading(keys), keys)
 
     def clear(self) -> None:
-        self._run(self._reset_table)
+        self._run(self.table.reset)
         self._live = 0
         self._tombstones = 0
 
@@ -191,23 +159,13 @@ class PrefixIndex:
                     f"insert: {n_new} new keys would take the index to {self._live + n_new} keys, "
                     f"past its capacity of {self._capacity}; nothing was inserted"
                 )
-        if self.backend == "triton":
-            new, reused = self._kernels.insert(
-                self._tkeys, self._tvals, self._first, self._last, self._fresh, keys, values
-            )
-            n_new, n_reused = torch.stack([new.sum(dtype=torch.int64), reused]).tolist()
-        else:
-            new, n_reused = reference.insert(self._tkeys, self._tvals, self._first, self._last, keys, values)
-            n_new = int(new.sum())
-        self._live += n_new
-        self._tombstones -= n_reused
-        return new
+        done = self.table.insert(keys, values)
+        self._live += done.count
+        self._tombstones -= done.tombstones_reused
+        return done.new
 
     def _remove(self, keys: torch.Tensor) -> torch.Tensor:
-        if self.backend == "triton":
-            removed = self._kernels.remove(self._tkeys, self._first, keys)
-        else:
-            removed = reference.remove(self._tkeys, self._first, keys)
+        removed = self.table.remove(keys)
         n = int(removed.sum())
         self._live -= n
         self._tombstones += n
@@ -216,21 +174,15 @@ class PrefixIndex:
         return removed
 
     def _items(self) -> tuple[torch.Tensor, torch.Tensor]:
-        live = (self._tkeys[:, 0] != EMPTY) & (self._tkeys[:, 0] != TOMBSTONE)
-        return self._tkeys[live].clone(), self._tvals[live].clone()
-
-    def _reset_table(self) -> None:
-        self._tkeys.fill_(EMPTY)
-        self._tvals.fill_(-1)
+        tkeys = self.table.slot_keys
+        live = (tkeys[:, 0] != EMPTY) & (tkeys[:, 0] != TOMBSTONE)
+        return tkeys[live].clone(), self.table.slot_values[live].clone()
 
     def _rebuild(self) -> None:
-        """Re-insert the live entries into a clean table, on the device (no host round trip of data)."""
+        """Re-insert the live entries into a clean table, on its own device (no host round trip)."""
         keys, vals = self._items()
-        self._reset_table()
-        if self.backend == "triton":
-            self._kernels.insert(self._tkeys, self._tvals, self._first, self._last, self._fresh, keys, vals)
-        else:
-            reference.insert(self._tkeys, self._tvals, self._first, self._last, keys, vals)
+        self.table.reset()
+        self.table.insert(keys, vals)
         self._tombstones = 0
         self.rebuilds += 1
 

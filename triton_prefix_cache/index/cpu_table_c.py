@@ -1,11 +1,13 @@
-"""The CPU index's sequential probe loops in C, compiled on first use and called through ctypes.
+"""The CPU table's probe loops in C (`cpu_table.py`), compiled on first use and called through ctypes.
 
 Per-key loops are what a CPU does best with a hash table; vectorized numpy pays tens of
-microseconds per probe round instead. The C code follows the same layout and hash as every other
-backend (keys.py). It is built once per machine with the system C compiler into a cache folder
-(`$TPC_CACHE_DIR`, default ~/.cache/triton-prefix-cache); where no compiler works, `load()`
-returns None and the caller stays on numpy. No LLVM is loaded into the process (numba would load
-it, which breaks vLLM 0.32's kernel scan: reference.py).
+microseconds per probe round instead. The C source is generated from keys.py (the markers and the
+hash), so it follows the same layout and hash as every other backend. It is built once per machine
+with the system C compiler into a cache folder (`$TPC_CACHE_DIR`, default
+~/.cache/triton-prefix-cache); where no compiler works, `load()` returns None and the CPU table
+probes with numpy. The loops are plain C rather than numba because loading LLVM into a vLLM 0.32
+process breaks vLLM's kernel-override scan (vllm/triton_utils/dispatcher.py calls `vars()` on every
+module attribute, and llvmlite's library wrapper answers with a function wrapper).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .keys import EMPTY, FIRST_REAL, TOMBSTONE
+from .. import keys as K
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +33,17 @@ _SOURCE = r"""
 #define TOMB ((int64_t)@TOMB@ULL)
 #define FIRST_REAL ((int64_t)@FIRST_REAL@ULL)
 
+/* keys.hash_words (uint64_t: >> is the logical shift, * wraps) */
 static inline int64_t home(int64_t w0, int64_t w1, int64_t mask) {
-    uint64_t x = (uint64_t)w0 ^ ((uint64_t)w1 * 0x9E3779B97F4A7C15ULL);
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
-    x = x ^ (x >> 31);
+    uint64_t x = (uint64_t)w0 ^ ((uint64_t)w1 * @HASH_MUL_IN@ULL);
+    x = (x ^ (x >> @HASH_SHIFT_1@)) * @HASH_MUL_1@ULL;
+    x = (x ^ (x >> @HASH_SHIFT_2@)) * @HASH_MUL_2@ULL;
+    x = x ^ (x >> @HASH_SHIFT_3@);
     return (int64_t)(x & (uint64_t)mask);
+}
+
+void tpc_home(const int64_t *k, int64_t n, int64_t mask, int64_t *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = home(k[2 * i], k[2 * i + 1], mask);
 }
 
 /* slot of the key or -1; *tomb: first tombstone on the way (or -1); *empty: the EMPTY that ended it */
@@ -100,8 +107,19 @@ void tpc_remove(int64_t *tk, int64_t mask, const int64_t *k, int64_t n, uint8_t 
     }
 }
 """
-for _name, _value in (("EMPTY", EMPTY), ("TOMB", TOMBSTONE), ("FIRST_REAL", FIRST_REAL)):
+# Every constant comes from keys.py: the markers, and the hash (one definition for all backends).
+for _name, _value in (
+    ("EMPTY", K.EMPTY),
+    ("TOMB", K.TOMBSTONE),
+    ("FIRST_REAL", K.FIRST_REAL),
+    ("HASH_MUL_IN", K.HASH_MUL_IN),
+    ("HASH_MUL_1", K.HASH_MUL_1),
+    ("HASH_MUL_2", K.HASH_MUL_2),
+):
     _SOURCE = _SOURCE.replace(f"@{_name}@", hex(_value % 2**64))
+for _name in ("HASH_SHIFT_1", "HASH_SHIFT_2", "HASH_SHIFT_3"):
+    _SOURCE = _SOURCE.replace(f"@{_name}@", str(getattr(K, _name)))
+assert "@" not in _SOURCE
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -117,16 +135,16 @@ def load() -> ctypes.CDLL | None:
     _tried = True
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        log.info("cprobe: no C compiler; the CPU index stays on numpy")
+        log.info("CPU index: no C compiler; the CPU table probes with numpy")
         return None
     tag = hashlib.sha1(_SOURCE.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("TPC_CACHE_DIR", Path.home() / ".cache" / "triton-prefix-cache"))
-    so = cache / f"cprobe-{tag}.so"
+    so = cache / f"cpu_table-{tag}.so"
     try:
         if not so.exists():
             cache.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                src = Path(tmp) / "cprobe.c"
+                src = Path(tmp) / "cpu_table.c"
                 src.write_text(_SOURCE)
                 out = Path(tmp) / so.name
                 subprocess.run(
@@ -138,8 +156,10 @@ def load() -> ctypes.CDLL | None:
                 os.replace(out, so)  # atomic: concurrent builders never load a half-written file
         lib = ctypes.CDLL(str(so))
     except (OSError, subprocess.SubprocessError) as e:
-        log.warning("cprobe: could not build or load the C probe (%s); the CPU index stays on numpy", e)
+        log.warning("CPU index: could not build or load the C probe (%s); the CPU table probes with numpy", e)
         return None
+    lib.tpc_home.argtypes = [_P, _I64, _I64, _P]
+    lib.tpc_home.restype = None
     lib.tpc_lookup.argtypes = [_P, _P, _I64, _P, _I64, _P]
     lib.tpc_lookup.restype = None
     lib.tpc_leading.argtypes = [_P, _I64, _P, _I64]
@@ -155,13 +175,21 @@ def load() -> ctypes.CDLL | None:
 def _loaded() -> ctypes.CDLL:
     lib = load()
     if lib is None:
-        raise RuntimeError("cprobe: the C probe could not be built here (see the log); use numpy")
+        raise RuntimeError("CPU index: the C probe could not be built here (see the log); use numpy")
     return lib
 
 
 def _ptr(a: np.ndarray) -> int:
     assert a.flags.c_contiguous
     return a.ctypes.data
+
+
+def home_slot(k: np.ndarray, num_slots: int) -> np.ndarray:
+    """keys.home_slot computed by the C code (for the test that every backend hashes alike)."""
+    k = np.ascontiguousarray(k)
+    out = np.empty(len(k), dtype=np.int64)
+    _loaded().tpc_home(_ptr(k), len(k), num_slots - 1, _ptr(out))
+    return out
 
 
 def lookup(tk: np.ndarray, tv: np.ndarray, k: np.ndarray) -> np.ndarray:
