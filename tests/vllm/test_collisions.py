@@ -43,18 +43,18 @@ def _unxorshift(y: int, k: int) -> int:
     return x
 
 
-_INV1 = pow(_u(K._MIX_1), -1, 1 << 64)
-_INV2 = pow(_u(K._MIX_2), -1, 1 << 64)
-_INV_IN = pow(_u(K._MIX_IN), -1, 1 << 64)
+_INV1 = pow(_u(K.HASH_MUL_1), -1, 1 << 64)
+_INV2 = pow(_u(K.HASH_MUL_2), -1, 1 << 64)
+_INV_IN = pow(_u(K.HASH_MUL_IN), -1, 1 << 64)
 
 
 def _second_word_for(mixed: int) -> int:
     """The second word w1 with hash_words(FIRST_WORD, w1) == mixed (the finalizer is a bijection)."""
-    x = _unxorshift(_u(mixed), 31)
+    x = _unxorshift(_u(mixed), K.HASH_SHIFT_3)
     x = _u(x * _INV2)
-    x = _unxorshift(x, 27)
+    x = _unxorshift(x, K.HASH_SHIFT_2)
     x = _u(x * _INV1)
-    x = _unxorshift(x, 30)  # = FIRST_WORD ^ (w1 * MIX_IN)
+    x = _unxorshift(x, K.HASH_SHIFT_1)  # = FIRST_WORD ^ (w1 * HASH_MUL_IN)
     return _s((x ^ _u(FIRST_WORD)) * _INV_IN)
 
 
