@@ -148,13 +148,21 @@ class TierManager:
 
     def key_states(self, keys) -> list[SlotState | None]:
         """Per key, the state of the slot holding it (FREE slots excluded), or None where no slot
-        does. For diagnostics (why a lookup stopped where it did): one pass over the slots."""
+        does. For diagnostics (why a lookup stopped where it did). A findable key's slot comes
+        from the index; the others are looked for among the slots the index does not hold
+        (STORING or retired ones), never among every slot."""
         k = self._keys_np(keys)
-        live = self._state != _FREE
+        if len(k) == 0:
+            return []
+        found = self.index.lookup(self._dev(k)).cpu().numpy()
+        unindexed = np.flatnonzero((self._state != _FREE) & ((self._state != _READY) | self._retired))
         out: list[SlotState | None] = []
-        for k0, k1 in k.tolist():
-            hit = np.flatnonzero(live & (self._keys[:, 0] == k0) & (self._keys[:, 1] == k1))
-            out.append(self.slot_state(int(hit[0])) if len(hit) else None)
+        for (k0, k1), slot in zip(k.tolist(), found.tolist()):
+            if slot < 0 and len(unindexed):
+                cand = self._keys[unindexed]
+                hit = unindexed[(cand[:, 0] == k0) & (cand[:, 1] == k1)]
+                slot = int(hit[0]) if len(hit) else -1
+            out.append(self.slot_state(slot) if slot >= 0 else None)
         return out
 
     def holds(self, keys) -> np.ndarray:

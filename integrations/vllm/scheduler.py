@@ -82,6 +82,7 @@ class _ReqState:
     counted: bool = False
     fresh: bool = False  # a lookup happened that update_state_after_alloc has not accounted yet
     load_async: bool = False  # how the load planned by the last lookup runs
+    noted: tuple[int, int] | None = None  # the last partial hit recorded (first block, blocks found)
     request: Any = None
     sched_seconds: float = 0.0  # scheduler time spent in the adapter's hooks for this request
 
@@ -184,7 +185,10 @@ class SchedulerSide:
                     keys_from_block_hashes(request.block_hashes[start : start + 1])):
                 st.plan_n = self.tier.match(st.keys_for(request)[start:end])
         n = st.plan_n
-        if 0 < n < end - start:  # the host tier holds part of this prefix: record where and why
+        # The host tier holds part of this prefix: record where and why, once per outcome (vLLM
+        # asks again every step while the request waits for GPU blocks).
+        if 0 < n < end - start and st.noted != (start, n):
+            st.noted = (start, n)
             self._note_partial(request, start, n, end - start)
         s = self.stats
         if not st.counted:  # one request counts once, however often vLLM asks
