@@ -83,7 +83,8 @@ case "${1:-}" in
     fi
     env_setup
     python3 -c "import triton_prefix_cache_vllm, importlib.metadata as m; print('entry points:', [e.name for e in m.entry_points(group='vllm.general_plugins')])"
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ;;
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import setuptools; print('setuptools', setuptools.__version__)" ;;
   start)
     shift
     rm -f "$RUN/done"
