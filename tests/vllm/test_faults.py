@@ -557,7 +557,9 @@ def test_shutdown_with_copies_in_flight_no_hang_no_leak(runs, model_path, monkey
         pools: list = []
         _patch_pool(monkeypatch, reg, chunk_bytes=2048 * H.PAGE_BYTES_PER_BLOCK, pools=pools)
         _slow_stores(monkeypatch, polls=5)
-        llm = _engine(model_path, H.tpc_config(host_cache_gib=_host_gib(pool_slots), load="async"),
+        # Lazy demotion: the blocks next to eviction are being stored while the loads hang.
+        llm = _engine(model_path, H.tpc_config(host_cache_gib=_host_gib(pool_slots), load="async",
+                                               demote="lazy"),
                       load_delay=1000, debug_pages=False)
         try:
             assert len(reg.live) == 4
