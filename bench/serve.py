@@ -283,6 +283,11 @@ def run_client(server: Server, model: ModelSpec, model_dir: Path, w: Workload, c
 # ---- the run -------------------------------------------------------------------------------------
 
 
+def gib_text(gib: float) -> str:
+    """8 GiB, 2 MiB, 0.5 GiB: sizes as people write them."""
+    return f"{gib:g} GiB" if gib >= 0.5 else f"{gib * 1024:.3g} MiB"
+
+
 def versions() -> dict:
     out = {"python": platform.python_version()}
     for mod in ("vllm", "torch", "triton"):
@@ -536,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         "configs": {},
     }
     print(f"# {record['command']}\n# {record['device']} | vLLM {record['versions']['vllm']} | "
-          f"{model.name} | KV {s.kv_gib:g} GiB | host tiers {s.host_gib:g} GiB | workload "
+          f"{model.name} | KV {gib_text(s.kv_gib)} | host tiers {gib_text(s.host_gib)} | workload "
           f"{args.workload}: {w.num_prompts} requests per concurrency, working set "
           f"{w.working_set_tokens:,} tokens | raw files {raw_dir}", flush=True)
     from tqdm import tqdm
