@@ -100,7 +100,7 @@ WORKLOADS = ("prefix", "chat", "noreuse", "fits")
 def make_workload(name: str, s: Scale, num_prompts: int | None) -> Workload:
     n = num_prompts or s.num_prompts
     if name in ("prefix", "fits"):
-        prefixes = s.num_prefixes if name == "prefix" else 4
+        prefixes = s.num_prefixes if name == "prefix" else s.num_prefixes // 8  # fits: an eighth
         return Workload(name, prefixes * (s.prefix_len + s.suffix_len), n, (
             "--dataset-name", "prefix_repetition",
             "--prefix-repetition-prefix-len", str(s.prefix_len),
