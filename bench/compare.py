@@ -367,6 +367,7 @@ def plot(results: dict, path: Path, device: str) -> str | None:
         ax.legend(fontsize=8)
     fig.suptitle(f"TTFT per config and round on {device}")
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return str(path)
@@ -413,10 +414,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--label", default="", help="a free-form note stored with the record")
+    ap.add_argument("--record", type=Path, default=RECORD, help="the JSON-lines record to append to")
+    ap.add_argument("--chart-dir", type=Path, default=None,
+                    help="where the charts go (default bench/results: compare-<workload>.png)")
+    ap.add_argument("--raw-dir", type=Path, default=RAW_DIR,
+                    help="where the whole result (every request) goes while the run lasts (not tracked)")
     ap.add_argument(
         "--out", default=None,
         help="write the whole result (every request included) to this JSON file and its charts beside "
-        "it, instead of appending to bench/results.jsonl and refreshing bench/results/compare-*.png",
+        "it, instead of appending to the record and refreshing the charts",
     )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -517,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         "gpu_memory_utilization": 0.9,
     }
     stamp = env["date"].replace(":", "").replace("+0000", "")
-    full = Path(args.out) if args.out else RAW_DIR / f"compare-{stamp}.json"
+    full = Path(args.out) if args.out else args.raw_dir / f"compare-{stamp}.json"
     print(
         f"# {env['command']}\n# {env['device']} | torch {env['torch']} | vLLM {env['vllm']} | "
         f"model {model.name} | KV {size(kv_gib * 2**30)} = {kv_tokens:,} tokens | host tiers "
@@ -603,12 +609,16 @@ def main(argv: list[str] | None = None) -> int:
                 "workload": wname, **common, "partial": False,
                 **{k: v for k, v in entry.items() if k != "configs"},
                 "configs": configs_rec, "ratios": _ratios(results).get(wname, {}),
-            })
-        png = plot({wname: entry}, full.parent / f"{full.stem}-{wname}.png" if args.out
-                   else chart_path("compare", wname, env["device"]), env["device"])
+            }, args.record)
+        chart = chart_path("compare", wname, env["device"])
+        if args.out:
+            chart = full.parent / f"{full.stem}-{wname}.png"
+        elif args.chart_dir is not None:
+            chart = args.chart_dir / chart.name
+        png = plot({wname: entry}, chart, env["device"])
         if png:
             charts.append(png)
-    print(f"\nwrote {full}" + ("" if args.out else f"\nappended to {RECORD}")
+    print(f"\nwrote {full}" + ("" if args.out else f"\nappended to {args.record}")
           + "".join(f"\nchart {c}" for c in charts))
     return 0
 
