@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.chat import ChatSpec
-from bench.common import RECORD, append_record, chart_path, size
+from bench.common import RECORD, append_record, chart_path
 from bench.configs import CONFIGS, MODEL_CACHE, parse_config, serve_flags
 from bench.models import ModelSpec, get_model
 
@@ -537,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         "configs": {},
     }
     print(f"# {record['command']}\n# {record['device']} | vLLM {record['versions']['vllm']} | "
-          f"{model.name} | KV {size(s.kv_gib * 2**30)} | host tiers {size(s.host_gib * 2**30)} | workload "
+          f"{model.name} | KV {s.kv_gib:g} GiB | host tiers {s.host_gib:g} GiB | workload "
           f"{args.workload}: {w.num_prompts} requests per concurrency, working set "
           f"{w.working_set_tokens:,} tokens | raw files {raw_dir}", flush=True)
     from tqdm import tqdm
