@@ -9,8 +9,11 @@ ours) get the same host memory. The engine core runs inside that process, where 
 scheduler hooks and loading steps can be timed (`--engine-process`: in a process of its own, vLLM's
 default deployment, without those timings). Defaults: on a GPU the Llama-3.1-8B shape with dummy weights, a
 4 GiB KV cache, 16 GiB of host memory and vLLM's default compiled mode; on a CPU the tiny random
-Llama. Prints a table, writes JSON (exact command, device, versions, every number) and a PNG chart
-(TTFT per config per round) to bench/results/compare-<device>-<date>.{json,png}.
+Llama, each config run 3 times (`--repeat`). Prints a table (the median run and the range), appends
+one line per workload to bench/results.jsonl (exact command, device, versions, every number) and
+refreshes the chart bench/results/compare-<workload>.png (-cpu.png on a CPU: TTFT per config per
+round); every request's numbers go to bench/compare-raw/ (not tracked). For diagnosis: the headline
+is `python -m bench.serve`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import math
 import os
 import pstats
 import statistics
@@ -28,7 +32,7 @@ import time
 from pathlib import Path
 
 from bench import workloads as W
-from bench.common import environment, print_table, write_result
+from bench.common import RECORD, append_record, chart_path, environment, print_table, sig3, size, write_json
 from bench.configs import CONFIGS, MODEL_CACHE, config_engine, engine_kwargs, parse_config
 from bench.models import get_model
 
@@ -363,12 +367,15 @@ def plot(results: dict, path: Path, device: str) -> str | None:
         ax.legend(fontsize=8)
     fig.suptitle(f"TTFT per config and round on {device}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return str(path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", nargs="+", default=["docqa"], choices=W.WORKLOADS)
     ap.add_argument(
         "--configs",
@@ -400,10 +407,83 @@ def main(argv: list[str] | None = None) -> int:
         "(VLLM_ENABLE_V1_MULTIPROCESSING=1); the default runs it in the benchmark's process, where the "
         "adapter's hook and loading-step timings can be read (every config the same way either way)",
     )
+    ap.add_argument(
+        "--repeat", type=int, default=None,
+        help="runs of each config, each in a fresh engine; the table shows the median run and the "
+        "range (default: 3 on a CPU, 1 on a GPU)",
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--label", default="", help="a free-form note stored with the record")
+    ap.add_argument("--record", type=Path, default=RECORD, help="the JSON-lines record to append to")
+    ap.add_argument("--chart-dir", type=Path, default=None,
+                    help="where the charts go (default bench/results: compare-<workload>.png)")
+    ap.add_argument("--raw-dir", type=Path, default=RAW_DIR,
+                    help="where the whole result (every request) goes while the run lasts (not tracked)")
+    ap.add_argument(
+        "--out", default=None,
+        help="write the whole result (every request included) to this JSON file and its charts beside "
+        "it, instead of appending to the record and refreshing the charts",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child:
+        return args
+    for c in args.configs or ():
+        try:
+            parse_config(c)
+        except ValueError as e:
+            ap.error(f"--configs: {e}")
+    if args.model:
+        try:
+            get_model(args.model)
+        except KeyError as e:
+            ap.error(f"--model: {e.args[0]}")
+    for name in ("kv_gib", "host_gib"):
+        v = getattr(args, name)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            ap.error(f"--{name.replace('_', '-')}: expected a number of GiB > 0, got {v:g}")
+    if args.doc_tokens is not None and args.doc_tokens < 64:
+        ap.error(f"--doc-tokens: expected at least 64 tokens, got {args.doc_tokens}")
+    if args.repeat is not None and args.repeat < 1:
+        ap.error(f"--repeat: expected at least 1, got {args.repeat}")
+    return args
+
+
+def _focus_stat(wname: str) -> str:
+    """The statistic a workload's targets are about: p50 TTFT for chat, mean TTFT otherwise."""
+    return "focus_p50_ttft_ms" if wname == "chat" else "focus_mean_ttft_ms"
+
+
+#: The statistics whose range over repeated runs is kept and printed.
+SPREAD_KEYS = ("focus_mean_ttft_ms", "focus_p50_ttft_ms", "focus_p99_ttft_ms", "requests_per_s",
+               "output_tokens_per_s")
+
+
+def median_run(wname: str, runs: list[tuple[dict, dict]]) -> tuple[tuple[dict, dict], dict]:
+    """(the run whose focus statistic is the median, each SPREAD_KEYS statistic's median/min/max).
+
+    `runs` holds (summary, child result) pairs of one config; with an even count the lower median.
+    """
+    stat = _focus_stat(wname)
+    ordered = sorted(runs, key=lambda r: r[0][stat] if r[0][stat] is not None else math.inf)
+    spread = {}
+    for key in SPREAD_KEYS:
+        vals = sorted(s[key] for s, _ in runs if s.get(key) is not None)
+        if vals:
+            spread[key] = {"median": statistics.median(vals), "min": vals[0], "max": vals[-1]}
+    return ordered[(len(ordered) - 1) // 2], spread
+
+
+def _record_summary(summary: dict) -> dict:
+    """A config's summary as the record keeps it: every number, no per-request or per-step lists."""
+    out = {k: v for k, v in summary.items() if k != "partial_host_hits"}
+    if isinstance(out.get("loads"), dict):
+        out["loads"] = {k: v for k, v in out["loads"].items() if k != "each_step"}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.child:
         spec = json.loads(Path(args.child).read_text())
         try:
@@ -428,8 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     kv_tokens = int(kv_gib * 2**30) // model.kv_bytes_per_token(dtype_bytes)
     doc_tokens = args.doc_tokens or (8000 if gpu else 1024)
     configs = args.configs or (list(CONFIGS) if gpu else ["none", "prefix", "ours"])
-    for c in configs:
-        parse_config(c)  # fail before any engine starts
+    repeat = args.repeat or (1 if gpu else 3)
     engine = {
         "model": str(path),
         "skip_tokenizer_init": True,
@@ -443,33 +522,39 @@ def main(argv: list[str] | None = None) -> int:
         "disable_log_stats": False,
         "gpu_memory_utilization": 0.9,
     }
+    stamp = env["date"].replace(":", "").replace("+0000", "")
+    full = Path(args.out) if args.out else args.raw_dir / f"compare-{stamp}.json"
     print(
-        f"# {env['command']}\n# device: {env['device']} | torch {env['torch']} | vllm {env['vllm']} | "
-        f"model {model.name} | KV {kv_gib:g} GiB = {kv_tokens:,} tokens | host tiers {host_gib:g} GiB | "
-        f"{'eager' if engine['enforce_eager'] else 'compiled + CUDA graphs'} | engine core "
-        f"{'in its own process' if args.engine_process else 'in-process'}",
+        f"# {env['command']}\n# {env['device']} | torch {env['torch']} | vLLM {env['vllm']} | "
+        f"model {model.name} | KV {size(kv_gib * 2**30)} = {kv_tokens:,} tokens | host tiers "
+        f"{size(host_gib * 2**30)} | {'eager' if engine['enforce_eager'] else 'compiled + CUDA graphs'} | "
+        f"engine core {'in its own process' if args.engine_process else 'in-process'}"
+        + (f" | each config {repeat} times" if repeat > 1 else "")
+        + f"\n# every request: {full}",
         flush=True,
     )
+    if not gpu:
+        print(f"# {CPU_NOTE}", flush=True)
     gbps = pinned_memcpy_gbps()
     results: dict = {}
+    common = {
+        "label": args.label,
+        "model": model.name,
+        "kv_gib": kv_gib,
+        "kv_tokens": kv_tokens,
+        "host_gib": host_gib,
+        "engine": engine,
+        "engine_process": args.engine_process,
+        "repeat": repeat,
+        "pinned_memcpy_gbps": gbps,
+        # cProfile on the scheduler hooks slows them: timings of such a run are not headlines
+        "hook_profiler": _PROFILER is not None,
+    }
 
     def save(partial: bool = False) -> Path:
-        payload = {
-            "environment": env,
-            "partial": partial,
-            "model": model.name,
-            "kv_gib": kv_gib,
-            "kv_tokens": kv_tokens,
-            "host_gib": host_gib,
-            "engine": engine,
-            "engine_process": args.engine_process,
-            "pinned_memcpy_gbps": gbps,
-            # cProfile on the scheduler hooks slows them: timings of such a run are not headlines
-            "hook_profiler": _PROFILER is not None,
-            "ratios": _ratios(results),
-            "workloads": results,
-        }
-        return write_result("compare", payload, args.out)
+        payload = {"environment": env, "partial": partial, **common, "ratios": _ratios(results),
+                   "workloads": results}
+        return write_json(payload, full)
 
     for wname in args.workload:
         wl = W.make(wname, kv_tokens, doc_tokens, model.vocab_size, args.seed)
@@ -481,72 +566,132 @@ def main(argv: list[str] | None = None) -> int:
             )
         results[wname] = entry
         for cfg in configs:
-            with tempfile.TemporaryDirectory() as tmp:
-                spec = {
-                    "workload": wname,
-                    "config": cfg,
-                    "kv_tokens": kv_tokens,
-                    "doc_tokens": doc_tokens,
-                    "vocab": model.vocab_size,
-                    "seed": args.seed,
-                    "host_gib": host_gib,
-                    "engine": config_engine(cfg, engine),
-                    "result_path": f"{tmp}/result.json",
-                    "engine_process": args.engine_process,
-                }
-                Path(f"{tmp}/spec.json").write_text(json.dumps(spec))
-                child_env = dict(
-                    os.environ,
-                    VLLM_LOGGING_LEVEL=os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
-                    PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"),
-                )
+            runs, error = [], None
+            for i in range(repeat):
                 t = time.perf_counter()
-                proc = subprocess.run(
-                    [sys.executable, "-m", "bench.compare", "--child", f"{tmp}/spec.json"],
-                    env=child_env,
-                    cwd=Path(__file__).resolve().parent.parent,
+                spec, res = _run_config(wname, cfg, i, kv_tokens, doc_tokens, model, args, host_gib, engine)
+                if "error" in res:
+                    error = res
+                    print(f"   {cfg}: FAILED ({res['error'][:300]})", flush=True)
+                    break
+                runs.append((summarize(wl, res), res))
+                s = runs[-1][0]
+                print(
+                    f"   {cfg}{f' run {i + 1}/{repeat}' if repeat > 1 else ''}: focus "
+                    f"{'p50' if wname == 'chat' else 'mean'} TTFT {sig3(s[_focus_stat(wname)] or 0)} ms, "
+                    f"{sig3(s['requests_per_s'])} req/s ({time.perf_counter() - t:.0f} s with start-up)",
+                    flush=True,
                 )
-                res_file = Path(spec["result_path"])
-                res = (
-                    json.loads(res_file.read_text())
-                    if res_file.exists()
-                    else {"error": f"child exited {proc.returncode}"}
-                )
-            if "error" in res:
-                print(f"   {cfg}: FAILED ({res['error'][:300]})", flush=True)
-                entry["configs"][cfg] = {"error": res["error"], "traceback": res.get("traceback")}
+            if error is not None:
+                entry["configs"][cfg] = {"error": error["error"], "traceback": error.get("traceback")}
                 continue
-            summ = summarize(wl, res)
+            (summ, res), spread = median_run(wname, runs)
             entry["configs"][cfg] = {
                 "engine_overrides": {k: v for k, v in spec["engine"].items() if engine.get(k) != v},
                 "summary": summ,
+                "spread": spread,
                 "requests": res["requests"],
                 "metrics_delta": res["metrics_delta"],
             }
             save(partial=True)  # a run cut short still leaves every finished config on disk
-            print(
-                f"   {cfg}: focus mean TTFT {summ['focus_mean_ttft_ms']:.1f} ms, "
-                f"{summ['requests_per_s']:.2f} req/s ({time.perf_counter() - t:.0f} s with start-up)",
-                flush=True,
-            )
+    print_results(results, repeat, gpu)
+    save()
+    charts = []
+    for wname, entry in results.items():
+        if not args.out:
+            configs_rec = {
+                c: ({"error": v["error"]} if "error" in v else
+                    {"engine_overrides": v["engine_overrides"], "spread": v["spread"],
+                     "summary": _record_summary(v["summary"])})
+                for c, v in entry["configs"].items()
+            }
+            append_record("compare", {
+                "workload": wname, **common, "partial": False,
+                **{k: v for k, v in entry.items() if k != "configs"},
+                "configs": configs_rec, "ratios": _ratios(results).get(wname, {}),
+            }, args.record)
+        chart = chart_path("compare", wname, env["device"])
+        if args.out:
+            chart = full.parent / f"{full.stem}-{wname}.png"
+        elif args.chart_dir is not None:
+            chart = args.chart_dir / chart.name
+        png = plot({wname: entry}, chart, env["device"])
+        if png:
+            charts.append(png)
+    print(f"\nwrote {full}" + ("" if args.out else f"\nappended to {args.record}")
+          + "".join(f"\nchart {c}" for c in charts))
+    return 0
+
+
+#: Printed with every CPU run, and where its numbers are shown.
+CPU_NOTE = ("CPU numbers test the harness, not the plugin's speed: a busy 2-core machine is noisy "
+            "(median of the runs, min-max in brackets).")
+#: Where a run keeps its whole result (every request) while it runs; not tracked.
+RAW_DIR = Path(__file__).resolve().parent / "compare-raw"
+
+
+def _run_config(wname: str, cfg: str, run: int, kv_tokens: int, doc_tokens: int, model, args,
+                host_gib: float, engine: dict) -> tuple[dict, dict]:
+    """One config on one workload in a child process: (its spec, its result or {"error": ...})."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = {
+            "workload": wname,
+            "config": cfg,
+            "kv_tokens": kv_tokens,
+            "doc_tokens": doc_tokens,
+            "vocab": model.vocab_size,
+            "seed": args.seed,
+            "host_gib": host_gib,
+            "engine": config_engine(cfg, engine),
+            "result_path": f"{tmp}/result.json",
+            "engine_process": args.engine_process,
+        }
+        Path(f"{tmp}/spec.json").write_text(json.dumps(spec))
+        child_env = dict(
+            os.environ,
+            VLLM_LOGGING_LEVEL=os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
+            PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"),
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.compare", "--child", f"{tmp}/spec.json"],
+            env=child_env,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        res_file = Path(spec["result_path"])
+        res = json.loads(res_file.read_text()) if res_file.exists() else {
+            "error": f"child exited {proc.returncode}"}
+    return spec, res
+
+
+def _with_range(spread: dict, key: str, value, repeat: int) -> str:
+    """'35.6' for one run; '35.6 (33.1-40.2)' (the median run, then the range) for several."""
+    if value is None:
+        return "-"
+    r = spread.get(key)
+    if repeat == 1 or not r:
+        return sig3(value)
+    return f"{sig3(value)} ({sig3(r['min'])}-{sig3(r['max'])})"
+
+
+def print_results(results: dict, repeat: int, gpu: bool) -> None:
+    """The table (TTFT in ms, per round or turn and over the workload's focus), then the ratios."""
     rows = []
     for wname, entry in results.items():
         for cfg, v in entry["configs"].items():
             if "summary" not in v:
                 rows.append({"workload": wname, "config": cfg, "note": "failed: " + v["error"][:60]})
                 continue
-            s = v["summary"]
+            s, sp = v["summary"], v.get("spread", {})
             row = {
                 "workload": wname,
                 "config": cfg,
-                "focus_mean_ms": s["focus_mean_ttft_ms"],
-                "focus_p50_ms": s["focus_p50_ttft_ms"],
-                "focus_p99_ms": s["focus_p99_ttft_ms"],
-                "req_per_s": s["requests_per_s"],
-                "out_tok_per_s": s["output_tokens_per_s"],
-                "cached_frac": s["cached_tokens"] / max(1, s["prompt_tokens"]),
-                "wall_s": s["wall_s"],
-                "conn_lookup_ms": s["connector_lookup_ms_mean"],
+                "focus mean": _with_range(sp, "focus_mean_ttft_ms", s["focus_mean_ttft_ms"], repeat),
+                "focus p50": _with_range(sp, "focus_p50_ttft_ms", s["focus_p50_ttft_ms"], repeat),
+                "focus p99": s["focus_p99_ttft_ms"],
+                "req/s": _with_range(sp, "requests_per_s", s["requests_per_s"], repeat),
+                "out tok/s": s["output_tokens_per_s"],
+                "cached": f"{s['cached_tokens'] / max(1, s['prompt_tokens']):.0%}",
+                "lookup ms": s["connector_lookup_ms_mean"],
             }
             if s.get("host_tier_holes"):
                 row["note"] = f"{s['host_tier_holes']} host-tier holes"
@@ -554,31 +699,23 @@ def main(argv: list[str] | None = None) -> int:
                 row[lab] = p["mean_ms"]
             rows.append(row)
     labels = list(dict.fromkeys(k for r in rows for k in r if k.startswith(("round", "turn"))))
-    print()
-    print_table(
-        rows,
-        [
-            "workload",
-            "config",
-            *labels,
-            "focus_mean_ms",
-            "focus_p50_ms",
-            "focus_p99_ms",
-            "req_per_s",
-            "out_tok_per_s",
-            "cached_frac",
-            "wall_s",
-            "conn_lookup_ms",
-            "note",
-        ],
-    )
+    print("\nTTFT in ms (mean per round or turn; the focus: the rounds or turns the workload is about)"
+          + (f"; each config run {repeat} times: the median run, min-max in brackets" if repeat > 1 else ""))
+    print_table(rows, ["workload", "config", *labels, "focus mean", "focus p50", "focus p99", "req/s",
+                       "out tok/s", "cached", "lookup ms", "note"])
     ratios = _ratios(results)
     if ratios:
-        print("\nratios:", json.dumps(ratios, indent=1))
-    out = save()
-    png = plot(results, out.with_suffix(".png"), env["device"])
-    print(f"\nwrote {out}" + (f"\nchart {png}" if png else ""))
-    return 0
+        print("\nratios (this plugin over each baseline; TTFT: the focus statistic; < 1x: faster):")
+    for wname, r in ratios.items():
+        parts = []
+        for key, v in r.items():  # "ttft_ours_over_prefix" -> "ttft ours / prefix 0.65x"
+            stat, what = key.split("_", 1)
+            what = what.replace("_over_", " / ").replace("_minus_", " - ")
+            ms = key.endswith("_ms")
+            parts.append(f"{stat} {what[:-3]} {sig3(v)} ms" if ms else f"{stat} {what} {v:.2f}x")
+        print(f"  {wname}: " + ", ".join(parts))
+    if not gpu:
+        print(f"\n{CPU_NOTE}")
 
 
 def _ratios(results: dict) -> dict:

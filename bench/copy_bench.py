@@ -1,6 +1,6 @@
 """Copy microbenchmark of the host tier: demote/promote of KV blocks against pinned memcpy.
 
-    python -m bench.copy_bench                         # GPU host: everything, JSON in bench/results/
+    python -m bench.copy_bench                         # GPU host: everything
     python -m bench.copy_bench --batches 64 1024 --pool-create-gib 0    # quick, no 64 GiB pool
 
 Geometry from bench/models.py (default Llama-3.1-8B, 16-token blocks: 32 layers x 64 KiB pages,
@@ -11,6 +11,8 @@ layer-wise promote too: wall time from submission to completion, checked byte fo
 the reference on a sample. Baseline in the same run: one contiguous pinned<->device copy of the
 same size (torch copy_, which is cudaMemcpyAsync) each way. Also: a Triton launch-config sweep,
 both directions at once, and the time to create (pin) a 64 GiB host pool.
+Output: a table, one line appended to bench/results.jsonl (kind "copy") and the chart
+bench/results/copy-<model>.png (fraction of memcpy against blocks, per backend and direction).
 Target: every backend chosen by "auto" at >= 85% of the same-size pinned memcpy, 64..4096 blocks,
 both directions; 64 GiB pool in < 10 s.
 """
@@ -22,11 +24,12 @@ import gc
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.common import environment, print_table, write_result
+from bench.common import chart_beside, environment, print_table, save_run
 from bench.models import get_model
 from triton_prefix_cache import copiers
 from triton_prefix_cache.copy_engine import CopyEngine
@@ -153,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="staged backend: rows of a slot run from which a layer group is one strided copy (0: never)",
     )
-    ap.add_argument("--out", default=None, help="JSON path (default bench/results/copy-<device>-<date>.json)")
+    ap.add_argument("--out", default=None,
+                    help="write the result to this JSON file (its chart beside it) instead of appending "
+                    "it to bench/results.jsonl")
     ap.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
@@ -368,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, cols)
     print("\nsummary:", summary)
     payload = {
-        "environment": env,
+        "cuda": {k: env[k] for k in ("cuda_runtime", "cuda_driver", "cuda_bindings")},
         "geometry": geometry,
         "targets": {
             "fraction_of_memcpy": TARGET_FRACTION,
@@ -384,9 +389,45 @@ def main(argv: list[str] | None = None) -> int:
         "bidirectional": bidir,
         "pool_create": pool_create,
     }
-    path = write_result("copy", payload, args.out)
-    print(f"\nwrote {path}")
+    path = save_run("copy", payload, args.out)
+    what = spec.name + ("-runs" if args.slot_order == "runs" else "")
+    png = plot(rows, chart_beside(args.out, "copy", what), env["device"])
+    print(f"\nwrote {path}" + (f"\nchart {png}" if png else ""))
     return 0
+
+
+def plot(rows: list[dict], path, device: str) -> str | None:
+    """Fraction of a same-size pinned memcpy against blocks, per backend, one panel per direction."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    directions = list(dict.fromkeys(r["direction"] for r in rows))
+    if not directions:
+        return None
+    fig, axes = plt.subplots(1, len(directions), figsize=(5 * len(directions), 4.2), squeeze=False)
+    for ax, direction in zip(axes[0], directions):
+        for backend in dict.fromkeys(r["backend"] for r in rows):
+            pts = sorted((r["blocks"], r["fraction"]) for r in rows
+                         if r["backend"] == backend and r["direction"] == direction)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=backend)
+        ax.axhline(TARGET_FRACTION, color="k", ls="--", lw=1, label=f"target {TARGET_FRACTION:.0%}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("blocks per copy")
+        ax.set_ylabel("fraction of pinned memcpy")
+        ax.set_title(direction)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"KV block copies on {device}")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
 
 
 #: HostPool creation variants timed: the defaults first (the target applies to them).

@@ -1,7 +1,7 @@
 """Kernel microbenchmark of the prefix index: the Triton table, the CPU table, the plain-torch
 reference on CUDA, and a Python dict.
 
-    python -m bench.kernels                      # GPU host: everything, JSON + PNG in bench/results/
+    python -m bench.kernels                      # GPU host: everything
     python -m bench.kernels --sizes 1e3 1e4      # quick (a CPU machine runs only cpu and dict)
     python -m bench.kernels --cpu-probe numpy    # the CPU table's numpy probe instead of C
 
@@ -12,7 +12,8 @@ for N from 1e3 to 1e7, and match_prefix for 256 requests x 512 blocks (half full
 missing from a random block on). Every timed result is checked against the known answer in the
 same run. Triton and reference-cuda times are kernel times (CUDA events / triton.testing.do_bench)
 of the table operations; the `*_api` rows time the public PrefixIndex call with its validation,
-stream hand-off and host sync.
+stream hand-off and host sync. Output: a table, one line appended to bench/results.jsonl (kind
+"kernels") and the chart bench/results/kernels-index.png (keys/s against keys per batch).
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ import sys
 
 import torch
 
-from bench.common import environment, print_table, time_cpu, time_with_setup, write_result
+from bench.common import (
+    chart_beside,
+    device_slug,
+    environment,
+    print_table,
+    save_run,
+    time_cpu,
+    time_with_setup,
+)
 from triton_prefix_cache import PrefixIndex
 from triton_prefix_cache.index.cpu_table import CpuTable
 
@@ -256,7 +265,7 @@ def summarize(rows: list[dict], slug: str) -> dict:
     return out
 
 
-def plot(rows: list[dict], path) -> str | None:
+def plot(rows: list[dict], path, device: str) -> str | None:
     try:
         import matplotlib
 
@@ -278,9 +287,10 @@ def plot(rows: list[dict], path) -> str | None:
         ax.set_ylabel("keys / s")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle(f"PrefixIndex kernels on {environment()['device']}")
+    fig.suptitle(f"PrefixIndex kernels on {device}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return str(path)
 
 
@@ -294,9 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the CPU table's probe (default: C where a compiler works, else numpy)",
     )
-    ap.add_argument(
-        "--out", default=None, help="JSON path (default bench/results/kernels-<device>-<date>.json)"
-    )
+    ap.add_argument("--out", default=None,
+                    help="write the result to this JSON file (its chart beside it) instead of appending "
+                    "it to bench/results.jsonl")
     args = ap.parse_args(argv)
     env = environment()
     env["cpu_probe"] = CpuTable(16, probe=args.cpu_probe).probe  # how the cpu provider probes
@@ -320,15 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     cols = ["provider", "op", "n", "load", "us", "keys_per_s"]
     print()
     print_table(rows, cols)
-    from bench.common import device_slug
-
     summary = summarize(rows, device_slug())
     print("\nsummary:", summary)
-    path = write_result(
-        "kernels", {"environment": env, "targets": TARGETS, "summary": summary, "rows": rows}, args.out
-    )
-    png = plot(rows, path.with_suffix(".png"))
-    print(f"\nwrote {path}" + (f" and {png}" if png else ""))
+    payload = {"cpu_probe": env["cpu_probe"], "targets": TARGETS, "summary": summary, "rows": rows}
+    path = save_run("kernels", payload, args.out)
+    png = plot(rows, chart_beside(args.out, "kernels", "index"), env["device"])
+    print(f"\nwrote {path}" + (f"\nchart {png}" if png else ""))
     return 0
 
 

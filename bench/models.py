@@ -1,8 +1,12 @@
 """The one registry of model shapes used by tests and benchmarks.
 
-A model here is a folder holding a HuggingFace `config.json` (and, for the tiny CPU model, random
-weights), built locally: nothing is downloaded. Real shapes run with vLLM's `load_format="dummy"`,
-whose near-tied logits make restored bytes and logprobs, not sampled tokens, the thing to compare.
+A model here is a folder holding a HuggingFace `config.json`, a word-level tokenizer and, for the
+tiny CPU model, random weights, built locally: nothing is downloaded. Real shapes run with vLLM's
+`load_format="dummy"`, whose near-tied logits make restored bytes and logprobs, not sampled tokens,
+the thing to compare.
+
+    python -m bench.models tiny-llama /tmp/tiny-llama     # write one model's folder, print its path
+    python -m bench.models                                # list the models
 """
 
 from __future__ import annotations
@@ -62,9 +66,9 @@ class ModelSpec:
         cfg.update(self.extra)
         return cfg
 
-    def materialize(self, root: str | Path, seed: int = 0) -> Path:
-        """Write the model folder under `root` (idempotent) and return its path."""
-        path = Path(root) / self.name
+    def materialize(self, root: str | Path, seed: int = 0, *, folder: str | Path | None = None) -> Path:
+        """Write the model folder `root/<name>` (or `folder` itself) (idempotent) and return its path."""
+        path = Path(folder) if folder is not None else Path(root) / self.name
         cfg_file = path / "config.json"
         want = json.dumps({"spec": asdict(self), "seed": seed, "tokenizer": TOKENIZER_FORMAT}, sort_keys=True)
         stamp = path / ".spec.json"
@@ -203,3 +207,29 @@ def get_model(name: str) -> ModelSpec:
         return MODELS[name]
     except KeyError:
         raise KeyError(f"unknown model {name!r}; known: {sorted(MODELS)}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m bench.models",
+                                 description="Write a model folder (config, tokenizer, weights or none).")
+    ap.add_argument("name", nargs="?", help=f"one of {sorted(MODELS)} (none: list them)")
+    ap.add_argument("folder", nargs="?", help="where to write it (default: the benchmarks' model cache)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    args = ap.parse_args(argv)
+    if args.name is None:
+        for spec in MODELS.values():
+            print(f"{spec.name:14} {spec.num_layers} layers, hidden {spec.hidden_size}, "
+                  f"{'random weights' if spec.weights == 'random' else 'config only (load_format=dummy)'}")
+        return 0
+    if args.name not in MODELS:
+        ap.error(f"unknown model {args.name!r}; known: {sorted(MODELS)}")
+    from bench.configs import MODEL_CACHE
+
+    print(MODELS[args.name].materialize(MODEL_CACHE, args.seed, folder=args.folder))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

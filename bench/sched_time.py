@@ -7,6 +7,8 @@ host tiers holding prompt A's blocks; get_num_new_matched_tokens (key derivation
 for fresh requests of A (every block hits) and of random prompts (the first block misses), median
 of --reps. Target: ours at most half of OffloadingConnector's, at 8k and at 128k tokens.
 The in-engine counterpart is the `conn_lookup_ms` column of `python -m bench.compare`.
+Output: one line appended to bench/results.jsonl (kind "sched") and the chart
+bench/results/sched-<model>.png (microseconds per request, both connectors, hit and miss).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import environment, write_result
+from bench.common import chart_beside, environment, save_run
 
 GiB = 1 << 30
 
@@ -179,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-host-gib", type=float, default=20.0)  # 128k tokens of Llama-8B KV: 16 GiB
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None,
+                   help="write the result to this JSON file (its chart beside it) instead of appending "
+                   "it to bench/results.jsonl")
     args = p.parse_args(argv)
     env = environment()
     print(f"# {env['command']}\n# device: {env['device']} | vllm {env['vllm']}", flush=True)
@@ -188,10 +192,40 @@ def main(argv: list[str] | None = None) -> int:
         f"ratio_{size}_{k}": row[f"ratio_{k}"] for size, row in res["sizes"].items() for k in ("hit", "miss")
     }
     summary["target_met"] = all(v <= 0.5 for v in summary.values())
-    path = write_result("sched", {"environment": env, "summary": summary, **res}, args.out)
+    path = save_run("sched", {"model": args.model, "summary": summary, **res}, args.out)
+    png = plot(res, chart_beside(args.out, "sched", args.model), env["device"])
     print(json.dumps(summary, indent=1))
-    print(f"wrote {path}")
+    print(f"wrote {path}" + (f"\nchart {png}" if png else ""))
     return 0
+
+
+def plot(res: dict, path, device: str) -> str | None:
+    """Microseconds per get_num_new_matched_tokens call, ours and OffloadingConnector's, per prompt
+    length, hit and miss."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    sizes = list(res["sizes"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, case in zip(axes, ("hit", "miss")):
+        for i, (name, label) in enumerate((("tpc", "this plugin"), ("offload", "OffloadingConnector"))):
+            ys = [res["sizes"][n][name][f"{case}_us"] for n in sizes]
+            ax.bar([x + 0.4 * i for x in range(len(sizes))], ys, 0.4, label=label)
+        ax.set_xticks([x + 0.2 for x in range(len(sizes))], [f"{int(n):,} tokens" for n in sizes])
+        ax.set_yscale("log")
+        ax.set_ylabel("us per request")
+        ax.set_title("every block in the host tier" if case == "hit" else "the first block misses")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"scheduler time per request on {device}")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ model, flags and workload; host tiers get the same memory. Each concurrency draw
 (seed + its position), so every run starts cold apart from what earlier runs left in the caches.
 
 Output: a table; one line appended to bench/results.jsonl (exact commands, device, host, versions,
-every number); the chart bench/results/serve-<workload>.png (throughput, TTFT p50 and p99 against
-concurrency); the raw client JSON and metric snapshots under --raw-dir (not tracked).
+every number); the chart bench/results/serve-<workload>.png (serve-<workload>-cpu.png on a CPU:
+throughput, TTFT p50 and p99 against concurrency); the raw client JSON and metric snapshots under
+--raw-dir (not tracked).
 """
 
 from __future__ import annotations
@@ -36,12 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.chat import ChatSpec
+from bench.common import RECORD, append_record, chart_path
 from bench.configs import CONFIGS, MODEL_CACHE, parse_config, serve_flags
 from bench.models import ModelSpec, get_model
 
 ROOT = Path(__file__).resolve().parent
-RECORD = ROOT / "results.jsonl"
-CHARTS = ROOT / "results"
 CLI = [sys.executable, "-m", "triton_prefix_cache_vllm.cli"]
 
 
@@ -475,7 +475,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--raw-dir", type=Path, default=ROOT / "serve-raw",
                    help="client JSON, metric snapshots and server logs (not tracked)")
     p.add_argument("--record", type=Path, default=RECORD, help="the JSON-lines record to append to")
-    p.add_argument("--chart", type=Path, help="default: bench/results/serve-<workload>.png")
+    p.add_argument("--chart", type=Path,
+                   help="default: bench/results/serve-<workload>.png (serve-<workload>-cpu.png on a CPU)")
     p.add_argument("--label", default="", help="a free-form note stored with the record")
     p.add_argument("--from-raw", type=Path, metavar="DIR",
                    help="append the record a run left in its raw folder DIR (a run cut off before its "
@@ -569,10 +570,8 @@ def finish(record: dict, args) -> int:
     record["ratios"] = ratios(record["configs"])
     print()
     print_table(record)
-    args.record.parent.mkdir(parents=True, exist_ok=True)
-    with args.record.open("a") as f:
-        f.write(json.dumps(record, separators=(",", ":")) + "\n")
-    chart = plot(record, args.chart or CHARTS / f"serve-{record['workload']}.png")
+    append_record("serve", record, args.record)
+    chart = plot(record, args.chart or chart_path("serve", record["workload"], record["device"]))
     print(f"\nappended to {args.record}" + (f"\nchart {chart}" if chart else ""))
     failed = [n for n, e in record["configs"].items() if "error" in e]
     return 1 if failed or record.get("partial") else 0

@@ -185,8 +185,8 @@ def burst(
     seed: int = 0,
 ) -> Workload:
     """A burst of concurrent requests sharing one long prefix that lives only in the host tier,
-    then the same burst again with the prefix in VRAM (vLLM issue 44294: its offloading lost 40%
-    of throughput on this pattern).
+    then the same burst again with the prefix in VRAM: a host tier that copies the prefix once per
+    request instead of once loses much of the burst's throughput.
 
     One request computes the prefix (a `doc_tokens` document); unrelated filler documents (1.5x
     the KV cache) push it out of VRAM; then `requests` prompts = prefix + own suffix arrive at

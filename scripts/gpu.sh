@@ -50,9 +50,12 @@ suite() {  # suite NAME [ARGS...]: one suite, its output in $RUN/NAME.log
         --configs ours:load=layerwise ours:load=async ours:demote=lazy "$@" \
         --record "$RUN/results.jsonl" --raw-dir "$RUN/raw" --chart "$RUN/serve-prefix-variants.png" ;;
     bench-docqa)
-      python3 -m bench.compare --workload docqa --configs offload ours "$@" --out "$RUN/compare-docqa.json" ;;
-    bench-copy)
-      python3 -m bench.copy_bench "$@" ;;
+      python3 -m bench.compare --workload docqa --configs offload ours "$@" --record "$RUN/results.jsonl" \
+        --chart-dir "$RUN" --raw-dir "$RUN/raw" ;;
+    bench-copy)  # its result file is one line of the record: appended to the host's record
+      python3 -m bench.copy_bench "$@" --out "$RUN/copy-llama-3.1-8b.json" &&
+        python3 -c 'import json, sys; print(json.dumps(json.load(open(sys.argv[1])), separators=(",", ":")))' \
+          "$RUN/copy-llama-3.1-8b.json" >> "$RUN/results.jsonl" ;;
     *) echo "unknown suite $name" >&2; return 2 ;;
   esac
   echo "== $name rc=$? ($(date +%T))"
@@ -67,7 +70,7 @@ workload_of() {  # the value of --workload among bench.serve's arguments (defaul
 collect() {
   [ -n "${OUT:-}" ] || return 0
   [ -f "$RUN/results.jsonl" ] && cp "$RUN/results.jsonl" "$OUT/"
-  cp "$RUN"/*.png "$RUN"/compare-*.json "$OUT/" 2>/dev/null
+  cp "$RUN"/*.png "$OUT/" 2>/dev/null
   tar czf "$OUT/run.tgz" -C "$RUN" --exclude='*.png' --exclude=results.jsonl . 2>/dev/null
   return 0
 }

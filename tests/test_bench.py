@@ -1,4 +1,5 @@
-"""The benchmarks' config grammar and bench.compare's target ratios (pure functions; no engine runs)."""
+"""The benchmarks' config grammar, bench.compare's target ratios, argument checks and table, and the
+record's helpers (pure functions; no engine runs)."""
 
 import pytest
 
@@ -69,3 +70,49 @@ def test_serve_flags_spell_the_engine_kwargs():
     import json
 
     assert json.loads(flags[2])["kv_connector_extra_config"] == {"host_cache_gib": 1.5, "load": "async"}
+
+
+@pytest.mark.parametrize("argv", [
+    ["--configs", "nonsense"], ["--configs", "prefix:load=async"], ["--model", "nope"],
+    ["--kv-gib", "0"], ["--host-gib", "-1"], ["--doc-tokens", "3"], ["--repeat", "0"],
+    ["--workload", "bogus"],
+])
+def test_compare_bad_arguments_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        compare.parse_args(argv)
+    assert e.value.code == 2
+    assert "usage: python -m bench.compare" in capsys.readouterr().err
+
+
+def test_compare_keeps_the_median_run_and_the_range():
+    runs = [({"focus_mean_ttft_ms": t, "focus_p50_ttft_ms": t, "requests_per_s": r}, {"run": i})
+            for i, (t, r) in enumerate([(30.0, 5.0), (10.0, 9.0), (20.0, 7.0)])]
+    (summary, res), spread = compare.median_run("docqa", runs)
+    assert res == {"run": 2} and summary["focus_mean_ttft_ms"] == 20.0
+    assert spread["focus_mean_ttft_ms"] == {"median": 20.0, "min": 10.0, "max": 30.0}
+    assert spread["requests_per_s"] == {"median": 7.0, "min": 5.0, "max": 9.0}
+    assert compare._with_range(spread, "focus_mean_ttft_ms", 20.0, 3) == "20 (10-30)"
+    assert compare._with_range(spread, "focus_mean_ttft_ms", 20.0, 1) == "20"
+
+
+def test_numbers_print_with_three_significant_digits_and_binary_units():
+    from bench.common import sig3, size
+
+    assert [sig3(v) for v in (1234.5, 0.65123, 35.61, 7.0, 2e10)] == ["1,230", "0.651", "35.6", "7", "2e+10"]
+    assert [size(b) for b in (8 << 20, 4 << 30, 2**30 / 128, 512)] == ["8 MiB", "4 GiB", "8 MiB", "512 B"]
+
+
+def test_records_append_one_line_each_and_charts_of_cpu_runs_are_named_apart(tmp_path):
+    from bench import common
+
+    path = tmp_path / "results.jsonl"
+    first = common.append_record("demo", {"numbers": [1, 2]}, path)
+    common.append_record("demo", {"numbers": [3], "date": "2000-01-01T00:00:00+00:00"}, path)
+    lines = common.read_record(path)
+    assert len(lines) == 2 and lines[0] == first
+    assert {"kind", "date", "command", "device", "hostname", "versions"} <= set(first)
+    assert lines[1]["date"].startswith("2000") and lines[1]["numbers"] == [3]
+    assert common.chart_path("serve", "prefix", "NVIDIA H200").name == "serve-prefix.png"
+    assert common.chart_path("serve", "prefix", "cpu (x86_64)").name == "serve-prefix-cpu.png"
+    out = common.save_run("demo", {"n": 1}, tmp_path / "one.json")
+    assert out == tmp_path / "one.json" and len(common.read_record(path)) == 2

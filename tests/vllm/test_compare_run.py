@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 @pytest.mark.parametrize("engine_process", [False, True], ids=["in-process", "engine-process"])
 def test_compare_runs_both_configs_and_records_the_engine_mode(tmp_path, engine_process):
     out = tmp_path / "compare.json"
-    argv = ["--workload", "docqa", "--configs", "prefix", "ours", "--out", str(out)]
+    argv = ["--workload", "docqa", "--configs", "prefix", "ours", "--repeat", "1", "--out", str(out)]
     assert C.main(argv + (["--engine-process"] if engine_process else [])) == 0
     d = json.loads(out.read_text())
     assert d["engine_process"] is engine_process and d["partial"] is False
