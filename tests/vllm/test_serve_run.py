@@ -40,11 +40,13 @@ def test_serve_runs_both_configs_and_leaves_nothing_behind(tmp_path):
     assert S.main(["--from-raw", str(raw), "--record", str(record), "--chart", str(chart)]) == 0
     again = [json.loads(x) for x in record.read_text().splitlines()]
     assert len(again) == 2 and again[1]["configs"].keys() == rec["configs"].keys()
-    # No server left: every process of each server's group is gone.
+    # No server left: no process runs either server's command line (each names its own port).
     import subprocess
 
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert "triton_prefix_cache_vllm.cli serve" not in ps
+    for entry in rec["configs"].values():
+        port = entry["server_command"].split("--port ")[1].split()[0]
+        assert not [line for line in ps.splitlines() if "cli serve" in line and f"--port {port}" in line]
 
 
 def test_metrics_parse_and_delta():
