@@ -197,7 +197,7 @@ def _tier_counters(llm) -> dict:
     side = getattr(_scheduler_connector(llm), "_sched", None)
     if side is None:
         return {}
-    st = side.tier.tm.stats
+    st = side.tier.manager.stats
     return {k: getattr(st, k) for k in ("blocks_from_host", "bytes_from_host", "blocks_to_host",
                                         "bytes_to_host", "evictions", "drops_full")}
 

@@ -67,7 +67,7 @@ def _connector_state(llm) -> dict:
         "tier_ready": len(side.tier),
         "tier_evictions": side.tier.evictions,
         "pins": H.pinned_slots(side.tier),
-        "held": len(side.held),
+        "held": len(side.held_by_store),
         "inflight_loads": len(side.inflight_loads),
         "inflight_stores": len(side.inflight_stores),
         "gpu_free": sched.kv_cache_manager.block_pool.get_num_free_blocks(),

@@ -227,7 +227,7 @@ def tpc_counter_totals(llm) -> dict[str, float]:
 
 def pinned_slots(tier) -> int:
     """Host-tier slots being read by loads (pinned), of the scheduler's HostTier."""
-    return tier.tm.snapshot().loading_slots
+    return tier.manager.snapshot().loading_slots
 
 
 def scheduler_of(llm):

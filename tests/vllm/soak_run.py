@@ -302,7 +302,7 @@ def run(model_path: str, config: str = "defaults") -> SoakResult:
             out = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], sp, use_tqdm=False)
             ours.extend(_record(r) for r in out)
             del out
-            snap = side.tier.tm.snapshot()
+            snap = side.tier.manager.snapshot()
             res.max_used = max(res.max_used, snap.ready_slots + snap.storing_slots)
             if call % CHECK_EVERY == 0:
                 side.tier.check()
@@ -320,8 +320,8 @@ def run(model_path: str, config: str = "defaults") -> SoakResult:
         side.tier.check()
         after = H.metric_values(llm)
         res.metrics = {k: v - before.get(k, 0) for k, v in after.items()}
-        res.tier = side.tier.tm.snapshot().as_dict()
-        res.final_state = {"pins": H.pinned_slots(side.tier), "held": len(side.held),
+        res.tier = side.tier.manager.snapshot().as_dict()
+        res.final_state = {"pins": H.pinned_slots(side.tier), "held": len(side.held_by_store),
                            "inflight_loads": len(side.inflight_loads),
                            "inflight_stores": len(side.inflight_stores), "reqs": len(side.reqs)}
         res.debug_checked, res.debug_mismatches = wk.debug_checked, list(wk.debug_mismatches)

@@ -56,9 +56,9 @@ def test_shared_prefix_crosses_once(model_path, reference, load):
         warm, fillers, burst = _prompts()
         H.play_prompts(llm, [warm], per_call=1)
         H.play_prompts(llm, fillers, per_call=1)
-        before = side.tier.tm.stats.blocks_from_host
+        before = side.tier.manager.stats.blocks_from_host
         ours = H.play_prompts(llm, burst, per_call=BURST)
-        loaded = side.tier.tm.stats.blocks_from_host - before
+        loaded = side.tier.manager.stats.blocks_from_host - before
         H.compare_records(ours, reference, f"burst/{load}")
         # Every request saw the whole prefix cached (host tier or VRAM) ...
         assert all(r.num_cached_tokens >= (PREFIX_BLOCKS - 1) * H.BLOCK for r in ours), [

@@ -130,7 +130,7 @@ def test_shared_first_word_never_serves_another_blocks_kv(variant, runs, model_p
             # same hit boundaries as the big GPU cache: nothing lost to the crowded keys
             assert [r.num_cached_tokens for r in ours] == [r.num_cached_tokens for r in ref], wl
             H.compare_records(ours, ref, f"{variant}/{wl} vs built-in caching")
-        tm = side.tier.tm
+        tm = side.tier.manager
         side.tier.check()
         live = np.flatnonzero(tm._state == SlotState.READY)
         assert len(live) > 100, "the workloads were expected to fill the host tier with many blocks"

@@ -73,7 +73,7 @@ def _state(llm) -> dict:
     side.tier.check()
     return {
         "pins": H.pinned_slots(side.tier),
-        "held": len(side.held),
+        "held": len(side.held_by_store),
         "inflight_loads": len(side.inflight_loads),
         "inflight_stores": len(side.inflight_stores),
         "pending_stores": len(side.pending_stores),
@@ -361,7 +361,7 @@ def test_full_pinned_host_tier_drops_demotions_and_serves(runs, model_path):
     llm = _engine(model_path, H.tpc_config(host_cache_gib=_host_gib(160)))
     try:
         side = H.scheduler_of(llm).connector._sched
-        tm = side.tier.tm
+        tm = side.tier.manager
         for wl in ("docqa", "chat"):  # ~280 blocks: the 160-slot tier fills up
             H.compare_records(_flat(H.play(llm, getattr(H, wl)())), _flat(oracle.outputs[wl]), f"fill/{wl}")
         assert tm.num_free == 0 and len(side.tier) == 160
@@ -377,7 +377,7 @@ def test_full_pinned_host_tier_drops_demotions_and_serves(runs, model_path):
         assert dropped > 0, "no demotion was attempted while the tier was pinned full"
         assert dropped == s1["drops_full"] - s0["drops_full"]
         assert s1["stores_started"] == s0["stores_started"] and s1["evictions"] == s0["evictions"]
-        assert H.pinned_slots(side.tier) == 160 and len(side.held) == 0 and not side.inflight_stores
+        assert H.pinned_slots(side.tier) == 160 and len(side.held_by_store) == 0 and not side.inflight_stores
         # the readers finish: demotion resumes, and what comes back from the host is right
         tm.abort_load(slots)
         side.tier.check()

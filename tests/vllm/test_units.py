@@ -86,7 +86,7 @@ def test_host_tier_lifecycle():
     assert tier.match(_keys(1, 100)) == 0
     tier.unpin(pinned)
     tier.check()
-    assert pinned_slots(tier) == 0 and tier.tm.num_free == 4
+    assert pinned_slots(tier) == 0 and tier.manager.num_free == 4
 
 
 def test_host_tier_failed_store_and_shrink():
@@ -95,7 +95,7 @@ def test_host_tier_failed_store_and_shrink():
     tier = HostTier(2, 100, index_backend="cpu")
     s, _, _ = tier.begin_store(_keys(2))
     tier.end_store(s.tolist(), ok=False)
-    assert len(tier) == 0 and tier.tm.num_free == 2
+    assert len(tier) == 0 and tier.manager.num_free == 2
     tier.limit(1)
     assert tier.num_slots == 1
     s, _, dropped = tier.begin_store(_keys(2, 10))
@@ -111,10 +111,10 @@ def test_host_tier_places_its_index():
 
     for name in ("auto", "cpu", "torch"):
         tier = HostTier(2, 100, index_backend=name)
-        assert (tier.backend, tier.device.type, tier.tm.index.backend) == ("cpu", "cpu", "cpu"), name
+        assert (tier.backend, tier.device.type, tier.manager.index.backend) == ("cpu", "cpu", "cpu"), name
     tier = HostTier(2, 100, index_backend="triton")
     want = "cuda" if torch.cuda.is_available() else "cpu"
-    assert (tier.backend, tier.device.type, tier.tm.index.backend) == ("triton", want, "triton")
+    assert (tier.backend, tier.device.type, tier.manager.index.backend) == ("triton", want, "triton")
     tier.end_store(tier.begin_store(_keys(2))[0].tolist(), ok=True)
     assert tier.match(_keys(3)) == 2
 
