@@ -19,13 +19,15 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from . import compat
 from .metadata import TPCMetadata
-from .stats import TPCPromMetrics, TPCStats
+from .stats import Diagnostics, TPCPromMetrics, TPCStats
 
 logger = logging.getLogger("triton_prefix_cache_vllm")
 
 if TYPE_CHECKING:
     from vllm.v1.core.block_pool import BlockPool
     from vllm.v1.request import Request
+
+    from .host_tier import HostTier
 
 
 class TritonPrefixCacheConnector(KVConnectorBase_V1):
@@ -120,6 +122,23 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
         return self._worker.build_worker_meta() if self._worker is not None else None
 
     # ---- both ------------------------------------------------------------------------------------------
+    def diagnostics(self) -> Diagnostics:
+        """A snapshot of this side's recent history (`stats.Diagnostics`): load sizes and device
+        times, step timings (`debug.step_timing`) on the worker side; partial host hits and the host
+        tier's counters on the scheduler side. Read-only, cheap, safe between engine steps; for
+        tools that hold the connector objects, i.e. run the engine core in their own process (the
+        worker side: vLLM's `get_kv_transfer_group()`; the scheduler side: the engine core's
+        scheduler's `connector`). A deployment reads the metrics instead (`stats.py`)."""
+        side = self._sched if self._sched is not None else self._worker
+        return side.diagnostics()
+
+    @property
+    def host_tier(self) -> HostTier | None:
+        """The scheduler side's host tier (bookkeeping only: slots, keys, the index), None on the
+        worker side. For tools that drive the scheduler half without an engine, e.g. filling the
+        tier with `begin_store` / `end_store` before timing lookups (bench.sched_time)."""
+        return self._sched.tier if self._sched is not None else None
+
     def get_kv_connector_stats(self) -> TPCStats | None:
         side = self._sched if self._sched is not None else self._worker
         return side.get_stats()

@@ -36,7 +36,7 @@ from triton_prefix_cache.keys import keys_from_block_hashes
 from . import compat
 from .host_tier import HostTier
 from .metadata import LoadJob, StoreJob, TPCMetadata, TPCWorkerMetadata
-from .stats import TPCStats
+from .stats import Diagnostics, TPCStats
 
 if TYPE_CHECKING:
     from vllm.v1.core.block_pool import BlockPool
@@ -332,6 +332,11 @@ class SchedulerSide:
         # A load still in flight keeps its slots pinned until the worker reports it; vLLM itself
         # keeps the request's blocks until then (it waits for finished_recving).
         return False, None
+
+    def diagnostics(self) -> Diagnostics:
+        hits = tuple(dict(p) for p in self.recent_partial_hits)
+        return Diagnostics(role="scheduler", recent_partial_hits=hits,
+                           host_tier=self.tier.manager.snapshot().as_dict())
 
     def has_pending_stores(self) -> bool:
         return bool(self.inflight_stores or self.pending_stores)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import time
 from typing import Any
 
@@ -27,7 +26,7 @@ from triton_prefix_cache.host_pool import HostPool, HostPoolConfig
 
 from . import compat
 from .metadata import TPCMetadata, TPCWorkerMetadata
-from .stats import TPCStats
+from .stats import Diagnostics, TPCStats
 
 logger = logging.getLogger("triton_prefix_cache_vllm")
 
@@ -37,6 +36,9 @@ logger = logging.getLogger("triton_prefix_cache_vllm")
 #: copies are SM kernels reading pinned memory over PCIe, which slow the forward they overlap
 #: (chat: the loading step took 50 ms on the device for an 19 ms copy). README "Results".
 AUTO_ENGINE_BACKENDS = ("staged", "torch")
+
+#: Loads whose (bytes, device seconds) the worker keeps for `diagnostics()`, and loading steps timed.
+RECENT = 4096
 
 
 def page_views(tensors: list[torch.Tensor], num_blocks: int | None = None) -> list[torch.Tensor]:
@@ -97,31 +99,26 @@ class WorkerSide:
         self.stats = TPCStats()
         #: every counter this side has handed to vLLM, summed (in-process readers: see stats.py)
         self.totals: dict[str, float] = {}
-        # Tests: remember what every store wrote and check every load restores exactly that.
-        debug = os.environ.get("TPC_DEBUG_PAGES") == "1"
-        self.debug_pages: dict[int, torch.Tensor] | None = {} if debug else None
+        debug = cfg.debug
+        # debug.record_pages: what every store wrote, by slot, and what the loads found.
+        self.debug_pages: dict[int, torch.Tensor] | None = {} if debug.record_pages else None
         self.debug_checked = 0
         self.debug_mismatches: list[tuple[int, int]] = []
-        # Tests: report async loads only after this many extra polls, as a slow copy would be, so the
-        # WAITING_FOR_REMOTE_KVS path (and aborts during it) runs on the CPU too, where copies are instant.
-        self.debug_load_delay = int(os.environ.get("TPC_DEBUG_LOAD_DELAY", "0"))
-        # Tests: stores likewise report this many polls late (a store outliving its step).
-        self.debug_store_delay = int(os.environ.get("TPC_DEBUG_STORE_DELAY", "0"))
+        # debug.load_delay_polls / store_delay_polls: polls each async load / store has been
+        # held back so far (CPU copies are instant; late reports exercise the waiting paths).
+        self._polls: dict[str, int] = {}
         self._store_polls: dict[int, int] = {}
         # Stores are polled where an idle engine keeps stepping until they are reported (the default
         # multi-process engine core: has_pending_push_work). An in-process engine stops stepping with
         # its last request, so a store left copying would hold its GPU blocks (and fail
         # reset_prefix_cache) until the next request: there they are waited for at the end of their
-        # step. TPC_POLL_STORES=1/0 overrides (benchmarks and tests of the polled path).
-        poll = os.environ.get("TPC_POLL_STORES")
-        self.poll_stores = compat.multiprocess_engine() if poll is None else poll == "1"
-        self._polls: dict[str, int] = {}
-        #: (bytes, device seconds) of the latest loads, for benchmarks (bench/compare.py)
-        self.recent_loads: collections.deque[tuple[int, float]] = collections.deque(maxlen=4096)
-        self.stats_loads_timed = 0  # loads ever appended to recent_loads
-        #: TPC_STEP_TIMING=1 (bench/compare.py sets it): where the time of steps with loads goes
-        self._step_timer = _StepTimer(os.environ.get("TPC_STEP_TIMING") == "1")
-        self.step_times = self._step_timer.done
+        # step. debug.poll_stores overrides.
+        self.poll_stores = compat.multiprocess_engine() if debug.poll_stores is None else debug.poll_stores
+        #: (bytes, device seconds) of the latest loads whose device time is known (CUDA)
+        self.recent_loads: collections.deque[tuple[int, float]] = collections.deque(maxlen=RECENT)
+        self.loads_timed = 0  # loads ever appended to recent_loads
+        self._load_step_t0: float | None = None  # start_load_kv of the open step, if it loads
+        self._step_timer = _StepTimer(debug.step_timing)
 
     # ---- setup ---------------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -189,6 +186,8 @@ class WorkerSide:
         if eng is None:  # no host tier (or shut down): nothing can be copied; say so, never hang
             self._fail_all(meta)
             return
+        if meta.loads:
+            self._load_step_t0 = time.perf_counter()
         timing = self._step_timer.begin(bool(meta.loads))
         # One copy for the step's stores and one for its layer-wise loads, not one per job: a step
         # of many requests (chat) paid the copy path's fixed cost (two launches per layer with torch,
@@ -301,9 +300,9 @@ class WorkerSide:
         ready = {id(h): not self.poll_stores or h.done() for h in _unique_handles(self.stores)}
         for entry in self.stores:
             job_id, h, t0, accounts = entry
-            if self.debug_store_delay:
+            if self.cfg.debug.store_delay_polls:
                 self._store_polls[job_id] = polls = self._store_polls.get(job_id, 0) + 1
-                if polls <= self.debug_store_delay:
+                if polls <= self.cfg.debug.store_delay_polls:
                     pending.append(entry)
                     continue
                 del self._store_polls[job_id]
@@ -330,9 +329,9 @@ class WorkerSide:
         self._step_timer.end()
         recving: set[str] = set()
         for req_id, (h, t0, accounts) in list(self.async_loads.items()):
-            if self.debug_load_delay:
+            if self.cfg.debug.load_delay_polls:
                 self._polls[req_id] = polls = self._polls.get(req_id, 0) + 1
-                if polls <= self.debug_load_delay:
+                if polls <= self.cfg.debug.load_delay_polls:
                     continue
                 del self._polls[req_id]
             if h.done():
@@ -340,6 +339,9 @@ class WorkerSide:
                 recving.add(req_id)
                 if h is not _DONE:
                     self._load_done(req_id, h, t0, accounts)
+        if self._load_step_t0 is not None:  # a step that loads: its host time, forward included
+            s.observe("load_step_seconds", time.perf_counter() - self._load_step_t0)
+            self._load_step_t0 = None
         return None, (recving or None)
 
     def _load_done(self, req_id: str, h: CopyHandle, t0: float, accounts: bool) -> None:
@@ -360,11 +362,15 @@ class WorkerSide:
             if gpu_s is not None:
                 s.add("load_gpu_seconds", gpu_s)
                 self.recent_loads.append((h.nbytes, gpu_s))
-                self.stats_loads_timed += 1
+                self.loads_timed += 1
             s.add("load_seconds", time.perf_counter() - t0)
             s.add("load_bytes", h.nbytes)
         s.add("loads", 1)
         self.report.loads_done.append(req_id)
+
+    def diagnostics(self) -> Diagnostics:
+        return Diagnostics(role="worker", loads_timed=self.loads_timed, recent_loads=tuple(self.recent_loads),
+                           step_timings=tuple(dict(r) for r in self._step_timer.done))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out, self.failed_blocks = self.failed_blocks, set()
@@ -395,7 +401,7 @@ class WorkerSide:
             self.pool.close()
             self.pool = None
 
-    # ---- debug checks (tests) ------------------------------------------------------------------------
+    # ---- debug.record_pages ----------------------------------------------------------------------------
     def _pages(self, block: int) -> torch.Tensor:
         return torch.stack([layer[block] for layer in self.layers]).cpu()
 
@@ -416,7 +422,7 @@ class WorkerSide:
 
 
 class _StepTimer:
-    """Timing of the steps that load (benchmarks only): host time `start_load_kv` takes (`submit_ms`),
+    """debug.step_timing: timing of the steps that load. Host time `start_load_kv` takes (`submit_ms`),
     host time the copy engine's thread takes to submit the step's layer-wise loads
     (`load_submit_ms`), host time from `start_load_kv` to the end of `get_finished` (forward launch
     and the wait for the layer-wise loads included), and device time of the same span on the
@@ -428,7 +434,7 @@ class _StepTimer:
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled and torch.cuda.is_available()
-        self.done: collections.deque[dict] = collections.deque(maxlen=4096)
+        self.done: collections.deque[dict] = collections.deque(maxlen=RECENT)
         self._open: dict | None = None
         self._unresolved: list[dict] = []
 

@@ -127,8 +127,9 @@ class RunResult:
 
 
 def tpc_config(**extra: Any) -> dict:
-    """The connector's config for tests; TPC_TEST_COPY_BACKEND sets `copy_backend` where a test
-    does not (GPU runs: bisect a failure between copy paths)."""
+    """The connector's config for tests: `kv_connector_extra_config` keys as keyword arguments, the
+    test knobs among them as `debug={...}` (record_pages, load_delay_polls, ...). TPC_TEST_COPY_BACKEND
+    sets `copy_backend` where a test does not (GPU runs: bisect a failure between copy paths)."""
     env_backend = os.environ.get("TPC_TEST_COPY_BACKEND")
     if env_backend:
         extra.setdefault("copy_backend", env_backend)
@@ -339,21 +340,6 @@ def worker_side():
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     return get_kv_transfer_group()._worker
-
-
-def with_env(env: dict[str, str], fn, *args: Any, **kw: Any):
-    """Call fn with these environment variables set, then restore them (the worker reads the TPC_DEBUG_*
-    ones at engine start)."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return fn(*args, **kw)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def slow_store_copy_engine(base: type, polls: int) -> type:

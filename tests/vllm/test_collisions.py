@@ -120,8 +120,8 @@ def test_shared_first_word_never_serves_another_blocks_kv(variant, runs, model_p
         return k
 
     monkeypatch.setattr(sched_mod, "keys_from_block_hashes", spy)
-    llm = H.with_env({"TPC_DEBUG_PAGES": "1", "TPC_DEBUG_LOAD_DELAY": "1" if load == "async" else "0"},
-                     H.make_llm, model_path, kv_blocks=80, kv_transfer_config=H.tpc_config(load=load))
+    debug = {"record_pages": True, "load_delay_polls": 1 if load == "async" else 0}
+    llm = H.make_llm(model_path, kv_blocks=80, kv_transfer_config=H.tpc_config(load=load, debug=debug))
     try:
         side = H.scheduler_of(llm).connector._sched
         for wl in ("docqa", "chat"):

@@ -165,11 +165,12 @@ def _patch_pool(monkeypatch, registrar: CountingRegistrar, chunk_bytes: int, poo
     monkeypatch.setattr(worker_mod, "HostPool", make)
 
 
-def _engine(model_path, kv_transfer_config: dict, load_delay: int = 0, debug_pages: bool = True):
-    """The connector on the small KV cache; TPC_DEBUG_* as the worker should read them at startup."""
-    env = {"TPC_DEBUG_PAGES": "1" if debug_pages else "0", "TPC_DEBUG_LOAD_DELAY": str(load_delay)}
-    return H.with_env(env, H.make_llm, model_path, kv_blocks=SMALL_KV_BLOCKS,
-                      kv_transfer_config=kv_transfer_config)
+def _engine(model_path, kv_transfer_config: dict, load_delay: int = 0, debug_pages: bool = True,
+            poll_stores: bool | None = None):
+    """The connector on the small KV cache, with these debug options (`debug` of its config)."""
+    extra = kv_transfer_config["kv_connector_extra_config"]
+    extra["debug"] = {"record_pages": debug_pages, "load_delay_polls": load_delay, "poll_stores": poll_stores}
+    return H.make_llm(model_path, kv_blocks=SMALL_KV_BLOCKS, kv_transfer_config=kv_transfer_config)
 
 
 def _host_gib(slots: int) -> float:
@@ -328,14 +329,14 @@ def test_layerwise_loads_failing_every_time_are_recomputed(runs, model_path, mon
         H.shutdown(llm)
 
 
-def _slow_stores(monkeypatch, polls: int, poll: bool = True) -> None:
-    """Stores that report `polls` polls late (harness.slow_store_copy_engine). poll: the worker polls
-    its stores as in vLLM's default multi-process engine (TPC_POLL_STORES=1), so stores outlive their
-    step here too; False keeps this in-process engine's own behaviour (wait at the end of the step)."""
+def _slow_stores(monkeypatch, polls: int) -> None:
+    """Stores that report `polls` polls late (harness.slow_store_copy_engine). With `_engine(...,
+    poll_stores=True)` the worker polls its stores as in vLLM's default multi-process engine, so
+    stores outlive their step here too; poll_stores=False keeps this in-process engine's own
+    behaviour (wait at the end of the step)."""
     import triton_prefix_cache_vllm.worker as worker_mod
 
     monkeypatch.setattr(worker_mod, "CopyEngine", H.slow_store_copy_engine(worker_mod.CopyEngine, polls))
-    monkeypatch.setenv("TPC_POLL_STORES", "1" if poll else "0")
 
 
 def test_idle_engine_settles_slow_stores(runs, model_path, monkeypatch):
@@ -345,8 +346,8 @@ def test_idle_engine_settles_slow_stores(runs, model_path, monkeypatch):
     In-process the worker therefore waits for its stores at the end of their step (the multi-process
     engine keeps stepping instead: test_multiprocess.py)."""
     runs("oracle")
-    _slow_stores(monkeypatch, polls=10, poll=False)
-    llm = _engine(model_path, H.tpc_config())
+    _slow_stores(monkeypatch, polls=10)
+    llm = _engine(model_path, H.tpc_config(), poll_stores=False)
     try:
         H.play_prompts(llm, [_docqa_prompt(b) for b in range(4)], per_call=1)
         _assert_quiet(llm)
@@ -487,7 +488,8 @@ class TestSlowStoresInFlight:
         runs("oracle")
         with pytest.MonkeyPatch.context() as mp:
             _slow_stores(mp, polls=1)
-            llm = _engine(model_path, H.tpc_config(load="async", demote="write_through"), load_delay=2)
+            llm = _engine(model_path, H.tpc_config(load="async", demote="write_through"), load_delay=2,
+                          poll_stores=True)
         yield llm
         H.shutdown(llm)
 
@@ -558,7 +560,7 @@ def test_shutdown_with_copies_in_flight_no_hang_no_leak(runs, model_path, monkey
         _patch_pool(monkeypatch, reg, chunk_bytes=2048 * H.PAGE_BYTES_PER_BLOCK, pools=pools)
         _slow_stores(monkeypatch, polls=5)
         llm = _engine(model_path, H.tpc_config(host_cache_gib=_host_gib(pool_slots), load="async"),
-                      load_delay=1000, debug_pages=False)
+                      load_delay=1000, debug_pages=False, poll_stores=True)
         try:
             assert len(reg.live) == 4
             H.play_prompts(llm, [_docqa_prompt(b) for b in range(6)], per_call=1)
@@ -659,7 +661,7 @@ def test_two_models_side_by_side_multiprocess(runs, model_path, other_model):
 
     path1, ref1 = other_model
     ref0 = _flat(runs("oracle").outputs["docqa"])
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", TPC_DEBUG_PAGES="0", TPC_DEBUG_LOAD_DELAY="0")
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
     script = Path(__file__).parent / "mp_two_models.py"
     proc = subprocess.run([sys.executable, str(script), str(model_path), str(path1)], env=env,
                           capture_output=True, text=True, timeout=600, cwd=str(Path(__file__).parents[2]))
