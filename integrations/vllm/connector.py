@@ -17,11 +17,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from . import compat
+from . import LOGGER_NAME, compat
 from .metadata import TPCMetadata
 from .stats import Diagnostics, TPCPromMetrics, TPCStats
 
-logger = logging.getLogger("triton_prefix_cache_vllm")
+logger = logging.getLogger(LOGGER_NAME)
 
 if TYPE_CHECKING:
     from vllm.v1.core.block_pool import BlockPool
@@ -39,7 +39,8 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
         self.cfg = PrefixCacheConfig.from_dict(extra)
         self.cfg.check_fits_host()
         compat.check_scope(vllm_config, kv_cache_config)
-        _recompute_failed_loads(vllm_config)
+        if role == KVConnectorRole.SCHEDULER:  # the scheduler is the policy's only reader
+            _recompute_failed_loads(vllm_config)
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self._sched = None
         self._worker = None
@@ -169,12 +170,19 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
 
 
 def _recompute_failed_loads(vllm_config: Any) -> None:
-    """A host-tier copy that fails must cost a recompute, never the request: vLLM's default
-    kv_load_failure_policy 'fail' would end it with an error. The scheduler reads the policy after
-    building its connector (vLLM 0.26 and 0.32), so setting it here takes effect."""
+    """A host-tier copy that fails must cost a recompute, never the request: vLLM's
+    kv_load_failure_policy 'fail' (its default) would end it with an error. The scheduler reads the
+    policy right after building its connector (vLLM 0.26 and 0.32), so setting it here takes effect.
+
+    Said at info level only where the policy differs from vLLM's default, i.e. someone chose it;
+    vLLM's config cannot tell an explicit 'fail' from its default 'fail', which is overridden quietly
+    (debug level)."""
     kvt = vllm_config.kv_transfer_config
-    if getattr(kvt, "kv_load_failure_policy", "recompute") != "recompute":
-        logger.warning("triton-prefix-cache: kv_load_failure_policy=%r would fail requests whose host-tier "
-                       "copy fails; this cache recomputes their blocks instead (policy set to 'recompute')",
-                       kvt.kv_load_failure_policy)
-        kvt.kv_load_failure_policy = "recompute"
+    policy = getattr(kvt, "kv_load_failure_policy", "recompute")
+    if policy == "recompute":
+        return
+    kvt.kv_load_failure_policy = "recompute"
+    chosen = policy != compat.default_load_failure_policy(kvt)
+    logger.log(logging.INFO if chosen else logging.DEBUG,
+               "triton-prefix-cache: kv_load_failure_policy %r replaced by 'recompute': a failed host-tier "
+               "copy costs a recompute of its blocks, never the request", policy)

@@ -33,7 +33,7 @@ import torch
 from triton_prefix_cache.config import PrefixCacheConfig
 from triton_prefix_cache.keys import keys_from_block_hashes
 
-from . import compat
+from . import LOGGER_NAME, compat
 from .host_tier import HostTier
 from .metadata import LoadJob, StoreJob, TPCMetadata, TPCWorkerMetadata
 from .stats import Diagnostics, TPCStats
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_utils import KVCacheBlock
     from vllm.v1.request import Request
 
-logger = logging.getLogger("triton_prefix_cache_vllm")
+logger = logging.getLogger(LOGGER_NAME)
 
 
 #: A request's keys before any are converted (shared: `keys_for` replaces it, never writes into it).
@@ -293,8 +293,8 @@ class SchedulerSide:
             return
         t0 = time.perf_counter()
         if meta.pool_slots is not None and meta.pool_slots < self.tier.num_slots:
-            logger.warning("host tier: the worker's pool holds %d slots, not %d; shrinking",
-                           meta.pool_slots, self.tier.num_slots)
+            logger.warning("triton-prefix-cache: the worker's host pool holds %d slots, not %d; shrinking "
+                           "the host tier", meta.pool_slots, self.tier.num_slots)
             self.tier.limit(meta.pool_slots)
             self._settled.clear()
             self._last_scan = None
@@ -347,7 +347,8 @@ class SchedulerSide:
         self._settled.clear()
         self._last_scan = None
         if not ok:
-            logger.warning("host tier: reset deferred entries still being copied; they are dropped when done")
+            logger.warning("triton-prefix-cache: host tier reset deferred entries still being copied; "
+                           "they are dropped when done")
         return ok
 
     def get_stats(self) -> TPCStats | None:

@@ -24,11 +24,11 @@ from triton_prefix_cache.config import PrefixCacheConfig
 from triton_prefix_cache.copy_engine import CopyEngine, CopyHandle
 from triton_prefix_cache.host_pool import HostPool, HostPoolConfig
 
-from . import compat
+from . import LOGGER_NAME, compat
 from .metadata import TPCMetadata, TPCWorkerMetadata
 from .stats import Diagnostics, TPCStats
 
-logger = logging.getLogger("triton_prefix_cache_vllm")
+logger = logging.getLogger(LOGGER_NAME)
 
 #: copy_backend="auto" in a CUDA engine: the first of these the machine offers (else measured).
 #: staged DMA (needs cuda.bindings): document QA on the H200, session 5, same run: 33.2 ms mean TTFT
@@ -170,7 +170,7 @@ class WorkerSide:
             # Block 0 is vLLM's null block (never holds a request's KV); the round trip leaves it as
             # it was. Without this the first host hit paid the copy path's set-up (Triton: ~600 ms).
             warm = f", warmed up in {1e3 * self.engine.warm_up(block=0, slot=0):.0f} ms"
-        logger.info("triton-prefix-cache: %r, copies %s%s", self.pool, self.engine.backend, warm)
+        logger.info("triton-prefix-cache: host tier %r, copies %s%s", self.pool, self.engine.backend, warm)
 
     def _copy_engine(self, backend: str) -> CopyEngine:
         return CopyEngine(self.layers, self.pool, backend=backend, layerwise_ahead=self.cfg.layerwise_ahead,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import gc
+import logging
 import os
 import random
 from dataclasses import dataclass, field
@@ -340,6 +341,16 @@ def worker_side():
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     return get_kv_transfer_group()._worker
+
+
+def capture_adapter_log(monkeypatch, caplog) -> None:
+    """Let caplog see the adapter's log records, once each: they go to vLLM's `vllm` logger, which
+    (once vLLM has configured logging) does not propagate to the root logger where caplog listens."""
+    from triton_prefix_cache_vllm import LOGGER_NAME
+
+    adapter = logging.getLogger(LOGGER_NAME)
+    monkeypatch.setattr(adapter, "handlers", [*adapter.handlers, caplog.handler])
+    monkeypatch.setattr(adapter, "propagate", False)
 
 
 def slow_store_copy_engine(base: type, polls: int) -> type:

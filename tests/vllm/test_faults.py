@@ -185,6 +185,7 @@ def _engine_pinning_until(fail_at: int, model_path, monkeypatch, caplog) -> tupl
     pools: list = []
     _patch_pool(monkeypatch, reg, chunk_bytes=128 * H.PAGE_BYTES_PER_BLOCK, pools=pools)
     caplog.set_level(logging.WARNING)
+    H.capture_adapter_log(monkeypatch, caplog)
     return reg, pools, _engine(model_path, H.tpc_config(host_cache_gib=_host_gib(512)))
 
 

@@ -156,3 +156,33 @@ def test_engine_start_fails_on_bad_config(model_path):
     with pytest.raises(Exception) as e:
         H.make_llm(model_path, kv_blocks=80, kv_transfer_config=H.tpc_config(bogus=1))
     assert "bogus" in str(e.value) and "host_cache_gib" in str(e.value)
+
+
+def test_failure_policy_is_set_by_the_scheduler_side_and_said_once(vllm_config, monkeypatch, caplog):
+    """vLLM's default kv_load_failure_policy ('fail') becomes 'recompute' quietly (debug), by the
+    scheduler-side connector only (the scheduler is its only reader); a policy someone chose (one
+    other than vLLM's default) is replaced with an info line."""
+    import logging
+
+    from triton_prefix_cache_vllm import LOGGER_NAME, compat
+
+    kvt = vllm_config.kv_transfer_config
+    caplog.set_level(logging.DEBUG, logger=LOGGER_NAME)
+    H.capture_adapter_log(monkeypatch, caplog)
+    monkeypatch.setattr(kvt, "kv_load_failure_policy", "fail")
+
+    def said():
+        recs = [r for r in caplog.records if "kv_load_failure_policy" in r.getMessage()]
+        caplog.clear()
+        return [r.levelno for r in recs]
+
+    _make(vllm_config, {"host_cache_gib": 0.01}, _kv_cache_config(_spec()), "WORKER")
+    assert kvt.kv_load_failure_policy == "fail" and said() == []
+    _make(vllm_config, {"host_cache_gib": 0.01}, _kv_cache_config(_spec()))
+    assert kvt.kv_load_failure_policy == "recompute" and said() == [logging.DEBUG]
+    _make(vllm_config, {"host_cache_gib": 0.01}, _kv_cache_config(_spec()))
+    assert said() == []  # 'recompute' already: nothing to say
+    kvt.kv_load_failure_policy = "fail"
+    monkeypatch.setattr(compat, "default_load_failure_policy", lambda _: "recompute")
+    _make(vllm_config, {"host_cache_gib": 0.01}, _kv_cache_config(_spec()))
+    assert kvt.kv_load_failure_policy == "recompute" and said() == [logging.INFO]

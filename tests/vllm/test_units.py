@@ -420,3 +420,18 @@ def test_debug_options_reach_the_worker():
         reports.append((recving, list(meta.stores_done) if meta is not None else []))
     assert reports == [(None, []), (None, [1]), ({"a"}, []), (None, [])]
 
+
+def test_the_adapter_logs_under_vllm_and_reads_no_environment():
+    """One logger under vLLM's `vllm` logger (its handler and format apply), and every knob comes
+    from the validated config: no adapter module reads the environment itself."""
+    import importlib
+    import pathlib
+    import re
+
+    import triton_prefix_cache_vllm as pkg
+
+    assert pkg.LOGGER_NAME.startswith("vllm.")
+    for name in ("compat", "connector", "scheduler", "worker"):
+        assert importlib.import_module(f"triton_prefix_cache_vllm.{name}").logger.name == pkg.LOGGER_NAME
+    for path in pathlib.Path(pkg.__file__).parent.glob("*.py"):
+        assert not re.search(r"os\.environ|getenv\(", path.read_text()), path.name
