@@ -183,6 +183,14 @@ class PrefixCacheConfig:
             )
         return cls(**dict(raw))
 
+    @classmethod
+    def validated(cls, raw: Mapping[str, Any] | None) -> PrefixCacheConfig:
+        """What an engine starts with: `from_dict`, then `check_fits_host`. Cheap (no allocation, no
+        device), so an adapter can call it wherever its engine first shows it the config."""
+        cfg = cls.from_dict(raw)
+        cfg.check_fits_host()
+        return cfg
+
 
 def _check_known(raw: Mapping[str, Any], allowed: tuple[str, ...], prefix: str = "") -> None:
     """ConfigError naming the first unknown key (and the allowed key it is closest to), on one line."""

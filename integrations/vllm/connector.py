@@ -3,7 +3,13 @@
 vLLM builds one instance per role: the SCHEDULER instance (in EngineCore, next to the Scheduler)
 delegates to `SchedulerSide`, the WORKER instance (next to the model runner) to `WorkerSide`. The
 only state they share is the per-step metadata (`metadata.py`). The configuration comes from
-`kv_connector_extra_config` and is validated before anything is allocated.
+`kv_connector_extra_config` and is validated before anything is allocated: in the constructor, and
+earlier wherever vLLM asks the class while it builds its own config (`requires_piecewise_for_cudagraph`;
+`triton_prefix_cache_vllm.cli` checks the command line before vLLM starts).
+
+Public read-outs besides vLLM's hooks: the stats (`stats.py`: vLLM's log line and Prometheus),
+`diagnostics()` (recent history, for tools running the engine in their own process) and, on the
+scheduler side, `host_tier`.
 """
 from __future__ import annotations
 
@@ -35,9 +41,7 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         # Validate before the base class logs anything or we allocate anything.
-        extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
-        self.cfg = PrefixCacheConfig.from_dict(extra)
-        self.cfg.check_fits_host()
+        self.cfg = PrefixCacheConfig.validated(vllm_config.kv_transfer_config.kv_connector_extra_config)
         compat.check_scope(vllm_config, kv_cache_config)
         if role == KVConnectorRole.SCHEDULER:  # the scheduler is the policy's only reader
             _recompute_failed_loads(vllm_config)
@@ -160,8 +164,10 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict) -> bool:
-        # vLLM asks this while building its config (GPU, CUDA graphs on): validate as early as that.
-        PrefixCacheConfig.from_dict(extra_config)
+        # The one class method vLLM (0.26 and 0.32) calls with our config while it builds its own,
+        # before the engine core starts: on CUDA with full CUDA graphs on (not with --enforce-eager,
+        # nor on the CPU, where it only imports the class). Validate as early as that.
+        PrefixCacheConfig.validated(extra_config)
         # No: layer-wise loads wait per layer where Python runs between graph pieces (piecewise
         # graphs, eager), and wait whole before the forward where vLLM replays a full graph (it
         # says so in the forward context, see WorkerSide.start_load_kv). Asking for PIECEWISE would
