@@ -60,10 +60,10 @@ def demotion_window(budget_blocks: int, max_num_seqs: int, live_requests: int) -
     step can allocate. Its prompt and decode tokens fit the token budget (`budget_blocks` full
     blocks), and each request it schedules can round up one partial block more; those are the
     requests the connector knows (running or waiting) plus a few arriving, never more than
-    `max_num_seqs`. With vLLM's H200 defaults (16,384 tokens, 1,024 sequences) the old bound,
-    budget + max_num_seqs, covered a whole 4 GiB KV cache, so every cached block was copied to the
-    host even where it never left VRAM (the fits workload). A step that outruns the window evicts
-    blocks the host tier then lacks: a later miss (`partial_host_hits`), never wrong KV."""
+    `max_num_seqs`. Counting a partial block for every one of `max_num_seqs` (1,024 by default on
+    a GPU) would make the window a whole KV cache of a few GiB, and copy every cached block to the
+    host, also those that never leave VRAM. A step that outruns the window evicts blocks the host
+    tier then lacks: a later miss (`partial_host_hits`), never wrong KV."""
     return budget_blocks + min(max_num_seqs, live_requests + NEW_REQUEST_SLACK)
 
 
@@ -464,9 +464,9 @@ class SchedulerSide:
         attention reads them after the write, within the forward), while this step's copies run
         before its forward. So nothing of a request is stored in the step that admits it; from the
         next step on, whatever it counts as computed was written by a forward queued before that
-        step's copies (with vLLM 0.26's asynchronous scheduling too: same stream). Found by the
-        soak's full-stream oracle: a chat turn stored a block the previous turn, admitted beside
-        it, was still computing, and later hits on that key served the block's old contents."""
+        step's copies (with vLLM 0.26's asynchronous scheduling too: same stream). Storing earlier
+        would copy, for instance, a block of a chat turn that the previous turn, admitted beside
+        it, is still computing, and later hits on that key would serve its old contents."""
         if self.pool is None:
             return
         for req_id, st in self.reqs.items():

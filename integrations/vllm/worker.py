@@ -30,11 +30,9 @@ from .stats import Diagnostics, TPCStats
 
 logger = logging.getLogger(LOGGER_NAME)
 
-#: copy_backend="auto" in a CUDA engine: the first of these the machine offers (else measured).
-#: staged DMA (needs cuda.bindings): document QA on the H200, session 5, same run: 33.2 ms mean TTFT
-#: against 40.0 ms with torch copies and 41.3 ms for built-in offloading, every hit served; torch
-#: copies are SM kernels reading pinned memory over PCIe, which slow the forward they overlap
-#: (chat: the loading step took 50 ms on the device for an 19 ms copy). README "Results".
+#: copy_backend="auto" in a CUDA engine: the first of these the machine offers. Staged DMA (needs
+#: cuda.bindings) moves pages on the copy engines; torch copies are SM kernels reading pinned memory
+#: over PCIe, which slow the forward they overlap.
 AUTO_ENGINE_BACKENDS = ("staged", "torch")
 
 #: Loads whose (bytes, device seconds) the worker keeps for `diagnostics()`, and loading steps timed.
@@ -155,8 +153,8 @@ class WorkerSide:
                            backend)
             backend = "torch"
         if backend == "auto" and device.type == "cuda":
-            # Page-wise DMA lost in the engine: the driver takes ~0.5 us a descriptor, so submitting
-            # a document's 32,000 pages took as long as copying them (README "Results").
+            # Never page-wise DMA: the driver's cost per descriptor makes submitting a long load's
+            # pages one by one take about as long as copying them.
             for preferred in AUTO_ENGINE_BACKENDS:
                 try:
                     self.engine = self._copy_engine(preferred)
@@ -168,7 +166,8 @@ class WorkerSide:
         warm = ""
         if device.type == "cuda":
             # Block 0 is vLLM's null block (never holds a request's KV); the round trip leaves it as
-            # it was. Without this the first host hit paid the copy path's set-up (Triton: ~600 ms).
+            # it was. The copy path's one-time set-up (kernel compilation, driver state) then happens
+            # here rather than in the first host hit.
             warm = f", warmed up in {1e3 * self.engine.warm_up(block=0, slot=0):.0f} ms"
         logger.info("triton-prefix-cache: host tier %r, copies %s%s", self.pool, self.engine.backend, warm)
 
@@ -189,16 +188,15 @@ class WorkerSide:
         if meta.loads:
             self._load_step_t0 = time.perf_counter()
         timing = self._step_timer.begin(bool(meta.loads))
-        # One copy for the step's stores and one for its layer-wise loads, not one per job: a step
-        # of many requests (chat) paid the copy path's fixed cost (two launches per layer with torch,
-        # a driver call per chunk with DMA) once per job. The forward waits for every layer-wise load
+        # One copy for the step's stores and one for its layer-wise loads, not one per job: the copy
+        # path's fixed cost (two launches per layer with torch, a driver call per chunk with DMA) is
+        # paid once per step, not once per request. The forward waits for every layer-wise load
         # anyway; async loads stay one copy each, so each request is ready as soon as its own is.
-        # Loads first: the forward waits for them, not for the stores. A large staged store goes to
-        # the copy engine's thread, whose Python work took the GIL from this thread's load
-        # submission (document QA, the first load of round 2, H200: 23.6 ms to submit instead of
-        # 6.4, other threads busy 15 ms meanwhile). The order is free: a step's stores read blocks
-        # held out of vLLM's free queue and slots not yet findable, its loads write blocks
-        # allocated in this step from slots whose stores completed.
+        # Loads first: the forward waits for them, not for the stores, and a large staged store goes
+        # to the copy engine's thread, whose Python work competes for the GIL with this thread's
+        # load submission. The order is free: a step's stores read blocks held out of vLLM's free
+        # queue and slots not yet findable, its loads write blocks allocated in this step from
+        # slots whose stores completed.
         sync_jobs = [job for job in meta.loads if job.layerwise]
         if sync_jobs:
             self._load_group(eng, sync_jobs, True)
@@ -259,10 +257,10 @@ class WorkerSide:
         A layer-wise load feeds this very step's forward, which runs whatever happens; vLLM then
         recomputes the blocks reported as failed and drops the step's token, but with async
         scheduling (vLLM 0.26's default) the next step is already scheduled on that token, so a
-        failure reported there can still leak one token computed from unloaded KV (README, known
-        limits). A second submission turns a transient failure (the copy engine already falls back
-        from a failing backend to torch) into a served hit. An async load's failure is safe: its
-        request waits for the report before it runs."""
+        failure reported there can still leak one token computed from unloaded KV (a known limit,
+        see the top-level README). A second submission turns a transient failure (the copy engine
+        already falls back from a failing backend to torch) into a served hit. An async load's
+        failure is safe: its request waits for the report before it runs."""
         try:
             return eng.promote(slots, blocks, layerwise=layerwise)
         except Exception as e:
@@ -292,9 +290,9 @@ class WorkerSide:
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         s = self.stats
-        # Stores are polled, never waited for: the scheduler holds their GPU blocks until it hears
-        # back, so a store may overlap any number of later steps (waiting here put every demotion's
-        # copy into the step that planned it: measured, README "Results").
+        # Polled stores are never waited for: the scheduler holds their GPU blocks until it hears
+        # back, so a store may overlap any number of later steps instead of lengthening the step
+        # that planned it.
         pending = []
         # a step's store jobs share one handle: ask it once
         ready = {id(h): not self.poll_stores or h.done() for h in _unique_handles(self.stores)}
