@@ -88,7 +88,7 @@ class WorkerSide:
         self.sync_loads: list[tuple[str, CopyHandle, float, bool]] = []
         self.sync_handles: list[CopyHandle] = []  # the distinct handles of sync_loads (one a step)
         self.full_graph_loads = 0  # layer-wise loads waited for whole (full CUDA graph steps)
-        #: (step has loads, CUDA graph mode) -> steps, for tests and benchmarks
+        #: (step has loads, CUDA graph mode) -> steps: which steps replayed a full CUDA graph
         self.step_modes: collections.Counter = collections.Counter()
         self.async_loads: dict[str, tuple[CopyHandle, float, bool]] = {}
         self.load_blocks: dict[str, list[int]] = {}  # the GPU blocks of each load in flight
