@@ -64,15 +64,13 @@ def run_child(spec: dict) -> dict:
     # In-process engine core unless asked (`--engine-process`): only then can the adapter's hooks and
     # loading steps be timed from here. Both modes poll stores as vLLM's multi-process engine does.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if spec.get("engine_process") else "0"
-    os.environ.setdefault("TPC_STEP_TIMING", "1")  # our worker times the steps that load (events)
-    os.environ.setdefault("TPC_POLL_STORES", "1")  # stores as in vLLM's default multi-process engine
     from tqdm import tqdm
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     workload = W.make(spec["workload"], spec["kv_tokens"], spec["doc_tokens"], spec["vocab"], spec["seed"])
     t0 = time.perf_counter()
-    llm = LLM(**spec["engine"], **engine_kwargs(spec["config"], spec["host_gib"]))
+    llm = LLM(**spec["engine"], **_with_bench_debug(engine_kwargs(spec["config"], spec["host_gib"])))
     start_s = time.perf_counter() - t0
     warm = W.noreuse(
         spec["kv_tokens"], spec["vocab"], requests=2, prompt_tokens=256, output_tokens=2, seed=999
@@ -83,7 +81,7 @@ def run_child(spec: dict) -> dict:
         use_tqdm=False,
     )
     hooks = _time_connector_hooks(llm)
-    wk = _worker_side()
+    wk = _worker_connector()
     before = _flat_metrics(llm)
     rows = []
     wall0 = time.perf_counter()
@@ -102,8 +100,9 @@ def run_child(spec: dict) -> dict:
         outs = llm.generate(prompts, params, use_tqdm=False)
         batch_s = time.perf_counter() - t
         batch_hook_ms = sum(map(sum, hooks.values())) - hooks0
-        new_loads = min(_loads_done(wk) - loads0, 4096)
-        batch_loads = list(wk.recent_loads)[-new_loads:] if new_loads > 0 else []
+        diag = _diagnostics(wk)
+        new_loads = min(diag.loads_timed - loads0, len(diag.recent_loads)) if diag is not None else 0
+        batch_loads = list(diag.recent_loads)[-new_loads:] if new_loads > 0 else []
         for r, o in zip(batch, outs):
             m = getattr(o, "metrics", None)
             ftl = getattr(m, "first_token_latency", 0.0) if m is not None else 0.0
@@ -124,7 +123,8 @@ def run_child(spec: dict) -> dict:
             )
     wall = time.perf_counter() - wall0
     tier1 = _tier_counters(llm)
-    loads = _recent_loads()
+    loads = _recent_loads(wk)
+    sched = _diagnostics(_scheduler_connector(llm))
     _dump_profile(spec["config"])
     after = _flat_metrics(llm)
     delta = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))}
@@ -138,38 +138,51 @@ def run_child(spec: dict) -> dict:
         "connector_hook_calls": {k: len(v) for k, v in hooks.items()},
         "host_tier": {k: tier1[k] - tier0.get(k, 0) for k in tier1},
         # lookups that found only part of a prefix, and the state of the first key they missed
-        "partial_host_hits": list(getattr(getattr(_scheduler_connector(llm), "_sched", None),
-                                          "recent_partial_hits", ())),
+        "partial_host_hits": list(sched.recent_partial_hits) if sched is not None else [],
         "loads": loads,
     }
 
 
-def _worker_side():
-    """Our worker-side connector in this (in-process) engine, or None."""
+#: Our connector's `debug` options in every run here: it times the steps that load (CUDA events)
+#: and polls its stores as in vLLM's default multi-process engine, in both engine modes.
+BENCH_DEBUG = {"step_timing": True, "poll_stores": True}
+
+
+def _with_bench_debug(kwargs: dict) -> dict:
+    """Engine kwargs with BENCH_DEBUG in our connector's config (a config's own debug keys win)."""
+    kvt = kwargs.get("kv_transfer_config")
+    if kvt and kvt.get("kv_connector") == "TritonPrefixCacheConnector":
+        extra = kvt["kv_connector_extra_config"]
+        extra["debug"] = {**BENCH_DEBUG, **(extra.get("debug") or {})}
+    return kwargs
+
+
+def _diagnostics(conn):
+    """The public snapshot of our connector (`TritonPrefixCacheConnector.diagnostics()`), or None for
+    no connector or another one."""
+    read = getattr(conn, "diagnostics", None)
+    return read() if read is not None else None
+
+
+def _worker_connector():
+    """The worker-side connector of this process's engine (in-process engines), or None."""
     try:
         from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
     except ImportError:
         return None
-    if not has_kv_transfer_group():
-        return None
-    return getattr(get_kv_transfer_group(), "_worker", None)
+    return get_kv_transfer_group() if has_kv_transfer_group() else None
 
 
 def _loads_done(wk) -> int:
-    """How many loads the worker has timed so far (its `recent_loads` keeps the latest 4,096)."""
-    return int(wk.stats_loads_timed) if wk is not None and hasattr(wk, "stats_loads_timed") else 0
+    """How many loads the worker has timed so far (its diagnostics keep the latest 4,096)."""
+    diag = _diagnostics(wk)
+    return diag.loads_timed if diag is not None else 0
 
 
-def _recent_loads() -> dict | None:
+def _recent_loads(wk) -> dict | None:
     """Our worker's host -> GPU loads as the device timed them (in-process engines on CUDA)."""
-    try:
-        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
-    except ImportError:
-        return None
-    if not has_kv_transfer_group():
-        return None
-    wk = getattr(get_kv_transfer_group(), "_worker", None)
-    rec = list(getattr(wk, "recent_loads", ()))
+    diag = _diagnostics(wk)
+    rec = list(diag.recent_loads) if diag is not None else []
     if not rec:
         return None
     ms = sorted(1e3 * s for _, s in rec)
@@ -179,7 +192,7 @@ def _recent_loads() -> dict | None:
         "gpu_ms_p50": statistics.median(ms),
         "gbps": sum(b for b, _ in rec) / sum(s for _, s in rec) / 1e9,
     }
-    steps = list(getattr(wk, "step_times", ()))  # TPC_STEP_TIMING=1: steps that loaded
+    steps = list(diag.step_timings)  # debug.step_timing: the steps that loaded
     for key in ("submit_ms", "submit_cpu_ms", "load_submit_ms", "host_ms", "cpu_ms", "other_cpu_ms",
                 "device_ms"):
         vals = [r[key] for r in steps if key in r]
@@ -198,12 +211,11 @@ def _scheduler_connector(llm):
 
 def _tier_counters(llm) -> dict:
     """Our host tier's counters (blocks and bytes each way), read from the in-process scheduler."""
-    side = getattr(_scheduler_connector(llm), "_sched", None)
-    if side is None:
+    diag = _diagnostics(_scheduler_connector(llm))
+    if diag is None:
         return {}
-    st = side.tier.tm.stats
-    return {k: getattr(st, k) for k in ("blocks_from_host", "bytes_from_host", "blocks_to_host",
-                                        "bytes_to_host", "evictions", "drops_full")}
+    return {k: diag.host_tier[k] for k in ("blocks_from_host", "bytes_from_host", "blocks_to_host",
+                                           "bytes_to_host", "evictions", "drops_full")}
 
 
 SCHEDULER_HOOKS = (

@@ -39,11 +39,11 @@ def token_sampler(args: argparse.Namespace, seed: int):
 def run_sched_micro(args: argparse.Namespace) -> dict:
     """Scheduler time without an engine: both connectors' scheduler halves, the same Request objects.
 
-    Each host tier first holds prompt A's blocks (ours through the TierManager, OffloadingConnector's
-    through its manager's prepare_store/complete_store); then get_num_new_matched_tokens is timed
-    for fresh requests of A (all blocks hit) and of random prompts (first block misses), at 8k and
-    --long-tokens tokens, median of --reps. Our index uses index_backend "auto": the CPU table, as
-    in an engine.
+    Each host tier first holds prompt A's blocks (ours through the connector's `host_tier`,
+    OffloadingConnector's through its manager's prepare_store/complete_store); then
+    get_num_new_matched_tokens is timed for fresh requests of A (all blocks hit) and of random
+    prompts (first block misses), at 8k and --long-tokens tokens, median of --reps. Our index uses
+    index_backend "auto": the CPU table, as in an engine.
     """
     import torch
     import triton_prefix_cache_vllm
@@ -125,8 +125,8 @@ def run_sched_micro(args: argparse.Namespace) -> dict:
 
     def fill(r) -> None:
         k = keys_from_block_hashes(r.block_hashes)
-        slots, _, _ = tpc._sched.tier.begin_store(k)
-        tpc._sched.tier.end_store(slots[slots >= 0].tolist(), True)
+        slots, _, _ = tpc.host_tier.begin_store(k)  # what a completed store of each block leaves
+        tpc.host_tier.end_store(slots[slots >= 0].tolist(), True)
         off.on_new_request(r)
         st = osched._req_status[r.request_id]
         st.update_offload_keys()

@@ -3,7 +3,7 @@ import logging
 
 import pytest
 
-from triton_prefix_cache.config import ConfigError, PrefixCacheConfig
+from triton_prefix_cache.config import ConfigError, DebugOptions, PrefixCacheConfig
 from triton_prefix_cache.index import backend
 
 
@@ -19,16 +19,33 @@ def test_defaults():
     )
     assert cfg.host_cache_bytes == 16 << 30
     assert (cfg.layerwise_ahead, cfg.staging_mib) == (None, 256)
+    d = cfg.debug
+    assert d == DebugOptions() and d.poll_stores is None
+    assert not any((d.record_pages, d.load_delay_polls, d.store_delay_polls, d.step_timing))
 
 
 def test_all_keys_set():
     raw = {"host_cache_gib": 0.5, "demote": "write_through", "load": "layerwise", "index_backend": "cpu",
-           "eviction": "lru", "copy_backend": "staged", "layerwise_ahead": 2, "staging_mib": 64}
+           "eviction": "lru", "copy_backend": "staged", "layerwise_ahead": 2, "staging_mib": 64,
+           "debug": {"record_pages": True}}
     cfg = PrefixCacheConfig.from_dict(raw)
     assert sorted(raw) == sorted(PrefixCacheConfig.keys())  # every key is exercised here
     assert cfg.host_cache_bytes == 1 << 29
     assert (cfg.copy_backend, cfg.layerwise_ahead, cfg.staging_mib) == ("staged", 2, 64)
     assert (cfg.demote, cfg.load, cfg.index_backend) == ("write_through", "layerwise", "cpu")
+    assert cfg.debug.record_pages is True
+
+
+def test_debug_options():
+    raw = {"record_pages": True, "load_delay_polls": 2, "store_delay_polls": 3, "poll_stores": False,
+           "step_timing": True}
+    cfg = PrefixCacheConfig.from_dict({"host_cache_gib": 1, "debug": raw})
+    assert sorted(raw) == sorted(DebugOptions.keys())  # every sub-key is exercised here
+    assert cfg.debug == DebugOptions(**raw)
+    assert PrefixCacheConfig.from_dict({"host_cache_gib": 1, "debug": None}).debug == DebugOptions()
+    assert PrefixCacheConfig.from_dict({"host_cache_gib": 1, "debug": {}}).debug == DebugOptions()
+    # the frozen config stays hashable and comparable with its debug options
+    assert hash(cfg) == hash(PrefixCacheConfig.from_dict({"host_cache_gib": 1, "debug": dict(raw)}))
 
 
 @pytest.mark.parametrize("name", ["auto", "triton", "cpu"])
@@ -85,6 +102,16 @@ def test_frozen():
         ({"host_cache_gib": 1, "cpu_bytes_to_use": 5},
          ["cpu_bytes_to_use", "host_cache_gib", "allowed keys"]),
         ("host_cache_gib=1", ["dict"]),
+        ({"host_cache_gib": 1, "hots_cache": 1}, ["'hots_cache'", "did you mean 'host_cache_gib'"]),
+        ({"host_cache_gib": 1, "debug": True}, ["'debug'", "dict", "record_pages"]),
+        ({"host_cache_gib": 1, "debug": {"record_page": True}},
+         ["'debug.record_page'", "did you mean 'debug.record_pages'", "debug.step_timing"]),
+        ({"host_cache_gib": 1, "debug": {"record_pages": 1}}, ["'debug.record_pages'", "true or false"]),
+        ({"host_cache_gib": 1, "debug": {"step_timing": "yes"}}, ["'debug.step_timing'", "'yes'"]),
+        ({"host_cache_gib": 1, "debug": {"load_delay_polls": -1}}, ["'debug.load_delay_polls'", "int", "-1"]),
+        ({"host_cache_gib": 1, "debug": {"store_delay_polls": 1.5}}, ["'debug.store_delay_polls'", "1.5"]),
+        ({"host_cache_gib": 1, "debug": {"load_delay_polls": True}}, ["'debug.load_delay_polls'"]),
+        ({"host_cache_gib": 1, "debug": {"poll_stores": "1"}}, ["'debug.poll_stores'", "null", "'1'"]),
     ],
 )
 def test_bad_config(raw, must_mention):
@@ -93,6 +120,7 @@ def test_bad_config(raw, must_mention):
     msg = str(e.value)
     for word in must_mention:
         assert word in msg, (word, msg)
+    assert "\n" not in msg  # one line: it is what `vllm serve` prints last
 
 
 def test_config_error_is_value_error():

@@ -6,10 +6,11 @@ key and what is allowed, before any memory is allocated.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .index.backend import ALIASES, BACKENDS, canonical_backend
@@ -22,6 +23,64 @@ EVICTION_POLICIES = ("lru",)
 
 class ConfigError(ValueError):
     """A configuration key is unknown, missing, or has a value outside its allowed set."""
+
+
+#: Largest report delay of `DebugOptions`, in polls (a test holding loads "in flight" for good).
+MAX_DELAY_POLLS = 1_000_000
+
+
+@dataclass(frozen=True)
+class DebugOptions:
+    """Knobs for tests and diagnosis (config key `debug`, a dict of these); all off by default.
+
+    record_pages: keep a copy of every page a store wrote and check that every load restores
+        exactly those bytes (a device-to-host copy of every page moved: tests only).
+    load_delay_polls: report each async load this many completion polls after it is done, as a
+        slow copy would be (exercises waiting requests and aborts where copies are instant).
+    store_delay_polls: report each store this many polls late (a store outliving its step).
+    poll_stores: None: an engine whose idle loop keeps stepping for pending work (vLLM's
+        multi-process engine core) polls its stores, one that stops stepping with its last
+        request waits for them at the end of their step; True or False forces polled or waited.
+    step_timing: time the steps that load on the device (CUDA events) and per phase on the host,
+        readable in-process through the connector's diagnostics.
+    """
+
+    record_pages: bool = False
+    load_delay_polls: int = 0
+    store_delay_polls: int = 0
+    poll_stores: bool | None = None
+    step_timing: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("record_pages", "step_timing"):
+            v = getattr(self, key)
+            if not isinstance(v, bool):
+                raise ConfigError(f"config key 'debug.{key}' must be true or false, got {v!r}")
+        if self.poll_stores is not None and not isinstance(self.poll_stores, bool):
+            raise ConfigError(
+                f"config key 'debug.poll_stores' must be null, true or false, got {self.poll_stores!r}")
+        for key in ("load_delay_polls", "store_delay_polls"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_DELAY_POLLS:
+                raise ConfigError(
+                    f"config key 'debug.{key}' must be an int from 0 to {MAX_DELAY_POLLS} (polls), got {v!r}")
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> DebugOptions:
+        """Build from the `debug` value: a dict of the fields above, or null (everything off)."""
+        if raw is None:
+            return cls()
+        if isinstance(raw, DebugOptions):
+            return raw
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"config key 'debug' must be a dict with keys {list(cls.keys())}, "
+                              f"got {type(raw).__name__}")
+        _check_known(raw, cls.keys(), "debug.")
+        return cls(**dict(raw))
 
 
 @dataclass(frozen=True)
@@ -60,6 +119,8 @@ class PrefixCacheConfig:
     staging_mib: GPU memory of the "staged" copy backend's staging buffer, per direction (two
         buffers), outside the engine's KV budget. Each half of a buffer is one DMA step: 256 holds
         a layer group (1/8 of the layers) of a 512-block load of an 8B model in one step.
+    debug: tests and diagnosis only (`DebugOptions`, given as a dict): page checks, late reports,
+        forced store polling, step timing. Everything off by default.
     """
 
     host_cache_gib: float
@@ -70,6 +131,7 @@ class PrefixCacheConfig:
     copy_backend: str = "auto"
     layerwise_ahead: int | None = None
     staging_mib: int = 256
+    debug: DebugOptions = field(default_factory=DebugOptions)
 
     def __post_init__(self) -> None:
         _check_gib(self.host_cache_gib)
@@ -84,6 +146,7 @@ class PrefixCacheConfig:
         v = self.staging_mib
         if not isinstance(v, int) or isinstance(v, bool) or not 8 <= v <= 16384:
             raise ConfigError(f"config key 'staging_mib' must be an int from 8 to 16384 (MiB), got {v!r}")
+        object.__setattr__(self, "debug", DebugOptions.from_dict(self.debug))
 
     @property
     def host_cache_bytes(self) -> int:
@@ -113,15 +176,34 @@ class PrefixCacheConfig:
             raw = {}
         if not isinstance(raw, Mapping):
             raise ConfigError(f"the prefix cache config must be a dict, got {type(raw).__name__}")
-        allowed = cls.keys()
-        unknown = sorted(str(k) for k in raw if k not in allowed)
-        if unknown:
-            raise ConfigError(f"unknown config key(s) {unknown}; allowed keys: {list(allowed)}")
+        _check_known(raw, cls.keys())
         if "host_cache_gib" not in raw:
             raise ConfigError(
                 "config key 'host_cache_gib' is required: the host pool size in GiB (a number > 0)"
             )
         return cls(**dict(raw))
+
+    @classmethod
+    def validated(cls, raw: Mapping[str, Any] | None) -> PrefixCacheConfig:
+        """What an engine starts with: `from_dict`, then `check_fits_host`. Cheap (no allocation, no
+        device), so an adapter can call it wherever its engine first shows it the config."""
+        cfg = cls.from_dict(raw)
+        cfg.check_fits_host()
+        return cfg
+
+
+def _check_known(raw: Mapping[str, Any], allowed: tuple[str, ...], prefix: str = "") -> None:
+    """ConfigError naming the first unknown key (and the allowed key it is closest to), on one line."""
+    unknown = sorted(str(k) for k in raw if k not in allowed)
+    if not unknown:
+        return
+    names = [prefix + k for k in allowed]
+    first = prefix + unknown[0]
+    close = difflib.get_close_matches(first, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    what = f"unknown config key {first!r}" if len(unknown) == 1 else (
+        f"unknown config keys {[prefix + k for k in unknown]}")
+    raise ConfigError(f"{what}{hint}; allowed keys: {', '.join(names)}")
 
 
 def _check_gib(value: Any) -> None:

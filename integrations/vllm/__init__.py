@@ -9,6 +9,9 @@ from __future__ import annotations
 
 CONNECTOR_NAME = "TritonPrefixCacheConnector"
 CONNECTOR_MODULE = "triton_prefix_cache_vllm.connector"
+#: The one logger of every adapter module: under vLLM's `vllm` logger, so vLLM's logging config
+#: (its handler, format and VLLM_LOGGING_LEVEL) applies to it.
+LOGGER_NAME = "vllm.triton_prefix_cache"
 
 
 def register() -> None:
@@ -21,4 +24,4 @@ def register() -> None:
         KVConnectorFactory.register_connector(CONNECTOR_NAME, CONNECTOR_MODULE, CONNECTOR_NAME)
 
 
-__all__ = ["CONNECTOR_NAME", "register"]
+__all__ = ["CONNECTOR_NAME", "LOGGER_NAME", "register"]

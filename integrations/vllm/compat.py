@@ -7,6 +7,7 @@ across versions.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -15,11 +16,13 @@ import vllm
 from vllm.v1.core.kv_cache_utils import get_block_hash as _get_block_hash
 from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id as _with_group
 
+from . import LOGGER_NAME
+
 if TYPE_CHECKING:
     from vllm.v1.core.block_pool import BlockPool
     from vllm.v1.core.kv_cache_utils import KVCacheBlock
 
-logger = logging.getLogger("triton_prefix_cache_vllm")
+logger = logging.getLogger(LOGGER_NAME)
 
 
 def _parse_version(v: str) -> tuple[int, int, int]:
@@ -93,6 +96,18 @@ def block_hash_of(block: KVCacheBlock) -> bytes | None:
 def cached_hash(block_hash: bytes) -> Any:
     """The hash a GPU block of the (single) KV cache group carries once vLLM caches it."""
     return _with_group(block_hash, 0)
+
+
+def default_load_failure_policy(kv_transfer_config: Any) -> str | None:
+    """vLLM's declared default of `kv_load_failure_policy` ("fail" in 0.26 and 0.32), None if unknown.
+    vLLM's config records no trace of which fields a user gave, only their values."""
+    try:
+        for f in dataclasses.fields(type(kv_transfer_config)):
+            if f.name == "kv_load_failure_policy":
+                return None if f.default is dataclasses.MISSING else f.default
+    except TypeError:  # not a dataclass
+        pass
+    return None
 
 
 def multiprocess_engine() -> bool:

@@ -3,7 +3,13 @@
 vLLM builds one instance per role: the SCHEDULER instance (in EngineCore, next to the Scheduler)
 delegates to `SchedulerSide`, the WORKER instance (next to the model runner) to `WorkerSide`. The
 only state they share is the per-step metadata (`metadata.py`). The configuration comes from
-`kv_connector_extra_config` and is validated before anything is allocated.
+`kv_connector_extra_config` and is validated before anything is allocated: in the constructor, and
+earlier wherever vLLM asks the class while it builds its own config (`requires_piecewise_for_cudagraph`;
+`triton_prefix_cache_vllm.cli` checks the command line before vLLM starts).
+
+Public read-outs besides vLLM's hooks: the stats (`stats.py`: vLLM's log line and Prometheus),
+`diagnostics()` (recent history, for tools running the engine in their own process) and, on the
+scheduler side, `host_tier`.
 """
 from __future__ import annotations
 
@@ -17,15 +23,17 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from . import compat
+from . import LOGGER_NAME, compat
 from .metadata import TPCMetadata
-from .stats import TPCPromMetrics, TPCStats
+from .stats import Diagnostics, TPCPromMetrics, TPCStats
 
-logger = logging.getLogger("triton_prefix_cache_vllm")
+logger = logging.getLogger(LOGGER_NAME)
 
 if TYPE_CHECKING:
     from vllm.v1.core.block_pool import BlockPool
     from vllm.v1.request import Request
+
+    from .host_tier import HostTier
 
 
 class TritonPrefixCacheConnector(KVConnectorBase_V1):
@@ -33,11 +41,10 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         # Validate before the base class logs anything or we allocate anything.
-        extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
-        self.cfg = PrefixCacheConfig.from_dict(extra)
-        self.cfg.check_fits_host()
+        self.cfg = PrefixCacheConfig.validated(vllm_config.kv_transfer_config.kv_connector_extra_config)
         compat.check_scope(vllm_config, kv_cache_config)
-        _recompute_failed_loads(vllm_config)
+        if role == KVConnectorRole.SCHEDULER:  # the scheduler is the policy's only reader
+            _recompute_failed_loads(vllm_config)
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self._sched = None
         self._worker = None
@@ -120,6 +127,23 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
         return self._worker.build_worker_meta() if self._worker is not None else None
 
     # ---- both ------------------------------------------------------------------------------------------
+    def diagnostics(self) -> Diagnostics:
+        """A snapshot of this side's recent history (`stats.Diagnostics`): load sizes and device
+        times, step timings (`debug.step_timing`) on the worker side; partial host hits and the host
+        tier's counters on the scheduler side. Read-only, cheap, safe between engine steps; for
+        tools that hold the connector objects, i.e. run the engine core in their own process (the
+        worker side: vLLM's `get_kv_transfer_group()`; the scheduler side: the engine core's
+        scheduler's `connector`). A deployment reads the metrics instead (`stats.py`)."""
+        side = self._sched if self._sched is not None else self._worker
+        return side.diagnostics()
+
+    @property
+    def host_tier(self) -> HostTier | None:
+        """The scheduler side's host tier (bookkeeping only: slots, keys, the index), None on the
+        worker side. For tools that drive the scheduler half without an engine, e.g. filling the
+        tier with `begin_store` / `end_store` before timing lookups (bench.sched_time)."""
+        return self._sched.tier if self._sched is not None else None
+
     def get_kv_connector_stats(self) -> TPCStats | None:
         side = self._sched if self._sched is not None else self._worker
         return side.get_stats()
@@ -140,8 +164,10 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict) -> bool:
-        # vLLM asks this while building its config (GPU, CUDA graphs on): validate as early as that.
-        PrefixCacheConfig.from_dict(extra_config)
+        # The one class method vLLM (0.26 and 0.32) calls with our config while it builds its own,
+        # before the engine core starts: on CUDA with full CUDA graphs on (not with --enforce-eager,
+        # nor on the CPU, where it only imports the class). Validate as early as that.
+        PrefixCacheConfig.validated(extra_config)
         # No: layer-wise loads wait per layer where Python runs between graph pieces (piecewise
         # graphs, eager), and wait whole before the forward where vLLM replays a full graph (it
         # says so in the forward context, see WorkerSide.start_load_kv). Asking for PIECEWISE would
@@ -150,12 +176,19 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
 
 
 def _recompute_failed_loads(vllm_config: Any) -> None:
-    """A host-tier copy that fails must cost a recompute, never the request: vLLM's default
-    kv_load_failure_policy 'fail' would end it with an error. The scheduler reads the policy after
-    building its connector (vLLM 0.26 and 0.32), so setting it here takes effect."""
+    """A host-tier copy that fails must cost a recompute, never the request: vLLM's
+    kv_load_failure_policy 'fail' (its default) would end it with an error. The scheduler reads the
+    policy right after building its connector (vLLM 0.26 and 0.32), so setting it here takes effect.
+
+    Said at info level only where the policy differs from vLLM's default, i.e. someone chose it;
+    vLLM's config cannot tell an explicit 'fail' from its default 'fail', which is overridden quietly
+    (debug level)."""
     kvt = vllm_config.kv_transfer_config
-    if getattr(kvt, "kv_load_failure_policy", "recompute") != "recompute":
-        logger.warning("triton-prefix-cache: kv_load_failure_policy=%r would fail requests whose host-tier "
-                       "copy fails; this cache recomputes their blocks instead (policy set to 'recompute')",
-                       kvt.kv_load_failure_policy)
-        kvt.kv_load_failure_policy = "recompute"
+    policy = getattr(kvt, "kv_load_failure_policy", "recompute")
+    if policy == "recompute":
+        return
+    kvt.kv_load_failure_policy = "recompute"
+    chosen = policy != compat.default_load_failure_policy(kvt)
+    logger.log(logging.INFO if chosen else logging.DEBUG,
+               "triton-prefix-cache: kv_load_failure_policy %r replaced by 'recompute': a failed host-tier "
+               "copy costs a recompute of its blocks, never the request", policy)

@@ -23,6 +23,9 @@ from triton_prefix_cache.tiers import TierManager
 
 
 class HostTier:
+    """The scheduler's host tier: `manager` (the core TierManager) keeps the bookkeeping; the
+    methods below make their calls into it on the index's stream (on CUDA)."""
+
     def __init__(self, num_slots: int, slot_bytes: int = 0, index_backend: str = "auto",
                  eviction: str = "lru", device: str | None = None) -> None:
         # With no device given, the backend places the table: "auto" keeps it on the CPU (the
@@ -34,7 +37,7 @@ class HostTier:
         with self._on_stream():
             index = PrefixIndex(max(1, num_slots), device=self.device, backend=self.backend,
                                 stream=self._stream)
-            self.tm = TierManager(num_slots, slot_bytes, index=index, policy=eviction)
+            self.manager = TierManager(num_slots, slot_bytes, index=index, policy=eviction)
             if self._stream is not None:
                 self._warm_up()
 
@@ -43,7 +46,7 @@ class HostTier:
 
     def _warm_up(self) -> None:
         k = torch.tensor([[12345, 67890], [111, 222]], dtype=torch.int64)
-        idx = self.tm.index
+        idx = self.manager.index
         idx.insert(k[:1].to(self.device), torch.zeros(1, dtype=torch.int32, device=self.device))
         idx.lookup(k.to(self.device)).cpu()
         idx.match_prefix(k.to(self.device), torch.tensor([0, 2], device=self.device))[0].cpu()
@@ -52,14 +55,14 @@ class HostTier:
 
     @property
     def num_slots(self) -> int:
-        return self.tm.usable_slots
+        return self.manager.usable_slots
 
     @property
     def evictions(self) -> int:
-        return self.tm.stats.evictions
+        return self.manager.stats.evictions
 
     def __len__(self) -> int:
-        return len(self.tm.index)
+        return len(self.manager.index)
 
     # ---- lookups and loads -------------------------------------------------------------------------
     def match(self, keys: torch.Tensor) -> int:
@@ -69,60 +72,62 @@ class HostTier:
         if keys.shape[0] == 0:
             return 0
         if self._stream is None:
-            return self.tm.index.count_leading(keys)
+            return self.manager.index.count_leading(keys)
         with self._on_stream():
-            return self.tm.index.count_leading(keys.to(self.device))
+            return self.manager.index.count_leading(keys.to(self.device))
 
     def loading(self, keys: torch.Tensor) -> bool:
         """Whether a load in flight reads the slot of any of these keys (a few keys: one lookup)."""
         with self._on_stream():
-            slots = self.tm.lookup(keys)
+            slots = self.manager.lookup(keys)
         slots = slots[slots >= 0]
-        return bool(slots.size) and bool((self.tm.readers_of(slots) > 0).any())
+        return bool(slots.size) and bool((self.manager.readers_of(slots) > 0).any())
 
     def holds(self, keys: torch.Tensor) -> np.ndarray:
         """bool (n,): keys with a host copy, complete or being written."""
         with self._on_stream():
-            return self.tm.holds(keys)
+            return self.manager.holds(keys)
 
     def pin(self, keys: torch.Tensor) -> list[int]:
         """Pin the slots of keys that `match` found (same scheduling pass: they are still READY)."""
         with self._on_stream():
-            slots = self.tm.begin_load(keys, leading_only=True)
+            slots = self.manager.begin_load(keys, leading_only=True)
         if (slots < 0).any():  # cannot happen between match and pin; never load a missing block
             ok = slots[slots >= 0]
             with self._on_stream():
-                self.tm.abort_load(ok)
+                self.manager.abort_load(ok)
             raise RuntimeError("host tier: a matched block vanished before its load was planned")
         return slots.tolist()
 
     def unpin(self, slots: list[int], ok: bool = True) -> None:
         with self._on_stream():
-            (self.tm.finish_load if ok else self.tm.abort_load)(np.asarray(slots, dtype=np.int64))
+            done = self.manager.finish_load if ok else self.manager.abort_load
+            done(np.asarray(slots, dtype=np.int64))
 
     # ---- stores ------------------------------------------------------------------------------------
     def begin_store(self, keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
         """(slot per key, -1 where nothing is to be copied; which keys the tier already holds;
         how many were dropped for lack of room)."""
         with self._on_stream():
-            plan = self.tm.begin_store(keys)
+            plan = self.manager.begin_store(keys)
         return np.where(plan.assigned, plan.slots, -1), plan.present, int(np.count_nonzero(plan.dropped))
 
     def end_store(self, slots: list[int], ok: bool) -> None:
         with self._on_stream():
-            (self.tm.finish_store if ok else self.tm.abort_store)(np.asarray(slots, dtype=np.int64))
+            done = self.manager.finish_store if ok else self.manager.abort_store
+            done(np.asarray(slots, dtype=np.int64))
 
     # ---- reset, shrink, checks ---------------------------------------------------------------------
     def clear(self) -> bool:
         """Forget every key: nothing stored before this call is served after it."""
         with self._on_stream():
-            self.tm.clear()
+            self.manager.clear()
         return True
 
     def limit(self, n: int) -> None:
         with self._on_stream():
-            self.tm.limit(max(0, min(n, self.tm.usable_slots)))
+            self.manager.limit(max(0, min(n, self.manager.usable_slots)))
 
     def check(self) -> None:
         with self._on_stream():
-            self.tm.check_consistency()
+            self.manager.check_consistency()

@@ -33,17 +33,17 @@ import torch
 from triton_prefix_cache.config import PrefixCacheConfig
 from triton_prefix_cache.keys import keys_from_block_hashes
 
-from . import compat
+from . import LOGGER_NAME, compat
 from .host_tier import HostTier
 from .metadata import LoadJob, StoreJob, TPCMetadata, TPCWorkerMetadata
-from .stats import TPCStats
+from .stats import Diagnostics, TPCStats
 
 if TYPE_CHECKING:
     from vllm.v1.core.block_pool import BlockPool
     from vllm.v1.core.kv_cache_utils import KVCacheBlock
     from vllm.v1.request import Request
 
-logger = logging.getLogger("triton_prefix_cache_vllm")
+logger = logging.getLogger(LOGGER_NAME)
 
 
 #: A request's keys before any are converted (shared: `keys_for` replaces it, never writes into it).
@@ -60,10 +60,10 @@ def demotion_window(budget_blocks: int, max_num_seqs: int, live_requests: int) -
     step can allocate. Its prompt and decode tokens fit the token budget (`budget_blocks` full
     blocks), and each request it schedules can round up one partial block more; those are the
     requests the connector knows (running or waiting) plus a few arriving, never more than
-    `max_num_seqs`. With vLLM's H200 defaults (16,384 tokens, 1,024 sequences) the old bound,
-    budget + max_num_seqs, covered a whole 4 GiB KV cache, so every cached block was copied to the
-    host even where it never left VRAM (the fits workload). A step that outruns the window evicts
-    blocks the host tier then lacks: a later miss (`partial_host_hits`), never wrong KV."""
+    `max_num_seqs`. Counting a partial block for every one of `max_num_seqs` (1,024 by default on
+    a GPU) would make the window a whole KV cache of a few GiB, and copy every cached block to the
+    host, also those that never leave VRAM. A step that outruns the window evicts blocks the host
+    tier then lacks: a later miss (`partial_host_hits`), never wrong KV."""
     return budget_blocks + min(max_num_seqs, live_requests + NEW_REQUEST_SLACK)
 
 
@@ -76,9 +76,10 @@ class _ReqState:
     # of the leading run found in the host tier.
     plan_start: int = 0
     plan_n: int = 0
-    # write_through: the request's GPU block ids, and how many leading full blocks were handled.
+    # write_through: the request's GPU block ids, and how many of its leading full blocks were
+    # handled (stored, being stored, or found in the host tier already).
     block_ids: list[int] = field(default_factory=list)
-    wt_done: int = 0
+    stored_blocks: int = 0
     counted: bool = False
     fresh: bool = False  # a lookup happened that update_state_after_alloc has not accounted yet
     load_async: bool = False  # how the load planned by the last lookup runs
@@ -137,13 +138,16 @@ class SchedulerSide:
         self.inflight_loads: dict[str, list[int]] = {}  # req id -> pinned slots
         self.pending_stores: list[_Store] = []  # write_through: planned at request finish
         self.inflight_stores: dict[int, _Store] = {}
-        self.held: dict[int, bool] = {}  # GPU block id held by a store -> "used by a request meanwhile"
-        self.recent_partial_hits: collections.deque[dict] = collections.deque(maxlen=256)  # diagnostics
-        # GPU block id -> the vLLM block hash it had when we last saw its copy in the host tier. Lets
-        # the per-step demotion scan skip blocks it already settled; forgotten whenever the host tier
-        # evicts or resets (a host copy may be gone then).
-        self._known: dict[int, bytes] = {}
-        self._known_evictions = 0
+        #: GPU block id held by a store -> whether a request used the block meanwhile (it then goes
+        #: back to the LRU tail of vLLM's free queue, else to the head where it was)
+        self.held_by_store: dict[int, bool] = {}
+        #: the latest partial host hits (`_note_partial`), for `diagnostics()`
+        self.recent_partial_hits: collections.deque[dict] = collections.deque(maxlen=256)
+        # GPU block id -> the block hash its host copy matches. Lets the per-step demotion scan skip
+        # blocks it already settled; cleared whenever the host tier evicts or resets (a host copy
+        # may be gone then).
+        self._settled: dict[int, bytes] = {}
+        self._evictions_when_settled = 0  # the host tier's evictions when `_settled` was last cleared
         self._last_scan: tuple | None = None
         self._job_ids = itertools.count()
         self.stats = TPCStats()
@@ -216,8 +220,8 @@ class SchedulerSide:
         of a stored prefix, and only those count in the stat `partial_host_hits`."""
         st = self.reqs[request.request_id]
         rest = st.keys_for(request)[gpu_blocks + host_blocks : gpu_blocks + want]
-        state = self.tier.tm.key_states(rest[:1])[0]
-        later = int((self.tier.tm.lookup(rest[1:]) >= 0).sum()) if len(rest) > 1 else 0
+        state = self.tier.manager.key_states(rest[:1])[0]
+        later = int((self.tier.manager.lookup(rest[1:]) >= 0).sum()) if len(rest) > 1 else 0
         if later:
             self.stats.add("partial_host_hits", 1)
         self.recent_partial_hits.append({
@@ -235,11 +239,11 @@ class SchedulerSide:
             self.stats.add("gpu_hit_tokens", st.plan_start * self.block_size)
             self.stats.add("queried_tokens", request.num_tokens - st.plan_start * self.block_size)
         ids: list[int] | None = None
-        if self.held:
+        if self.held_by_store:
             ids = compat.request_block_ids(blocks)
             for b in ids[: st.plan_start]:
-                if b in self.held:
-                    self.held[b] = True  # a request reads it: release to the LRU tail, not the head
+                if b in self.held_by_store:
+                    self.held_by_store[b] = True  # a request reads it: release to the LRU tail
         if num_external_tokens > 0:
             n = num_external_tokens // self.block_size
             assert n <= st.plan_n, (n, st.plan_n)
@@ -251,7 +255,7 @@ class SchedulerSide:
                 # These GPU blocks will hold copies of host blocks: the demotion scan can skip them
                 # when they near eviction, instead of looking each one up again then.
                 hashes = request.block_hashes[st.plan_start : st.plan_start + n]
-                self._known.update(zip(block_ids, map(compat.cached_hash, hashes)))
+                self._settled.update(zip(block_ids, map(compat.cached_hash, hashes)))
             self.pending_loads.append(LoadJob(request.request_id, slots, block_ids, not st.load_async))
             self.inflight_loads[request.request_id] = slots
             s = self.stats
@@ -293,10 +297,10 @@ class SchedulerSide:
             return
         t0 = time.perf_counter()
         if meta.pool_slots is not None and meta.pool_slots < self.tier.num_slots:
-            logger.warning("host tier: the worker's pool holds %d slots, not %d; shrinking",
-                           meta.pool_slots, self.tier.num_slots)
+            logger.warning("triton-prefix-cache: the worker's host pool holds %d slots, not %d; shrinking "
+                           "the host tier", meta.pool_slots, self.tier.num_slots)
             self.tier.limit(meta.pool_slots)
-            self._known.clear()
+            self._settled.clear()
             self._last_scan = None
         for job, ok in itertools.chain(((j, True) for j in meta.stores_done),
                                        ((j, False) for j in meta.stores_failed)):
@@ -306,7 +310,7 @@ class SchedulerSide:
             self.tier.end_store(st_.slots, ok)
             if ok:
                 for b in st_.blocks:
-                    self._known[b.block_id] = b.block_hash
+                    self._settled[b.block_id] = b.block_hash
             self._release(st_)
             if not ok:
                 self.stats.add("dropped_stores", len(st_.slots))
@@ -333,16 +337,22 @@ class SchedulerSide:
         # keeps the request's blocks until then (it waits for finished_recving).
         return False, None
 
+    def diagnostics(self) -> Diagnostics:
+        hits = tuple(dict(p) for p in self.recent_partial_hits)
+        return Diagnostics(role="scheduler", recent_partial_hits=hits,
+                           host_tier=self.tier.manager.snapshot().as_dict())
+
     def has_pending_stores(self) -> bool:
         return bool(self.inflight_stores or self.pending_stores)
 
     def reset_cache(self) -> bool:
         """Clear the host tier (vLLM's reset_prefix_cache(reset_connector=True))."""
         ok = self.tier.clear()
-        self._known.clear()
+        self._settled.clear()
         self._last_scan = None
         if not ok:
-            logger.warning("host tier: reset deferred entries still being copied; they are dropped when done")
+            logger.warning("triton-prefix-cache: host tier reset deferred entries still being copied; "
+                           "they are dropped when done")
         return ok
 
     def get_stats(self) -> TPCStats | None:
@@ -376,18 +386,18 @@ class SchedulerSide:
         pool = self.pool
         if pool is None:
             return
-        if self.tier.evictions != self._known_evictions:
-            self._known.clear()
-            self._known_evictions = self.tier.evictions
+        if self.tier.evictions != self._evictions_when_settled:
+            self._settled.clear()
+            self._evictions_when_settled = self.tier.evictions
         # Nothing entered or left the head of the free queue since the last scan (typical of decode
         # steps): the window holds what it held then, all of it already settled.
         window = demotion_window(self.budget_blocks, self.max_num_seqs, len(self.reqs))
         head = next(compat.iter_free_blocks(pool), None)
         sig = (head.block_id if head is not None else -1, head.block_hash if head is not None else None,
-               pool.get_num_free_blocks(), self._known_evictions, window)
+               pool.get_num_free_blocks(), self._evictions_when_settled, window)
         if sig == self._last_scan:
             return
-        known = self._known
+        settled = self._settled
         cands: list[KVCacheBlock] = []
         hashes: list[bytes] = []
         scanned = 0
@@ -396,7 +406,7 @@ class SchedulerSide:
                 break
             scanned += 1
             bh = blk.block_hash
-            if bh is None or known.get(blk.block_id) == bh:
+            if bh is None or settled.get(blk.block_id) == bh:
                 continue
             cands.append(blk)
             hashes.append(compat.block_hash_of(blk))
@@ -411,20 +421,20 @@ class SchedulerSide:
         if dropped:
             self.stats.add("dropped_stores", dropped)
         for i in np.flatnonzero(present).tolist():
-            self._known[blocks[i].block_id] = blocks[i].block_hash
+            self._settled[blocks[i].block_id] = blocks[i].block_hash
         ok = [i for i, s in enumerate(slots.tolist()) if s >= 0]
         if not ok:
             return
         blocks = [blocks[i] for i in ok]
         compat.hold_blocks(self.pool, blocks)
         for b in blocks:
-            self.held[b.block_id] = not lazy
+            self.held_by_store[b.block_id] = not lazy
         self.pending_stores.append(_Store(blocks, [int(slots[i]) for i in ok], lazy))
 
     def _release(self, st_: _Store) -> None:
         back_to_head = []
         for b in st_.blocks:
-            used = self.held.pop(b.block_id, True)
+            used = self.held_by_store.pop(b.block_id, True)
             back_to_head.append(st_.lazy and not used)
         compat.release_blocks(self.pool, st_.blocks, back_to_head)
 
@@ -458,9 +468,9 @@ class SchedulerSide:
         attention reads them after the write, within the forward), while this step's copies run
         before its forward. So nothing of a request is stored in the step that admits it; from the
         next step on, whatever it counts as computed was written by a forward queued before that
-        step's copies (with vLLM 0.26's asynchronous scheduling too: same stream). Found by the
-        soak's full-stream oracle: a chat turn stored a block the previous turn, admitted beside
-        it, was still computing, and later hits on that key served the block's old contents."""
+        step's copies (with vLLM 0.26's asynchronous scheduling too: same stream). Storing earlier
+        would copy, for instance, a block of a chat turn that the previous turn, admitted beside
+        it, is still computing, and later hits on that key would serve its old contents."""
         if self.pool is None:
             return
         for req_id, st in self.reqs.items():
@@ -471,11 +481,11 @@ class SchedulerSide:
             self._store_range(req, st, st.block_ids, n_full)
 
     def _store_range(self, request: Request, st: _ReqState, block_ids: list[int], n_full: int) -> None:
-        if n_full <= st.wt_done:
+        if n_full <= st.stored_blocks:
             return
         keys = st.keys_for(request)
         n_full = min(n_full, keys.shape[0])
-        lo, st.wt_done = st.wt_done, max(st.wt_done, n_full)
+        lo, st.stored_blocks = st.stored_blocks, max(st.stored_blocks, n_full)
         blocks = [self.pool.blocks[b] for b in block_ids[lo:n_full]]
         k = keys[lo:n_full]
         keep = [i for i, b in enumerate(blocks) if b.block_hash is not None and not b.is_null]

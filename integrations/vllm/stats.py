@@ -10,10 +10,14 @@ Each side also sums what it handed over in its `totals` (counters only): vLLM 0.
 `LLMEngine.step` records scheduler stats only for steps that produced outputs, so there the
 Prometheus counters of an in-process `LLM` miss the steps that only scheduled a load (its online
 `AsyncLLM` records every step). The tests read `totals` on 0.26 (`tests/vllm/harness.py`).
+
+`Diagnostics` is the other public read-out: recent history the counters do not keep (each load's
+size and device time, partial hits, step timings), for tools that run the engine in their own
+process (`TritonPrefixCacheConnector.diagnostics()`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
@@ -48,7 +52,10 @@ COUNTERS = (
     "step_seconds",  # per-step adapter time (planning demotions, handling completions)
 )
 #: Observations (lists of values, concatenated on aggregate; Prometheus histograms).
-OBSERVATIONS = ("sched_request_seconds",)  # a finished request's scheduler time in the adapter
+OBSERVATIONS = (
+    "sched_request_seconds",  # a finished request's scheduler time in the adapter
+    "load_step_seconds",  # host time of a step that loads, start_load_kv to the end of get_finished
+)
 #: Gauges (the latest value wins on aggregate).
 GAUGES = ("inflight_loads", "inflight_stores", "host_used_slots", "host_slots", "host_pool_pin_failures")
 
@@ -105,7 +112,7 @@ class TPCStats(KVConnectorStats):
             "host_hit_tokens": int(d.get("host_hit_tokens", 0)),
             "queried_tokens": int(d.get("queried_tokens", 0)),
             "load_GB": round(d.get("load_bytes", 0) / 1e9, 3),
-            # Device time of the copies where measured (CUDA), else wall time submission -> done.
+            # Device time of the copies where CUDA events timed them, else wall time submission -> done.
             "load_GBps": gbps("load_bytes", "load_gpu_seconds" if d.get("load_gpu_seconds")
                               else "load_seconds"),
             "store_GB": round(d.get("store_bytes", 0) / 1e9, 3),
@@ -119,6 +126,38 @@ class TPCStats(KVConnectorStats):
             "host_slots": int(d.get("host_slots", 0)),
             "sched_us_per_req": round(sched_us, 1),
         }
+
+
+@dataclass(frozen=True)
+class Diagnostics:
+    """A snapshot of one side's recent history, taken by `TritonPrefixCacheConnector.diagnostics()`.
+
+    Plain values, copied at the call: reading it never touches the connector. Fields of the other
+    side stay empty (the scheduler side and the worker side are different connector objects, in
+    different processes in vLLM's default multi-process engine).
+
+    role: "scheduler" or "worker".
+    Worker side:
+      loads_timed: loads whose device time is known (CUDA events), ever.
+      recent_loads: (bytes, device seconds) of the latest of those (up to 4,096), oldest first.
+      step_timings: the latest steps that loaded, oldest first, each a dict of milliseconds:
+        submit_ms, submit_cpu_ms, load_submit_ms, host_ms, cpu_ms, other_cpu_ms, device_ms
+        (`debug.step_timing` on CUDA only; empty otherwise).
+    Scheduler side:
+      recent_partial_hits: the latest 256 lookups that found only part of a prefix in the host
+        tier, oldest first: req, gpu_blocks, host_blocks, wanted_blocks, next_key (the state of
+        the first key missed: "STORING" or "absent"), later_in_host (blocks after it that the
+        host tier holds: a hole when > 0), pending_stores.
+      host_tier: the host tier's bookkeeping counters (`triton_prefix_cache.stats.TierStats`:
+        blocks and bytes each way, evictions, drops_full, ...) and slot gauges.
+    """
+
+    role: str
+    loads_timed: int = 0
+    recent_loads: tuple[tuple[int, float], ...] = ()
+    step_timings: tuple[dict[str, float], ...] = ()
+    recent_partial_hits: tuple[dict[str, Any], ...] = ()
+    host_tier: dict[str, float] = field(default_factory=dict)
 
 
 # Prometheus names: counters get `_total` appended by the client library.
@@ -153,6 +192,11 @@ PROM_HISTOGRAMS = {
     "sched_request_seconds": ("vllm:tpc_scheduler_seconds_per_request",
                               "Scheduler time the adapter spent on one request (lookups and planning).",
                               (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)),
+    "load_step_seconds": ("vllm:tpc_load_step_seconds",
+                          "Worker host time of a step that loads from the host tier, from the "
+                          "connector's start_load_kv to the end of its get_finished (the forward "
+                          "and the wait for layer-wise loads included).",
+                          (1e-3, 3e-3, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 3.0, 10.0)),
 }
 PROM_GAUGES = {
     "inflight_loads": ("vllm:tpc_inflight_loads", "Host -> GPU loads in flight."),

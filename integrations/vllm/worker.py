@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import time
 from typing import Any
 
@@ -25,18 +24,19 @@ from triton_prefix_cache.config import PrefixCacheConfig
 from triton_prefix_cache.copy_engine import CopyEngine, CopyHandle
 from triton_prefix_cache.host_pool import HostPool, HostPoolConfig
 
-from . import compat
+from . import LOGGER_NAME, compat
 from .metadata import TPCMetadata, TPCWorkerMetadata
-from .stats import TPCStats
+from .stats import Diagnostics, TPCStats
 
-logger = logging.getLogger("triton_prefix_cache_vllm")
+logger = logging.getLogger(LOGGER_NAME)
 
-#: copy_backend="auto" in a CUDA engine: the first of these the machine offers (else measured).
-#: staged DMA (needs cuda.bindings): document QA on the H200, session 5, same run: 33.2 ms mean TTFT
-#: against 40.0 ms with torch copies and 41.3 ms for built-in offloading, every hit served; torch
-#: copies are SM kernels reading pinned memory over PCIe, which slow the forward they overlap
-#: (chat: the loading step took 50 ms on the device for an 19 ms copy). README "Results".
+#: copy_backend="auto" in a CUDA engine: the first of these the machine offers. Staged DMA (needs
+#: cuda.bindings) moves pages on the copy engines; torch copies are SM kernels reading pinned memory
+#: over PCIe, which slow the forward they overlap.
 AUTO_ENGINE_BACKENDS = ("staged", "torch")
+
+#: Loads whose (bytes, device seconds) the worker keeps for `diagnostics()`, and loading steps timed.
+RECENT = 4096
 
 
 def page_views(tensors: list[torch.Tensor], num_blocks: int | None = None) -> list[torch.Tensor]:
@@ -88,7 +88,7 @@ class WorkerSide:
         self.sync_loads: list[tuple[str, CopyHandle, float, bool]] = []
         self.sync_handles: list[CopyHandle] = []  # the distinct handles of sync_loads (one a step)
         self.full_graph_loads = 0  # layer-wise loads waited for whole (full CUDA graph steps)
-        #: (step has loads, CUDA graph mode) -> steps, for tests and benchmarks
+        #: (step has loads, CUDA graph mode) -> steps: which steps replayed a full CUDA graph
         self.step_modes: collections.Counter = collections.Counter()
         self.async_loads: dict[str, tuple[CopyHandle, float, bool]] = {}
         self.load_blocks: dict[str, list[int]] = {}  # the GPU blocks of each load in flight
@@ -97,31 +97,26 @@ class WorkerSide:
         self.stats = TPCStats()
         #: every counter this side has handed to vLLM, summed (in-process readers: see stats.py)
         self.totals: dict[str, float] = {}
-        # Tests: remember what every store wrote and check every load restores exactly that.
-        debug = os.environ.get("TPC_DEBUG_PAGES") == "1"
-        self.debug_pages: dict[int, torch.Tensor] | None = {} if debug else None
+        debug = cfg.debug
+        # debug.record_pages: what every store wrote, by slot, and what the loads found.
+        self.debug_pages: dict[int, torch.Tensor] | None = {} if debug.record_pages else None
         self.debug_checked = 0
         self.debug_mismatches: list[tuple[int, int]] = []
-        # Tests: report async loads only after this many extra polls, as a slow copy would be, so the
-        # WAITING_FOR_REMOTE_KVS path (and aborts during it) runs on the CPU too, where copies are instant.
-        self.debug_load_delay = int(os.environ.get("TPC_DEBUG_LOAD_DELAY", "0"))
-        # Tests: stores likewise report this many polls late (a store outliving its step).
-        self.debug_store_delay = int(os.environ.get("TPC_DEBUG_STORE_DELAY", "0"))
+        # debug.load_delay_polls / store_delay_polls: polls each async load / store has been
+        # held back so far (CPU copies are instant; late reports exercise the waiting paths).
+        self._polls: dict[str, int] = {}
         self._store_polls: dict[int, int] = {}
         # Stores are polled where an idle engine keeps stepping until they are reported (the default
         # multi-process engine core: has_pending_push_work). An in-process engine stops stepping with
         # its last request, so a store left copying would hold its GPU blocks (and fail
         # reset_prefix_cache) until the next request: there they are waited for at the end of their
-        # step. TPC_POLL_STORES=1/0 overrides (benchmarks and tests of the polled path).
-        poll = os.environ.get("TPC_POLL_STORES")
-        self.poll_stores = compat.multiprocess_engine() if poll is None else poll == "1"
-        self._polls: dict[str, int] = {}
-        #: (bytes, device seconds) of the latest loads, for benchmarks (bench/compare.py)
-        self.recent_loads: collections.deque[tuple[int, float]] = collections.deque(maxlen=4096)
-        self.stats_loads_timed = 0  # loads ever appended to recent_loads
-        #: TPC_STEP_TIMING=1 (bench/compare.py sets it): where the time of steps with loads goes
-        self._step_timer = _StepTimer(os.environ.get("TPC_STEP_TIMING") == "1")
-        self.step_times = self._step_timer.done
+        # step. debug.poll_stores overrides.
+        self.poll_stores = compat.multiprocess_engine() if debug.poll_stores is None else debug.poll_stores
+        #: (bytes, device seconds) of the latest loads whose device time is known (CUDA)
+        self.recent_loads: collections.deque[tuple[int, float]] = collections.deque(maxlen=RECENT)
+        self.loads_timed = 0  # loads ever appended to recent_loads
+        self._load_step_t0: float | None = None  # start_load_kv of the open step, if it loads
+        self._step_timer = _StepTimer(debug.step_timing)
 
     # ---- setup ---------------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -158,8 +153,8 @@ class WorkerSide:
                            backend)
             backend = "torch"
         if backend == "auto" and device.type == "cuda":
-            # Page-wise DMA lost in the engine: the driver takes ~0.5 us a descriptor, so submitting
-            # a document's 32,000 pages took as long as copying them (README "Results").
+            # Never page-wise DMA: the driver's cost per descriptor makes submitting a long load's
+            # pages one by one take about as long as copying them.
             for preferred in AUTO_ENGINE_BACKENDS:
                 try:
                     self.engine = self._copy_engine(preferred)
@@ -171,9 +166,10 @@ class WorkerSide:
         warm = ""
         if device.type == "cuda":
             # Block 0 is vLLM's null block (never holds a request's KV); the round trip leaves it as
-            # it was. Without this the first host hit paid the copy path's set-up (Triton: ~600 ms).
+            # it was. The copy path's one-time set-up (kernel compilation, driver state) then happens
+            # here rather than in the first host hit.
             warm = f", warmed up in {1e3 * self.engine.warm_up(block=0, slot=0):.0f} ms"
-        logger.info("triton-prefix-cache: %r, copies %s%s", self.pool, self.engine.backend, warm)
+        logger.info("triton-prefix-cache: host tier %r, copies %s%s", self.pool, self.engine.backend, warm)
 
     def _copy_engine(self, backend: str) -> CopyEngine:
         return CopyEngine(self.layers, self.pool, backend=backend, layerwise_ahead=self.cfg.layerwise_ahead,
@@ -189,17 +185,18 @@ class WorkerSide:
         if eng is None:  # no host tier (or shut down): nothing can be copied; say so, never hang
             self._fail_all(meta)
             return
+        if meta.loads:
+            self._load_step_t0 = time.perf_counter()
         timing = self._step_timer.begin(bool(meta.loads))
-        # One copy for the step's stores and one for its layer-wise loads, not one per job: a step
-        # of many requests (chat) paid the copy path's fixed cost (two launches per layer with torch,
-        # a driver call per chunk with DMA) once per job. The forward waits for every layer-wise load
+        # One copy for the step's stores and one for its layer-wise loads, not one per job: the copy
+        # path's fixed cost (two launches per layer with torch, a driver call per chunk with DMA) is
+        # paid once per step, not once per request. The forward waits for every layer-wise load
         # anyway; async loads stay one copy each, so each request is ready as soon as its own is.
-        # Loads first: the forward waits for them, not for the stores. A large staged store goes to
-        # the copy engine's thread, whose Python work took the GIL from this thread's load
-        # submission (document QA, the first load of round 2, H200: 23.6 ms to submit instead of
-        # 6.4, other threads busy 15 ms meanwhile). The order is free: a step's stores read blocks
-        # held out of vLLM's free queue and slots not yet findable, its loads write blocks
-        # allocated in this step from slots whose stores completed.
+        # Loads first: the forward waits for them, not for the stores, and a large staged store goes
+        # to the copy engine's thread, whose Python work competes for the GIL with this thread's
+        # load submission. The order is free: a step's stores read blocks held out of vLLM's free
+        # queue and slots not yet findable, its loads write blocks allocated in this step from
+        # slots whose stores completed.
         sync_jobs = [job for job in meta.loads if job.layerwise]
         if sync_jobs:
             self._load_group(eng, sync_jobs, True)
@@ -260,10 +257,10 @@ class WorkerSide:
         A layer-wise load feeds this very step's forward, which runs whatever happens; vLLM then
         recomputes the blocks reported as failed and drops the step's token, but with async
         scheduling (vLLM 0.26's default) the next step is already scheduled on that token, so a
-        failure reported there can still leak one token computed from unloaded KV (README, known
-        limits). A second submission turns a transient failure (the copy engine already falls back
-        from a failing backend to torch) into a served hit. An async load's failure is safe: its
-        request waits for the report before it runs."""
+        failure reported there can still leak one token computed from unloaded KV (a known limit,
+        see the top-level README). A second submission turns a transient failure (the copy engine
+        already falls back from a failing backend to torch) into a served hit. An async load's
+        failure is safe: its request waits for the report before it runs."""
         try:
             return eng.promote(slots, blocks, layerwise=layerwise)
         except Exception as e:
@@ -293,17 +290,17 @@ class WorkerSide:
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         s = self.stats
-        # Stores are polled, never waited for: the scheduler holds their GPU blocks until it hears
-        # back, so a store may overlap any number of later steps (waiting here put every demotion's
-        # copy into the step that planned it: measured, README "Results").
+        # Polled stores are never waited for: the scheduler holds their GPU blocks until it hears
+        # back, so a store may overlap any number of later steps instead of lengthening the step
+        # that planned it.
         pending = []
         # a step's store jobs share one handle: ask it once
         ready = {id(h): not self.poll_stores or h.done() for h in _unique_handles(self.stores)}
         for entry in self.stores:
             job_id, h, t0, accounts = entry
-            if self.debug_store_delay:
+            if self.cfg.debug.store_delay_polls:
                 self._store_polls[job_id] = polls = self._store_polls.get(job_id, 0) + 1
-                if polls <= self.debug_store_delay:
+                if polls <= self.cfg.debug.store_delay_polls:
                     pending.append(entry)
                     continue
                 del self._store_polls[job_id]
@@ -330,9 +327,9 @@ class WorkerSide:
         self._step_timer.end()
         recving: set[str] = set()
         for req_id, (h, t0, accounts) in list(self.async_loads.items()):
-            if self.debug_load_delay:
+            if self.cfg.debug.load_delay_polls:
                 self._polls[req_id] = polls = self._polls.get(req_id, 0) + 1
-                if polls <= self.debug_load_delay:
+                if polls <= self.cfg.debug.load_delay_polls:
                     continue
                 del self._polls[req_id]
             if h.done():
@@ -340,6 +337,9 @@ class WorkerSide:
                 recving.add(req_id)
                 if h is not _DONE:
                     self._load_done(req_id, h, t0, accounts)
+        if self._load_step_t0 is not None:  # a step that loads: its host time, forward included
+            s.observe("load_step_seconds", time.perf_counter() - self._load_step_t0)
+            self._load_step_t0 = None
         return None, (recving or None)
 
     def _load_done(self, req_id: str, h: CopyHandle, t0: float, accounts: bool) -> None:
@@ -360,11 +360,15 @@ class WorkerSide:
             if gpu_s is not None:
                 s.add("load_gpu_seconds", gpu_s)
                 self.recent_loads.append((h.nbytes, gpu_s))
-                self.stats_loads_timed += 1
+                self.loads_timed += 1
             s.add("load_seconds", time.perf_counter() - t0)
             s.add("load_bytes", h.nbytes)
         s.add("loads", 1)
         self.report.loads_done.append(req_id)
+
+    def diagnostics(self) -> Diagnostics:
+        return Diagnostics(role="worker", loads_timed=self.loads_timed, recent_loads=tuple(self.recent_loads),
+                           step_timings=tuple(dict(r) for r in self._step_timer.done))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out, self.failed_blocks = self.failed_blocks, set()
@@ -395,7 +399,7 @@ class WorkerSide:
             self.pool.close()
             self.pool = None
 
-    # ---- debug checks (tests) ------------------------------------------------------------------------
+    # ---- debug.record_pages ----------------------------------------------------------------------------
     def _pages(self, block: int) -> torch.Tensor:
         return torch.stack([layer[block] for layer in self.layers]).cpu()
 
@@ -416,7 +420,7 @@ class WorkerSide:
 
 
 class _StepTimer:
-    """Timing of the steps that load (benchmarks only): host time `start_load_kv` takes (`submit_ms`),
+    """debug.step_timing: timing of the steps that load. Host time `start_load_kv` takes (`submit_ms`),
     host time the copy engine's thread takes to submit the step's layer-wise loads
     (`load_submit_ms`), host time from `start_load_kv` to the end of `get_finished` (forward launch
     and the wait for the layer-wise loads included), and device time of the same span on the
@@ -428,7 +432,7 @@ class _StepTimer:
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled and torch.cuda.is_available()
-        self.done: collections.deque[dict] = collections.deque(maxlen=4096)
+        self.done: collections.deque[dict] = collections.deque(maxlen=RECENT)
         self._open: dict | None = None
         self._unresolved: list[dict] = []
 

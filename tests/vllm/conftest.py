@@ -15,7 +15,6 @@ at most one engine lives at a time and each starts once. Configurations:
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -31,21 +30,28 @@ SMALL_KV_BLOCKS = 80  # < 4 documents of the docqa workload: LRU evicts each bef
 WORKLOADS = {"docqa": H.docqa, "chat": H.chat, "concurrent": H.concurrent, "preempt": H.preempt,
              "tail1": H.tail1, "samestep": H.samestep}
 
+#: Every connector run checks its pages (debug.record_pages); runs whose loads may be async also
+#: report them two polls late (debug.load_delay_polls), so requests really wait for them.
+PAGES = {"record_pages": True}
+LATE = {"record_pages": True, "load_delay_polls": 2}
+
 CONFIGS: dict[str, dict] = {
     "oracle": dict(kv_blocks=BIG_KV_BLOCKS),
     "nocache": dict(kv_blocks=BIG_KV_BLOCKS, prefix_caching=False),
-    "tpc": dict(kv_blocks=SMALL_KV_BLOCKS, kv_transfer_config=H.tpc_config(load="async", demote="lazy")),
+    "tpc": dict(kv_blocks=SMALL_KV_BLOCKS,
+                kv_transfer_config=H.tpc_config(load="async", demote="lazy", debug=LATE)),
     "layerwise": dict(kv_blocks=SMALL_KV_BLOCKS,
-                      kv_transfer_config=H.tpc_config(load="layerwise", demote="lazy")),
+                      kv_transfer_config=H.tpc_config(load="layerwise", demote="lazy", debug=PAGES)),
     "ahead": dict(kv_blocks=SMALL_KV_BLOCKS,
-                  kv_transfer_config=H.tpc_config(load="layerwise", demote="lazy", layerwise_ahead=0)),
+                  kv_transfer_config=H.tpc_config(load="layerwise", demote="lazy", layerwise_ahead=0,
+                                                  debug=PAGES)),
     "wt": dict(kv_blocks=SMALL_KV_BLOCKS,
-               kv_transfer_config=H.tpc_config(load="layerwise", demote="write_through")),
-    "defaults": dict(kv_blocks=SMALL_KV_BLOCKS, kv_transfer_config=H.tpc_config()),
+               kv_transfer_config=H.tpc_config(load="layerwise", demote="write_through", debug=PAGES)),
+    "defaults": dict(kv_blocks=SMALL_KV_BLOCKS, kv_transfer_config=H.tpc_config(debug=LATE)),
     # 100 slots of 32 KiB: less than the docqa documents (150 blocks), so the host tier evicts too.
     "smallhost": dict(kv_blocks=SMALL_KV_BLOCKS,
                       kv_transfer_config=H.tpc_config(host_cache_gib=100 * H.PAGE_BYTES_PER_BLOCK / 2**30,
-                                                      load="layerwise", demote="lazy")),
+                                                      load="layerwise", demote="lazy", debug=PAGES)),
 }
 
 
@@ -67,7 +73,7 @@ def _connector_state(llm) -> dict:
         "tier_ready": len(side.tier),
         "tier_evictions": side.tier.evictions,
         "pins": H.pinned_slots(side.tier),
-        "held": len(side.held),
+        "held": len(side.held_by_store),
         "inflight_loads": len(side.inflight_loads),
         "inflight_stores": len(side.inflight_stores),
         "gpu_free": sched.kv_cache_manager.block_pool.get_num_free_blocks(),
@@ -85,18 +91,7 @@ def _connector_state(llm) -> dict:
 def _run(name: str, model_path: Path) -> H.RunResult:
     cfg = dict(CONFIGS[name])
     res = H.RunResult(name)
-    saved_env = {k: os.environ.get(k) for k in ("TPC_DEBUG_PAGES", "TPC_DEBUG_LOAD_DELAY")}
-    os.environ["TPC_DEBUG_PAGES"] = "1"
-    # Runs whose loads may be async also report them two steps late (see WorkerSide).
-    os.environ["TPC_DEBUG_LOAD_DELAY"] = "2" if name in ("tpc", "defaults") else "0"
-    try:
-        llm = H.make_llm(model_path, **cfg)
-    finally:
-        for k, v in saved_env.items():  # the worker read them at startup; leave no trace for others
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    llm = H.make_llm(model_path, **cfg)
     try:
         cg = llm.llm_engine.vllm_config.compilation_config.cudagraph_mode
         res.extra["full_cuda_graphs"] = bool(cg is not None and cg.has_full_cudagraphs())

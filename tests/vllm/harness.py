@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import gc
+import logging
 import os
 import random
 from dataclasses import dataclass, field
@@ -127,8 +128,9 @@ class RunResult:
 
 
 def tpc_config(**extra: Any) -> dict:
-    """The connector's config for tests; TPC_TEST_COPY_BACKEND sets `copy_backend` where a test
-    does not (GPU runs: bisect a failure between copy paths)."""
+    """The connector's config for tests: `kv_connector_extra_config` keys as keyword arguments, the
+    test knobs among them as `debug={...}` (record_pages, load_delay_polls, ...). TPC_TEST_COPY_BACKEND
+    sets `copy_backend` where a test does not (GPU runs: bisect a failure between copy paths)."""
     env_backend = os.environ.get("TPC_TEST_COPY_BACKEND")
     if env_backend:
         extra.setdefault("copy_backend", env_backend)
@@ -227,7 +229,7 @@ def tpc_counter_totals(llm) -> dict[str, float]:
 
 def pinned_slots(tier) -> int:
     """Host-tier slots being read by loads (pinned), of the scheduler's HostTier."""
-    return tier.tm.snapshot().loading_slots
+    return tier.manager.snapshot().loading_slots
 
 
 def scheduler_of(llm):
@@ -341,19 +343,14 @@ def worker_side():
     return get_kv_transfer_group()._worker
 
 
-def with_env(env: dict[str, str], fn, *args: Any, **kw: Any):
-    """Call fn with these environment variables set, then restore them (the worker reads the TPC_DEBUG_*
-    ones at engine start)."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return fn(*args, **kw)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def capture_adapter_log(monkeypatch, caplog) -> None:
+    """Let caplog see the adapter's log records, once each: they go to vLLM's `vllm` logger, which
+    (once vLLM has configured logging) does not propagate to the root logger where caplog listens."""
+    from triton_prefix_cache_vllm import LOGGER_NAME
+
+    adapter = logging.getLogger(LOGGER_NAME)
+    monkeypatch.setattr(adapter, "handlers", [*adapter.handlers, caplog.handler])
+    monkeypatch.setattr(adapter, "propagate", False)
 
 
 def slow_store_copy_engine(base: type, polls: int) -> type:

@@ -39,13 +39,13 @@ BLOCK = 32
 #: async loads reported a step late; async loads reported a step late (requests wait in
 #: WAITING_FOR_REMOTE_KVS) with write-through demotion and stores that report a poll late (a store
 #: overlaps the next step, as slow copies on a GPU do); layer-wise loads with either demotion.
-#: name -> (kv_connector_extra_config, TPC_DEBUG_LOAD_DELAY, store report delay in polls)
-CONFIGS: dict[str, tuple[dict, str, int]] = {
-    "defaults": ({}, "1", 0),
-    "async_write_through": ({"load": "async", "demote": "write_through"}, "1", 1),
-    "layerwise_write_through": ({"load": "layerwise", "demote": "write_through"}, "0", 1),
-    "layerwise_lazy": ({"load": "layerwise", "demote": "lazy"}, "0", 0),
-    "async_lazy": ({"load": "async", "demote": "lazy"}, "1", 0),
+#: name -> (kv_connector_extra_config, debug.load_delay_polls, store report delay in polls)
+CONFIGS: dict[str, tuple[dict, int, int]] = {
+    "defaults": ({}, 1, 0),
+    "async_write_through": ({"load": "async", "demote": "write_through"}, 1, 1),
+    "layerwise_write_through": ({"load": "layerwise", "demote": "write_through"}, 0, 1),
+    "layerwise_lazy": ({"load": "layerwise", "demote": "lazy"}, 0, 0),
+    "async_lazy": ({"load": "async", "demote": "lazy"}, 1, 0),
 }
 #: The configurations test_soak.py runs (TPC_SOAK_CONFIGS=a,b overrides). layerwise_write_through is
 #: the one that showed, on the CPU too, write-through storing a block another request was still
@@ -275,16 +275,16 @@ def run(model_path: str, config: str = "defaults") -> SoakResult:
     res = SoakResult(kinds=kinds, distinct_blocks=distinct_blocks(prompts))
     host_gib = HOST_SLOTS * H.PAGE_BYTES_PER_BLOCK / 2**30
     extra, delay, store_polls = CONFIGS[config]
-    tpc = H.tpc_config(host_cache_gib=host_gib, **extra)
+    debug = {"record_pages": True, "load_delay_polls": delay}
     import triton_prefix_cache_vllm.worker as worker_mod
 
     real_engine = worker_mod.CopyEngine
     if store_polls:  # stores outlive their step, as in the default multi-process engine
         worker_mod.CopyEngine = H.slow_store_copy_engine(real_engine, store_polls)
-        os.environ["TPC_POLL_STORES"] = "1"
+        debug["poll_stores"] = True
+    tpc = H.tpc_config(host_cache_gib=host_gib, **extra, debug=debug)
     try:
-        llm = H.with_env({"TPC_DEBUG_PAGES": "1", "TPC_DEBUG_LOAD_DELAY": delay}, H.make_llm, model_path,
-                         kv_blocks=SOAK_KV_BLOCKS, kv_transfer_config=tpc)
+        llm = H.make_llm(model_path, kv_blocks=SOAK_KV_BLOCKS, kv_transfer_config=tpc)
     finally:
         worker_mod.CopyEngine = real_engine
     try:
@@ -302,7 +302,7 @@ def run(model_path: str, config: str = "defaults") -> SoakResult:
             out = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], sp, use_tqdm=False)
             ours.extend(_record(r) for r in out)
             del out
-            snap = side.tier.tm.snapshot()
+            snap = side.tier.manager.snapshot()
             res.max_used = max(res.max_used, snap.ready_slots + snap.storing_slots)
             if call % CHECK_EVERY == 0:
                 side.tier.check()
@@ -320,8 +320,8 @@ def run(model_path: str, config: str = "defaults") -> SoakResult:
         side.tier.check()
         after = H.metric_values(llm)
         res.metrics = {k: v - before.get(k, 0) for k, v in after.items()}
-        res.tier = side.tier.tm.snapshot().as_dict()
-        res.final_state = {"pins": H.pinned_slots(side.tier), "held": len(side.held),
+        res.tier = side.tier.manager.snapshot().as_dict()
+        res.final_state = {"pins": H.pinned_slots(side.tier), "held": len(side.held_by_store),
                            "inflight_loads": len(side.inflight_loads),
                            "inflight_stores": len(side.inflight_stores), "reqs": len(side.reqs)}
         res.debug_checked, res.debug_mismatches = wk.debug_checked, list(wk.debug_mismatches)

@@ -4,7 +4,7 @@ vLLM's own offloading copied such a prefix once per request (its issue 44294). H
 once: with layer-wise loads vLLM caches the loaded blocks at once and the other requests hit them in
 VRAM; with async loads the adapter asks again later about a request whose prefix another request is
 still loading (`deferred_requests`), and the async copies are held in flight for two extra polls
-(TPC_DEBUG_LOAD_DELAY) so that the burst really overlaps them. Outputs must equal built-in prefix
+(`debug.load_delay_polls`) so that the burst really overlaps them. Outputs must equal built-in prefix
 caching with a KV cache big enough for everything.
 """
 from __future__ import annotations
@@ -48,17 +48,17 @@ def reference(model_path) -> list[H.Record]:
 
 @pytest.mark.parametrize("load", ["layerwise", "async"])
 def test_shared_prefix_crosses_once(model_path, reference, load):
-    env = {"TPC_DEBUG_PAGES": "1", "TPC_DEBUG_LOAD_DELAY": "2" if load == "async" else "0"}
-    llm = H.with_env(env, H.make_llm, model_path, kv_blocks=SMALL_KV_BLOCKS,
-                     kv_transfer_config=H.tpc_config(load=load), max_num_seqs=BURST)
+    debug = {"record_pages": True, "load_delay_polls": 2 if load == "async" else 0}
+    llm = H.make_llm(model_path, kv_blocks=SMALL_KV_BLOCKS,
+                     kv_transfer_config=H.tpc_config(load=load, debug=debug), max_num_seqs=BURST)
     try:
         side = H.scheduler_of(llm).connector._sched
         warm, fillers, burst = _prompts()
         H.play_prompts(llm, [warm], per_call=1)
         H.play_prompts(llm, fillers, per_call=1)
-        before = side.tier.tm.stats.blocks_from_host
+        before = side.tier.manager.stats.blocks_from_host
         ours = H.play_prompts(llm, burst, per_call=BURST)
-        loaded = side.tier.tm.stats.blocks_from_host - before
+        loaded = side.tier.manager.stats.blocks_from_host - before
         H.compare_records(ours, reference, f"burst/{load}")
         # Every request saw the whole prefix cached (host tier or VRAM) ...
         assert all(r.num_cached_tokens >= (PREFIX_BLOCKS - 1) * H.BLOCK for r in ours), [

