@@ -873,7 +873,8 @@ def compiled_variants(jit_fn) -> int | None:
 def test_gpu_copies_compile_nothing_after_warm_up(kernel_device):
     """Batches of any size, and staged chunks that start at odd rows (index slices 8 bytes off a
     16-byte boundary), reuse the kernels compiled by `warm_up`: a compile inside an engine step
-    stalled a load for 104 ms (session 7, the first Qwen3-8B load: a group's second chunk)."""
+    stalls that step's load for as long as the compile takes (a layer group's second staging chunk
+    starts at such a row)."""
     from triton_prefix_cache.kernels.copy import _page_copy_kernel
 
     layers, nb = 6, 120

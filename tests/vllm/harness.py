@@ -188,8 +188,7 @@ def play(llm, workload: Workload) -> list[list[Record]]:
 def offline_stats_dropped() -> bool:
     """vLLM 0.26's offline `LLMEngine.step` records scheduler stats only for steps with outputs, so
     an in-process `LLM`'s counters miss the steps that only scheduled a load (0.32 records all);
-    its own prefix-cache counters stayed at 0 there in every GPU run (session 5, built-in prefix
-    caching included)."""
+    its own prefix-cache counters stay at 0 there on the GPU host, built-in prefix caching's too."""
     import vllm
 
     return vllm.__version__.startswith("0.26.")
@@ -280,9 +279,9 @@ def lp_tolerance(same_hit: bool) -> float:
     GPU they do: the attention kernel may take another path when the cached prefix differs in
     length (a host tier smaller than the working set misses what the oracle hits), and fp32 GEMMs
     are not batch-invariant (a smaller KV cache batches concurrent requests differently: measured
-    1.2e-5 on an H200 with equal hits). Tokens must still be identical. Until session 5 the GPU's
-    float32 attention ran with TF32 dots (vLLM's Triton backend; tests/conftest.py now asks for
-    IEEE ones), under which one soak request differed by 1.08e-2 with other hits.
+    1.2e-5 on an H200 with equal hits). Tokens must still be identical. The GPU's float32
+    attention (vLLM's Triton backend) must run with IEEE dots, which tests/conftest.py asks for:
+    with TF32 dots one soak request's logprobs differed by 1.08e-2 with other hits.
     """
     import torch
 

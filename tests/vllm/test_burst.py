@@ -1,6 +1,6 @@
 """A burst of concurrent requests sharing one long prefix that lives only in the host tier.
 
-vLLM's own offloading copied such a prefix once per request (its issue 44294). Here it must cross
+vLLM's own offloading copies such a prefix once per request (vllm-project/vllm#44294). Here it must cross
 once: with layer-wise loads vLLM caches the loaded blocks at once and the other requests hit them in
 VRAM; with async loads the adapter asks again later about a request whose prefix another request is
 still loading (`deferred_requests`), and the async copies are held in flight for two extra polls
