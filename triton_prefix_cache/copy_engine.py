@@ -475,7 +475,7 @@ class CopyEngine:
                 view = device_view(device_address, host.numel(), self.device).view(host.shape)
                 copiers["torch"] = TorchCopier(layers, view, dlayout.word_bytes)
             except (RuntimeError, TypeError, ValueError) as e:
-                log.info("copy engine: no device view of the pool (%r); the torch path is staged", e)
+                log.info("copy engine: no device view of the pool (%s); the torch path is staged", repr(e))
             # Without a view, the kernel gets the pool's device address as a bare pointer.
             copiers["triton"] = TritonCopier(dlayout, layers, view, *self._triton_opts)
         else:
@@ -762,7 +762,8 @@ class _Submitter:
                 except BaseException as e:  # surfaced through the handle: the caller counts it
                     error = e
                     log.warning(
-                        "copy engine: %s of %d blocks failed at submission: %r", h.direction, h.num_blocks, e
+                        "copy engine: %s of %d blocks failed at submission: %s",
+                        h.direction, h.num_blocks, repr(e),
                     )
                 finally:
                     h._end_background_submission(error)
@@ -797,7 +798,7 @@ def _measure(
                         repeats,
                     )
                 except Exception as e:  # a backend that fails is left out
-                    log.warning("copy engine: calibrating %s %s failed: %r", name, d, e)
+                    log.warning("copy engine: calibrating %s %s failed: %s", name, d, repr(e))
     if stream is not None:
         stream.synchronize()
     return results
@@ -855,7 +856,7 @@ def _upload(ids: np.ndarray, device: torch.device) -> torch.Tensor:
     try:
         t = t.pin_memory()
     except RuntimeError as e:  # pinned memory exhausted: the pageable copy is slower, still right
-        log.warning("copy engine: pinning %d indices failed (%r); uploading them pageable", len(ids), e)
+        log.warning("copy engine: pinning %d indices failed (%s); uploading them pageable", len(ids), repr(e))
     return t.to(device, non_blocking=True)
 
 

@@ -123,7 +123,7 @@ def default_registrar(device: torch.device) -> Registrar:
     try:
         return DriverRegistrar(device)
     except CudaDriverError as e:
-        log.info("host pool: pinning through torch's cudart (driver API unavailable: %s)", e)
+        log.info("host pool: pinning through torch's cudart (driver API unavailable: %s)", str(e))
         return TorchRegistrar(device)
 
 
@@ -199,7 +199,7 @@ class HostPool:
             try:
                 self._mmap.madvise(mmap.MADV_HUGEPAGE)
             except OSError as e:  # THP disabled: a hint only
-                log.debug("host pool: MADV_HUGEPAGE refused: %s", e)
+                log.debug("host pool: MADV_HUGEPAGE refused: %s", str(e))
         self._array = np.frombuffer(self._mmap, dtype=np.uint8, count=nbytes)
         self._tensor = torch.from_numpy(self._array)
         self.address = self._tensor.data_ptr()
@@ -267,7 +267,7 @@ class HostPool:
             try:
                 return reg.register(self.address + off, n)
             except Exception as e:  # a registrar that raises: that chunk failed
-                log.warning("host pool: registering chunk %d raised %r", i, e)
+                log.warning("host pool: registering chunk %d raised %s", i, repr(e))
                 return -1
 
         workers = min(self.config.register_threads, len(chunks)) if reg.parallel else 1
@@ -314,7 +314,7 @@ class HostPool:
             try:  # the tail was prefaulted: give its memory back (chunk starts are page-aligned)
                 self._mmap.madvise(mmap.MADV_DONTNEED, off, total - off)
             except (OSError, ValueError) as e:
-                log.debug("host pool: could not release the unpinned tail: %s", e)
+                log.debug("host pool: could not release the unpinned tail: %s", str(e))
 
     def _find_device_address(self) -> None:
         """Device alias of slot 0, kept only if every chunk maps at the same offset (one flat view)."""
@@ -323,7 +323,7 @@ class HostPool:
         try:
             aliases = [self._registrar.device_address(a) for a, _ in self._registered]
         except Exception as e:  # no alias: only direct access is lost
-            log.info("host pool: no device address for the pinned pool (%r); direct access is off", e)
+            log.info("host pool: no device address for the pinned pool (%s); direct access is off", repr(e))
             return
         if any(a is None for a in aliases):
             return

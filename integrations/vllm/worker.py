@@ -160,7 +160,7 @@ class WorkerSide:
                     self.engine = self._copy_engine(preferred)
                     break
                 except ValueError as e:
-                    logger.info("triton-prefix-cache: copy backend %s unavailable (%s)", preferred, e)
+                    logger.info("triton-prefix-cache: copy backend %s unavailable (%s)", preferred, str(e))
         if self.engine is None:
             self.engine = self._copy_engine(backend)
         warm = ""
@@ -169,7 +169,9 @@ class WorkerSide:
             # it was. The copy path's one-time set-up (kernel compilation, driver state) then happens
             # here rather than in the first host hit.
             warm = f", warmed up in {1e3 * self.engine.warm_up(block=0, slot=0):.0f} ms"
-        logger.info("triton-prefix-cache: host tier %r, copies %s%s", self.pool, self.engine.backend, warm)
+        # Log records keep their arguments (a handler may hold them): pass text, never the pool.
+        logger.info("triton-prefix-cache: host tier %s, copies %s%s", repr(self.pool), self.engine.backend,
+                    warm)
 
     def _copy_engine(self, backend: str) -> CopyEngine:
         return CopyEngine(self.layers, self.pool, backend=backend, layerwise_ahead=self.cfg.layerwise_ahead,
@@ -219,7 +221,7 @@ class WorkerSide:
         try:
             h = eng.demote(blocks, slots)
         except Exception as e:  # a failed store is a future miss, never an error
-            logger.warning("triton-prefix-cache: store of %d blocks failed: %r", len(slots), e)
+            logger.warning("triton-prefix-cache: store of %d blocks failed: %s", len(slots), repr(e))
             self.report.stores_failed.extend(job.job_id for job in jobs)
             return
         for i, job in enumerate(jobs):  # the first entry of a handle accounts its bytes and time
@@ -233,7 +235,7 @@ class WorkerSide:
         try:
             h = self._promote(eng, slots, blocks, layerwise)
         except Exception as e:
-            logger.warning("triton-prefix-cache: load of %d blocks failed: %r", len(slots), e)
+            logger.warning("triton-prefix-cache: load of %d blocks failed: %s", len(slots), repr(e))
             for job in jobs:
                 self.failed_blocks.update(job.block_ids)
                 self.report.loads_failed.append(job.req_id)
@@ -266,8 +268,8 @@ class WorkerSide:
         except Exception as e:
             if not layerwise:
                 raise
-            logger.warning("triton-prefix-cache: layer-wise load of %d blocks failed at submission (%r); "
-                           "retrying once", len(slots), e)
+            logger.warning("triton-prefix-cache: layer-wise load of %d blocks failed at submission (%s); "
+                           "retrying once", len(slots), repr(e))
             self.stats.add("load_retries", 1)
             return eng.promote(slots, blocks, layerwise=True)
 
@@ -310,8 +312,8 @@ class WorkerSide:
             h.wait()  # done (or, not polling, wait): releases the handle's index tensors
             if h.error is not None:  # failed in the copy engine's submission thread: a future miss
                 if accounts:
-                    logger.warning("triton-prefix-cache: store of %d blocks failed: %r",
-                                   h.num_blocks, h.error)
+                    logger.warning("triton-prefix-cache: store of %d blocks failed: %s",
+                                   h.num_blocks, repr(h.error))
                 self.report.stores_failed.append(job_id)
                 continue
             if accounts:
@@ -348,7 +350,8 @@ class WorkerSide:
         block_ids = self.load_blocks.pop(req_id, ())
         if h.error is not None:  # failed in the copy engine's submission thread: recompute
             if accounts:
-                logger.warning("triton-prefix-cache: load of %d blocks failed: %r", h.num_blocks, h.error)
+                logger.warning("triton-prefix-cache: load of %d blocks failed: %s", h.num_blocks,
+                               repr(h.error))
             self.failed_blocks.update(block_ids)
             self.report.loads_failed.append(req_id)
             return

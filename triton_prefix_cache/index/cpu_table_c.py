@@ -156,7 +156,8 @@ def load() -> ctypes.CDLL | None:
                 os.replace(out, so)  # atomic: concurrent builders never load a half-written file
         lib = ctypes.CDLL(str(so))
     except (OSError, subprocess.SubprocessError) as e:
-        log.warning("CPU index: could not build or load the C probe (%s); the CPU table probes with numpy", e)
+        log.warning("CPU index: could not build or load the C probe (%s); the CPU table probes with numpy",
+                    str(e))
         return None
     lib.tpc_home.argtypes = [_P, _I64, _I64, _P]
     lib.tpc_home.restype = None
