@@ -6,6 +6,7 @@ test process (no engine subprocesses) so tests can look at connector state direc
 """
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +26,6 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 #: on the GPU host. The GPU variants carry the `gpu` mark so `-m gpu` selects exactly them.
 KERNEL_DEVICES = [pytest.param("cuda", marks=pytest.mark.gpu)] if HAS_CUDA else ["cpu"]
 
-
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
@@ -39,3 +39,11 @@ def pytest_collection_modifyitems(config, items):
 def kernel_device(request) -> str:
     """Where Triton kernels run in this test session: 'cuda' compiled, or 'cpu' interpreted."""
     return request.param
+
+
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory) -> Path:
+    """The tiny test model, made once per session (the engine tests and the soak share it)."""
+    from bench.models import get_model
+
+    return get_model("tiny-llama").materialize(tmp_path_factory.mktemp("models"))
