@@ -19,8 +19,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm")
-
 from tests.support import harness as H
 
 BIG_KV_BLOCKS = 1200
