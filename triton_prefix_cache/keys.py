@@ -27,7 +27,7 @@ FIRST_REAL = INT64_MIN + 4
 #     x = w0 ^ (w1 * HASH_MUL_IN); x = (x ^ (x >>> S1)) * M1; x = (x ^ (x >>> S2)) * M2; x ^ (x >>> S3)
 # with >>> a logical shift. `hash_words` below computes it for torch and numpy; the Triton kernels
 # (kernels/hash_table.py) take these values as constexprs and the C probe (index/cpu_table_c.py) is
-# generated from them; tests/test_index.py checks that all of them give the same home slots.
+# generated from them; tests/unit/test_index.py checks that all of them give the same home slots.
 # Written as signed int64: Triton rejects literals > INT64_MAX.
 HASH_MUL_IN = -7046029254386353131  # 0x9E3779B97F4A7C15, the golden-ratio increment
 HASH_SHIFT_1 = 30

@@ -9,7 +9,7 @@ line and hands `data` to `TPCPromMetrics.observe`.
 Each side also sums what it handed over in its `totals` (counters only): vLLM 0.26's offline
 `LLMEngine.step` records scheduler stats only for steps that produced outputs, so there the
 Prometheus counters of an in-process `LLM` miss the steps that only scheduled a load (its online
-`AsyncLLM` records every step). The tests read `totals` on 0.26 (`tests/vllm/harness.py`).
+`AsyncLLM` records every step). The tests read `totals` on 0.26 (`tests/support/harness.py`).
 
 `Diagnostics` is the other public read-out: recent history the counters do not keep (each load's
 size and device time, partial hits, step timings), for tools that run the engine in their own

@@ -26,11 +26,11 @@ import threading
 import time
 import weakref
 
-import harness as H
 import numpy as np
 import pytest
 import torch
 
+from tests.support import harness as H
 from triton_prefix_cache.tiers import SlotState
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -665,9 +665,9 @@ def test_two_models_side_by_side_multiprocess(runs, model_path, other_model):
     path1, ref1 = other_model
     ref0 = _flat(runs("oracle").outputs["docqa"])
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
-    script = Path(__file__).parent / "mp_two_models.py"
-    proc = subprocess.run([sys.executable, str(script), str(model_path), str(path1)], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=str(Path(__file__).parents[2]))
+    proc = subprocess.run([sys.executable, "-m", "tests.support.mp_two_models", str(model_path), str(path1)],
+                          env=env, capture_output=True, text=True, timeout=600,
+                          cwd=str(Path(__file__).parents[2]))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     got = json.loads(lines[-1][len("RESULT "):])

@@ -133,7 +133,7 @@ def test_every_key_is_documented_in_the_readme():
     import pathlib
     import re
 
-    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = text.split("### Configuration keys", 1)[1].split("\n\n", 2)[1]  # the table
     documented = re.findall(r"^\| `(\w+)` \|", section, flags=re.M)
     assert sorted(documented) == sorted(PrefixCacheConfig.keys())

@@ -11,11 +11,11 @@ real collision, which 128-bit hashes make negligible; that is not what is tested
 """
 from __future__ import annotations
 
-import harness as H
 import numpy as np
 import pytest
 import torch
 
+from tests.support import harness as H
 from triton_prefix_cache import keys as K
 from triton_prefix_cache.tiers import SlotState
 

@@ -22,18 +22,19 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import harness as H
 import pytest
-import soak_run as S
+
+from tests.support import harness as H
+from tests.support import soak_run as S
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
 def _soak_process(config: str, model_path: Path, out: Path) -> SimpleNamespace:
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", ONEDNN_PRIMITIVE_CACHE_CAPACITY="0")
-    script = Path(__file__).parent / "soak_run.py"
-    proc = subprocess.run([sys.executable, str(script), str(model_path), str(out), config], env=env,
-                          capture_output=True, text=True, timeout=900, cwd=str(Path(__file__).parents[2]))
+    proc = subprocess.run([sys.executable, "-m", "tests.support.soak_run", str(model_path), str(out), config],
+                          env=env, capture_output=True, text=True, timeout=900,
+                          cwd=str(Path(__file__).parents[2]))
     assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
     return SimpleNamespace(**json.loads(out.read_text()))
 

@@ -1,6 +1,6 @@
 """Run the docqa workload through the connector in vLLM's default multi-process mode; print JSON.
 
-Usage: python tests/vllm/mp_run.py MODEL_DIR [reset [DEBUG_JSON]]   (spawned by test_multiprocess.py; the
+Usage: python -m tests.support.mp_run MODEL_DIR [reset [DEBUG_JSON]]   (spawned by test_multiprocess.py; the
 __main__ guard is required because vLLM spawns its engine and worker processes). With `reset`: play a few
 prompts, then call reset_prefix_cache until it succeeds (stores still copying hold GPU blocks; the engine
 core must keep stepping until they are reported) and print how long that took. DEBUG_JSON: the
@@ -8,12 +8,10 @@ connector's `debug` option (e.g. '{"store_delay_polls": 3}')."""
 import json
 import os
 import sys
-from pathlib import Path
 
 if __name__ == "__main__":
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-    sys.path.insert(0, str(Path(__file__).parent))
-    import harness as H
+    from tests.support import harness as H
 
     debug = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     llm = H.make_llm(sys.argv[1], kv_blocks=80, kv_transfer_config=H.tpc_config(debug=debug))

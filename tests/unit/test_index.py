@@ -11,12 +11,12 @@ import functools
 import hashlib
 import logging
 
-import index_reference
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support import index_reference
 from triton_prefix_cache import IndexFullError, PrefixIndex, keys_from_block_hashes
 from triton_prefix_cache import keys as K
 from triton_prefix_cache.index import backend as B

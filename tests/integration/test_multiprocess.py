@@ -19,9 +19,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 def test_multiprocess_mode_matches_builtin_caching(runs, model_path):
     # No module path anywhere: the spawned processes find the connector through the entry point.
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
-    script = Path(__file__).parent / "mp_run.py"
-    proc = subprocess.run([sys.executable, str(script), str(model_path)], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=str(Path(__file__).parents[2]))
+    proc = subprocess.run([sys.executable, "-m", "tests.support.mp_run", str(model_path)], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=str(Path(__file__).parents[2]))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     got = json.loads(lines[-1][len("RESULT "):])
@@ -40,10 +39,10 @@ def test_multiprocess_idle_engine_settles_stores(model_path):
     engine keeps stepping (has_pending_push_work) until they are reported, so reset_prefix_cache
     succeeds soon after the last request instead of failing on held blocks forever."""
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
-    script = Path(__file__).parent / "mp_run.py"
     debug = json.dumps({"store_delay_polls": 3})  # the connector's `debug` option, in its config
-    proc = subprocess.run([sys.executable, str(script), str(model_path), "reset", debug], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=str(Path(__file__).parents[2]))
+    proc = subprocess.run([sys.executable, "-m", "tests.support.mp_run", str(model_path), "reset", debug],
+                          env=env, capture_output=True, text=True, timeout=600,
+                          cwd=str(Path(__file__).parents[2]))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     got = json.loads(lines[-1][len("RESULT "):])

@@ -15,15 +15,11 @@ at most one engine lives at a time and each starts once. Configurations:
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm")
-
-sys.path.insert(0, str(Path(__file__).parent))
-import harness as H
+from tests.support import harness as H
 
 BIG_KV_BLOCKS = 1200
 SMALL_KV_BLOCKS = 80  # < 4 documents of the docqa workload: LRU evicts each before its reuse
@@ -53,13 +49,6 @@ CONFIGS: dict[str, dict] = {
                       kv_transfer_config=H.tpc_config(host_cache_gib=100 * H.PAGE_BYTES_PER_BLOCK / 2**30,
                                                       load="layerwise", demote="lazy", debug=PAGES)),
 }
-
-
-@pytest.fixture(scope="session")
-def model_path(tmp_path_factory) -> Path:
-    from bench.models import get_model
-
-    return get_model("tiny-llama").materialize(tmp_path_factory.mktemp("models"))
 
 
 def _connector_state(llm) -> dict:

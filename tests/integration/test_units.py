@@ -54,8 +54,9 @@ def test_page_views_refuse_scattered_blocks():
 
 
 def test_host_tier_lifecycle():
-    from harness import pinned_slots
     from triton_prefix_cache_vllm.host_tier import HostTier
+
+    from tests.support.harness import pinned_slots
 
     tier = HostTier(4, 100, index_backend="cpu")
     k = _keys(6)

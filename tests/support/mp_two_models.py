@@ -1,17 +1,15 @@
 """Two engines of different models side by side in one Python process, in vLLM's default multi-process
 mode (each engine core in its own spawned process); docqa interleaved between them; prints JSON.
 
-Usage: python tests/vllm/mp_two_models.py MODEL_DIR_A MODEL_DIR_B  (spawned by test_faults.py; the
+Usage: python -m tests.support.mp_two_models MODEL_DIR_A MODEL_DIR_B  (spawned by test_faults.py; the
 __main__ guard is required because vLLM spawns its engine and worker processes)."""
 import json
 import os
 import sys
-from pathlib import Path
 
 if __name__ == "__main__":
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-    sys.path.insert(0, str(Path(__file__).parent))
-    import harness as H
+    from tests.support import harness as H
 
     engines = [H.make_llm(path, kv_blocks=80, kv_transfer_config=H.tpc_config()) for path in sys.argv[1:3]]
     outs: list[list] = [[], []]

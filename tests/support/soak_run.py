@@ -1,6 +1,6 @@
 """The soak of test_soak.py, in a process of its own; writes what the test checks as JSON.
 
-Usage: python tests/vllm/soak_run.py MODEL_DIR OUT_JSON [CONFIG|oracle]  (spawned by test_soak.py).
+Usage: python -m tests.support.soak_run MODEL_DIR OUT_JSON [CONFIG|oracle]  (spawned by test_soak.py).
 `oracle` plays the same stream, in the same calls, through built-in prefix caching with a KV cache
 that never evicts: every request's reference output, with the prefix hits a cache that never
 forgets would have.
@@ -243,7 +243,7 @@ class _Census:
     def at(self, done: int, res: SoakResult) -> None:
         if done not in (NUM_REQUESTS // 2, NUM_REQUESTS):
             return
-        import harness as H
+        from tests.support import harness as H
 
         # The type census leaves ~200 objects of its own behind (weakrefs, measured): take it
         # before the first count and after the second, so the counts include them both times.
@@ -268,8 +268,9 @@ class _Census:
 
 
 def run(model_path: str, config: str = "defaults") -> SoakResult:
-    import harness as H
     from vllm.inputs import TokensPrompt
+
+    from tests.support import harness as H
 
     prompts, kinds = soak_prompts()
     res = SoakResult(kinds=kinds, distinct_blocks=distinct_blocks(prompts))
@@ -347,8 +348,9 @@ def _record(r) -> tuple:
 
 def run_oracle(model_path: str) -> dict:
     """The stream through built-in prefix caching that never evicts, in the soak's calls."""
-    import harness as H
     from vllm.inputs import TokensPrompt
+
+    from tests.support import harness as H
 
     prompts, _ = soak_prompts()
     llm = H.make_llm(model_path, kv_blocks=ORACLE_KV_BLOCKS)
@@ -372,7 +374,6 @@ def run_oracle(model_path: str) -> dict:
 
 if __name__ == "__main__":
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    sys.path.insert(0, str(Path(__file__).parent))
     cfg = sys.argv[3] if len(sys.argv) > 3 else "defaults"
     if cfg == "oracle":
         payload = run_oracle(sys.argv[1])

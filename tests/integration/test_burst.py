@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import random
 
-import harness as H
 import pytest
+
+from tests.support import harness as H
 
 pytestmark = [pytest.mark.vllm]
 

@@ -5,10 +5,10 @@ import json
 from importlib.metadata import entry_points
 from types import SimpleNamespace
 
-import harness as H
 import pytest
 import torch
 
+from tests.support import harness as H
 from triton_prefix_cache.config import ConfigError
 
 pytestmark = pytest.mark.vllm

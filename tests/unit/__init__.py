@@ -1,0 +1,1 @@
+"""Kernels and core units: the index, tiers, host pool, copies, config, bench's pure functions. No vLLM."""
