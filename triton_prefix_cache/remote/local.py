@@ -29,6 +29,8 @@ from pathlib import Path
 
 HOST = "127.0.0.1"
 STATE = "state.json"
+#: the smallest segment the store service accepts (Mooncake's allocator minimum)
+MIN_SEGMENT_GIB = 1 / 64
 READY_LINE = "Mooncake Store Service is running"
 
 
@@ -76,6 +78,9 @@ class LocalStore:
         tie_to_parent: the processes die with this process (Linux PR_SET_PDEATHSIG), so a test
         that crashes leaves nothing running; the CLI starts them detached instead.
         """
+        if not MIN_SEGMENT_GIB <= segment_gib <= 1024:
+            raise ValueError(f"segment_gib: expected {MIN_SEGMENT_GIB:g} (16 MiB) to 1024, "
+                             f"got {segment_gib!r}")
         run = Path(run_dir) if run_dir is not None else default_run_dir()
         run.mkdir(parents=True, exist_ok=True)
         rpc, meta, metrics, service = _free_ports(4)
@@ -267,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if current is not None:
             current.stop()
-        if args.segment_gib <= 0:
-            ap.error("--segment-gib must be > 0")
+        if not MIN_SEGMENT_GIB <= args.segment_gib <= 1024:
+            ap.error(f"--segment-gib must be from {MIN_SEGMENT_GIB:g} (16 MiB) to 1024")
         store = LocalStore.start(args.segment_gib, args.dir, tie_to_parent=False)
         print(store.url)
         print(f"master {store.master_pid}, service {store.service_pid}, logs in {store.run_dir}",
