@@ -177,6 +177,18 @@ def test_a_payload_flipped_in_the_store_is_corrupt_and_removed():
     assert name not in client.values and store.stats.corrupt_blocks == 1
 
 
+def test_a_big_job_moves_in_calls_of_bounded_size(monkeypatch):
+    from triton_prefix_cache.remote import store as store_module
+
+    monkeypatch.setattr(store_module, "CALL_BYTES", 3 * (HEADER_BYTES + LAYERS * PAGE))
+    store, client, view = make()
+    keys = keys_for(8)
+    assert store.wait(store.start_put(keys, np.arange(8))).ok.all()
+    assert store.wait(store.start_get(keys, np.arange(8, 16))).ok.all()
+    assert (client.calls.count("put"), client.calls.count("get")) == (3, 3)
+    assert (view[8:16] == view[:8]).all()
+
+
 def test_a_value_of_another_size_is_corrupt():
     store, client, _ = make()
     keys = keys_for(1)

@@ -9,11 +9,12 @@ Operations (one caller thread; the store's own threads do the I/O):
   verifies each header and checksum; a block that fails is a miss, never KV;
 - `poll()`: the reports of finished jobs; `wait(job_id)`: one job's report, blocking.
 
-Every job started with blocks is reported exactly once with its outcome. A job that outlives
-`timeout_ms` is reported at the timeout (all blocks failed, `slots_free=False`) and once more when
-its call returns (`slots_free=True`): until then the store may still read or write its slots, so
-the caller keeps them. The first failed or timed-out call degrades the store: a warning is logged
-once, lookups answer "absent" and jobs fail at once, until a probe every `retry_s` finds it back.
+Every job started with blocks is reported exactly once with its outcome. A job moves its blocks in
+calls of at most CALL_BYTES; one whose call outlives `timeout_ms` is reported at the timeout (all
+blocks failed, `slots_free=False`) and once more when that call returns (`slots_free=True`): until
+then the store may still read or write its slots, so the caller keeps them. The first failed or
+timed-out call degrades the store: a warning is logged once, lookups answer "absent" and jobs fail
+at once, until a probe every `retry_s` finds it back.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ SIZE_CODES = (BUFFER_OVERFLOW, INVALID_PARAMS)
 
 #: header rows in the registered arena: the most blocks in flight at once
 DEFAULT_MAX_INFLIGHT_BLOCKS = 8192
+#: the most bytes one put or get call moves; `timeout_ms` applies to each call
+CALL_BYTES = 64 << 20
 CONNECT_TIMEOUT_S = 30.0
 PROBE_KEY = "probe"
 
@@ -221,7 +224,7 @@ class RemoteStore:
         self._register(self._arena.address, self._arena.nbytes, "header arena")
         if pool.nbytes:
             self._register(pool.address, pool.nbytes, "host pool")
-        self._timeout = url.timeout_ms / 1000
+        self._timeout = url.timeout_ms / 1000  # per call of at most CALL_BYTES
         self._lookup_timeout = url.lookup_timeout_ms / 1000
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -489,45 +492,57 @@ class RemoteStore:
         sizes = [HEADER_BYTES, self.pool.slot_bytes]
         return [[h, s] for h, s in zip(hdr, slot)], [sizes] * len(hdr)
 
+    def _call(self, job: _Job, fn: Callable[..., Any], *args: Any) -> np.ndarray:
+        """One client call of a job: its start is what the timeout counts from."""
+        job.started = time.monotonic()
+        return np.asarray(fn(*args), dtype=np.int64)
+
+    def _chunks(self, idx: np.ndarray) -> list[np.ndarray]:
+        """Split a job's blocks into calls of at most CALL_BYTES, so that `timeout_ms` bounds one
+        call of a known size, not a whole job of any size."""
+        per_call = max(1, CALL_BYTES // (HEADER_BYTES + self.pool.slot_bytes))
+        return [idx[i:i + per_call] for i in range(0, len(idx), per_call)]
+
     def _run_put(self, job: _Job, pairs: list[tuple[int, int]]) -> tuple[int, float]:
-        job.started = t0 = time.monotonic()
+        t0 = time.monotonic()
         keys, slots, rows = job.keys[job.todo], job.slots[job.todo], job.rows
-        status = np.full(len(keys), BlockStatus.ERROR, dtype=np.int8)
-        nbytes = 0
+        status = np.full(len(keys), BlockStatus.DROPPED_DEGRADED, dtype=np.int8)
+        full = HEADER_BYTES + self.pool.slot_bytes
         try:
             if self.degraded:
-                status[:] = BlockStatus.DROPPED_DEGRADED
                 with self._lock:
-                    self.stats.drops_degraded += len(status)
+                    self.stats.drops_degraded += len(keys)
                 return 0, 0.0
             names = self.namespace.object_keys(keys)
-            there = np.asarray(self.client.batch_is_exist(names), dtype=np.int64)
+            there = self._call(job, self.client.batch_is_exist, names)
             if (there < 0).any():
+                status[:] = BlockStatus.ERROR
                 self._degrade(f"an existence check before a put failed (code {int(there[there < 0][0])})")
                 return 0, 0.0
             status[there == 1] = BlockStatus.PRESENT
-            todo = np.flatnonzero(there == 0)
-            if len(todo):
-                sums = np.array([checksum(self._slots_np[i]) for i in slots[todo]], dtype=np.uint64)
-                self._arena.rows[rows[todo]] = _packed(self.namespace, keys[todo], sums)
-                ptrs, sizes = self._addresses(rows, slots)
-                codes = np.asarray(self.client.batch_put_from_multi_buffers(
-                    [names[i] for i in todo], [ptrs[i] for i in todo], [sizes[i] for i in todo]),
-                    dtype=np.int64)
-                written = todo[codes == 0]
-                status[written] = BlockStatus.OK
-                status[todo[np.isin(codes, PRESENT_CODES)]] = BlockStatus.PRESENT
-                status[todo[codes == NO_AVAILABLE_HANDLE]] = BlockStatus.DROPPED_FULL
-                nbytes = len(written) * (HEADER_BYTES + self.pool.slot_bytes)
+            ptrs, sizes = self._addresses(rows, slots)
+            for part in self._chunks(np.flatnonzero(there == 0)):
+                if self.degraded:
+                    break
+                sums = np.array([checksum(self._slots_np[i]) for i in slots[part]], dtype=np.uint64)
+                self._arena.rows[rows[part]] = _packed(self.namespace, keys[part], sums)
+                status[part] = BlockStatus.ERROR
+                codes = self._call(job, self.client.batch_put_from_multi_buffers, [names[i] for i in part],
+                                   [ptrs[i] for i in part], [sizes[i] for i in part])
+                status[part[codes == 0]] = BlockStatus.OK
+                status[part[np.isin(codes, PRESENT_CODES)]] = BlockStatus.PRESENT
+                status[part[codes == NO_AVAILABLE_HANDLE]] = BlockStatus.DROPPED_FULL
                 bad = codes[(codes != 0) & ~np.isin(codes, PRESENT_CODES) & (codes != NO_AVAILABLE_HANDLE)]
                 if len(bad):
                     self._degrade(f"a put failed (code {int(bad[0])})")
-            seconds = time.monotonic() - t0
+            written = int((status == BlockStatus.OK).sum())
+            nbytes, seconds = written * full, time.monotonic() - t0
             with self._lock:
                 s = self.stats
-                s.put_blocks += int((status == BlockStatus.OK).sum())
+                s.put_blocks += written
                 s.put_skipped_present += int((status == BlockStatus.PRESENT).sum())
                 s.write_drops += int((status == BlockStatus.DROPPED_FULL).sum())
+                s.drops_degraded += int((status == BlockStatus.DROPPED_DEGRADED).sum())
                 s.bytes_put += nbytes
                 s.put_seconds += seconds
             return nbytes, seconds
@@ -537,43 +552,44 @@ class RemoteStore:
                 self._inflight_puts.difference_update(pairs)
 
     def _run_get(self, job: _Job, _pairs: list) -> tuple[int, float]:
-        job.started = t0 = time.monotonic()
+        t0 = time.monotonic()
         keys, slots, rows = job.keys[job.todo], job.slots[job.todo], job.rows
-        status = np.full(len(keys), BlockStatus.ERROR, dtype=np.int8)
+        status = np.full(len(keys), BlockStatus.DROPPED_DEGRADED, dtype=np.int8)
+        full = HEADER_BYTES + self.pool.slot_bytes
         try:
-            if self.degraded:
-                status[:] = BlockStatus.DROPPED_DEGRADED
-                with self._lock:
-                    self.stats.drops_degraded += len(status)
-                return 0, 0.0
             names = self.namespace.object_keys(keys)
             ptrs, sizes = self._addresses(rows, slots)
-            codes = np.asarray(self.client.batch_get_into_multi_buffers(names, ptrs, sizes), dtype=np.int64)
-            full = HEADER_BYTES + self.pool.slot_bytes
-            status[np.isin(codes, ABSENT_CODES)] = BlockStatus.ABSENT
-            status[np.isin(codes, SIZE_CODES) | ((codes > 0) & (codes != full))] = BlockStatus.CORRUPT
-            got = np.flatnonzero(codes == full)
-            if len(got):
-                hdr = self._arena.rows[rows[got]]
-                good = check_headers(hdr, self.namespace, keys[got])
-                sums = header_checksums(hdr)
-                for j in np.flatnonzero(good):
-                    good[j] = checksum(self._slots_np[slots[got[j]]]) == int(sums[j])
-                status[got] = np.where(good, BlockStatus.OK, BlockStatus.CORRUPT)
-            bad = codes[(codes < 0) & ~np.isin(codes, ABSENT_CODES) & ~np.isin(codes, SIZE_CODES)]
-            if len(bad):
-                self._degrade(f"a get failed (code {int(bad[0])})")
+            for part in self._chunks(np.arange(len(keys))):
+                if self.degraded:
+                    break
+                status[part] = BlockStatus.ERROR
+                codes = self._call(job, self.client.batch_get_into_multi_buffers, [names[i] for i in part],
+                                   [ptrs[i] for i in part], [sizes[i] for i in part])
+                status[part[np.isin(codes, ABSENT_CODES)]] = BlockStatus.ABSENT
+                wrong_size = np.isin(codes, SIZE_CODES) | ((codes > 0) & (codes != full))
+                status[part[wrong_size]] = BlockStatus.CORRUPT
+                got = part[codes == full]
+                if len(got):
+                    hdr = self._arena.rows[rows[got]]
+                    good = check_headers(hdr, self.namespace, keys[got])
+                    sums = header_checksums(hdr)
+                    for j in np.flatnonzero(good):
+                        good[j] = checksum(self._slots_np[slots[got[j]]]) == int(sums[j])
+                    status[got] = np.where(good, BlockStatus.OK, BlockStatus.CORRUPT)
+                bad = codes[(codes < 0) & ~np.isin(codes, ABSENT_CODES) & ~np.isin(codes, SIZE_CODES)]
+                if len(bad):
+                    self._degrade(f"a get failed (code {int(bad[0])})")
             for i in np.flatnonzero(status == BlockStatus.CORRUPT):
                 # a value that is not what its key promises would fail every reader: drop it
-                self.client.remove(names[i], True)
-            ok = status == BlockStatus.OK
-            nbytes = int(ok.sum()) * full
-            seconds = time.monotonic() - t0
+                self._call(job, self.client.remove, names[i], True)
+            ok = int((status == BlockStatus.OK).sum())
+            nbytes, seconds = ok * full, time.monotonic() - t0
             with self._lock:
                 s = self.stats
-                s.get_blocks += int(ok.sum())
+                s.get_blocks += ok
                 s.get_misses += int((status == BlockStatus.ABSENT).sum())
                 s.corrupt_blocks += int((status == BlockStatus.CORRUPT).sum())
+                s.drops_degraded += int((status == BlockStatus.DROPPED_DEGRADED).sum())
                 s.bytes_got += nbytes
                 s.get_seconds += seconds
             return nbytes, seconds
