@@ -97,6 +97,19 @@ class MemoryClient:
         return 0
 
 
+def test_without_a_pool_it_answers_lookups_only():
+    url = parse_remote_url("mooncake://127.0.0.1:1?metadata=http://127.0.0.1:2/m")
+    writer, client, _ = make()
+    keys = keys_for(2)
+    writer.wait(writer.start_put(keys, [0, 1]))
+    lookups = RemoteStore(client, url, NS, None)
+    assert lookups.exists(keys).all()
+    with pytest.raises(RuntimeError, match="lookups only"):
+        lookups.start_get(keys, [0, 1])
+    with pytest.raises(ValueError, match="slots"):
+        writer.start_get(keys, [0, 99])
+
+
 def make(client=None, url_params="", slots=32, **kw):
     pool = HostPool(HostPoolConfig(size_bytes=slots * LAYERS * PAGE, num_layers=LAYERS, page_bytes=PAGE,
                                    device="cpu"))

@@ -203,13 +203,16 @@ class _Job:
 class RemoteStore:
     """Blocks of one namespace in a Mooncake Store, read and written through one host pool.
 
-    Build with `connect(url, namespace, pool)`; tests may hand in any `StoreClient`. Public state:
+    Build with `connect(url, namespace, pool)`; tests may hand in any `StoreClient`. Without a pool
+    (`pool=None`) it answers lookups only: a scheduler that decides, next to a worker that moves
+    the bytes with its own RemoteStore over the pool. Public state:
     `namespace`, `url`, `stats` (RemoteStats), `degraded`.
     """
 
-    def __init__(self, client: StoreClient, url: RemoteURL, namespace: RemoteNamespace, pool: HostPool,
+    def __init__(self, client: StoreClient, url: RemoteURL, namespace: RemoteNamespace, pool: HostPool | None,
                  max_inflight_blocks: int = DEFAULT_MAX_INFLIGHT_BLOCKS) -> None:
-        if (pool.num_layers, pool.page_bytes) != (namespace.num_layers, namespace.page_bytes):
+        if pool is not None and (pool.num_layers, pool.page_bytes) != (namespace.num_layers,
+                                                                        namespace.page_bytes):
             raise ValueError(
                 f"namespace: geometry {namespace.num_layers} x {namespace.page_bytes} B differs from the "
                 f"host pool's {pool.num_layers} x {pool.page_bytes} B")
@@ -218,12 +221,13 @@ class RemoteStore:
         self.namespace = namespace
         self.pool = pool
         self.stats = RemoteStats()
-        self._slots_np = pool.slots.numpy() if pool.num_slots else None
-        self._arena = _HeaderArena(max_inflight_blocks)
+        self._slots_np = pool.slots.numpy() if pool is not None and pool.num_slots else None
+        self._arena = _HeaderArena(max_inflight_blocks if pool is not None else 1)
         self._registered: list[int] = []
-        self._register(self._arena.address, self._arena.nbytes, "header arena")
-        if pool.nbytes:
-            self._register(pool.address, pool.nbytes, "host pool")
+        if pool is not None:
+            self._register(self._arena.address, self._arena.nbytes, "header arena")
+            if pool.nbytes:
+                self._register(pool.address, pool.nbytes, "host pool")
         self._timeout = url.timeout_ms / 1000  # per call of at most CALL_BYTES
         self._lookup_timeout = url.lookup_timeout_ms / 1000
         self._lock = threading.Lock()
@@ -240,7 +244,7 @@ class RemoteStore:
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
-    def connect(cls, url: RemoteURL | str, namespace: RemoteNamespace, pool: HostPool,
+    def connect(cls, url: RemoteURL | str, namespace: RemoteNamespace, pool: HostPool | None,
                 connect_timeout_s: float = CONNECT_TIMEOUT_S, **kwargs: Any) -> RemoteStore:
         """Connect to the store named by `url` (the config key `remote`). Raises RemoteStoreError,
         naming the key, if the client library is missing or the master or metadata server cannot
@@ -401,6 +405,15 @@ class RemoteStore:
 
     def _start(self, kind: str, keys: np.ndarray, slots: np.ndarray, status: np.ndarray, todo: np.ndarray,
                worker: _Worker, run: Callable, put_pairs: list) -> int:
+        if self.pool is None:
+            with self._lock:
+                self._inflight_puts.difference_update(put_pairs)
+            raise RuntimeError("this RemoteStore has no host pool: it answers lookups only")
+        if len(slots) and (slots.min() < 0 or slots.max() >= self.pool.num_slots):
+            with self._lock:
+                self._inflight_puts.difference_update(put_pairs)
+            raise ValueError(f"slots: expected indices in [0, {self.pool.num_slots}), got {slots.min()}.."
+                             f"{slots.max()}")
         job_id = next(self._ids)
         drop = None
         if self._closed or self.degraded:
