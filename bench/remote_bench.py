@@ -123,9 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     cols = ["blocks", "MiB", "put GB/s", "raw_put GB/s", "put / raw", "get GB/s", "raw_get GB/s", "get / raw",
             "raw_multi_get GB/s", "checksum GB/s"]
     print_table(result["rows"], cols)
-    import mooncake
+    from importlib.metadata import PackageNotFoundError, version
 
-    result["mooncake"] = getattr(mooncake, "__version__", None)
+    try:
+        result["mooncake"] = version("mooncake-transfer-engine-non-cuda")
+    except PackageNotFoundError:
+        result["mooncake"] = version("mooncake-transfer-engine")
     where = save_run("remote", result, args.out)
     print(f"# result: {where}")
     return 0
