@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .index.backend import ALIASES, BACKENDS, canonical_backend
+from .remote.url import RemoteURL, RemoteURLError, parse_remote_url
 
 DEMOTE_MODES = ("lazy", "write_through")
 LOAD_MODES = ("auto", "layerwise", "async")
@@ -121,6 +122,9 @@ class PrefixCacheConfig:
         a layer group (1/8 of the layers) of a 512-block load of an 8B model in one step.
     debug: tests and diagnosis only (`DebugOptions`, given as a dict): page checks, late reports,
         forced store polling, step timing. Everything off by default.
+    remote: None (default, off) or a URL naming a shared store under the host tier and its
+        settings, e.g. "mooncake://127.0.0.1:50051?metadata=http://127.0.0.1:8080/metadata"
+        (parameters: `remote.url.RemoteURL`). Checked here; reached when the store connects.
     """
 
     host_cache_gib: float
@@ -132,6 +136,7 @@ class PrefixCacheConfig:
     layerwise_ahead: int | None = None
     staging_mib: int = 256
     debug: DebugOptions = field(default_factory=DebugOptions)
+    remote: str | None = None
 
     def __post_init__(self) -> None:
         _check_gib(self.host_cache_gib)
@@ -147,6 +152,18 @@ class PrefixCacheConfig:
         if not isinstance(v, int) or isinstance(v, bool) or not 8 <= v <= 16384:
             raise ConfigError(f"config key 'staging_mib' must be an int from 8 to 16384 (MiB), got {v!r}")
         object.__setattr__(self, "debug", DebugOptions.from_dict(self.debug))
+        if self.remote is not None:
+            self.remote_url  # noqa: B018 (parses and checks it)
+
+    @property
+    def remote_url(self) -> RemoteURL | None:
+        """The parsed `remote` URL, or None when the remote tier is off."""
+        if self.remote is None:
+            return None
+        try:
+            return parse_remote_url(self.remote)
+        except RemoteURLError as e:
+            raise ConfigError(str(e)) from None
 
     @property
     def host_cache_bytes(self) -> int:

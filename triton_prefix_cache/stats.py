@@ -107,3 +107,48 @@ class TierStats(Counters):
     @property
     def miss_blocks(self) -> int:
         return self.lookup_blocks - self.hit_blocks
+
+
+@dataclass
+class RemoteStats(Counters):
+    """The shared store under the host tier (`remote.store.RemoteStore`), in blocks and bytes.
+
+    A *lookup block* is one block asked about with `exists`; *hit blocks* are those present. Puts
+    ask first and write only the missing blocks; a write the store had no room for is a
+    *write drop*. A *corrupt* block is a value whose header or checksum did not match: a miss.
+    *Store errors* are failed or timed-out calls; the first one of an episode degrades the store
+    (`degraded` = 1) until a probe finds it back.
+    """
+
+    lookups: int = 0
+    lookup_blocks: int = 0
+    hit_blocks: int = 0
+    put_blocks: int = 0
+    put_skipped_present: int = 0
+    put_skipped_inflight: int = 0
+    bytes_put: int = 0
+    put_seconds: float = 0.0
+    write_drops: int = 0
+    drops_busy: int = 0
+    drops_degraded: int = 0
+    get_blocks: int = 0
+    get_misses: int = 0
+    corrupt_blocks: int = 0
+    bytes_got: int = 0
+    get_seconds: float = 0.0
+    store_errors: int = 0
+    timeouts: int = 0
+    degradations: int = 0
+    recoveries: int = 0
+    degraded: int = gauge(0)
+    inflight_blocks: int = gauge(0)
+
+    @property
+    def put_gbps(self) -> float:
+        """Bytes written over the time spent writing them (checksums included), GB/s."""
+        return self.bytes_put / self.put_seconds / 1e9 if self.put_seconds else 0.0
+
+    @property
+    def get_gbps(self) -> float:
+        """Bytes read over the time spent reading them (checks included), GB/s."""
+        return self.bytes_got / self.get_seconds / 1e9 if self.get_seconds else 0.0

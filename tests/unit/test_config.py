@@ -27,13 +27,15 @@ def test_defaults():
 def test_all_keys_set():
     raw = {"host_cache_gib": 0.5, "demote": "write_through", "load": "layerwise", "index_backend": "cpu",
            "eviction": "lru", "copy_backend": "staged", "layerwise_ahead": 2, "staging_mib": 64,
-           "debug": {"record_pages": True}}
+           "debug": {"record_pages": True},
+           "remote": "mooncake://127.0.0.1:50051?metadata=http://127.0.0.1:8080/metadata"}
     cfg = PrefixCacheConfig.from_dict(raw)
     assert sorted(raw) == sorted(PrefixCacheConfig.keys())  # every key is exercised here
     assert cfg.host_cache_bytes == 1 << 29
     assert (cfg.copy_backend, cfg.layerwise_ahead, cfg.staging_mib) == ("staged", 2, 64)
     assert (cfg.demote, cfg.load, cfg.index_backend) == ("write_through", "layerwise", "cpu")
     assert cfg.debug.record_pages is True
+    assert cfg.remote_url.master == "127.0.0.1:50051"
 
 
 def test_debug_options():
