@@ -1,4 +1,4 @@
-"""A store client in its own process, driven by tests/test_remote_store.py: one JSON request per line
+"""A store client in its own process, driven by tests/unit/test_remote_store.py: one JSON request per line
 on stdin, one JSON answer per line on stdout (the Mooncake client logs to stderr).
 
 Requests ({"op": ...}): connect (url, ns: RemoteNamespace fields, slots, name), fill (slots, seed),

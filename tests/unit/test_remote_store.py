@@ -1,5 +1,5 @@
 """The remote tier against a real Mooncake Store on loopback: a master and a store service started
-by `remote.local`, and store clients in separate processes (tests/remote_peer.py), as two engines
+by `remote.local`, and store clients in separate processes (tests/support/remote_peer.py), as two engines
 would be. Skipped only where the Mooncake client cannot be imported (never in CI: setup.sh
 installs it)."""
 
@@ -35,7 +35,7 @@ MISSING = _mooncake_missing()
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(MISSING is not None and not os.environ.get("CI"), reason=str(MISSING))]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAYERS, PAGE = 4, 16 << 10  # 64 KiB slots
 NS = dict(model="test/model@rev1", dtype="bfloat16", block_size=16, num_layers=LAYERS, page_bytes=PAGE,
           hash_scheme="test:xxh3", layout="NHD")
@@ -49,13 +49,13 @@ def keys_for(seed: int, n: int) -> list[list[int]]:
 
 
 class PeerProcess:
-    """tests/remote_peer.py in its own process; `call` fails the test if it does not answer in time."""
+    """tests/support/remote_peer.py in its own process; `call` fails the test if it answers too late."""
 
     def __init__(self, name: str, log_dir: Path) -> None:
         self.name = name
         self.log = log_dir / f"peer-{name}.log"
         with open(self.log, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "remote_peer.py")],
+            self.proc = subprocess.Popen([sys.executable, "-m", "tests.support.remote_peer"],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
                                          cwd=ROOT, text=True, bufsize=1)
 
