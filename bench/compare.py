@@ -33,7 +33,7 @@ from pathlib import Path
 
 from bench import workloads as W
 from bench.common import RECORD, append_record, chart_path, environment, print_table, sig3, size, write_json
-from bench.configs import CONFIGS, MODEL_CACHE, config_engine, engine_kwargs, parse_config
+from bench.configs import CONFIGS, MODEL_CACHE, check_args, config_engine, engine_kwargs, parse_config
 from bench.models import get_model
 
 # ---- child: one config, one workload, one process ---------------------------------------------
@@ -440,16 +440,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.child:
         return args
-    for c in args.configs or ():
-        try:
-            parse_config(c)
-        except ValueError as e:
-            ap.error(f"--configs: {e}")
-    if args.model:
-        try:
-            get_model(args.model)
-        except KeyError as e:
-            ap.error(f"--model: {e.args[0]}")
+    check_args(ap.error, args.configs, args.model)
     for name in ("kv_gib", "host_gib"):
         v = getattr(args, name)
         if v is not None and not (math.isfinite(v) and v > 0):

@@ -121,3 +121,23 @@ def serve_flags(config: str, host_gib: float) -> list[str]:
         else:
             flags += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
     return flags
+
+
+def check_args(error, configs: list[str] | None, model: str | None,
+               extra_configs: tuple[str, ...] = ()) -> None:
+    """Refuse bad --configs / --model values through `error` (argparse's `parser.error`, which
+    prints the usage and exits 2): `extra_configs` are names a benchmark adds (bench.serve: roof)."""
+    from bench.models import get_model
+
+    for c in configs or ():
+        if c in extra_configs:
+            continue
+        try:
+            parse_config(c)
+        except ValueError as e:
+            error(f"--configs: {e}")
+    if model:
+        try:
+            get_model(model)
+        except KeyError as e:
+            error(f"--model: {e.args[0]}")

@@ -23,7 +23,6 @@ import datetime as _dt
 import json
 import math
 import os
-import platform
 import re
 import shlex
 import signal
@@ -37,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.chat import ChatSpec
-from bench.common import RECORD, append_record, chart_path
-from bench.configs import CONFIGS, MODEL_CACHE, parse_config, serve_flags
+from bench.common import RECORD, append_record, chart_path, record_head
+from bench.configs import CONFIGS, MODEL_CACHE, check_args, parse_config, serve_flags
 from bench.models import ModelSpec, get_model
 
 ROOT = Path(__file__).resolve().parent
@@ -288,27 +287,6 @@ def gib_text(gib: float) -> str:
     return f"{gib:g} GiB" if gib >= 0.5 else f"{gib * 1024:.3g} MiB"
 
 
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for mod in ("vllm", "torch", "triton"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:
-            out[mod] = None
-    return out
-
-
-def device_name() -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name()
-    except Exception:
-        pass
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
 def resolve_configs(names: list[str], w: Workload, model: ModelSpec, s: Scale) -> dict[str, str]:
     """Display name -> config string. "roof" is prefix caching with a KV cache that holds the
     whole working set (x1.25 for requests in flight)."""
@@ -486,27 +464,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--concurrency: every value must be >= 1")
     if args.num_prompts is not None and args.num_prompts < 1:
         p.error("--num-prompts: must be >= 1")
-    for c in args.configs or ():
-        if c != "roof":
-            try:
-                parse_config(c)
-            except ValueError as e:
-                p.error(f"--configs: {e}")
-    if args.model:
-        try:
-            get_model(args.model)
-        except KeyError as e:
-            p.error(f"--model: {e.args[0]}")
+    check_args(p.error, args.configs, args.model, extra_configs=("roof",))
     return args
 
 
 def _has_cuda() -> bool:
-    try:
-        import torch
+    import torch
 
-        return torch.cuda.is_available()
-    except Exception:
-        return False
+    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -531,10 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, **{k: v for k, v in s.env.items() if k not in os.environ},
            "PYTHONUNBUFFERED": "1"}
     record = {
-        "kind": "serve", "workload": args.workload, "label": args.label,
-        "date": stamp.isoformat(timespec="seconds"),
+        **record_head("serve"), "workload": args.workload, "label": args.label,
         "command": shlex.join([Path(sys.executable).name, "-m", "bench.serve", *(argv or sys.argv[1:])]),
-        "device": device_name(), "hostname": platform.node(), "versions": versions(),
         "model": model.name, "kv_gib": s.kv_gib, "host_gib": s.host_gib,
         "max_model_len": s.max_model_len, "num_prompts": w.num_prompts,
         "working_set_tokens": w.working_set_tokens, "concurrency": concurrencies,
