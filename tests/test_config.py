@@ -27,13 +27,14 @@ def test_defaults():
 def test_all_keys_set():
     raw = {"host_cache_gib": 0.5, "demote": "write_through", "load": "layerwise", "index_backend": "cpu",
            "eviction": "lru", "copy_backend": "staged", "layerwise_ahead": 2, "staging_mib": 64,
-           "debug": {"record_pages": True}}
+           "report_timeout_s": 30, "debug": {"record_pages": True}}
     cfg = PrefixCacheConfig.from_dict(raw)
     assert sorted(raw) == sorted(PrefixCacheConfig.keys())  # every key is exercised here
     assert cfg.host_cache_bytes == 1 << 29
     assert (cfg.copy_backend, cfg.layerwise_ahead, cfg.staging_mib) == ("staged", 2, 64)
     assert (cfg.demote, cfg.load, cfg.index_backend) == ("write_through", "layerwise", "cpu")
     assert cfg.debug.record_pages is True
+    assert cfg.report_timeout_s == 30 and PrefixCacheConfig(host_cache_gib=1).report_timeout_s == 120
 
 
 def test_debug_options():
@@ -98,6 +99,9 @@ def test_frozen():
         ({"host_cache_gib": 1, "staging_mib": 4}, ["staging_mib", "8 to 16384", "4"]),
         ({"host_cache_gib": 1, "staging_mib": 64.0}, ["staging_mib", "64.0"]),
         ({"host_cache_gib": 1, "staging_mib": False}, ["staging_mib"]),
+        ({"host_cache_gib": 1, "report_timeout_s": 0}, ["report_timeout_s", "> 0", "seconds"]),
+        ({"host_cache_gib": 1, "report_timeout_s": "60"}, ["report_timeout_s", "'60'"]),
+        ({"host_cache_gib": 1, "report_timeout_s": float("inf")}, ["report_timeout_s", "inf"]),
         ({"host_cache_gib": 1, "demote": None}, ["demote", "lazy"]),
         ({"host_cache_gib": 1, "cpu_bytes_to_use": 5},
          ["cpu_bytes_to_use", "host_cache_gib", "allowed keys"]),
