@@ -212,8 +212,11 @@ def reporting_ranks(vllm_config: Any) -> int:
     passes an id of `finished_recving` on (`get_finished_count()`, which this connector leaves at
     None, or else the world size), so the scheduler side waits for as many reports of every job
     in the worker metadata. In scope (no pipeline or context parallelism) it is the tensor
-    parallel size."""
+    parallel size. Other executors hand the scheduler one worker's output as it is: one report
+    (vLLM's external launcher counts every data parallel rank in its world size)."""
     par = getattr(vllm_config, "parallel_config", None)
+    if getattr(par, "distributed_executor_backend", None) not in AGGREGATING_EXECUTORS:
+        return 1
     return int(getattr(par, "world_size", 1) or 1)
 
 

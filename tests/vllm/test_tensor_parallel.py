@@ -54,8 +54,9 @@ def _side(ranks: int = TP, **extra):
 
     spec = SimpleNamespace(block_size=32, page_size_bytes=1024)
     kv = SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec, layer_names=["l0", "l1"])])
+    par = SimpleNamespace(tensor_parallel_size=ranks, world_size=ranks, distributed_executor_backend="mp")
     vc = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_batched_tokens=256, max_num_seqs=8),
-                         parallel_config=SimpleNamespace(tensor_parallel_size=ranks, world_size=ranks))
+                         parallel_config=par)
     cfg = PrefixCacheConfig.from_dict({"host_cache_gib": 64 * 2048 * ranks / 2**30, **extra})
     return SchedulerSide(cfg, vc, kv)
 
@@ -100,6 +101,21 @@ def test_the_host_tier_is_the_total_over_the_ranks():
     one, two = _side(ranks=1), _side(ranks=2)  # twice the GiB: twice the shards of the same blocks
     assert one.tier.num_slots == two.tier.num_slots == 64
     assert (one.slot_bytes, two.slot_bytes, two.num_ranks) == (2 * 1024, 2 * 2 * 1024, 2)
+
+
+def test_each_job_waits_for_the_reports_vllm_gathers():
+    """As many reports as the executor gathers: every rank's with `mp` and `ray`; one with the
+    in-process executor, and with the external launcher (each process runs its own scheduler,
+    whose world size counts the data parallel ranks too)."""
+    from triton_prefix_cache_vllm.compat import reporting_ranks
+
+    def vc(backend, world):
+        return SimpleNamespace(parallel_config=SimpleNamespace(distributed_executor_backend=backend,
+                                                               world_size=world))
+
+    assert [reporting_ranks(vc(b, 4)) for b in ("mp", "ray")] == [4, 4]
+    assert reporting_ranks(vc("uni", 1)) == 1 and reporting_ranks(vc("external_launcher", 2)) == 1
+    assert reporting_ranks(SimpleNamespace()) == 1
 
 
 def test_a_load_settles_once_every_rank_reported_it_across_steps():
