@@ -120,6 +120,10 @@ class PrefixCacheConfig:
     staging_mib: GPU memory of the "staged" copy backend's staging buffer, per direction (two
         buffers), outside the engine's KV budget. Each half of a buffer is one DMA step: 256 holds
         a layer group (1/8 of the layers) of a 512-block load of an 8B model in one step.
+    report_timeout_s: seconds the engine waits for every worker (one per tensor parallel rank) to
+        report a copy handed to them. A copy some worker never reports would leave its request
+        waiting and its blocks held for good; past this the engine stops with an error naming the
+        copy and the ranks that did not report it. Keep it far above the time of any copy.
     debug: tests and diagnosis only (`DebugOptions`, given as a dict): page checks, late reports,
         forced store polling, step timing. Everything off by default.
     remote: None (default, off) or a URL naming a shared store under the host tier and its
@@ -135,6 +139,7 @@ class PrefixCacheConfig:
     copy_backend: str = "auto"
     layerwise_ahead: int | None = None
     staging_mib: int = 256
+    report_timeout_s: float = 120.0
     debug: DebugOptions = field(default_factory=DebugOptions)
     remote: str | None = None
 
@@ -151,6 +156,9 @@ class PrefixCacheConfig:
         v = self.staging_mib
         if not isinstance(v, int) or isinstance(v, bool) or not 8 <= v <= 16384:
             raise ConfigError(f"config key 'staging_mib' must be an int from 8 to 16384 (MiB), got {v!r}")
+        v = self.report_timeout_s
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not (math.isfinite(v) and v > 0):
+            raise ConfigError(f"config key 'report_timeout_s' must be a number > 0 (seconds), got {v!r}")
         object.__setattr__(self, "debug", DebugOptions.from_dict(self.debug))
         if self.remote is not None:
             self.remote_url  # noqa: B018 (parses and checks it)

