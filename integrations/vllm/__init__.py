@@ -7,6 +7,11 @@ connector module loads lazily, when vLLM first asks for the class.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from triton_prefix_cache.config import PrefixCacheConfig
+
 CONNECTOR_NAME = "TritonPrefixCacheConnector"
 CONNECTOR_MODULE = "triton_prefix_cache_vllm.connector"
 #: The one logger of every adapter module: under vLLM's `vllm` logger, so vLLM's logging config
@@ -24,4 +29,21 @@ def register() -> None:
         KVConnectorFactory.register_connector(CONNECTOR_NAME, CONNECTOR_MODULE, CONNECTOR_NAME)
 
 
-__all__ = ["CONNECTOR_NAME", "LOGGER_NAME", "register"]
+def connector_config(extra_config: Any) -> PrefixCacheConfig:
+    """The validated config of `kv_connector_extra_config`, as this adapter can serve it.
+
+    Raises ConfigError naming the key. Every check of the command line, of vLLM's config build and
+    of the connector's construction goes through here, so they refuse the same configs.
+    """
+    from triton_prefix_cache.config import ConfigError, PrefixCacheConfig
+
+    cfg = PrefixCacheConfig.validated(extra_config)
+    if cfg.remote is not None:
+        raise ConfigError(
+            "config key 'remote': this version of the vLLM adapter does not connect a remote tier yet "
+            "(the core's client is in triton_prefix_cache.remote); leave 'remote' out to serve with the "
+            "host tier")
+    return cfg
+
+
+__all__ = ["CONNECTOR_NAME", "LOGGER_NAME", "connector_config", "register"]

@@ -18,7 +18,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from . import CONNECTOR_NAME
+from . import CONNECTOR_NAME, connector_config
 
 _version = metadata.version
 
@@ -61,10 +61,10 @@ def check_command_line(argv: Sequence[str]) -> str | None:
     configs = [c for c in kv_transfer_configs(argv) if c.get("kv_connector") == CONNECTOR_NAME]
     if not configs:
         return None
-    from triton_prefix_cache.config import ConfigError, PrefixCacheConfig
+    from triton_prefix_cache.config import ConfigError
 
     try:
-        PrefixCacheConfig.validated(configs[-1].get("kv_connector_extra_config"))
+        connector_config(configs[-1].get("kv_connector_extra_config"))
     except ConfigError as e:
         return f"{CONNECTOR_NAME}: bad kv_connector_extra_config: {e}"
     return None

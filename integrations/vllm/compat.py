@@ -139,12 +139,15 @@ def watch_evictions(pool: BlockPool, on_evict: Callable[[KVCacheBlock], None]) -
     original = getattr(pool, "_maybe_evict_cached_block", None)
     if original is None:
         return False
+    if getattr(original, "_tpc_watch", False):  # watched already: never count an eviction twice
+        return True
 
     def evict(block: KVCacheBlock) -> bool:
         if block.block_hash is not None:
             on_evict(block)
         return original(block)
 
+    evict._tpc_watch = True
     pool._maybe_evict_cached_block = evict
     return True
 

@@ -17,14 +17,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from triton_prefix_cache.config import PrefixCacheConfig
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
 )
 
-from . import LOGGER_NAME, compat
+from . import LOGGER_NAME, compat, connector_config
 from .metadata import TPCMetadata
 from .stats import Diagnostics, TPCPromMetrics, TPCStats
 
@@ -42,7 +41,7 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         # Validate before the base class logs anything or we allocate anything.
-        self.cfg = PrefixCacheConfig.validated(vllm_config.kv_transfer_config.kv_connector_extra_config)
+        self.cfg = connector_config(vllm_config.kv_transfer_config.kv_connector_extra_config)
         compat.check_scope(vllm_config, kv_cache_config)
         if role == KVConnectorRole.SCHEDULER:  # the scheduler is the policy's only reader
             _recompute_failed_loads(vllm_config)
@@ -168,7 +167,7 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
         # The one class method vLLM (0.26 and 0.32) calls with our config while it builds its own,
         # before the engine core starts: on CUDA with full CUDA graphs on (not with --enforce-eager,
         # nor on the CPU, where it only imports the class). Validate as early as that.
-        PrefixCacheConfig.validated(extra_config)
+        connector_config(extra_config)
         # No: layer-wise loads wait per layer where Python runs between graph pieces (piecewise
         # graphs, eager), and wait whole before the forward where vLLM replays a full graph (it
         # says so in the forward context, see WorkerSide.start_load_kv). Asking for PIECEWISE would

@@ -76,13 +76,6 @@ class HostTier:
         with self._on_stream():
             return self.manager.index.count_leading(keys.to(self.device))
 
-    def loading(self, keys: torch.Tensor) -> bool:
-        """Whether a load in flight reads the slot of any of these keys (a few keys: one lookup)."""
-        with self._on_stream():
-            slots = self.manager.lookup(keys)
-        slots = slots[slots >= 0]
-        return bool(slots.size) and bool((self.manager.readers_of(slots) > 0).any())
-
     def holds(self, keys: torch.Tensor) -> np.ndarray:
         """bool (n,): keys with a host copy, complete or being written."""
         with self._on_stream():

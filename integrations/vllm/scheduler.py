@@ -94,6 +94,7 @@ class _ReqState:
     fresh: bool = False  # a lookup happened that update_state_after_alloc has not accounted yet
     load_async: bool = False  # how the load planned by the last lookup runs
     noted: tuple[int, int] | None = None  # the last partial hit recorded (first block, blocks found)
+    load_failed: bool = False  # a load of this request failed: it recomputes, never asks the tier again
     request: Any = None
     sched_seconds: float = 0.0  # scheduler time spent in the adapter's hooks for this request
 
@@ -169,6 +170,10 @@ class SchedulerSide:
         self.reqs: dict[str, _ReqState] = {}
         self.pending_loads: list[LoadJob] = []
         self.inflight_loads: dict[str, list[int]] = {}  # req id -> pinned slots
+        #: host slots that async loads in flight read, with how many read each: vLLM caches an async
+        #: load's blocks only when it completes, so a request asking about those keys waits for it
+        self._async_reads: collections.Counter[int] = collections.Counter()
+        self._async_loads: dict[str, list[int]] = {}  # req id -> the slots its async load reads
         self.pending_stores: list[_Store] = []  # write_through: planned at request finish
         self.inflight_stores: dict[int, _Store] = {}
         #: GPU block id held by a store -> whether a request used the block meanwhile (it then goes
@@ -197,9 +202,8 @@ class SchedulerSide:
                         "missed_demotions counter stays 0")
 
     def _on_evict(self, block: KVCacheBlock) -> None:
-        h = compat.block_hash_of(block)
-        if h is not None and not block.is_null:
-            self._evicted.append((block.block_id, h))
+        if not block.is_null:  # the watch calls this for cached blocks only
+            self._evicted.append((block.block_id, compat.block_hash_of(block)))
 
     def _loads_async(self, req_id: str) -> bool:
         if self.load_mode != "auto":
@@ -216,7 +220,9 @@ class SchedulerSide:
         # At least one prompt token is left to compute, so the forward produces logits.
         end = (request.num_tokens - 1) // bs
         st.plan_start, st.plan_n, st.fresh, st.request = start, 0, True, request
-        if end > start and num_computed_tokens % bs == 0 and len(self.tier):
+        # A request whose load failed recomputes: offering the same hit again could leave it, after
+        # vLLM freed its blocks, at the head of the queue waiting for room it cannot get.
+        if end > start and num_computed_tokens % bs == 0 and len(self.tier) and not st.load_failed:
             # Most misses happen at the first block: then only that block's key is derived and probed.
             if st.keys.shape[0] > start or self.tier.match(
                     keys_from_block_hashes(request.block_hashes[start : start + 1])):
@@ -231,10 +237,11 @@ class SchedulerSide:
         if not st.counted:  # one request counts once, however often vLLM asks
             st.counted = True
             s.add("sched_requests", 1)
-        # Another request loading this prefix right now (vLLM caches an async load's blocks only
-        # when it completes): ask again later and hit them in VRAM then, rather than copying the
-        # same prefix over PCIe once per request (a burst sharing one long prefix).
-        deferred = bool(n) and self.tier.loading(st.keys[start : start + 1])
+        # Another request's async load reads this prefix right now (vLLM caches its blocks only when
+        # it completes): ask again later and hit them in VRAM then, rather than copying the same
+        # prefix over PCIe once per request (a burst sharing one long prefix). A layer-wise load's
+        # blocks are cached at allocation: vLLM's own lookup finds them.
+        deferred = bool(n) and bool(self._async_reads) and self._read_by_async_load(st.keys[start])
         if deferred:
             st.plan_n = 0
             s.add("deferred_requests", 1)
@@ -243,6 +250,10 @@ class SchedulerSide:
         s.add("sched_seconds", dt)
         st.sched_seconds += dt
         return (None, False) if deferred else (n * bs, st.load_async)
+
+    def _read_by_async_load(self, key: torch.Tensor) -> bool:
+        slot = int(self.tier.manager.lookup(key[None])[0])
+        return slot >= 0 and self._async_reads[slot] > 0
 
     def _note_partial(self, request: Request, gpu_blocks: int, host_blocks: int, want: int) -> None:
         """A partial host hit (diagnostics, `recent_partial_hits`): where the lookup stopped, the
@@ -295,7 +306,11 @@ class SchedulerSide:
             s.add("host_hit_tokens", num_external_tokens)
             if st.load_async:
                 s.add("async_loads", 1)
+                self._async_loads[request.request_id] = slots
+                self._async_reads.update(slots)
             st.plan_n = 0
+        # Scheduled in this pass: requests asked after it load async rather than stall it.
+        self.running.add(request.request_id)
         dt = time.perf_counter() - t0
         self.stats.add("sched_seconds", dt)
         st.sched_seconds += dt
@@ -309,7 +324,8 @@ class SchedulerSide:
         t0 = time.perf_counter()
         meta = TPCMetadata(loads=self.pending_loads)
         self.pending_loads = []
-        self.running = set(scheduler_output.num_scheduled_tokens)
+        if self.load_mode == "auto":
+            self.running = set(scheduler_output.num_scheduled_tokens)
         if self._evicted:
             self._count_missed_demotions()
         if self.cfg.demote == "lazy":
@@ -399,8 +415,15 @@ class SchedulerSide:
         slots = self.inflight_loads.pop(req_id, None)
         if slots is not None:
             self.tier.unpin(slots, job.ok)
+        read = self._async_loads.pop(req_id, None)
+        if read is not None:
+            self._async_reads.subtract(read)
+            self._async_reads += collections.Counter()  # drop the slots no async load reads now
         if not job.ok:
             self.stats.add("failed_loads", 1)
+            st = self.reqs.get(req_id)
+            if st is not None:
+                st.load_failed = True
         if job.retried:
             self.stats.add("load_retries", 1)
 

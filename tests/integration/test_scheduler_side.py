@@ -59,16 +59,54 @@ def test_each_load_runs_as_its_mode_says(mode):
     assert side.get_num_new_matched_tokens(_request("c", hashes), 0) == (4 * BLOCK, want_alone)
 
 
+def _admit(side, req, n_blocks: int) -> None:
+    """vLLM allocates the request's blocks for a hit of n_blocks and the step hands its load over."""
+    blocks = SimpleNamespace(get_block_ids=lambda: (list(range(10, 10 + n_blocks + 1)),))
+    side.update_state_after_alloc(req, blocks, n_blocks * BLOCK)
+
+
+def _report(side, **done) -> None:
+    from triton_prefix_cache_vllm.metadata import TPCWorkerMetadata
+
+    side.update_connector_output(SimpleNamespace(kv_connector_worker_meta=TPCWorkerMetadata(**done)))
+
+
 @pytest.mark.parametrize("mode", ["auto", "layerwise", "async"])
-def test_a_prefix_being_loaded_is_asked_again_later_in_every_mode(mode):
+def test_a_prefix_an_async_load_reads_is_asked_again_later(mode):
+    """vLLM caches an async load's blocks only when it completes: a request asking about the same
+    prefix meanwhile is asked again later (then it hits them in VRAM). A layer-wise load's blocks
+    are cached at allocation, so vLLM's own lookup finds them: no deferral."""
     side = _side(load=mode)
     hashes = _hashes(3, 100)
     _store(side, hashes)
-    pinned = side.tier.pin(keys_from_block_hashes(hashes))  # another request's load reads them
-    assert side.get_num_new_matched_tokens(_request("a", hashes), 0) == (None, False)
-    assert side.stats.data["deferred_requests"] == 1
-    side.tier.unpin(pinned)
-    assert side.get_num_new_matched_tokens(_request("a", hashes), 0)[0] == 3 * BLOCK
+    _step(side, "other")  # a request runs: auto loads async
+    n, async_ = side.get_num_new_matched_tokens(_request("a", hashes), 0)
+    assert n == 3 * BLOCK and async_ is (mode != "layerwise")
+    _admit(side, _request("a", hashes), 3)
+    _step(side, "other")
+    b = side.get_num_new_matched_tokens(_request("b", hashes), 0)
+    if mode == "layerwise":
+        assert b[0] == 3 * BLOCK and side.stats.data["deferred_requests"] == 0
+        return
+    assert b == (None, False) and side.stats.data["deferred_requests"] == 1
+    _report(side, loads_done=["a"])
+    assert side.get_num_new_matched_tokens(_request("b", hashes), 0)[0] == 3 * BLOCK
+
+
+def test_a_request_whose_load_failed_recomputes():
+    """After a failed load vLLM frees the request's blocks and asks again; offering the same hit
+    again could leave it at the head of the queue waiting for room it cannot get."""
+    side = _side(load="async")
+    hashes = _hashes(3, 200)
+    _store(side, hashes)
+    req = _request("a", hashes)
+    assert side.get_num_new_matched_tokens(req, 0) == (3 * BLOCK, True)
+    _admit(side, req, 3)
+    _step(side)
+    _report(side, loads_failed=["a"])
+    assert side.stats.data["failed_loads"] == 1
+    assert side.get_num_new_matched_tokens(req, 0) == (0, False)
+    assert side.get_num_new_matched_tokens(_request("b", hashes), 0) == (3 * BLOCK, True)
 
 
 def test_evictions_without_a_host_copy_count_as_missed_demotions():
@@ -130,3 +168,12 @@ def test_diagnostics_hold_partial_hits_and_host_tier_counters():
     assert d.host_tier["stores_completed"] == 2 and d.host_tier["ready_slots"] == 2
     side.recent_partial_hits.clear()
     assert len(d.recent_partial_hits) == 1  # a snapshot: it does not follow the connector
+
+
+def test_auto_counts_requests_admitted_earlier_in_the_same_pass():
+    side = _side(load="auto")
+    hashes = _hashes(2, 300)
+    _store(side, hashes)
+    assert side.get_num_new_matched_tokens(_request("a", hashes), 0) == (2 * BLOCK, False)
+    _admit(side, _request("a", hashes), 2)  # a runs in this step, its load layer-wise
+    assert side.get_num_new_matched_tokens(_request("b", hashes), 0) == (2 * BLOCK, True)

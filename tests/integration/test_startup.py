@@ -72,6 +72,9 @@ BAD = [
     ({"host_cache_gib": 1, "eviction": "fifo"}, ["eviction", "'lru'"]),
     ({"host_cache_gib": 1, "cpu_bytes_to_use": 1}, ["cpu_bytes_to_use", "allowed keys"]),
     ({"host_cache_gib": 1e6}, ["host_cache_gib", "physical memory"]),  # a million GiB: no such machine
+    # a well-formed store URL, but the adapter does not reach a remote tier yet: refused, not ignored
+    ({"host_cache_gib": 1, "remote": "mooncake://127.0.0.1:50051?metadata=http://127.0.0.1:8080/metadata"},
+     ["remote", "does not connect"]),
 ]
 
 
@@ -172,6 +175,8 @@ def test_command_line_check_names_the_bad_key():
     other = json.dumps({"kv_connector": "OffloadingConnector", "kv_connector_extra_config": {"x": 1}})
     assert check_command_line(["serve", "m", "--kv-transfer-config", other]) is None  # not ours
     assert check_command_line(["serve", "m"]) is None
+    remote = good.replace('"demote": "lazy"', '"remote": "mooncake://127.0.0.1:1?metadata=http://127.0.0.1:2/m"')
+    assert "'remote'" in (check_command_line(["serve", "m", "--kv-transfer-config", remote]) or "")
 
 
 #: A CPU `vllm serve` of the tiny model takes 25-40 s to start here; refusing the config must take
