@@ -37,6 +37,9 @@ class Copier:
 
     name = "?"
     device_indices = True  # whether run() needs the ids as device tensors
+    #: whether a promote writes device pages only from a device staging buffer, after its host reads:
+    #: then run() orders those writes alone after `after`, and the reads need not wait for it
+    stages_writes = False
 
     def layer_groups(self, num_layers: int) -> list[tuple[int, int]]:
         """(first layer, count) of the steps a layer-wise copy takes: one layer each by default."""
@@ -51,7 +54,10 @@ class Copier:
         to_host: bool,
         layer_begin: int,
         layer_count: int,
+        after: Any = None,
     ) -> None:
+        """`after`: None, or (copiers that stage their writes) an event on another stream that this
+        promote's writes of device pages must follow."""
         raise NotImplementedError
 
 
@@ -71,7 +77,7 @@ class DmaCopier(Copier):
         self.addrs = np.array(layout.layer_addresses, dtype=np.int64)
         self.strides = np.array(layout.layer_strides, dtype=np.int64)
 
-    def run(self, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count) -> None:
+    def run(self, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count, after=None) -> None:
         dst, src, size = dma_descriptors(
             self.layout,
             self.addrs,
@@ -131,6 +137,7 @@ class StagedCopier(Copier):
 
     name = "staged"
     device_indices = True
+    stages_writes = True
 
     def __init__(self, layout: PageLayout, layers: list[torch.Tensor], batch, staging_bytes: int) -> None:
         self.layout = layout
@@ -169,7 +176,7 @@ class StagedCopier(Copier):
             self._kernels[key] = (kernel, cap, rows)
         return self._kernels[key]
 
-    def run(self, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count) -> None:
+    def run(self, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count, after=None) -> None:
         kernel, cap, rows = self._kernel(to_host, layer_begin, layer_count)
         page = self.layout.page_bytes
         run_bytes = layer_count * page
@@ -179,6 +186,8 @@ class StagedCopier(Copier):
         aux = self.aux.get(to_host)
         if aux is not None:
             aux.wait_stream(stream)  # the kernels start after the copy stream's ordering point
+            if after is not None:  # and, a promote's, after the work that last used its blocks
+                aux.wait_event(after)
         half_free: list[Any] = [None, None]  # event: the half's last user (kernel or DMA) is done
         n = len(blocks)
         for k, i0 in enumerate(range(0, n, cap)):
@@ -303,7 +312,7 @@ class TritonCopier(Copier):
             max_programs=max_programs,
         )
 
-    def run(self, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count) -> None:
+    def run(self, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count, after=None) -> None:
         self.kernel(blocks_t, slots_t, to_host, layer_begin, layer_count)
 
 
@@ -316,7 +325,7 @@ class TorchCopier(Copier):
         self.layers, self.host = word_views(layers, host, word_bytes)
         self.staged = self.host.device != self.layers[0].device
 
-    def run(self, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count) -> None:
+    def run(self, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count, after=None) -> None:
         if not self.staged:
             copy_pages_torch(self.layers, self.host, blocks_t, slots_t, to_host, layer_begin, layer_count)
             return

@@ -564,8 +564,15 @@ class CopyEngine:
                 h._publish_layer(None, self.num_layers)
             return h
         stream = self._streams[direction]
+        after = None  # an event of the caller's stream that the copy's writes of device pages wait for
         if self.wait_for_current_stream:  # ordered now, even where the copies are enqueued later
-            stream.wait_stream(torch.cuda.current_stream(self.device))
+            current = torch.cuda.current_stream(self.device)
+            if direction == "promote" and self._copiers[backend].stages_writes:
+                # A staged load writes device pages only in its scatter kernels: its DMAs (host to
+                # the staging buffer) run while the caller's queued forward does.
+                after = current.record_event()
+            else:
+                stream.wait_stream(current)
         # Page-wise DMA (a descriptor per page) is submitted by a thread either way; large staged
         # demotes too, off the step's critical path. Staged loads and small staged demotes take
         # little driver time to submit and are enqueued here, with no thread hand-off in front.
@@ -576,9 +583,10 @@ class CopyEngine:
             submitter = self._submitters.get(direction)
             if submitter is None:
                 submitter = self._submitters[direction] = _Submitter(direction, self.device)
-            submitter.put(h, functools.partial(self._enqueue, h, stream, blocks, slots, layerwise, False))
+            enqueue = functools.partial(self._enqueue, h, stream, blocks, slots, layerwise, False, after)
+            submitter.put(h, enqueue)
         else:
-            self._enqueue(h, stream, blocks, slots, layerwise, group_by_group)
+            self._enqueue(h, stream, blocks, slots, layerwise, group_by_group, after)
         return h
 
     def _enqueue(
@@ -589,8 +597,10 @@ class CopyEngine:
         slots: np.ndarray,
         layerwise: bool,
         group_by_group: bool,
+        after=None,
     ) -> None:
-        """Put h's copies on `stream` (already ordered after the work that produced the source).
+        """Put h's copies on `stream` (already ordered after the work that produced the source; a
+        load's writes of device pages also after the event `after`, when given).
         A layer-wise copy publishes each layer's event as soon as it is recorded; one submitted
         `group_by_group` enqueues its first groups here and the rest as its layers are asked for."""
         t0 = time.perf_counter()
@@ -603,16 +613,17 @@ class CopyEngine:
                 blocks_t, slots_t = _upload(blocks, self.device), _upload(slots, self.device)
             h._record_start(start, keep=(blocks, slots, blocks_t, slots_t))
             if group_by_group:
-                self._start_pump(h, stream, blocks, slots, blocks_t, slots_t, time.perf_counter() - t0)
+                self._start_pump(h, stream, blocks, slots, blocks_t, slots_t, time.perf_counter() - t0, after)
                 return
             done = None  # layer-wise: the last layer's event
             if layerwise:
                 groups = self._copiers[self.backend[direction]].layer_groups(self.num_layers)
                 for begin, count in groups:
-                    self._enqueue_group(h, stream, blocks, slots, blocks_t, slots_t, begin, count)
+                    self._enqueue_group(h, stream, blocks, slots, blocks_t, slots_t, begin, count, after)
             else:
                 self._run_with_fallback(
-                    direction, blocks, slots, blocks_t, slots_t, direction == "demote", 0, self.num_layers
+                    direction, blocks, slots, blocks_t, slots_t, direction == "demote", 0, self.num_layers,
+                    after,
                 )
                 done = torch.cuda.Event(enable_timing=True)
                 done.record(stream)
@@ -620,27 +631,27 @@ class CopyEngine:
         h._enqueue_done(self.backend[direction], time.perf_counter() - t0, done)
 
     def _start_pump(
-        self, h: CopyHandle, stream, blocks, slots, blocks_t, slots_t, seconds: float = 0.0
+        self, h: CopyHandle, stream, blocks, slots, blocks_t, slots_t, seconds: float = 0.0, after=None
     ) -> None:
         """Submit h's layer-wise copy group by group (`_GroupPump`), its first groups now; `stream`
         None: the CPU. `seconds`: host time the submission has taken so far."""
 
         def enqueue_group(begin: int, count: int) -> None:
             with on_stream(stream):
-                self._enqueue_group(h, stream, blocks, slots, blocks_t, slots_t, begin, count)
+                self._enqueue_group(h, stream, blocks, slots, blocks_t, slots_t, begin, count, after)
 
         groups = self._copiers[self.backend[h.direction]].layer_groups(self.num_layers)
         _GroupPump(self, h, groups, enqueue_group, seconds).start()
 
     def _enqueue_group(
-        self, h: CopyHandle, stream, blocks, slots, blocks_t, slots_t, begin: int, count: int
+        self, h: CopyHandle, stream, blocks, slots, blocks_t, slots_t, begin: int, count: int, after=None
     ) -> None:
         """Layers [begin, begin + count) of a layer-wise copy on the current stream (`stream`; None:
         the CPU, synchronous), its event published for every layer of the group (they land
         together); the last group's event is timed."""
         if len(blocks):
             self._run_with_fallback(
-                h.direction, blocks, slots, blocks_t, slots_t, h.direction == "demote", begin, count
+                h.direction, blocks, slots, blocks_t, slots_t, h.direction == "demote", begin, count, after
             )
         ev = None
         if stream is not None:
@@ -649,15 +660,14 @@ class CopyEngine:
         h._publish_layer(ev, count)
 
     def _run_with_fallback(
-        self, direction, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count
+        self, direction, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count, after=None
     ):
         if len(blocks) == 0:
             return
         name = self.backend[direction]
         try:
-            self._run(
-                self._copiers[name], blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count
-            )
+            copier = self._copiers[name]
+            self._run(copier, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count, after)
             return
         except Exception as e:  # any failure of a fast path falls back to torch (re-raised for torch)
             if name == "torch":
@@ -671,14 +681,21 @@ class CopyEngine:
             for d in DIRECTIONS:
                 if self.backend[d] == name:
                     self.backend[d] = "torch"
-        self._run(self._copiers["torch"], blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count)
+        self._run(
+            self._copiers["torch"], blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count, after
+        )
 
     def _run(
-        self, copier: Copier, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count
+        self, copier: Copier, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count, after=None
     ) -> None:
+        """One copier's copy on the current (side) stream; `after`: an event the copy's writes of
+        device pages wait for (the whole copy, unless the copier stages its writes)."""
         if copier.device_indices and blocks_t is None:  # uploaded on the current (side) stream
             blocks_t, slots_t = _upload(blocks, self.device), _upload(slots, self.device)
-        copier.run(blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count)
+        if after is not None and not copier.stages_writes:
+            torch.cuda.current_stream(self.device).wait_event(after)
+            after = None
+        copier.run(blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count, after=after)
 
     # ---- measurement ------------------------------------------------------------------------------
     def calibrate(self, num_blocks: int = 64, repeats: int = 3) -> dict[str, dict[str, float]]:

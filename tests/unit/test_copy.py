@@ -655,10 +655,10 @@ def test_layerwise_group_failing_later_sets_the_error_not_raises(monkeypatch):
     views, pool, eng, blocks = _pump_setup("cpu", "torch", layers, 0)
     real = eng._run_with_fallback
 
-    def flaky(direction, blocks_, slots_, blocks_t, slots_t, to_host, begin, count):
+    def flaky(direction, blocks_, slots_, blocks_t, slots_t, to_host, begin, count, after=None):
         if begin >= fail_from:
             raise RuntimeError("simulated copy failure")
-        return real(direction, blocks_, slots_, blocks_t, slots_t, to_host, begin, count)
+        return real(direction, blocks_, slots_, blocks_t, slots_t, to_host, begin, count, after)
 
     monkeypatch.setattr(eng, "_run_with_fallback", flaky)
     try:
@@ -733,6 +733,65 @@ def test_gpu_demote_waits_for_the_writer_on_the_current_stream(kernel_device, ba
         eng.demote(torch.arange(nb), torch.arange(nb)).wait()
         want = byte_views([torch.full_like(kv[0][:1], 3.0)])[0].cpu()
         assert all(torch.equal(pool.slots[s, layer], want[0]) for s in (0, nb - 1) for layer in range(layers))
+    finally:
+        eng.close()
+        pool.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_gpu_promote_writes_after_the_work_on_the_current_stream(kernel_device, backend, layerwise):
+    """A load's destination blocks may still be in use by work queued before it (a forward reading
+    the blocks' previous owner): the load lands after that work, whatever the backend."""
+    layers, nb = 4, 32
+    kv = make_kv(nb, layers, (16, 8, 256), torch.bfloat16, "separate", kernel_device)
+    views = byte_views(kv)
+    pool = make_pool(nb, layers, views[0].shape[1], kernel_device)
+    pool.slots.fill_(7)
+    eng = CopyEngine(views, pool, backend=backend)
+    try:
+        torch.cuda._sleep(50_000_000)  # keep the current stream busy, then write the blocks there
+        for v in views:
+            v.fill_(3)
+        eng.promote(torch.arange(nb), torch.arange(nb), layerwise=layerwise).wait()
+        torch.cuda.synchronize()
+        assert all(bool((v == 7).all()) for v in views), "the load landed before the earlier writes"
+    finally:
+        eng.close()
+        pool.close()
+
+
+@pytest.mark.gpu
+def test_gpu_staged_promote_reads_the_host_while_the_current_stream_is_busy(kernel_device, monkeypatch):
+    """A staged load's DMAs (host pool -> staging buffer) do not wait for the caller's queued work;
+    only its scatter into the blocks does. Checked by event states: the DMAs' completion is seen
+    while the caller's stream is still busy, the blocks written only after it."""
+    layers, nb = 4, 32
+    kv = make_kv(nb, layers, (16, 8, 256), torch.bfloat16, "separate", kernel_device)
+    views = byte_views(kv)
+    pool = make_pool(nb, layers, views[0].shape[1], kernel_device)
+    pool.slots.fill_(7)
+    eng = CopyEngine(views, pool, backend="staged")
+    landed: list[torch.cuda.Event] = []
+    copier = eng._copiers["staged"]
+    dma = copier._dma
+
+    def timed_dma(dst, src, run_bytes, stream, to_host):
+        dma(dst, src, run_bytes, stream, to_host)
+        landed.append(stream.record_event())
+
+    monkeypatch.setattr(copier, "_dma", timed_dma)
+    try:
+        torch.cuda._sleep(4_000_000_000)  # about two seconds of the current stream
+        busy = torch.cuda.current_stream().record_event()
+        h = eng.promote(torch.arange(nb), torch.arange(nb))
+        assert landed
+        while not landed[-1].query():
+            assert not busy.query(), "the DMAs waited for the current stream's work"
+        assert not busy.query() and not h.done()
+        h.wait()
+        assert busy.query() and all(bool((v == 7).all()) for v in views)
     finally:
         eng.close()
         pool.close()
