@@ -15,7 +15,17 @@ PINS="torch==2.13.0 triton==3.9.0"
 STAMP="$VENV/.tpc-setup-stamp"
 want="$PINS remote=${TPC_SKIP_REMOTE:-0} $(sha1sum pyproject.toml | cut -c1-12)"
 
-# The Mooncake client's native library links libibverbs.so.1 (RDMA verbs), TCP or not.
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating venv $VENV"
+  "$PY" -m venv "$VENV"
+fi
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  echo "[setup] $VENV is up to date ($PINS)"
+  exit 0
+fi
+
+# The Mooncake client's native library links libibverbs.so.1 (RDMA verbs), TCP or not. Checked only
+# when (re)installing: an up-to-date venv returns above without touching the system.
 has_verbs() { { ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null; } | grep -q 'libibverbs\.so\.1 '; }
 if [ "${TPC_SKIP_REMOTE:-0}" != 1 ] && ! has_verbs; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
@@ -31,14 +41,6 @@ if [ "${TPC_SKIP_REMOTE:-0}" != 1 ] && ! has_verbs; then
     "remote tier; without it the Mooncake client does not load" >&2
 fi
 
-if [ ! -x "$VENV/bin/python" ]; then
-  echo "[setup] creating venv $VENV"
-  "$PY" -m venv "$VENV"
-fi
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
-  echo "[setup] $VENV is up to date ($PINS)"
-  exit 0
-fi
 pip() { "$VENV/bin/python" -m pip "$@"; }
 pip install -q --upgrade pip setuptools wheel
 # torch first and exactly pinned: on this machine pip takes the CPU wheel from disk for 2.13.0,
