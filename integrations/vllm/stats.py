@@ -3,8 +3,8 @@
 Both sides fill one `TPCStats`: the scheduler side (hits per tier, drops, failed and retried
 loads, its own time) and the worker side (bytes and seconds of copies each way). vLLM aggregates
 the workers' and the scheduler's objects every step, rebuilds them in the logger process from
-`data` (plain numbers, so they cross process boundaries as they are), prints `reduce()` in its
-"KV Transfer metrics" line and hands `data` to `TPCPromMetrics.observe`.
+`data` (plain numbers and lists of numbers, so they cross process boundaries as they are), prints
+`reduce()` in its "KV Transfer metrics" line and hands `data` to `TPCPromMetrics.observe`.
 
 With tensor parallelism vLLM sums every rank's worker object. Each rank counts the bytes it moved
 (its shard of each block: the sum is the blocks' bytes); counts of copies, their seconds and the
@@ -68,7 +68,8 @@ GAUGES = ("inflight_loads", "inflight_stores", "host_used_slots", "host_slots", 
 
 @dataclass
 class TPCStats(KVConnectorStats):
-    """Counters and gauges of one interval; `data` holds plain numbers only."""
+    """Counters, gauges and observations of one interval. `data` holds plain values only: a number
+    per counter and gauge, a list of numbers per observation."""
 
     def __post_init__(self) -> None:
         for k in COUNTERS:
