@@ -279,13 +279,13 @@ def lp_tolerance(same_hit: bool) -> float:
     """Logprob tolerance against built-in caching with a big KV cache.
 
     On the CPU backend the tiny fp32 model's logprobs do not depend on how much of the prompt came
-    from a cache or on the batch (measured: bit-identical), so 1e-5 holds for every request. On a
+    from a cache or on the batch (they are bit-identical), so 1e-5 holds for every request. On a
     GPU they do: the attention kernel may take another path when the cached prefix differs in
-    length (a host tier smaller than the working set misses what the oracle hits), and fp32 GEMMs
-    are not batch-invariant (a smaller KV cache batches concurrent requests differently: measured
-    1.2e-5 on an H200 with equal hits). Tokens must still be identical. The GPU's float32
-    attention (vLLM's Triton backend) must run with IEEE dots, which tests/conftest.py asks for:
-    with TF32 dots one soak request's logprobs differed by 1.08e-2 with other hits.
+    length (a host tier smaller than the working set misses what the oracle hits: 1e-3), and fp32
+    GEMMs are not batch-invariant (a smaller KV cache batches concurrent requests differently, which
+    moves logprobs just past 1e-5 even with equal hits: 1e-4 leaves a margin). Tokens must still be
+    identical. The GPU's float32 attention (vLLM's Triton backend) must run with IEEE dots, which
+    tests/conftest.py asks for: TF32 dots move a request's logprobs past 1e-3 where its hits differ.
     """
     import torch
 
