@@ -29,8 +29,12 @@ env_setup() {
   export VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 }
 
-suite() {  # suite NAME [ARGS...]: one suite, its output in $RUN/NAME.log
-  local name=$1
+keep_rc() {  # keep_rc STATUS: the suite's rc is its first command's non-zero status, if any
+  [ "$rc" -ne 0 ] || rc=$1
+}
+
+suite() {  # suite NAME [ARGS...]: one suite, its output in $RUN/NAME.log; returns the suite's rc
+  local name=$1 rc=0
   shift
   env_setup
   echo "== $name $* ($(date +%T))"
@@ -38,6 +42,7 @@ suite() {  # suite NAME [ARGS...]: one suite, its output in $RUN/NAME.log
     gpu-tests)
       timeout 900 python3 -m pytest -q -p no:cacheprovider tests/unit/test_host_pool.py \
         tests/unit/test_copy.py tests/unit/test_index.py tests/unit/test_tiers.py "$@"
+      keep_rc $?  # the engine tests run whatever the unit tests gave
       timeout 900 python3 -m pytest -q -p no:cacheprovider tests/integration/test_engine.py "$@" ;;
     gpu-copy-tests)
       timeout 600 python3 -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_host_pool.py \
@@ -59,7 +64,9 @@ suite() {  # suite NAME [ARGS...]: one suite, its output in $RUN/NAME.log
           "$RUN/copy-llama-3.1-8b.json" >> "$RUN/results.jsonl" ;;
     *) echo "unknown suite $name" >&2; return 2 ;;
   esac
-  echo "== $name rc=$? ($(date +%T))"
+  keep_rc $?
+  echo "== $name rc=$rc ($(date +%T))"
+  return "$rc"
 }
 
 workload_of() {  # the value of --workload among bench.serve's arguments (default prefix)
@@ -107,5 +114,7 @@ case "${1:-}" in
     name=$1
     shift
     suite "$name" "$@" 2>&1 | tee -a "$RUN/$name.log"
-    collect ;;
+    rc=$?
+    collect
+    exit "$rc" ;;
 esac
