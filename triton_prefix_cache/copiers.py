@@ -28,6 +28,9 @@ STAGING_BYTES = 256 << 20
 #: Layer-group rows of consecutive slots go as one strided copy (cuMemcpy2DAsync) from this many
 #: rows on; shorter runs as descriptors of one batch call. 0: batch descriptors only.
 MIN_2D_ROWS = 4
+#: CUDA stream priority of loads (lower is higher; streams default to 0): their kernels are
+#: scheduled before the forward's and the stores' as SMs free up.
+LOAD_PRIORITY = -1
 #: Steps of a layer-wise "staged" load (each one descriptor per slot, then one kernel per chunk).
 LAYERWISE_GROUPS = 8
 
@@ -151,7 +154,8 @@ class StagedCopier(Copier):
             to_host: torch.empty(2 * self.half_bytes, dtype=torch.uint8, device=self.device)
             for to_host in (True, False)
         }
-        self.aux = {to_host: torch.cuda.Stream(self.device) for to_host in (True, False)} if self.cuda else {}
+        self.aux = {to_host: torch.cuda.Stream(self.device, priority=0 if to_host else LOAD_PRIORITY)
+                    for to_host in (True, False)} if self.cuda else {}
         self._kernels: dict[tuple[bool, int, int], tuple[Any, int, torch.Tensor]] = {}
 
     def layer_groups(self, num_layers: int) -> list[tuple[int, int]]:

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from .copiers import (
+    LOAD_PRIORITY,
     STAGING_BYTES,
     Copier,
     DmaCopier,
@@ -411,7 +412,12 @@ class CopyEngine:
         #: DMA copies are enqueued by one thread per direction (see `_Submitter`)
         self._submitters: dict[str, _Submitter] = {}
         if self.device.type == "cuda":
-            self._streams = {d: torch.cuda.Stream(self.device) for d in DIRECTIONS}
+            # Loads are on a request's critical path (a forward waits for a layer-wise load, a
+            # request for its async one), stores never are: loads' kernels go first on the SMs.
+            self._streams = {
+                d: torch.cuda.Stream(self.device, priority=LOAD_PRIORITY if d == "promote" else 0)
+                for d in DIRECTIONS
+            }
 
         if backend == "auto":
             if self.device.type == "cuda" and len(self._copiers) > 1:
