@@ -171,6 +171,25 @@ MODELS: dict[str, ModelSpec] = {
             weights="random",
             dtype="float32",
         ),
+        # A hybrid of Mamba-2 and attention layers (Nemotron-H style), config only: the connector
+        # refuses it at startup (tests), before any weights would matter.
+        ModelSpec(
+            name="tiny-nemotron-h",
+            architecture="NemotronHForCausalLM",
+            model_type="nemotron_h",
+            hidden_size=128,
+            num_layers=3,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=32,
+            intermediate_size=256,
+            vocab_size=32000,
+            max_position_embeddings=8192,
+            extra={"hybrid_override_pattern": "M*-", "mlp_hidden_act": "relu2", "ssm_state_size": 16,
+                   "mamba_num_heads": 8, "mamba_head_dim": 16, "n_groups": 1, "conv_kernel": 4,
+                   "expand": 1, "chunk_size": 32, "layer_norm_epsilon": 1e-5},
+            dtype="float32",
+        ),
         ModelSpec(
             name="llama-3.1-8b",
             hidden_size=4096,
@@ -220,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.name is None:
         for spec in MODELS.values():
-            print(f"{spec.name:14} {spec.num_layers} layers, hidden {spec.hidden_size}, "
+            print(f"{spec.name:16} {spec.num_layers} layers, hidden {spec.hidden_size}, "
                   f"{'random weights' if spec.weights == 'random' else 'config only (load_format=dummy)'}")
         return 0
     if args.name not in MODELS:

