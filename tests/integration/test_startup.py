@@ -118,9 +118,12 @@ def test_good_config_builds_both_roles(vllm_config):
         ("tp2", ["tensor_parallel_size=2", "distributed_executor_backend", "'uni'"]),  # in-process workers
         ("pp2", ["pipeline_parallel_size=1", "2"]),
         ("no_prefix_caching", ["prefix caching"]),
-        ("two_groups", ["dense", "2 groups"]),
+        ("two_groups", ["one KV cache group", "2 groups", "FullAttentionSpec", "SlidingWindowSpec"]),
+        ("two_groups_hybrid_manager_on", ["hybrid KV cache manager", "is on", "2 groups",
+                                          "--no-disable-hybrid-kv-cache-manager"]),
         ("mla", ["dense full attention", "MLAAttentionSpec"]),
-        ("sliding", ["dense full attention", "SlidingWindowSpec"]),
+        ("sliding", ["full attention", "SlidingWindowSpec"]),
+        ("chunked_local", ["full attention", "ChunkedLocalAttentionSpec"]),
         ("mamba_hybrid", ["NemotronHForCausalLM", "hybrid", "Mamba", "SupportsHMA"]),
         ("attention_free", ["Mamba2ForCausalLM", "attention-free"]),
     ],
@@ -132,6 +135,7 @@ def test_out_of_scope_engines_are_refused(vllm_config, monkeypatch, what, words)
     par = vllm_config.parallel_config
     cache = vllm_config.cache_config
     saved = (par.tensor_parallel_size, par.pipeline_parallel_size, cache.enable_prefix_caching)
+    sched = vllm_config.scheduler_config
     try:
         if what == "tp2":
             par.tensor_parallel_size = 2
@@ -139,8 +143,12 @@ def test_out_of_scope_engines_are_refused(vllm_config, monkeypatch, what, words)
             par.pipeline_parallel_size = 2
         elif what == "no_prefix_caching":
             vllm_config.cache_config.enable_prefix_caching = False
-        elif what == "two_groups":
+        elif what.startswith("two_groups"):
             kvc = _kv_cache_config(_spec(), _spec("SlidingWindowSpec", sliding_window=64))
+            if what == "two_groups_hybrid_manager_on":
+                monkeypatch.setattr(sched, "disable_hybrid_kv_cache_manager", False)
+        elif what == "chunked_local":
+            kvc = _kv_cache_config(_spec("ChunkedLocalAttentionSpec", attention_chunk_size=64))
         elif what == "mla":
             from vllm.v1.kv_cache_interface import MLAAttentionSpec
 
@@ -160,6 +168,20 @@ def test_out_of_scope_engines_are_refused(vllm_config, monkeypatch, what, words)
         par.tensor_parallel_size, par.pipeline_parallel_size, cache.enable_prefix_caching = saved
     for w in words:
         assert w in str(e.value), (w, str(e.value))
+
+
+@pytest.mark.parametrize("spec_kw", [
+    {},  # dense
+    {"sliding_window": 64},  # sliding-window layers beside full ones, folded into full attention
+    {"attention_chunk_size": 64},  # chunked-local layers beside full ones, likewise
+])
+def test_what_vllm_makes_of_local_attention_is_in_scope(vllm_config, spec_kw):
+    """With the hybrid KV cache manager off (vLLM's choice for this connector), local attention
+    beside full attention arrives as one FullAttentionSpec group that keeps every token's KV."""
+    kw = dict(spec_kw)
+    spec = _spec(kw.pop("cls_name", "FullAttentionSpec"), **kw)
+    c = _make(vllm_config, {"host_cache_gib": 0.01}, _kv_cache_config(spec))
+    assert c._sched is not None
 
 
 def test_the_model_is_checked_when_vllm_asks_for_the_layout(vllm_config, monkeypatch):
