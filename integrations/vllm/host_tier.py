@@ -76,6 +76,11 @@ class HostTier:
         with self._on_stream():
             return self.manager.index.count_leading(keys.to(self.device))
 
+    def ready(self, keys: torch.Tensor) -> np.ndarray:
+        """bool (n,): keys READY (findable), in any order. Pins nothing."""
+        with self._on_stream():
+            return self.manager.lookup(keys) >= 0
+
     def holds(self, keys: torch.Tensor) -> np.ndarray:
         """bool (n,): keys with a host copy, complete or being written."""
         with self._on_stream():
