@@ -20,7 +20,21 @@ LOGGER_NAME = "vllm.triton_prefix_cache"
 
 
 def register() -> None:
-    """Register the connector name with vLLM's KVConnectorFactory (idempotent, cheap)."""
+    """Register the connector name with vLLM's KVConnectorFactory (idempotent, cheap).
+
+    vLLM loads general plugins while it builds its command-line parser, before it parses the
+    arguments: so `vllm serve ... --kv-transfer-config` with a config this connector refuses stops
+    here, with one line naming the key (exit status 2, as vLLM's usage errors), instead of after
+    the engine has loaded the model, where vLLM first builds the connector."""
+    import sys
+
+    from .cli import USAGE_ERROR, check_command_line
+
+    error = check_command_line(sys.argv[1:])
+    if error is not None:
+        print(error, file=sys.stderr, flush=True)
+        raise SystemExit(USAGE_ERROR)
+
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
     # The factory raises on a second registration of a name; plugins may be loaded more than once
