@@ -7,8 +7,10 @@ Per config it starts one server (vLLM's default multi-process deployment; compil
 on a GPU), waits for `/health`, runs every concurrency in increasing order against it with
 `vllm bench serve` (chat: the project's own client, `bench/chat.py`), snapshots `/metrics` around
 each run, then stops the server's process group and waits until its port is free. Configs share
-model, flags and workload; host tiers get the same memory. Each concurrency draws its own prompts
-(seed + its position), so every run starts cold apart from what earlier runs left in the caches.
+model, flags and workload; host tiers get the same memory. Each run draws its own prompts (seed +
+its position), so every run starts cold apart from what earlier runs left in the caches. With
+`--repeat R` (default: 1 on a GPU, 3 on a CPU, whose timings are noisy) every concurrency runs R
+times in a row; the record keeps the median run (by throughput) with the range of every repeat.
 
 Output: a table; one line appended to bench/results.jsonl (exact commands, device, host, versions,
 every number); the chart bench/results/serve-<workload>.png (serve-<workload>-cpu.png on a CPU:
@@ -75,6 +77,7 @@ class Scale:
     chat: ChatSpec
     extra_flags: tuple[str, ...] = ()
     env: dict = field(default_factory=dict)
+    repeat: int = 1  # runs of each concurrency (median and range recorded)
 
 
 #: The GPU scale: Llama-3.1-8B shape, 8 GiB of KV (65,536 tokens); the prefix workload's working
@@ -91,7 +94,7 @@ CPU = Scale(model="tiny-llama", kv_gib=2 / 1024, host_gib=0.0625, max_model_len=
             num_prompts=64,
             chat=ChatSpec(sessions=16, turns=3, first_tokens=256, answer_tokens=16, new_tokens=32),
             extra_flags=("--enforce-eager", "--block-size", "32"),
-            env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"})
+            env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, repeat=3)
 
 WORKLOADS = ("prefix", "chat", "noreuse", "fits")
 
@@ -316,16 +319,21 @@ def run_config(name: str, config: str, model: ModelSpec, model_dir: Path, w: Wor
     try:
         entry["start_s"] = round(server.start(args.start_timeout), 1)
         progress.write(f"[{name}] ready in {entry['start_s']} s ({server.url})")
+        repeat = max(1, getattr(args, "repeat", None) or s.repeat)
         for i, c in enumerate(concurrencies):
-            before = server.metrics()
-            res, cmd = run_client(server, model, model_dir, w, c, args.seed + i, raw_dir,
-                                  f"{slug}.c{c}.json", env, args.run_timeout)
-            after = server.metrics()
-            run = {"concurrency": c, "client_command": shlex.join(cmd),
-                   **{k: res[k] for k in CLIENT_KEYS if k in res},
-                   "metrics": metric_delta(before, after)}
-            (raw_dir / f"{slug}.c{c}.metrics.json").write_text(json.dumps(
-                {"before": before, "after": after}, indent=1))
+            tries = []
+            for k in range(repeat):
+                tag = f"c{c}" if repeat == 1 else f"c{c}.r{k + 1}"
+                before = server.metrics()
+                res, cmd = run_client(server, model, model_dir, w, c, args.seed + i * repeat + k, raw_dir,
+                                      f"{slug}.{tag}.json", env, args.run_timeout)
+                after = server.metrics()
+                tries.append({"concurrency": c, "client_command": shlex.join(cmd),
+                              **{k: res[k] for k in CLIENT_KEYS if k in res},
+                              "metrics": metric_delta(before, after)})
+                (raw_dir / f"{slug}.{tag}.metrics.json").write_text(json.dumps(
+                    {"before": before, "after": after}, indent=1))
+            run = median_run(tries)
             entry["runs"].append(run)
             on_run(entry)
             progress.update(1)
@@ -339,6 +347,23 @@ def run_config(name: str, config: str, model: ModelSpec, model_dir: Path, w: Wor
         server.stop()
         entry["port_released"] = not port_in_use(server.port)
     return entry
+
+
+#: The numbers whose range over repeated runs is recorded beside the median run's.
+RANGE_KEYS = ("request_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms")
+
+
+def median_run(tries: list[dict]) -> dict:
+    """The run of median throughput among repeats of one concurrency (the lower middle one of an
+    even count), with `repeats` (how many) and `range` ([min, max] of RANGE_KEYS over all of them)."""
+    if len(tries) == 1:
+        return tries[0]
+    order = sorted(tries, key=lambda r: r.get("request_throughput", 0.0))
+    run = dict(order[(len(order) - 1) // 2])
+    run["repeats"] = len(tries)
+    run["range"] = {k: [min(r[k] for r in tries), max(r[k] for r in tries)]
+                    for k in RANGE_KEYS if all(k in r for r in tries)}
+    return run
 
 
 #: The baseline each ratio is taken against, first present wins.
@@ -382,14 +407,23 @@ def print_table(record: dict) -> None:
     base = rat.get("baseline")
     cols = ["config", "conc", "req/s", "TTFT p50", "TTFT p99", "TPOT p50", "host hits",
             f"x {base} req/s" if base else "", f"x {base} TTFT p50" if base else ""]
+    ranged = any("range" in r for e in record["configs"].values() for r in e["runs"])
+    if ranged:  # the median of repeated runs, and the range over them
+        cols[2:4] = ["req/s (min-max)", "TTFT p50 (min-max)"]
     rows = []
     for name, entry in record["configs"].items():
         if "error" in entry and not entry["runs"]:
             rows.append([name, "-", "FAILED", "", "", "", "", "", ""])
         for r in entry["runs"]:
             q = rat.get(f"{name}@{r['concurrency']}", {})
-            rows.append([name, str(r["concurrency"]), f"{r.get('request_throughput', 0):.2f}",
-                         f"{r.get('median_ttft_ms', 0):.0f} ms", f"{r.get('p99_ttft_ms', 0):.0f} ms",
+            span = r.get("range", {})
+            tput = f"{r.get('request_throughput', 0):.2f}"
+            ttft = f"{r.get('median_ttft_ms', 0):.0f} ms"
+            if "request_throughput" in span:
+                tput += " ({:.2f}-{:.2f})".format(*span["request_throughput"])
+            if "median_ttft_ms" in span:
+                ttft += " ({:.0f}-{:.0f})".format(*span["median_ttft_ms"])
+            rows.append([name, str(r["concurrency"]), tput, ttft, f"{r.get('p99_ttft_ms', 0):.0f} ms",
                          f"{r.get('median_tpot_ms', 0):.1f} ms", f"{host_hit_tokens(r):,.0f}",
                          f"{q['throughput']:.2f}x" if q.get("throughput") else "",
                          f"{q['ttft_p50']:.2f}x" if q.get("ttft_p50") else ""])
@@ -416,7 +450,10 @@ def plot(record: dict, path: Path) -> Path | None:
             continue
         xs = [r["concurrency"] for r in runs]
         for ax, key in zip(axes, ("request_throughput", "median_ttft_ms", "p99_ttft_ms")):
-            ax.plot(xs, [r.get(key, float("nan")) for r in runs], marker="o", label=name)
+            ys = [r.get(key, float("nan")) for r in runs]
+            lo = [y - r.get("range", {}).get(key, (y, y))[0] for r, y in zip(runs, ys)]
+            hi = [r.get("range", {}).get(key, (y, y))[1] - y for r, y in zip(runs, ys)]
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=name)  # range of repeats
     for ax, title in zip(axes, ("throughput (req/s)", "TTFT p50 (ms)", "TTFT p99 (ms)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("requests in flight")
@@ -448,6 +485,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", help="a model of bench.models (default: the scale's)")
     p.add_argument("--scale", choices=("gpu", "cpu"), help="default: gpu where CUDA is available")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeat", type=int, metavar="R",
+                   help="runs of each concurrency; the median and the range are recorded "
+                        "(default: GPU 1, CPU 3)")
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to start")
     p.add_argument("--run-timeout", type=float, default=1800.0, help="seconds one client run may take")
     p.add_argument("--raw-dir", type=Path, default=ROOT / "serve-raw",
@@ -464,6 +504,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--concurrency: every value must be >= 1")
     if args.num_prompts is not None and args.num_prompts < 1:
         p.error("--num-prompts: must be >= 1")
+    if args.repeat is not None and args.repeat < 1:
+        p.error("--repeat: must be >= 1")
     check_args(p.error, args.configs, args.model, extra_configs=("roof",))
     return args
 
@@ -499,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         **record_head("serve"), "workload": args.workload, "label": args.label,
         "command": shlex.join([Path(sys.executable).name, "-m", "bench.serve", *(argv or sys.argv[1:])]),
         "model": model.name, "kv_gib": s.kv_gib, "host_gib": s.host_gib,
-        "max_model_len": s.max_model_len, "num_prompts": w.num_prompts,
+        "max_model_len": s.max_model_len, "num_prompts": w.num_prompts, "repeat": args.repeat or s.repeat,
         "working_set_tokens": w.working_set_tokens, "concurrency": concurrencies,
         "env": {k: env[k] for k in sorted(env) if k.startswith(("VLLM_", "TPC_", "NCCL_"))},
         "configs": {},

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 def test_serve_runs_both_configs_and_leaves_nothing_behind(tmp_path):
     record, chart = tmp_path / "results.jsonl", tmp_path / "serve-prefix.png"
     argv = ["--workload", "prefix", "--configs", "prefix", "ours", "--concurrency", "2",
-            "--num-prompts", "32", "--record", str(record), "--chart", str(chart),
+            "--num-prompts", "32", "--repeat", "2", "--record", str(record), "--chart", str(chart),
             "--raw-dir", str(tmp_path / "raw")]
     assert S.main(argv) == 0
     lines = record.read_text().splitlines()
@@ -27,6 +27,10 @@ def test_serve_runs_both_configs_and_leaves_nothing_behind(tmp_path):
         assert "--enable-prefix-caching" in entry["server_command"]
         (run,) = entry["runs"]
         assert run["completed"] == 32 and run["failed"] == 0
+        # two runs of the concurrency (their own prompts): the median one, and the range of both
+        assert run["repeats"] == 2 and rec["repeat"] == 2
+        lo, hi = run["range"]["request_throughput"]
+        assert lo <= run["request_throughput"] <= hi
         assert " bench serve " in run["client_command"] and "--max-concurrency 2" in run["client_command"]
     ours = rec["configs"]["ours"]["runs"][0]["metrics"]
     # 16 prefixes asked twice each, their KV 4x the engine's: the second asks hit the host tier.

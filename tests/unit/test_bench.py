@@ -116,3 +116,18 @@ def test_records_append_one_line_each_and_charts_of_cpu_runs_are_named_apart(tmp
     assert common.chart_path("serve", "prefix", "cpu (x86_64)").name == "serve-prefix-cpu.png"
     out = common.save_run("demo", {"n": 1}, tmp_path / "one.json")
     assert out == tmp_path / "one.json" and len(common.read_record(path)) == 2
+
+
+def test_median_run_keeps_the_median_repeat_and_the_range_of_all():
+    from bench.serve import median_run
+
+    tries = [{"concurrency": 4, "request_throughput": t, "median_ttft_ms": f, "p99_ttft_ms": 2 * f,
+              "median_tpot_ms": 5.0, "metrics": {"m": t}}
+             for t, f in ((3.0, 90.0), (1.0, 200.0), (2.0, 100.0))]
+    run = median_run(tries)
+    assert run["request_throughput"] == 2.0 and run["metrics"] == {"m": 2.0}  # the median run, whole
+    assert run["repeats"] == 3
+    assert run["range"] == {"request_throughput": [1.0, 3.0], "median_ttft_ms": [90.0, 200.0],
+                            "p99_ttft_ms": [180.0, 400.0], "median_tpot_ms": [5.0, 5.0]}
+    assert median_run(tries[:2])["request_throughput"] == 1.0  # even count: the lower middle
+    assert median_run(tries[:1]) is tries[0] and "range" not in tries[0]  # one run: as it is
