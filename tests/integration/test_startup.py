@@ -72,9 +72,7 @@ BAD = [
     ({"host_cache_gib": 1, "eviction": "fifo"}, ["eviction", "'lru'"]),
     ({"host_cache_gib": 1, "cpu_bytes_to_use": 1}, ["cpu_bytes_to_use", "allowed keys"]),
     ({"host_cache_gib": 1e6}, ["host_cache_gib", "physical memory"]),  # a million GiB: no such machine
-    # a well-formed store URL, but the adapter does not reach a remote tier yet: refused, not ignored
-    ({"host_cache_gib": 1, "remote": "mooncake://127.0.0.1:50051?metadata=http://127.0.0.1:8080/metadata"},
-     ["remote", "does not connect"]),
+    ({"host_cache_gib": 1, "remote": "mooncake://127.0.0.1:50051"}, ["remote.metadata", "required"]),
 ]
 
 
@@ -154,6 +152,66 @@ def test_out_of_scope_engines_are_refused(vllm_config, what, words):
         assert w in str(e.value), (w, str(e.value))
 
 
+REMOTE = "mooncake://127.0.0.1:{port}?metadata=http://127.0.0.1:{port}/metadata"
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+@pytest.mark.parametrize("role", ["SCHEDULER", "WORKER"])
+def test_remote_with_tensor_parallelism_is_refused_naming_the_key(vllm_config, role):
+    par = vllm_config.parallel_config
+    saved = par.tensor_parallel_size, par.distributed_executor_backend
+    par.tensor_parallel_size, par.distributed_executor_backend = 2, "mp"
+    try:
+        with pytest.raises(ConfigError) as e:
+            _make(vllm_config, {"host_cache_gib": 1, "remote": REMOTE.format(port=1)},
+                  _kv_cache_config(_spec()), role)
+    finally:
+        par.tensor_parallel_size, par.distributed_executor_backend = saved
+    assert "'remote'" in str(e.value) and "tensor_parallel_size=1" in str(e.value)
+
+
+@pytest.mark.parametrize("algo", ["sha256", "xxhash"])
+def test_remote_is_refused_where_block_hashes_are_seeded_at_random(vllm_config, monkeypatch, algo):
+    """Block keys are vLLM's block hashes: two engines share blocks only if both seed them alike.
+    vLLM 0.32 seeds sha256 alike everywhere and xxhash at random unless PYTHONHASHSEED is set;
+    vLLM 0.26 seeds every algorithm at random unless it is set."""
+    import vllm
+    from triton_prefix_cache_vllm.remote_tier import check_remote
+
+    pytest.importorskip("xxhash")
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    monkeypatch.setattr(vllm_config.cache_config, "prefix_caching_hash_algo", algo)
+    extra = {"host_cache_gib": 1, "remote": REMOTE.format(port=1)}
+    if algo == "sha256" and not vllm.__version__.startswith("0.26."):
+        assert check_remote(vllm_config).endswith(":sha256:seed-sha256=" + __import__("hashlib").sha256(
+            b"vllm-none-hash").hexdigest()[:16])
+    else:
+        with pytest.raises(ConfigError) as e:
+            _make(vllm_config, extra, _kv_cache_config(_spec()))
+        for w in ("'remote'", "random", "PYTHONHASHSEED", "sha256"):
+            assert w in str(e.value), (w, str(e.value))
+    monkeypatch.setenv("PYTHONHASHSEED", "7")
+    scheme = check_remote(vllm_config)  # one seed for every engine: shareable
+    assert algo in scheme and scheme.endswith(__import__("hashlib").sha256(b"7").hexdigest()[:16])
+
+
+def test_an_unreachable_store_fails_at_startup_naming_the_key(vllm_config):
+    from triton_prefix_cache.remote.store import RemoteStoreError
+
+    port = _closed_port()
+    with pytest.raises(RemoteStoreError) as e:
+        _make(vllm_config, {"host_cache_gib": 0.01, "remote": REMOTE.format(port=port)},
+              _kv_cache_config(_spec()))
+    assert "'remote'" in str(e.value), str(e.value)
+
+
 @pytest.mark.slow
 def test_engine_start_fails_on_bad_config(model_path):
     """Through the real engine: an unknown key stops vllm.LLM at startup, naming the key."""
@@ -176,7 +234,10 @@ def test_command_line_check_names_the_bad_key():
     assert check_command_line(["serve", "m", "--kv-transfer-config", other]) is None  # not ours
     assert check_command_line(["serve", "m"]) is None
     remote = good.replace('"demote": "lazy"', '"remote": "mooncake://127.0.0.1:1?metadata=http://127.0.0.1:2/m"')
-    assert "'remote'" in (check_command_line(["serve", "m", "--kv-transfer-config", remote]) or "")
+    assert check_command_line(["serve", "m", "--kv-transfer-config", remote]) is None
+    bad_remote = remote.replace("metadata=", "metdata=")
+    err = check_command_line(["serve", "m", "--kv-transfer-config", bad_remote])
+    assert "'remote.metdata'" in (err or "")
 
 
 #: A CPU `vllm serve` of the tiny model takes 25-40 s to start here; refusing the config must take
