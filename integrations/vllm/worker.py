@@ -55,6 +55,10 @@ AUTO_ENGINE_BACKENDS = ("staged", "torch")
 #: Loads whose (bytes, device seconds) the worker keeps for `diagnostics()`, and loading steps timed.
 RECENT = 4096
 
+#: Host pools a remote store call may still write after their engine's shutdown: kept alive for
+#: the life of the process, never unmapped under the store's client.
+_STRANDED_POOLS: list[HostPool] = []
+
 #: The stats every tensor parallel rank reports: the bytes it moved (its shard of each block) and
 #: its own gauges. The rest (counts of copies, their seconds, the load-step histogram) comes from
 #: the lead rank alone.
@@ -504,6 +508,7 @@ class WorkerSide:
             if not quiet:
                 logger.warning("triton-prefix-cache: a remote store call is still in flight at shutdown; "
                                "the host pool is left allocated")
+                _STRANDED_POOLS.append(self.pool)  # referenced for good: its memory is never freed
                 self.layers = []
                 self.pool = None
                 return
