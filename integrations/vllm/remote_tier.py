@@ -83,7 +83,11 @@ def kv_layout(tensor: torch.Tensor, num_blocks: int | None, spec: Any) -> str:
     """The page layout of one layer's KV tensor: its shape with the blocks' dimension as N, the
     order of its dimensions in memory (outermost first) and the KV cache spec's kind, so that two
     layouts of equal size never match."""
-    shape = ["N" if num_blocks is not None and d == num_blocks else str(d) for d in tensor.shape]
+    # The blocks' dimension is the first, or the second after K and V (as `worker.page_views`
+    # reads it); its size differs between engines, the rest of the shape must not.
+    apart = num_blocks not in (None, 2) and tensor.dim() > 1 and tensor.shape[:2] == (2, num_blocks)
+    shape = [str(d) for d in tensor.shape]
+    shape[1 if apart else 0] = "N"
     order = sorted(range(tensor.dim()), key=lambda i: -tensor.stride(i))
     return f"{type(spec).__name__}:{'x'.join(shape)}:{','.join(map(str, order))}"
 

@@ -47,6 +47,7 @@ a pool, for existence checks; the worker's client moves the bytes. Invariants:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import logging
 import time
@@ -682,7 +683,7 @@ class SchedulerSide:
                     or any(not p.reported for p in self.puts.values()))
 
     def shutdown(self) -> None:
-        """Release the store client (lookups only: it holds no pool)."""
+        """Release the store client (it holds no pool and runs no job)."""
         if self.remote is not None:
             self.remote.close()
             self.remote = None
@@ -840,11 +841,12 @@ class SchedulerSide:
 
 
 def _connect_lookups(cfg: PrefixCacheConfig, vllm_config: Any, kv_cache_config: Any) -> RemoteStore:
-    """This side's store client: existence checks only (no pool). Connecting fails at startup,
-    naming `remote`, where the store cannot be reached."""
+    """This side's store client: existence checks only (no pool), lending the store no memory
+    (`segment_gib` is the worker's). Connecting fails at startup, naming `remote`, where the store
+    cannot be reached."""
     from triton_prefix_cache.remote.store import RemoteStore
 
     from .remote_tier import placeholder_namespace
 
-    return RemoteStore.connect(cfg.remote_url, placeholder_namespace(vllm_config, kv_cache_config), None,
-                               role="lookups")
+    url = dataclasses.replace(cfg.remote_url, segment_gib=0.0)
+    return RemoteStore.connect(url, placeholder_namespace(vllm_config, kv_cache_config), None, role="lookups")

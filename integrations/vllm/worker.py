@@ -466,6 +466,11 @@ class WorkerSide:
             if r.slots_free:
                 del self.remote_jobs[r.job_id]
             kind, job_id = entry
+            if kind == "fetch" and r.slots_free and not r.timed_out and self.debug_pages is not None:
+                # debug.record_pages: a fetched slot holds what another engine stored; a load
+                # from it must restore exactly these bytes
+                for slot in r.slots[r.ok].tolist():
+                    self.debug_pages[slot] = self.pool.slots[slot].clone()
             self.report.remote.append(RemoteReport(kind, job_id, r.ok.tolist(), final=r.slots_free))
 
     def diagnostics(self) -> Diagnostics:

@@ -2,8 +2,10 @@
 sharing one Mooncake Store on loopback (`remote.local`), as separate deployments would.
 
 One scenario, played once per module (each engine start takes 10-30 s here):
-  A  plays docqa's first round (every document once) and writes its blocks to the store; then one
-     value (document 0, block 5) is corrupted in the store;
+  A  plays docqa's first round (every document once) and writes its blocks to the store;
+  D  (A's model, in vLLM's default multi-process mode, as `vllm serve` runs: the engine core in a
+     process of its own, stepping while a request waits for its fetch) plays the second round;
+     then one value (document 0, block 5) is corrupted in the store;
   C  (another model: the same architecture with other weights, at another path) plays the second
      round: same tokens, same block hashes, another namespace: it must never hit;
   B  (A's model, empty GPU and host tiers) plays the second round: the documents come from the
@@ -54,10 +56,10 @@ URL_PARAMS = "&lookup_timeout_ms=2000&timeout_ms=5000"
 class EngineProcess:
     """tests/support/remote_engine.py in its own process; `call` fails the test if it answers too late."""
 
-    def __init__(self, name: str, log_dir: Path) -> None:
+    def __init__(self, name: str, log_dir: Path, multiprocess: bool = False) -> None:
         self.name = name
         self.log = log_dir / f"engine-{name}.log"
-        env = dict(os.environ)
+        env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocess else "0")
         if __import__("vllm").__version__.startswith("0.26."):
             env["PYTHONHASHSEED"] = "0"  # 0.26 seeds every hash algorithm at random otherwise
         with open(self.log, "wb") as err:
@@ -114,6 +116,13 @@ def scenario(runs, model_path, tmp_path_factory):
             out["A_round1"] = a.call("play", workload="docqa", first=0, count=DOCS)
             out["A_flush"] = a.call("flush")
             out["A"] = a.call("state")
+            d = EngineProcess("D", logs, multiprocess=True)
+            try:
+                d.call("start", model=str(model_path), url=url)
+                out["D_round2"] = d.call("play", workload="docqa", first=DOCS, count=DOCS)
+                out["D"] = d.call("metrics")
+            finally:
+                d.close()
             doc = H.docqa().batches[CORRUPT_DOC][0][: 24 * H.BLOCK]
             out["corrupt"] = a.call("corrupt", prompt=doc, block=CORRUPT_BLOCK)
         finally:
@@ -127,7 +136,8 @@ def scenario(runs, model_path, tmp_path_factory):
             c.close()
         b = EngineProcess("B", logs)
         try:
-            b.call("start", model=str(model_path), url=url)
+            # every page B loads is compared with the slot it was loaded from, fetched or stored
+            b.call("start", model=str(model_path), url=url, extra={"debug": {"record_pages": True}})
             out["B_round2"] = b.call("play", workload="docqa", first=DOCS, count=DOCS)
             out["B_flush"] = b.call("flush")
             out["B"] = b.call("state")
@@ -166,8 +176,19 @@ def test_engine_b_hits_the_blocks_engine_a_computed(runs, scenario):
     assert m["vllm:tpc_remote_hit_tokens"] == sum(want)
     assert m["vllm:external_prefix_cache_hits"] == m["vllm:tpc_host_hit_tokens"] == sum(want)
     assert m["vllm:tpc_remote_get_bytes"] > 0 and m["vllm:tpc_remote_store_errors"] == 0
+    assert b["debug_checked"] > 0 and b["debug_mismatches"] == 0
     # nothing left held once B is idle: no pin, no fetch or put in flight, the host tier consistent
     assert (b["pins"], b["fetches"], b["puts"], b["inflight_loads"], b["worker_jobs"]) == (0, 0, 0, 0, 0)
+
+
+def test_a_multiprocess_engine_waits_for_its_fetches_while_stepping(runs, scenario):
+    """As `vllm serve` runs it: the engine core in its own process steps (empty steps while every
+    request waits) until the fetches are reported, then loads the blocks as host hits."""
+    got = _flat(scenario["D_round2"])
+    H.compare_records(got, _oracle(runs, "docqa", DOCS, DOCS), "D (multi-process) vs built-in caching")
+    assert [r.num_cached_tokens for r in got] == [24 * H.BLOCK] * DOCS
+    m = scenario["D"]["metrics"]
+    assert m["vllm:external_prefix_cache_hits"] == m["vllm:tpc_remote_hit_tokens"] == DOCS * 24 * H.BLOCK
 
 
 def test_a_corrupt_value_is_a_miss(scenario):

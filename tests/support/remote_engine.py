@@ -8,12 +8,15 @@ Requests ({"op": ...}):
            first .. first+count-1; answers each request's tokens, logprobs and cached tokens
   flush    step with one-token prompts until every store and put this engine started is reported
   corrupt  prompt (token ids), block: flip one payload byte of that block's value in the store
-  state    the metrics (vLLM's prefix-cache ones and the adapter's), the warnings of the store
-           clients, the connector's state (pins, fetches and puts in flight, the host tier's check)
+  metrics  the metrics (vLLM's prefix-cache ones and the adapter's)
+  state    the metrics, the warnings of the store clients, the connector's state (pins, fetches
+           and puts in flight, the host tier's check); in-process engines only
   quit
 
-The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the connector's state can be
-read directly; every engine of a test is a separate process, as separate deployments are.
+The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, unless the environment says
+otherwise) so the connector's state can be read directly; every engine of a test is a separate
+process, as separate deployments are. With VLLM_ENABLE_V1_MULTIPROCESSING=1 the engine core runs
+in a process of its own, as in `vllm serve`: `play` and `metrics` work, `state` and `flush` do not.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import os
 import sys
 import time
 
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 class Warnings(logging.Handler):
@@ -115,14 +118,19 @@ class Engine:
         finally:
             client.unregister_buffer(buf.ctypes.data)
 
+    def metrics(self) -> dict:
+        from tests.support import harness as H
+
+        m = H.metric_values(self.llm)
+        return {"metrics": {k: v for k, v in m.items() if "prefix_cache" in k or k.startswith("vllm:tpc")}}
+
     def state(self) -> dict:
         from tests.support import harness as H
 
         sched, worker = self._sides()
         sched.tier.check()
-        m = H.metric_values(self.llm)
         return {
-            "metrics": {k: v for k, v in m.items() if "prefix_cache" in k or k.startswith("vllm:tpc")},
+            **self.metrics(),
             "warnings": list(self.warnings.messages),
             "pins": H.pinned_slots(sched.tier),
             "fetches": len(sched.fetches), "puts": len(sched.puts),
@@ -130,6 +138,7 @@ class Engine:
             "remote_ready": sched.remote_ready,
             "namespace": sched.remote.namespace.digest.hex() if sched.remote is not None else None,
             "worker_jobs": len(worker.remote_jobs) if worker.remote is not None else None,
+            "debug_checked": worker.debug_checked, "debug_mismatches": len(worker.debug_mismatches),
             "degraded": [sched.remote.degraded, worker.remote.degraded if worker.remote else None],
         }
 
@@ -144,9 +153,12 @@ class Engine:
 
 
 def main() -> None:
+    # Answers go to the original stdout; everything else that writes to file descriptor 1 (vLLM's
+    # logs, and the engine core process it spawns, which inherits it) goes to stderr.
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     engine = Engine()
-    out = sys.stdout
-    sys.stdout = sys.stderr  # vLLM prints: keep the answer channel clean
     for line in sys.stdin:
         req = json.loads(line)
         op = req.pop("op")
