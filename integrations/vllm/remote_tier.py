@@ -58,15 +58,16 @@ def check_remote(vllm_config: Any) -> str:
 
 def model_identity(vllm_config: Any) -> str:
     """What names the weights: the model (name or path), revision, quantization, weight dtype and
-    any config overrides. Two different checkpoints under one local path look alike here: give
-    such deployments their own `remote.namespace`."""
+    the overrides of its config and quantization given to vLLM. Two different checkpoints under
+    one local path look alike here: give such deployments their own `remote.namespace`."""
     mc = vllm_config.model_config
     ident: dict[str, Any] = {"model": str(mc.model), "revision": getattr(mc, "revision", None),
                              "quantization": getattr(mc, "quantization", None),
                              "dtype": str(getattr(mc, "dtype", ""))}
-    overrides = getattr(mc, "hf_overrides", None)
-    if overrides:
-        ident["hf_overrides"] = overrides if isinstance(overrides, dict) else repr(overrides)
+    for name in ("hf_overrides", "quantization_config"):  # what the command line may override
+        value = getattr(mc, name, None)
+        if value:
+            ident[name] = value if isinstance(value, dict) else repr(value)
     return json.dumps(ident, sort_keys=True, default=str)
 
 

@@ -202,6 +202,39 @@ def test_remote_is_refused_where_block_hashes_are_seeded_at_random(vllm_config, 
     assert algo in scheme and scheme.endswith(__import__("hashlib").sha256(b"7").hexdigest()[:16])
 
 
+def test_the_namespace_separates_what_makes_kv_differ(vllm_config, monkeypatch):
+    """Two engines get one namespace exactly when their KV for the same tokens is the same: the
+    KV cache's size does not matter; the model, the KV dtype, the block size, the page layout and
+    the URL's `namespace` do."""
+    from triton_prefix_cache_vllm.remote_tier import worker_namespace
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from triton_prefix_cache.config import PrefixCacheConfig
+
+    url = REMOTE.format(port=1)
+
+    def digest(blocks=100, block_size=H.BLOCK, order=(0, 1, 2, 3), params="") -> bytes:
+        cfg = PrefixCacheConfig.from_dict({"host_cache_gib": 1, "remote": url + params})
+        spec = FullAttentionSpec(block_size=block_size, num_kv_heads=2, head_size=32, dtype=torch.float32)
+        kvc = _kv_cache_config(spec)
+        kvc.num_blocks = blocks
+        shape = (blocks, 2, 32, 64)
+        # the same logical shape, its dimensions laid out in memory in `order` (outermost first)
+        t = torch.zeros([shape[i] for i in order]).permute(*[order.index(i) for i in range(4)])
+        return worker_namespace(cfg, vllm_config, kvc, [t], 1, 2 * 32 * 64 * 4).digest
+
+    base = digest()
+    assert digest(blocks=50) == base
+    assert digest(order=(0, 2, 1, 3)) != base
+    assert digest(block_size=64) != base
+    assert digest(params="&namespace=tenant") != base
+    monkeypatch.setattr(vllm_config.cache_config, "cache_dtype", "fp8")
+    assert digest() != base
+    monkeypatch.undo()
+    monkeypatch.setattr(vllm_config.model_config, "model", "another/model")
+    assert digest() != base
+
+
 def test_an_unreachable_store_fails_at_startup_naming_the_key(vllm_config):
     from triton_prefix_cache.remote.store import RemoteStoreError
 
