@@ -110,7 +110,8 @@ def write_tokenizer(path: str | Path, vocab_size: int) -> None:
 
 
 def _write_random_weights(spec: ModelSpec, path: Path, seed: int) -> None:
-    """Seeded normal(0, 0.02) weights with the Llama parameter names, as one safetensors file.
+    """Seeded normal(0, 0.02) weights with the Llama parameter names (Mistral's too; Gemma 3 adds
+    its extra norms, and ties the output embedding where its config says so), as one safetensors file.
 
     Random but not tiny weights keep the logits well separated, so greedy tokens are a meaningful
     comparison on CPU (vLLM's dummy weights give nearly tied logits).
@@ -126,15 +127,27 @@ def _write_random_weights(spec: ModelSpec, path: Path, seed: int) -> None:
 
     h, kv = spec.hidden_size, spec.num_kv_heads * spec.head_dim
     q = spec.num_heads * spec.head_dim
+    gemma = spec.model_type.startswith("gemma")
+    cfg = spec.hf_config()
+
+    def norm(n: int) -> torch.Tensor:  # the identity: Gemma's RMSNorm scales by (1 + weight)
+        return (torch.zeros if gemma else torch.ones)(n, dtype=dt)
+
     t: dict[str, torch.Tensor] = {
         "model.embed_tokens.weight": rnd(spec.vocab_size, h),
-        "model.norm.weight": torch.ones(h, dtype=dt),
-        "lm_head.weight": rnd(spec.vocab_size, h),
+        "model.norm.weight": norm(h),
     }
+    if not cfg.get("tie_word_embeddings"):
+        t["lm_head.weight"] = rnd(spec.vocab_size, h)
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."
-        t[p + "input_layernorm.weight"] = torch.ones(h, dtype=dt)
-        t[p + "post_attention_layernorm.weight"] = torch.ones(h, dtype=dt)
+        t[p + "input_layernorm.weight"] = norm(h)
+        t[p + "post_attention_layernorm.weight"] = norm(h)
+        if gemma:
+            t[p + "pre_feedforward_layernorm.weight"] = norm(h)
+            t[p + "post_feedforward_layernorm.weight"] = norm(h)
+            t[p + "self_attn.q_norm.weight"] = norm(spec.head_dim)
+            t[p + "self_attn.k_norm.weight"] = norm(spec.head_dim)
         t[p + "self_attn.q_proj.weight"] = rnd(q, h)
         t[p + "self_attn.k_proj.weight"] = rnd(kv, h)
         t[p + "self_attn.v_proj.weight"] = rnd(kv, h)
@@ -169,6 +182,67 @@ MODELS: dict[str, ModelSpec] = {
             max_position_embeddings=8192,
             rope_theta=10000.0,
             weights="random",
+            dtype="float32",
+        ),
+        # Sliding-window attention on every layer (Mistral 7B v0.1 style): one KV cache group whose
+        # blocks before the window are freed. The window (80 tokens) is shorter than the test prompts.
+        ModelSpec(
+            name="tiny-mistral-swa",
+            architecture="MistralForCausalLM",
+            model_type="mistral",
+            hidden_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=32,
+            intermediate_size=256,
+            vocab_size=32000,
+            max_position_embeddings=8192,
+            rope_theta=10000.0,
+            extra={"sliding_window": 80},
+            weights="random",
+            dtype="float32",
+        ),
+        # Gemma 3 style: sliding-window and global layers interleaved (two KV cache groups under vLLM's
+        # hybrid KV cache manager; one full-attention group with it off). Same KV shape as tiny-llama.
+        ModelSpec(
+            name="tiny-gemma3",
+            architecture="Gemma3ForCausalLM",
+            model_type="gemma3_text",
+            hidden_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=32,
+            intermediate_size=256,
+            vocab_size=32000,
+            max_position_embeddings=8192,
+            rope_theta=10000.0,
+            extra={"sliding_window": 80, "layer_types": ["sliding_attention", "full_attention"],
+                   "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": 32,
+                   "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
+                   "final_logit_softcapping": None, "attn_logit_softcapping": None,
+                   "rms_norm_eps": 1e-6},
+            weights="random",
+            dtype="float32",
+        ),
+        # A hybrid of Mamba-2 and attention layers (Nemotron-H style), config only: the connector
+        # refuses it at startup (tests), before any weights would matter.
+        ModelSpec(
+            name="tiny-nemotron-h",
+            architecture="NemotronHForCausalLM",
+            model_type="nemotron_h",
+            hidden_size=128,
+            num_layers=3,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=32,
+            intermediate_size=256,
+            vocab_size=32000,
+            max_position_embeddings=8192,
+            extra={"hybrid_override_pattern": "M*-", "mlp_hidden_act": "relu2", "ssm_state_size": 16,
+                   "mamba_num_heads": 8, "mamba_head_dim": 16, "n_groups": 1, "conv_kernel": 4,
+                   "expand": 1, "chunk_size": 32, "layer_norm_epsilon": 1e-5},
             dtype="float32",
         ),
         ModelSpec(
@@ -220,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.name is None:
         for spec in MODELS.values():
-            print(f"{spec.name:14} {spec.num_layers} layers, hidden {spec.hidden_size}, "
+            print(f"{spec.name:16} {spec.num_layers} layers, hidden {spec.hidden_size}, "
                   f"{'random weights' if spec.weights == 'random' else 'config only (load_format=dummy)'}")
         return 0
     if args.name not in MODELS:

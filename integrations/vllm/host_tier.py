@@ -4,9 +4,10 @@ TierManager (triton_prefix_cache.tiers) keeps the bookkeeping: which key lives i
 what state (FREE / STORING / READY, readers pinning READY slots), eviction, and a PrefixIndex in
 step with it (a key is findable only once its store completed). This wrapper adds what the vLLM
 scheduler needs around it:
-- on CUDA, every call runs inside the index's high-priority stream, so index work is never
-  ordered behind the forward the engine has queued on its own stream (async scheduling overlaps
-  the scheduler with the forward; waiting for it would put the whole forward in the lookup);
+- on CUDA, every call runs on the index's high-priority stream with its keys and answers in mapped
+  pinned memory, so index work is never ordered behind the forward the engine has queued on its
+  own stream (async scheduling overlaps the scheduler with the forward; waiting for it would put
+  the whole forward in the lookup) nor behind the KV copies on the copy engines;
 - the index kernels are compiled at startup, not in the first request's lookup;
 - the few calls the adapter makes, with the slot lists it keeps.
 """
@@ -45,12 +46,14 @@ class HostTier:
         return torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
 
     def _warm_up(self) -> None:
+        """Every kernel the scheduler's calls launch, compiled now (inputs on the CPU, as theirs)."""
         k = torch.tensor([[12345, 67890], [111, 222]], dtype=torch.int64)
         idx = self.manager.index
-        idx.insert(k[:1].to(self.device), torch.zeros(1, dtype=torch.int32, device=self.device))
-        idx.lookup(k.to(self.device)).cpu()
-        idx.match_prefix(k.to(self.device), torch.tensor([0, 2], device=self.device))[0].cpu()
-        idx.remove(k[:1].to(self.device))
+        idx.insert(k[:1], torch.zeros(1, dtype=torch.int32))
+        idx.lookup(k)
+        idx.match_prefix(k, torch.tensor([0, 2]))
+        idx.count_leading(k)
+        idx.remove(k[:1])
         torch.cuda.synchronize(self.device)
 
     @property
@@ -71,10 +74,12 @@ class HostTier:
         # loop that stops at the first miss, the fewest operations for the one request asked about.
         if keys.shape[0] == 0:
             return 0
-        if self._stream is None:
-            return self.manager.index.count_leading(keys)
+        return self.manager.index.count_leading(keys)  # CPU keys: answered through mapped memory
+
+    def ready(self, keys: torch.Tensor) -> np.ndarray:
+        """bool (n,): keys READY (findable), in any order. Pins nothing."""
         with self._on_stream():
-            return self.manager.index.count_leading(keys.to(self.device))
+            return self.manager.lookup(keys) >= 0
 
     def holds(self, keys: torch.Tensor) -> np.ndarray:
         """bool (n,): keys with a host copy, complete or being written."""

@@ -31,9 +31,14 @@ from triton_prefix_cache.remote.keys import RemoteNamespace
 from . import compat
 
 
-def check_remote(vllm_config: Any) -> str:
+def check_remote(vllm_config: Any, kv_cache_config: Any = None) -> str:
     """Refuse, naming the key `remote`, an engine that cannot share a store; else its hash scheme
     (the block keys' derivation, seed included, for the namespace)."""
+    if compat.attention_window(kv_cache_config) is not None:
+        raise ConfigError(
+            "config key 'remote': the remote tier does not serve models with a sliding window on every "
+            "layer in this version (their host tier holds windows, not whole prefixes, and a fetch would "
+            "need the window's lookup); leave 'remote' out to serve with the host tier")
     tp = compat.tensor_parallel_size(vllm_config)
     if tp > 1:
         raise ConfigError(

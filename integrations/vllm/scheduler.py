@@ -11,6 +11,11 @@ stores. Invariants:
 - a GPU block being copied to the host is held (one extra reference, out of vLLM's free queue)
   from the step that plans the copy until the worker reports it done, so vLLM cannot reuse it;
 - keys are derived from `Request.block_hashes` once per block per request (cached on `_ReqState`);
+- a store copies a GPU block only while it holds the request's block (its cached hash is that
+  block's): blocks a sliding-window group frees mid-request may go to another request;
+- in a group of sliding-window layers only, a hit needs host copies of its blocks inside the
+  window of the request's next token (`_window_hit`), and a load writes only the blocks vLLM
+  allocated, never its null block (put where the hit's blocks lie before that window);
 - a job (a load or a store) is over only when every rank has reported it (`_Awaited`): its slots
   stay pinned and its GPU blocks held until then, and it succeeded only if it succeeded on every
   rank (a store that failed anywhere is never findable; a load that failed anywhere is recomputed
@@ -188,6 +193,9 @@ class SchedulerSide:
         spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
         self.block_size: int = spec.block_size
         self.num_layers = len(kv_cache_config.kv_cache_groups[0].layer_names)
+        #: a group of sliding-window layers only: the tokens before the next one whose blocks vLLM
+        #: keeps (`_window_hit`); None where every token's KV is kept
+        self.window: int | None = compat.attention_window(kv_cache_config)
         self.page_bytes: int = spec.page_size_bytes  # one rank's page: its KV heads
         self.tp = compat.tensor_parallel_size(vllm_config)
         #: one host slot: a block, all layers, the shards of every rank
@@ -299,8 +307,10 @@ class SchedulerSide:
         # vLLM freed its blocks, at the head of the queue waiting for room it cannot get.
         eligible = end > start and num_computed_tokens % bs == 0 and not st.load_failed
         if eligible and len(self.tier):
+            if self.window is not None:
+                st.plan_n = self._window_hit(st.keys_for(request), start, end)
             # Most misses happen at the first block: then only that block's key is derived and probed.
-            if st.keys.shape[0] > start or self.tier.match(
+            elif st.keys.shape[0] > start or self.tier.match(
                     keys_from_block_hashes(request.block_hashes[start : start + 1])):
                 st.plan_n = self.tier.match(st.keys_for(request)[start:end])
         n = st.plan_n
@@ -308,8 +318,9 @@ class SchedulerSide:
             if self._remote_lookup(request, st, start, start + n, end):
                 return self._wait(st, t0)
         # The host tier holds part of this prefix: record where and why, once per outcome (vLLM
-        # asks again every step while the request waits for GPU blocks).
-        if 0 < n < end - start and st.noted != (start, n):
+        # asks again every step while the request waits for GPU blocks). Not in a sliding-window
+        # group, whose host tier holds windows rather than whole prefixes.
+        if 0 < n < end - start and st.noted != (start, n) and self.window is None:
             st.noted = (start, n)
             self._note_partial(request, start, n, end - start)
         s = self.stats
@@ -320,7 +331,8 @@ class SchedulerSide:
         # it completes): ask again later and hit them in VRAM then, rather than copying the same
         # prefix over PCIe once per request (a burst sharing one long prefix). A layer-wise load's
         # blocks are cached at allocation: vLLM's own lookup finds them.
-        deferred = bool(n) and bool(self._async_reads) and self._read_by_async_load(st.keys[start])
+        deferred = bool(n) and bool(self._async_reads) and self._read_by_async_load(
+            st.keys[self._first_loaded(start, n)])
         if deferred:
             st.plan_n = 0
             s.add("deferred_requests", 1)
@@ -369,6 +381,33 @@ class SchedulerSide:
         st.fetch_job = job
         return True
 
+    def _window_hit(self, keys: torch.Tensor, start: int, end: int) -> int:
+        """Blocks after `start` a request of a sliding-window group can take from the host tier: the
+        longest hit whose blocks in the window of the request's next token are all READY. vLLM puts
+        its null block in place of the hit's blocks before that window (attention never reads them),
+        so those need no host copy; vLLM's own lookup of such a group searches from the right alike.
+        (vLLM 0.32 by default hashes only the window before each prompt's end, so the blocks before
+        it never reach the host tier at all.)"""
+        ready = self.tier.ready(keys[start:end])
+        if not ready.any():
+            return 0
+        n = len(ready)
+        # for each hit length r (1..n blocks): the last missing block among the first r, and the
+        # first block the hit needs (relative to start)
+        missing = np.maximum.accumulate(np.where(ready, -1, np.arange(n)))
+        r = np.arange(1, n + 1)
+        first = np.maximum(compat.first_block_in_window((start + r) * self.block_size, self.window,
+                                                        self.block_size) - start, 0)
+        ok = np.flatnonzero(missing < first)
+        return int(ok[-1]) + 1 if len(ok) else 0
+
+    def _first_loaded(self, start: int, n: int) -> int:
+        """The first block a hit of `n` blocks after `start` loads (see `_window_hit`)."""
+        if self.window is None:
+            return start
+        return max(start, int(compat.first_block_in_window((start + n) * self.block_size, self.window,
+                                                           self.block_size)))
+
     def _read_by_async_load(self, key: torch.Tensor) -> bool:
         slot = int(self.tier.manager.lookup(key[None])[0])
         return slot >= 0 and self._async_reads[slot] > 0
@@ -409,15 +448,31 @@ class SchedulerSide:
         if num_external_tokens > 0:
             n = num_external_tokens // self.block_size
             assert n <= st.plan_n, (n, st.plan_n)
+            lo = st.plan_start
             if ids is None:
                 ids = compat.request_block_ids(blocks)
-            slots = self.tier.pin(st.keys[st.plan_start : st.plan_start + n])
-            block_ids = ids[st.plan_start : st.plan_start + n]
+            loaded = list(range(n))
+            keys = st.keys[lo : lo + n]
+            if self.window is not None:
+                # Only the blocks vLLM allocated are loaded: a sliding-window group gets its null
+                # block in place of the hit's blocks that lie before the window of the request's
+                # next token (attention never reads them). The last one, holding the token before
+                # the next, is always in the window, so a load is never empty.
+                hit = compat.request_blocks(blocks)[lo : lo + n]
+                loaded = [i for i, b in enumerate(hit) if not b.is_null]
+                if lo + loaded[0] < self._first_loaded(lo, n):
+                    raise RuntimeError(
+                        f"triton-prefix-cache: vLLM allocated block {lo + loaded[0]} of a sliding-window "
+                        f"hit ending at block {lo + n}, before the window this connector checked the host "
+                        "tier for; its window rule differs from compat.first_block_in_window")
+                keys = keys[loaded]
+            slots = self.tier.pin(keys)
+            block_ids = [ids[lo + i] for i in loaded]
             if self.cfg.demote == "lazy":
                 # These GPU blocks will hold copies of host blocks: the demotion scan can skip them
                 # when they near eviction, instead of looking each one up again then.
-                hashes = request.block_hashes[st.plan_start : st.plan_start + n]
-                self._settled.update(zip(block_ids, map(compat.cached_hash, hashes)))
+                hashes = request.block_hashes[lo : lo + n]
+                self._settled.update((ids[lo + i], compat.cached_hash(hashes[i])) for i in loaded)
             self.pending_loads.append(LoadJob(request.request_id, slots, block_ids, not st.load_async))
             self.inflight_loads[request.request_id] = slots
             s = self.stats
@@ -664,6 +719,10 @@ class SchedulerSide:
             self.stats.observe("sched_request_seconds", st.sched_seconds)
         if st is not None and self.cfg.demote == "write_through" and self.pool is not None:
             # The last step's KV is written (its output came back): store what is still unstored.
+            # The tracked block ids, where they cover the request: vLLM's list has its null block
+            # in place of the blocks a sliding-window group freed, which may still hold their KV.
+            if len(st.block_ids) >= len(block_ids):
+                block_ids = st.block_ids
             n_full = min(request.num_computed_tokens // self.block_size, len(block_ids),
                          len(request.block_hashes))
             self._store_range(request, st, block_ids, n_full)
@@ -835,7 +894,11 @@ class SchedulerSide:
         lo, st.stored_blocks = st.stored_blocks, max(st.stored_blocks, n_full)
         blocks = [self.pool.blocks[b] for b in block_ids[lo:n_full]]
         k = keys[lo:n_full]
-        keep = [i for i, b in enumerate(blocks) if b.block_hash is not None and not b.is_null]
+        # Only a block that still holds this request's block: a sliding-window group frees blocks
+        # that fell out of the window, and vLLM may hand them to another request (their hash is
+        # reset then), before this step's copy runs. The null block has no hash.
+        hashes = request.block_hashes[lo:n_full]
+        keep = [i for i, b in enumerate(blocks) if b.block_hash == compat.cached_hash(hashes[i])]
         if keep:
             self._plan_store([blocks[i] for i in keep], k[keep], lazy=False)
 

@@ -77,13 +77,19 @@ def _connector_state(llm) -> dict:
     return out
 
 
-def _run(name: str, model_path: Path) -> H.RunResult:
-    cfg = dict(CONFIGS[name])
+def _run(name: str, model_path: Path, extra_checks: bool = True, **engine: object) -> H.RunResult:
+    cfg = {**CONFIGS[name], **engine}
     res = H.RunResult(name)
     llm = H.make_llm(model_path, **cfg)
     try:
-        cg = llm.llm_engine.vllm_config.compilation_config.cudagraph_mode
+        vc = llm.llm_engine.vllm_config
+        cg = vc.compilation_config.cudagraph_mode
         res.extra["full_cuda_graphs"] = bool(cg is not None and cg.has_full_cudagraphs())
+        # What vLLM made of the model's layers (the layout a connector is handed), and its policy
+        # for failed loads once the connector has set it.
+        specs = [g.kv_cache_spec for g in H.scheduler_of(llm).kv_cache_config.kv_cache_groups]
+        res.extra["kv_groups"] = [(type(sp).__name__, getattr(sp, "sliding_window", None)) for sp in specs]
+        res.extra["load_failure_policy"] = getattr(vc.kv_transfer_config, "kv_load_failure_policy", None)
         is_tpc = cfg.get("kv_transfer_config") is not None
         for wname, make in WORKLOADS.items():
             res.outputs[wname] = H.play(llm, make())
@@ -91,7 +97,7 @@ def _run(name: str, model_path: Path) -> H.RunResult:
             if is_tpc:
                 res.extra[f"state_after_{wname}"] = _connector_state(llm)
         res.metrics = H.metric_values(llm)
-        if name == "tpc":
+        if name == "tpc" and extra_checks:
             _extra_checks_tpc(llm, res)
     finally:
         H.shutdown(llm)
@@ -131,14 +137,46 @@ def _extra_checks_tpc(llm, res: H.RunResult) -> None:
     res.extra["after_reset_tokens"] = list(out[0].outputs[0].token_ids)
 
 
-_CACHE: dict[str, H.RunResult] = {}
+#: (model, configuration) -> its run
+_CACHE: dict[tuple[str, str], H.RunResult] = {}
 
 
 @pytest.fixture(scope="session")
 def runs(model_path):
     def get(name: str) -> H.RunResult:
-        if name not in _CACHE:
-            _CACHE[name] = _run(name, model_path)
-        return _CACHE[name]
+        if ("tiny-llama", name) not in _CACHE:
+            _CACHE[("tiny-llama", name)] = _run(name, model_path)
+        return _CACHE[("tiny-llama", name)]
+
+    return get
+
+
+#: Engine arguments of a model's runs that differ from tiny-llama's. A model of sliding-window
+#: layers only keeps just each prefix's last window cached (vLLM frees the rest, and 0.32 hashes
+#: nothing else of it), so SMALL_KV_BLOCKS would hold every prefix of the workloads: its connector
+#: runs get 40 blocks, and every run prefill chunks of 512 tokens (the least KV cache a request
+#: needs is its window plus one chunk), which also frees blocks between a prompt's chunks.
+MODEL_ENGINE_ARGS: dict[str, dict] = {"tiny-mistral-swa": {"max_num_batched_tokens": 512}}
+MODEL_SMALL_KV_BLOCKS: dict[str, int] = {"tiny-mistral-swa": 40}
+
+
+@pytest.fixture(scope="session")
+def model_runs(tmp_path_factory):
+    """`model_runs(model, name)`: `runs(name)` for another model of bench.models (the same KV shape
+    as tiny-llama: the configurations' KV sizes are in its blocks), without the abort and reset
+    checks of "tpc"."""
+    from bench.models import get_model
+
+    paths: dict[str, Path] = {}
+
+    def get(model: str, name: str) -> H.RunResult:
+        if (model, name) not in _CACHE:
+            if model not in paths:
+                paths[model] = get_model(model).materialize(tmp_path_factory.mktemp("models"))
+            engine = dict(MODEL_ENGINE_ARGS.get(model, {}))
+            if CONFIGS[name]["kv_blocks"] == SMALL_KV_BLOCKS and model in MODEL_SMALL_KV_BLOCKS:
+                engine["kv_blocks"] = MODEL_SMALL_KV_BLOCKS[model]
+            _CACHE[(model, name)] = _run(name, paths[model], extra_checks=False, **engine)
+        return _CACHE[(model, name)]
 
     return get

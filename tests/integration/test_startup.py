@@ -116,18 +116,23 @@ def test_good_config_builds_both_roles(vllm_config):
         ("tp2", ["tensor_parallel_size=2", "distributed_executor_backend", "'uni'"]),  # in-process workers
         ("pp2", ["pipeline_parallel_size=1", "2"]),
         ("no_prefix_caching", ["prefix caching"]),
-        ("two_groups", ["dense", "2 groups"]),
+        ("two_groups", ["one KV cache group", "2 groups", "FullAttentionSpec", "SlidingWindowSpec"]),
+        ("two_groups_hybrid_manager_on", ["hybrid KV cache manager", "is on", "2 groups",
+                                          "--no-disable-hybrid-kv-cache-manager"]),
         ("mla", ["dense full attention", "MLAAttentionSpec"]),
-        ("sliding", ["dense full attention", "SlidingWindowSpec"]),
+        ("chunked_local", ["sliding-window attention", "ChunkedLocalAttentionSpec"]),
+        ("mamba_hybrid", ["NemotronHForCausalLM", "hybrid", "Mamba", "SupportsHMA"]),
+        ("attention_free", ["Mamba2ForCausalLM", "attention-free"]),
     ],
 )
-def test_out_of_scope_engines_are_refused(vllm_config, what, words):
+def test_out_of_scope_engines_are_refused(vllm_config, monkeypatch, what, words):
     from triton_prefix_cache_vllm.compat import ScopeError
 
     kvc = _kv_cache_config(_spec())
     par = vllm_config.parallel_config
     cache = vllm_config.cache_config
     saved = (par.tensor_parallel_size, par.pipeline_parallel_size, cache.enable_prefix_caching)
+    sched = vllm_config.scheduler_config
     try:
         if what == "tp2":
             par.tensor_parallel_size = 2
@@ -135,15 +140,23 @@ def test_out_of_scope_engines_are_refused(vllm_config, what, words):
             par.pipeline_parallel_size = 2
         elif what == "no_prefix_caching":
             vllm_config.cache_config.enable_prefix_caching = False
-        elif what == "two_groups":
+        elif what.startswith("two_groups"):
             kvc = _kv_cache_config(_spec(), _spec("SlidingWindowSpec", sliding_window=64))
+            if what == "two_groups_hybrid_manager_on":
+                monkeypatch.setattr(sched, "disable_hybrid_kv_cache_manager", False)
+        elif what == "chunked_local":
+            kvc = _kv_cache_config(_spec("ChunkedLocalAttentionSpec", attention_chunk_size=64))
+        elif what in ("mamba_hybrid", "attention_free"):
+            # what vLLM's model config says of such a model (its KV cache specs never get this far)
+            arch = "NemotronHForCausalLM" if what == "mamba_hybrid" else "Mamba2ForCausalLM"
+            hybrid = what == "mamba_hybrid"
+            monkeypatch.setattr(vllm_config, "model_config", SimpleNamespace(
+                architecture=arch, is_hybrid=hybrid, is_attention_free=not hybrid))
         elif what == "mla":
             from vllm.v1.kv_cache_interface import MLAAttentionSpec
 
             kvc = _kv_cache_config(MLAAttentionSpec(block_size=H.BLOCK, num_kv_heads=1, head_size=64,
                                                     dtype=torch.float32))
-        elif what == "sliding":
-            kvc = _kv_cache_config(_spec("SlidingWindowSpec", sliding_window=64))
         with pytest.raises(ScopeError) as e:
             _make(vllm_config, {"host_cache_gib": 1}, kvc)
     finally:
@@ -235,6 +248,14 @@ def test_the_namespace_separates_what_makes_kv_differ(vllm_config, monkeypatch):
     assert digest() != base
 
 
+@pytest.mark.parametrize("role", ["SCHEDULER", "WORKER"])
+def test_remote_with_a_window_on_every_layer_is_refused_naming_the_key(vllm_config, role):
+    kvc = _kv_cache_config(_spec("SlidingWindowSpec", sliding_window=64))
+    with pytest.raises(ConfigError) as e:
+        _make(vllm_config, {"host_cache_gib": 1, "remote": REMOTE.format(port=1)}, kvc, role)
+    assert "'remote'" in str(e.value) and "sliding window" in str(e.value)
+
+
 def test_an_unreachable_store_fails_at_startup_naming_the_key(vllm_config):
     from triton_prefix_cache.remote.store import RemoteStoreError
 
@@ -243,6 +264,71 @@ def test_an_unreachable_store_fails_at_startup_naming_the_key(vllm_config):
         _make(vllm_config, {"host_cache_gib": 0.01, "remote": REMOTE.format(port=port)},
               _kv_cache_config(_spec()))
     assert "'remote'" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("spec_kw", [
+    {},  # dense
+    {"sliding_window": 64},  # sliding-window layers beside full ones, folded into full attention
+    {"attention_chunk_size": 64},  # chunked-local layers beside full ones, likewise
+    {"cls_name": "SlidingWindowSpec", "sliding_window": 64},  # a window on every layer
+])
+def test_what_vllm_makes_of_local_attention_is_in_scope(vllm_config, spec_kw):
+    """With the hybrid KV cache manager off (vLLM's choice for this connector), local attention
+    beside full attention arrives as one FullAttentionSpec group that keeps every token's KV, and a
+    window on every layer as one SlidingWindowSpec group."""
+    kw = dict(spec_kw)
+    spec = _spec(kw.pop("cls_name", "FullAttentionSpec"), **kw)
+    c = _make(vllm_config, {"host_cache_gib": 0.01}, _kv_cache_config(spec))
+    assert c._sched is not None
+    assert c._sched.window == (64 if spec_kw.get("cls_name") == "SlidingWindowSpec" else None)
+
+
+def test_the_model_is_checked_when_vllm_asks_for_the_layout(vllm_config, monkeypatch):
+    """vLLM asks the class for a KV cache layout, with its config, before it groups the KV cache
+    (0.32: in the engine core right after loading the model): a Mamba hybrid stops there."""
+    from triton_prefix_cache_vllm.compat import ScopeError
+    from triton_prefix_cache_vllm.connector import TritonPrefixCacheConnector as C
+
+    assert C.get_required_kvcache_layout(vllm_config) is None  # any layout
+    monkeypatch.setattr(vllm_config, "model_config", SimpleNamespace(
+        architecture="JambaForCausalLM", is_hybrid=True, is_attention_free=False))
+    with pytest.raises(ScopeError, match="JambaForCausalLM"):
+        C.get_required_kvcache_layout(vllm_config)
+
+
+def test_window_lookup_takes_the_longest_hit_whose_window_is_in_the_host_tier():
+    """A group of sliding-window layers only: a hit needs host copies of its blocks inside the
+    window of the request's next token; vLLM puts its null block in place of the earlier ones."""
+    from triton_prefix_cache_vllm import compat
+    from triton_prefix_cache_vllm.scheduler import SchedulerSide
+
+    from triton_prefix_cache.config import PrefixCacheConfig
+
+    bs, window = 32, 80  # a hit of e blocks needs blocks [e - 3, e)
+    firsts = [int(compat.first_block_in_window(e * bs, window, bs)) for e in (1, 2, 3, 4, 10)]
+    assert firsts == [0, 0, 0, 1, 7]
+    kvc = _kv_cache_config(_spec("SlidingWindowSpec", sliding_window=window))
+    vc = SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=1),
+                         scheduler_config=SimpleNamespace(max_num_batched_tokens=256, max_num_seqs=4))
+    side = SchedulerSide(PrefixCacheConfig.validated({"host_cache_gib": 0.01}), vc, kvc)
+    keys = torch.arange(40, dtype=torch.int64).reshape(20, 2) + 1000
+
+    def hold(*blocks):
+        side.tier.clear()
+        k = keys[list(blocks)]
+        slots, _, _ = side.tier.begin_store(k)
+        side.tier.end_store([int(x) for x in slots], True)
+
+    hold(3, 4, 5, 9, 10)
+    assert side._window_hit(keys, 0, 20) == 6  # blocks 3..5: the last window fully held
+    assert side._window_hit(keys, 0, 5) == 0  # ends at block 5: needs 2..4, 2 is missing
+    assert side._window_hit(keys, 10, 20) == 1  # from block 10 (a GPU hit): needs 10 only
+    assert side._window_hit(keys, 9, 20) == 2  # needs 9, 10
+    hold(0, 1)
+    assert side._window_hit(keys, 0, 20) == 2  # a leading run shorter than the window
+    hold()
+    assert side._window_hit(keys, 0, 20) == 0
+    assert (side._first_loaded(0, 6), side._first_loaded(10, 1)) == (3, 10)
 
 
 @pytest.mark.slow
@@ -336,3 +422,30 @@ def test_failure_policy_is_set_by_the_scheduler_side_and_said_once(vllm_config, 
     monkeypatch.setattr(compat, "default_load_failure_policy", lambda _: "recompute")
     _make(vllm_config, {"host_cache_gib": 0.01}, _kv_cache_config(_spec()))
     assert kvt.kv_load_failure_policy == "recompute" and said() == [logging.INFO]
+
+
+def test_a_sliding_window_model_fails_a_request_whose_load_failed(vllm_config, monkeypatch, caplog):
+    """vLLM recomputes a failed load from its first failed block; in a group of sliding-window
+    layers only, that block's window reaches into blocks vLLM already freed. There the policy stays
+    'fail' (a failed copy ends its request), and a 'recompute' someone chose is replaced, with a
+    warning."""
+    import logging
+
+    from triton_prefix_cache_vllm import LOGGER_NAME
+
+    kvt = vllm_config.kv_transfer_config
+    caplog.set_level(logging.DEBUG, logger=LOGGER_NAME)
+    H.capture_adapter_log(monkeypatch, caplog)
+    swa = _kv_cache_config(_spec("SlidingWindowSpec", sliding_window=64))
+    monkeypatch.setattr(kvt, "kv_load_failure_policy", "fail")
+    _make(vllm_config, {"host_cache_gib": 0.01}, swa)
+    assert kvt.kv_load_failure_policy == "fail"
+    assert not [r for r in caplog.records if "kv_load_failure_policy" in r.getMessage()]
+    kvt.kv_load_failure_policy = "recompute"
+    _make(vllm_config, {"host_cache_gib": 0.01}, swa)
+    assert kvt.kv_load_failure_policy == "fail"
+    said = [r.levelno for r in caplog.records if "kv_load_failure_policy" in r.getMessage()]
+    assert said == [logging.WARNING]
+    # folded into full attention, every token's KV is kept: recomputed as for dense models
+    _make(vllm_config, {"host_cache_gib": 0.01}, _kv_cache_config(_spec(sliding_window=64)))
+    assert kvt.kv_load_failure_policy == "recompute"

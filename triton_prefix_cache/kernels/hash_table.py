@@ -240,6 +240,27 @@ def _first_miss_kernel(vals_ptr, offsets_ptr, counts_ptr, BLOCK: tl.constexpr):
 # Launchers. They trust their caller (PrefixIndex) for dtypes, shapes, contiguity and device.
 
 
+@triton.jit
+def _copy_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=m), mask=m)
+
+
+def copy_by_sms(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """dst[:] = src (same dtype and numel, contiguous) by a kernel, never a copy engine: for `dst` in
+    mapped host memory, where a memcpy would queue behind the engine's bulk transfers."""
+    if src.dtype != dst.dtype or src.numel() != dst.numel():
+        raise ValueError(f"copy_by_sms: {src.dtype} x{src.numel()} into {dst.dtype} x{dst.numel()}")
+    n = src.numel()
+    if n:
+        flat_src, flat_dst = src.reshape(-1), dst.view(-1)
+        if src.dtype == torch.bool:
+            flat_src, flat_dst = flat_src.view(torch.int8), flat_dst.view(torch.int8)
+        b = _block(n)
+        _copy_kernel[_grid(n, b)](flat_src, flat_dst, n, BLOCK=b)
+
+
 def _grid(n: int, block: int) -> tuple[int]:
     return (triton.cdiv(n, block),)
 
