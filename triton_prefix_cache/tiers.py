@@ -7,8 +7,8 @@ abort. Slot states:
     FREE     on the free list, no key.
     STORING  a demotion is writing it. Its key is NOT findable; it is never evicted or reused.
     READY    its copy completed and its key is in the PrefixIndex, mapped to this slot.
-    LOADING  (reported by `slot_state`, not stored) READY with readers: promotions reading it.
-             Never evicted or reused while readers remain.
+    LOADING  (reported by `slot_state`, not stored) READY with readers: promotions reading it, or
+             writes of it on to another tier (`pin`). Never evicted or reused while readers remain.
 
 A key removed (`remove`, `clear`) while its slot is in flight is *retired*: unfindable at once,
 the slot freed when its last reader or its writer finishes. Invariants, checked by
@@ -238,8 +238,13 @@ class TierManager:
         self.stats.drops_full += len(want) - take
         return StorePlan(slots, status, evicted)
 
-    def finish_store(self, slots) -> None:
-        """The copies into these STORING slots completed: publish their keys (READY, findable)."""
+    def finish_store(self, slots, pin: bool = False) -> None:
+        """The copies into these STORING slots completed: publish their keys (READY, findable).
+
+        pin: each slot also gets a reader (end it with `unpin`) in the same call, so that a reader
+        that starts with the copy's end (a write of the slot on to another tier) never meets it
+        evicted or reused. A retired slot then stays held, READY and unfindable, until that
+        reader ends; without `pin` it is freed at once."""
         s = self._slots_np(slots, _STORING, "finish_store")
         if len(s) == 0:
             return
@@ -249,7 +254,11 @@ class TierManager:
             self.index.insert(self._dev(self._keys[pub]), self._dev(pub.astype(np.int32)))
             self._state[pub] = _READY
             self.policy.insert(pub, self._keys[pub])
-        self._release(s[retired])
+        if pin:
+            self._state[s[retired]] = _READY
+            self._readers[s] += 1
+        else:
+            self._release(s[retired])
         self.stats.stores_completed += len(s)
         self.stats.blocks_to_host += len(s)
         self.stats.bytes_to_host += len(s) * self.slot_bytes
@@ -277,6 +286,20 @@ class TierManager:
         self.policy.touch(s)
         self.stats.loads_started += len(s)
         return found
+
+    def pin(self, slots) -> None:
+        """Add a reader to each of these READY slots (not a load: no load is counted), so that they
+        are neither evicted nor reused until `unpin`. A slot listed twice gets two readers."""
+        s = _as_slots(slots, self.num_slots, "pin")
+        wrong = s[self._state[s] != _READY]
+        if len(wrong):
+            raise ValueError(f"pin: slots {wrong[:8].tolist()} are not READY")
+        np.add.at(self._readers, s, 1)
+
+    def unpin(self, slots) -> None:
+        """End readers that `pin` or `finish_store(pin=True)` added (a retired slot whose last
+        reader ends is freed)."""
+        self._unpin(slots, "unpin")
 
     def finish_load(self, slots) -> None:
         """The promotions reading these slots completed: unpin."""

@@ -47,17 +47,13 @@ def connector_config(extra_config: Any) -> PrefixCacheConfig:
     """The validated config of `kv_connector_extra_config`, as this adapter can serve it.
 
     Raises ConfigError naming the key. Every check of the command line, of vLLM's config build and
-    of the connector's construction goes through here, so they refuse the same configs.
+    of the connector's construction goes through here, so they refuse the same configs. What
+    depends on the engine too (`remote` with tensor parallelism or randomly seeded block hashes)
+    is checked where the engine's config is known: `remote_tier.check_remote`.
     """
-    from triton_prefix_cache.config import ConfigError, PrefixCacheConfig
+    from triton_prefix_cache.config import PrefixCacheConfig
 
-    cfg = PrefixCacheConfig.validated(extra_config)
-    if cfg.remote is not None:
-        raise ConfigError(
-            "config key 'remote': this version of the vLLM adapter does not connect a remote tier yet "
-            "(the core's client is in triton_prefix_cache.remote); leave 'remote' out to serve with the "
-            "host tier")
-    return cfg
+    return PrefixCacheConfig.validated(extra_config)
 
 
 __all__ = ["CONNECTOR_NAME", "LOGGER_NAME", "connector_config", "register"]

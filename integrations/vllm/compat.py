@@ -63,6 +63,16 @@ def host_hit_source() -> Any | None:
     return getattr(CacheHitSource, "HOST", None)
 
 
+def remote_hit_source() -> Any | None:
+    """vLLM 0.32's label for hits read from a remote store (`CacheHitSource` has no remote member:
+    its fallback for remote stores, EXTERNAL_UNSPECIFIED), or None on 0.26."""
+    try:
+        from vllm.v1.metrics.cache_hit_source import CacheHitSource
+    except ImportError:
+        return None
+    return getattr(CacheHitSource, "EXTERNAL_UNSPECIFIED", None)
+
+
 #: `cuda_graph_mode_name` values of steps that may replay one full CUDA graph.
 FULL_GRAPH_MODES = ("FULL", "NO_CONTEXT")
 
@@ -100,6 +110,30 @@ def block_hash_of(block: KVCacheBlock) -> bytes | None:
 def cached_hash(block_hash: bytes) -> Any:
     """The hash a GPU block of the (single) KV cache group carries once vLLM caches it."""
     return _with_group(block_hash, 0)
+
+
+def block_hash_seed(vllm_config: Any) -> tuple[str, str | None]:
+    """(algorithm, seed) of vLLM's block hashes (`--prefix-caching-hash-algo`); the seed is None
+    where vLLM draws it at random per process, so that two engines hash the same tokens apart.
+
+    vLLM 0.32 derives the first block's parent hash from PYTHONHASHSEED when it is set, else from
+    a fixed seed for sha256 and sha256_cbor and a random one for xxhash and xxhash_cbor; its
+    `resolve_none_hash_seed` says which (asked twice: a random seed differs). vLLM 0.26 has no such
+    function and draws the parent hash at random for every algorithm unless PYTHONHASHSEED is set.
+    """
+    import os
+
+    from vllm.v1.core import kv_cache_utils
+
+    algo = str(vllm_config.cache_config.prefix_caching_hash_algo)
+    resolve = getattr(kv_cache_utils, "resolve_none_hash_seed", None)
+    if resolve is None:
+        return algo, os.environ.get("PYTHONHASHSEED")
+    from vllm.utils.hashing import get_hash_fn_by_name
+
+    hash_fn = get_hash_fn_by_name(algo)
+    first, second = resolve(hash_fn), resolve(hash_fn)
+    return algo, first if first == second else None
 
 
 def default_load_failure_policy(kv_transfer_config: Any) -> str | None:

@@ -43,6 +43,10 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         # Validate before the base class logs anything or we allocate anything.
         self.cfg = connector_config(vllm_config.kv_transfer_config.kv_connector_extra_config)
+        if self.cfg.remote is not None:
+            from .remote_tier import check_remote
+
+            check_remote(vllm_config, kv_cache_config)
         compat.check_scope(vllm_config, kv_cache_config)
         if role == KVConnectorRole.SCHEDULER:  # the scheduler is the policy's only reader
             _set_load_failure_policy(vllm_config, kv_cache_config)
@@ -152,6 +156,8 @@ class TritonPrefixCacheConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+        if self._sched is not None:
+            self._sched.shutdown()
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict | None = None) -> TPCStats:

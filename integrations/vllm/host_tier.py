@@ -102,6 +102,15 @@ class HostTier:
             done = self.manager.finish_load if ok else self.manager.abort_load
             done(np.asarray(slots, dtype=np.int64))
 
+    def pin_slots(self, slots: list[int]) -> None:
+        """Keep READY slots from eviction and reuse until `unpin_slots` (no load is counted)."""
+        if len(slots):
+            self.manager.pin(np.asarray(slots, dtype=np.int64))
+
+    def unpin_slots(self, slots: list[int]) -> None:
+        if len(slots):
+            self.manager.unpin(np.asarray(slots, dtype=np.int64))
+
     # ---- stores ------------------------------------------------------------------------------------
     def begin_store(self, keys: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
         """(slot per key, -1 where nothing is to be copied; which keys the tier already holds;
@@ -110,10 +119,14 @@ class HostTier:
             plan = self.manager.begin_store(keys)
         return np.where(plan.assigned, plan.slots, -1), plan.present, int(np.count_nonzero(plan.dropped))
 
-    def end_store(self, slots: list[int], ok: bool) -> None:
+    def end_store(self, slots: list[int], ok: bool, pin: bool = False) -> None:
+        """The copies into these slots ended: publish them (ok) or free them. pin: publish them
+        with a reader each (`unpin_slots` ends it), for a write of them on to the remote tier."""
         with self._on_stream():
-            done = self.manager.finish_store if ok else self.manager.abort_store
-            done(np.asarray(slots, dtype=np.int64))
+            if ok:
+                self.manager.finish_store(np.asarray(slots, dtype=np.int64), pin=pin)
+            else:
+                self.manager.abort_store(np.asarray(slots, dtype=np.int64))
 
     # ---- reset, shrink, checks ---------------------------------------------------------------------
     def clear(self) -> bool:

@@ -32,10 +32,27 @@ that layer's copy, so the whole step (every other request's decode in it too) wa
 an async load lets the request wait while the others keep stepping. `load="auto"` picks per
 request: layer-wise when no other request runs (nothing to stall; the lowest TTFT), async
 otherwise.
+
+The remote tier (`remote`, tensor parallel size 1): this side keeps its own store client, without
+a pool, for existence checks; the worker's client moves the bytes. Invariants:
+- a lookup that stops in the host tier asks the store once per request about the blocks that
+  follow (one batched check, at most `lookup_timeout_ms`); blocks it holds are fetched into host
+  slots taken with `begin_store` (STORING: not findable, never evicted or reused) while the
+  request waits (`get_num_new_matched_tokens` answers None: asked again next step) and the host
+  hit found so far stays pinned; a fetched block becomes findable only once the worker has read
+  and verified it, then the request loads it as any host hit;
+- a request whose next block another request's fetch brings waits for that fetch;
+- every block a store copies to the host is then written on to the store by the worker (a put
+  after the copy, same job id): its slot is STORING until the copy is reported and pinned from
+  then until the put is reported with its slots free, so the put never reads a reused slot;
+- the store's failures cost misses, never a request: a fetch that fails or times out lets its
+  request go on without the blocks (their slots are freed only once the store no longer writes
+  them), and a store gone away answers every check "absent" until it is back.
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import logging
 import time
@@ -47,13 +64,15 @@ import torch
 
 from triton_prefix_cache.config import PrefixCacheConfig
 from triton_prefix_cache.keys import keys_from_block_hashes
+from triton_prefix_cache.remote.keys import RemoteNamespace
 
 from . import LOGGER_NAME, compat
 from .host_tier import HostTier
-from .metadata import LoadJob, StoreJob, TPCMetadata, TPCWorkerMetadata
-from .stats import Diagnostics, TPCStats
+from .metadata import FetchJob, LoadJob, RemoteReport, StoreJob, TPCMetadata, TPCWorkerMetadata
+from .stats import Diagnostics, TPCStats, remote_stats_into
 
 if TYPE_CHECKING:
+    from triton_prefix_cache.remote.store import RemoteStore
     from vllm.v1.core.block_pool import BlockPool
     from vllm.v1.core.kv_cache_utils import KVCacheBlock
     from vllm.v1.request import Request
@@ -64,6 +83,11 @@ logger = logging.getLogger(LOGGER_NAME)
 #: A request's keys before any are converted (shared: `keys_for` replaces it, never writes into it).
 _NO_KEYS = torch.empty((0, 2), dtype=torch.int64)
 
+
+#: The most blocks one fetch from the remote tier asks for: half the worker client's blocks in
+#: flight (`remote.store.DEFAULT_MAX_INFLIGHT_BLOCKS`), so that a very long prompt's fetch is never
+#: refused as too big; the rest of such a prompt is computed.
+MAX_FETCH_BLOCKS = 4096
 
 #: Requests that may start in the next step without having been looked up yet (each can round one
 #: partial block up): the slack of `demotion_window`.
@@ -102,6 +126,10 @@ class _ReqState:
     load_failed: bool = False  # a load of this request failed: it recomputes, never asks the tier again
     request: Any = None
     sched_seconds: float = 0.0  # scheduler time spent in the adapter's hooks for this request
+    remote_checked: bool = False  # the remote tier was asked about this request (once per request)
+    fetch_job: int | None = None  # the fetch this request waits for
+    remote_blocks: frozenset[int] = frozenset()  # indices of the blocks the remote tier delivered
+    remote_tokens: int = 0  # of the hit last admitted: tokens the remote tier delivered
 
     def keys_for(self, request: Request) -> torch.Tensor:
         """Keys of all the request's full blocks; only blocks hashed since the last call are converted."""
@@ -118,6 +146,30 @@ class _Store:
     blocks: list[KVCacheBlock]
     slots: list[int]
     lazy: bool
+    keys: torch.Tensor  # int64 (n, 2), the blocks' keys
+
+
+@dataclass
+class _Fetch:
+    """A fetch from the remote tier into host slots, from planning until its final report."""
+
+    req_id: str
+    keys: np.ndarray  # int64 (n, 2)
+    slots: list[int]  # STORING until the final report
+    host_pins: list[int]  # the request's host hit so far, pinned until the first report
+    blocks: list[int]  # the request's block index of each key
+    released: bool = False  # the first report came: the request no longer waits
+    timed_out: bool = False  # the first report came at the store's timeout: every block failed
+
+
+@dataclass
+class _Put:
+    """The put that follows a store's copy: its slots, pinned once the copy is reported."""
+
+    slots: list[int]
+    pinned: bool = False
+    reported: bool = False  # some report came (a timed-out put reports twice)
+    final: bool = False  # the store no longer reads its slots
 
 
 class ReportTimeout(RuntimeError):
@@ -201,6 +253,23 @@ class SchedulerSide:
         #: every counter this side has handed to vLLM, summed (in-process readers: see stats.py)
         self.totals: dict[str, float] = {}
         self.hit_source = compat.host_hit_source()
+        self.remote_source = compat.remote_hit_source()
+        #: the remote tier: this side's client (lookups only) and whether the worker has reported
+        #: the namespace; no lookup happens before (the worker alone sees the KV layout)
+        self.remote: RemoteStore | None = None
+        self.remote_ready = False
+        #: the worker's first report arrived (with its pool, and its namespace if it connected)
+        self.worker_known = False
+        self._remote_seen: dict[str, float] = {}
+        #: fetch job id -> the fetch, from planning until its final report
+        self.fetches: dict[int, _Fetch] = {}
+        #: key (two ints) -> the fetch bringing it into the host tier, until its first report
+        self._fetching: dict[tuple[int, int], int] = {}
+        self.pending_fetches: list[FetchJob] = []
+        #: store job id -> the put following its copy, until the put's final report
+        self.puts: dict[int, _Put] = {}
+        if cfg.remote is not None:
+            self.remote = _connect_lookups(cfg, vllm_config, kv_cache_config)
 
     # ---- vLLM hooks ------------------------------------------------------------------------------
     def bind_gpu_block_pool(self, pool: BlockPool) -> None:
@@ -228,9 +297,16 @@ class SchedulerSide:
         # At least one prompt token is left to compute, so the forward produces logits.
         end = (request.num_tokens - 1) // bs
         st.plan_start, st.plan_n, st.fresh, st.request = start, 0, True, request
+        if st.fetch_job is not None:  # its blocks are still on their way from the remote tier
+            return self._wait(st, t0)
+        if self.remote is not None and not self.worker_known:
+            # The namespace comes with the worker's first report, after the engine's first step
+            # (an empty one, if every request waits): until then a lookup would miss the store.
+            return self._wait(st, t0)
         # A request whose load failed recomputes: offering the same hit again could leave it, after
         # vLLM freed its blocks, at the head of the queue waiting for room it cannot get.
-        if end > start and num_computed_tokens % bs == 0 and len(self.tier) and not st.load_failed:
+        eligible = end > start and num_computed_tokens % bs == 0 and not st.load_failed
+        if eligible and len(self.tier):
             if self.window is not None:
                 st.plan_n = self._window_hit(st.keys_for(request), start, end)
             # Most misses happen at the first block: then only that block's key is derived and probed.
@@ -238,6 +314,9 @@ class SchedulerSide:
                     keys_from_block_hashes(request.block_hashes[start : start + 1])):
                 st.plan_n = self.tier.match(st.keys_for(request)[start:end])
         n = st.plan_n
+        if eligible and n < end - start and self.remote_ready and not st.remote_checked:
+            if self._remote_lookup(request, st, start, start + n, end):
+                return self._wait(st, t0)
         # The host tier holds part of this prefix: record where and why, once per outcome (vLLM
         # asks again every step while the request waits for GPU blocks). Not in a sliding-window
         # group, whose host tier holds windows rather than whole prefixes.
@@ -262,6 +341,45 @@ class SchedulerSide:
         s.add("sched_seconds", dt)
         st.sched_seconds += dt
         return (None, False) if deferred else (n * bs, st.load_async)
+
+    def _wait(self, st: _ReqState, t0: float) -> tuple[None, bool]:
+        """Ask again next step: the request's next blocks are being fetched from the remote tier."""
+        st.plan_n = 0
+        dt = time.perf_counter() - t0
+        self.stats.add("sched_seconds", dt)
+        st.sched_seconds += dt
+        return None, False
+
+    def _remote_lookup(self, request: Request, st: _ReqState, start: int, first: int, end: int) -> bool:
+        """Blocks [first, end) missed the host tier: fetch the leading ones the store holds into
+        host slots. True if the request must wait (a fetch, its own or another's, brings them)."""
+        keys = st.keys_for(request)
+        k0 = keys[first].tolist()
+        if (k0[0], k0[1]) in self._fetching:  # another request's fetch brings it: wait for that one
+            return True
+        st.remote_checked = True
+        found = self.remote.leading_hits(keys[first : min(end, first + MAX_FETCH_BLOCKS)])
+        if not found:
+            return False
+        want = keys[first : first + found]
+        slots, _, _ = self.tier.begin_store(want)
+        # Keys already in the host tier or on their way there get no slot; a host tier whose slots
+        # are all pinned drops the rest: the request computes those blocks, nothing waits for room.
+        take = np.flatnonzero(slots >= 0)
+        if not len(take):
+            return False
+        fetch_keys = want.numpy()[take]
+        host = self.tier.manager.lookup(keys[start:first]).tolist() if first > start else []
+        # The hit found so far stays while the rest comes (a fetch may evict to make room).
+        self.tier.pin_slots(host)
+        job = next(self._job_ids)
+        fetch_slots = [int(x) for x in slots[take]]
+        self.fetches[job] = _Fetch(request.request_id, fetch_keys, fetch_slots, host, (first + take).tolist())
+        for a, b in fetch_keys.tolist():
+            self._fetching[(a, b)] = job
+        self.pending_fetches.append(FetchJob(job, fetch_keys.tolist(), fetch_slots))
+        st.fetch_job = job
+        return True
 
     def _window_hit(self, keys: torch.Tensor, start: int, end: int) -> int:
         """Blocks after `start` a request of a sliding-window group can take from the host tier: the
@@ -359,6 +477,11 @@ class SchedulerSide:
             self.inflight_loads[request.request_id] = slots
             s = self.stats
             s.add("host_hit_tokens", num_external_tokens)
+            hit = range(st.plan_start, st.plan_start + n)
+            remote = sum(b in hit for b in st.remote_blocks) * self.block_size
+            st.remote_tokens, st.remote_blocks = remote, frozenset()  # counted once per fetch
+            if remote:
+                s.add("remote_hit_tokens", remote)
             if st.load_async:
                 s.add("async_loads", 1)
                 self._async_loads[request.request_id] = slots
@@ -373,12 +496,20 @@ class SchedulerSide:
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict:
         if num_external_tokens == 0 or self.hit_source is None:
             return {}
-        return {self.hit_source: num_external_tokens}
+        st = self.reqs.get(request.request_id)
+        remote = min(st.remote_tokens, num_external_tokens) if st is not None else 0
+        if not remote or self.remote_source is None:
+            return {self.hit_source: num_external_tokens}
+        st.remote_tokens = 0
+        out = {self.remote_source: remote}
+        if num_external_tokens > remote:
+            out[self.hit_source] = num_external_tokens - remote
+        return out
 
     def build_connector_meta(self, scheduler_output: Any) -> TPCMetadata:
         t0 = time.perf_counter()
-        meta = TPCMetadata(loads=self.pending_loads)
-        self.pending_loads = []
+        meta = TPCMetadata(loads=self.pending_loads, fetches=self.pending_fetches)
+        self.pending_loads, self.pending_fetches = [], []
         if self.load_mode == "auto":
             self.running = set(scheduler_output.num_scheduled_tokens)
         if self._evicted:
@@ -390,12 +521,20 @@ class SchedulerSide:
         for st_ in self.pending_stores:
             job = next(self._job_ids)
             self.inflight_stores[job] = st_
-            meta.stores.append(StoreJob(job, [b.block_id for b in st_.blocks], st_.slots))
+            # Write-behind: every block copied to the host goes on to the store (the worker asks
+            # the store first and writes only what it lacks).
+            remote_keys = st_.keys.tolist() if self.remote_ready else None
+            if remote_keys is not None:
+                self.puts[job] = _Put(st_.slots)
+            meta.stores.append(StoreJob(job, [b.block_id for b in st_.blocks], st_.slots, remote_keys))
         self.pending_stores = []
-        if meta.loads or meta.stores:
+        if meta.loads or meta.stores or meta.fetches:
             now = time.monotonic()
             keys = [("load", job.req_id) for job in meta.loads]
             keys += [("store", job.job_id) for job in meta.stores]
+            # A fetch's request waits for its first report; the store reports it within its
+            # timeout, so one that never comes is a lost job, as a lost load is.
+            keys += [("fetch", job.job_id) for job in meta.fetches]
             for key in keys:
                 self.awaited.pop(key, None)  # (a request loading again) stays in hand-over order
                 self.awaited[key] = _Awaited(key[0], now)
@@ -414,6 +553,16 @@ class SchedulerSide:
 
     def _take_report(self, report: TPCWorkerMetadata) -> None:
         """One rank's report: a job is settled once every rank has reported it."""
+        if report.remote_namespace is not None and self.remote is not None:
+            self._adopt_namespace(RemoteNamespace(**report.remote_namespace))
+        if report.pool_slots is not None:
+            self.worker_known = True
+            if self.remote is not None and not self.remote_ready:
+                # The worker has no host pool to move bytes through (pinning failed outright).
+                logger.warning("triton-prefix-cache: the worker runs without a host pool; the remote tier "
+                               "is off")
+                self.remote.close()
+                self.remote = None
         if report.pool_slots is not None and report.pool_slots < self.tier.num_slots:
             # Slots are numbered alike on every rank: the smallest pool bounds the tier.
             logger.warning("triton-prefix-cache: the worker's host pool holds %d slots, not %d%s; "
@@ -436,6 +585,64 @@ class SchedulerSide:
                     self._store_settled(job_id, job.ok)
                 else:
                     self._load_settled(job_id, job)
+        # After the stores: a put is reported no earlier than the copy it follows.
+        for rep in report.remote:
+            if rep.kind == "fetch":
+                self._fetch_reported(rep)
+            else:
+                self._put_reported(rep)
+
+    def _adopt_namespace(self, ns: RemoteNamespace) -> None:
+        self.remote.namespace = ns
+        self.remote_ready = True
+        logger.info("triton-prefix-cache: remote tier on: store %s, namespace %s (block size %d, %d x %d B "
+                    "slots, %s)", self.remote.url.master, ns.digest.hex(), ns.block_size, ns.num_layers,
+                    ns.page_bytes, ns.hash_scheme)
+
+    def _fetch_reported(self, rep: RemoteReport) -> None:
+        f = self.fetches.get(rep.job_id)
+        if f is None:
+            return
+        if not f.released:  # the first report: the request goes on with what arrived
+            f.released = True
+            f.timed_out = not rep.final
+            self.awaited.pop(("fetch", rep.job_id), None)
+            self.tier.unpin_slots(f.host_pins)
+            for a, b in f.keys.tolist():
+                if self._fetching.get((a, b)) == rep.job_id:
+                    del self._fetching[(a, b)]
+            st = self.reqs.get(f.req_id)
+            if st is not None and st.fetch_job == rep.job_id:
+                st.fetch_job = None
+                if rep.final:
+                    st.remote_blocks = frozenset(b for b, o in zip(f.blocks, rep.ok) if o)
+        if not rep.final:
+            return
+        # Only now does the store no longer write these slots: verified blocks become findable,
+        # the others are freed (a timed-out fetch's are all failed, whatever the late call did).
+        ok = np.asarray(rep.ok, dtype=bool)
+        if len(ok) != len(f.slots) or f.timed_out:
+            ok = np.zeros(len(f.slots), dtype=bool)
+        good = [s for s, o in zip(f.slots, ok.tolist()) if o]
+        bad = [s for s, o in zip(f.slots, ok.tolist()) if not o]
+        if good:
+            self.tier.end_store(good, True)
+        if bad:
+            self.tier.end_store(bad, False)
+        del self.fetches[rep.job_id]
+
+    def _put_reported(self, rep: RemoteReport) -> None:
+        put = self.puts.get(rep.job_id)
+        if put is None:
+            return
+        put.reported = True
+        if not rep.final:  # timed out: the store may still read the slots
+            return
+        put.final = True
+        if put.pinned:
+            self.tier.unpin_slots(put.slots)
+            del self.puts[rep.job_id]
+        # else its copy is not settled yet: `_store_settled` publishes the slots without a pin
 
     def _heard(self, kind: str, job_id: Any, rank: int, ok: bool) -> _Awaited | None:
         """Note a rank's report of a job; the job once every rank has reported it, else None."""
@@ -458,7 +665,15 @@ class SchedulerSide:
         st_ = self.inflight_stores.pop(job_id, None)
         if st_ is None:
             return
-        self.tier.end_store(st_.slots, ok)
+        # The put that follows the copy reads the slots: publish them pinned, in one call, so no
+        # store in between can evict or reuse them. A failed copy has no put.
+        put = self.puts.get(job_id)
+        pin = put is not None and ok and not put.final
+        if put is not None and not pin:
+            del self.puts[job_id]
+        self.tier.end_store(st_.slots, ok, pin=pin)
+        if pin:
+            put.pinned = True
         if ok:
             for b in st_.blocks:
                 self._settled[b.block_id] = b.block_hash
@@ -521,7 +736,17 @@ class SchedulerSide:
                            host_tier=self.tier.manager.snapshot().as_dict())
 
     def has_pending_stores(self) -> bool:
-        return bool(self.inflight_stores or self.pending_stores)
+        """Work an idle engine must keep stepping for: copies to the host (they hold GPU blocks),
+        fetches not handed over yet, and puts not reported yet (they hold host slots)."""
+        return bool(self.inflight_stores or self.pending_stores or self.pending_fetches
+                    or any(not p.reported for p in self.puts.values()))
+
+    def shutdown(self) -> None:
+        """Release the store client (it holds no pool and runs no job)."""
+        if self.remote is not None:
+            self.remote.close()
+            self.remote = None
+            self.remote_ready = False
 
     def reset_cache(self) -> bool:
         """Clear the host tier (vLLM's reset_prefix_cache(reset_connector=True))."""
@@ -542,6 +767,9 @@ class SchedulerSide:
         s.set("host_used_slots", len(self.tier))
         s.set("inflight_loads", len(self.inflight_loads))
         s.set("inflight_stores", len(self.inflight_stores))
+        if self.remote is not None:
+            remote_stats_into(s, self.remote.stats, self._remote_seen)
+            s.set("remote_degraded", int(self.remote.degraded))
         if s.is_empty():
             return None
         s.add_counters_to(self.totals)
@@ -607,7 +835,7 @@ class SchedulerSide:
         compat.hold_blocks(self.pool, blocks)
         for b in blocks:
             self.held_by_store[b.block_id] = not lazy
-        self.pending_stores.append(_Store(blocks, [int(slots[i]) for i in ok], lazy))
+        self.pending_stores.append(_Store(blocks, [int(slots[i]) for i in ok], lazy, keys[ok]))
 
     def _release(self, st_: _Store) -> None:
         back_to_head = []
@@ -673,3 +901,15 @@ class SchedulerSide:
         keep = [i for i, b in enumerate(blocks) if b.block_hash == compat.cached_hash(hashes[i])]
         if keep:
             self._plan_store([blocks[i] for i in keep], k[keep], lazy=False)
+
+
+def _connect_lookups(cfg: PrefixCacheConfig, vllm_config: Any, kv_cache_config: Any) -> RemoteStore:
+    """This side's store client: existence checks only (no pool), lending the store no memory
+    (`segment_gib` is the worker's). Connecting fails at startup, naming `remote`, where the store
+    cannot be reached."""
+    from triton_prefix_cache.remote.store import RemoteStore
+
+    from .remote_tier import placeholder_namespace
+
+    url = dataclasses.replace(cfg.remote_url, segment_gib=0.0)
+    return RemoteStore.connect(url, placeholder_namespace(vllm_config, kv_cache_config), None, role="lookups")

@@ -12,6 +12,11 @@ load-step histogram come from the lead rank (0) alone, so a job counts once and 
 rank's wall time (the copies of the ranks run side by side); the scheduler side counts what
 depends on every rank (a failed or retried load, a dropped store) once per job.
 
+With the remote tier on, the scheduler side counts the tokens it served that the store delivered
+(`remote_hit_tokens`) and sets `remote_degraded`; each side adds what its own store client counted
+(`RemoteStats`: bytes and seconds each way, write drops, corrupt blocks, store errors) since its
+last interval. The log line shows the remote fields only where the tier is on.
+
 Each side also sums what it handed over in its `totals` (counters only): vLLM 0.26's offline
 `LLMEngine.step` records scheduler stats only for steps that produced outputs, so there the
 Prometheus counters of an in-process `LLM` miss the steps that only scheduled a load (its online
@@ -56,6 +61,16 @@ COUNTERS = (
     "sched_seconds",  # scheduler time spent inside the adapter (key derivation + lookup + bookkeeping)
     "sched_requests",  # requests that time is spread over
     "step_seconds",  # per-step adapter time (planning demotions, handling completions)
+    # the remote tier (`remote`): hits by the scheduler, the store's counters by each side's client
+    "remote_hit_tokens",  # prompt tokens served that the remote tier delivered (into the host tier)
+    "remote_get_bytes",  # bytes read from the store into host slots (verified blocks, headers included)
+    "remote_get_seconds",
+    "remote_put_bytes",  # bytes written to the store from host slots (headers included)
+    "remote_put_seconds",
+    "remote_write_drops",  # blocks the store had no room for (not written; not an error)
+    "remote_dropped_blocks",  # blocks not moved: too many in flight, or the store degraded
+    "remote_corrupt_blocks",  # values whose header or checksum did not match: misses, removed
+    "remote_store_errors",  # failed or timed-out store calls (the first degrades the store)
 )
 #: Observations (lists of values, concatenated on aggregate; Prometheus histograms).
 OBSERVATIONS = (
@@ -63,7 +78,32 @@ OBSERVATIONS = (
     "load_step_seconds",  # host time of a step that loads, start_load_kv to the end of get_finished
 )
 #: Gauges (the latest value wins on aggregate).
-GAUGES = ("inflight_loads", "inflight_stores", "host_used_slots", "host_slots", "host_pool_pin_failures")
+GAUGES = ("inflight_loads", "inflight_stores", "host_used_slots", "host_slots", "host_pool_pin_failures",
+          "remote_degraded")
+
+#: TPCStats counter <- the `RemoteStats` fields it sums (each side adds its client's increase)
+REMOTE_COUNTERS = {
+    "remote_get_bytes": ("bytes_got",),
+    "remote_get_seconds": ("get_seconds",),
+    "remote_put_bytes": ("bytes_put",),
+    "remote_put_seconds": ("put_seconds",),
+    "remote_write_drops": ("write_drops",),
+    "remote_dropped_blocks": ("drops_busy", "drops_degraded"),
+    "remote_corrupt_blocks": ("corrupt_blocks",),
+    "remote_store_errors": ("store_errors",),
+}
+
+
+def remote_stats_into(stats: TPCStats, remote: Any, seen: dict[str, float]) -> None:
+    """Add what a store client's `RemoteStats` (monotonic counters) gained since `seen` (the values
+    at the last call, updated here) to this interval's counters."""
+    now = remote.as_dict()
+    for key, fields_ in REMOTE_COUNTERS.items():
+        total = sum(now[f] for f in fields_)
+        gained = total - seen.get(key, 0)
+        if gained:
+            stats.add(key, gained)
+        seen[key] = total
 
 
 @dataclass
@@ -132,6 +172,24 @@ class TPCStats(KVConnectorStats):
             "host_used_slots": int(d.get("host_used_slots", 0)),
             "host_slots": int(d.get("host_slots", 0)),
             "sched_us_per_req": round(sched_us, 1),
+        } | (self._reduce_remote() if "remote_degraded" in d else {})
+
+    def _reduce_remote(self) -> dict[str, int | float]:
+        """The remote tier's part of the log line (only where it is on)."""
+        d = self.data
+
+        def gbps(nbytes: str, secs: str) -> float:
+            return round(d.get(nbytes, 0) / d[secs] / 1e9, 2) if d.get(secs, 0) > 0 else 0.0
+
+        return {
+            "remote_hit_tokens": int(d.get("remote_hit_tokens", 0)),
+            "remote_get_GB": round(d.get("remote_get_bytes", 0) / 1e9, 3),
+            "remote_get_GBps": gbps("remote_get_bytes", "remote_get_seconds"),
+            "remote_put_GB": round(d.get("remote_put_bytes", 0) / 1e9, 3),
+            "remote_put_GBps": gbps("remote_put_bytes", "remote_put_seconds"),
+            "remote_write_drops": int(d.get("remote_write_drops", 0)),
+            "remote_store_errors": int(d.get("remote_store_errors", 0)),
+            "remote_degraded": int(d.get("remote_degraded", 0)),
         }
 
 
@@ -194,6 +252,20 @@ PROM_COUNTERS = {
     "sched_seconds": ("vllm:tpc_scheduler_seconds", "Scheduler time spent in the adapter's lookups."),
     "step_seconds": ("vllm:tpc_step_seconds", "Scheduler time spent in the adapter's per-step planning."),
     "sched_requests": ("vllm:tpc_scheduler_requests", "Requests the adapter looked up."),
+    "remote_hit_tokens": ("vllm:tpc_remote_hit_tokens",
+                          "Prompt tokens served that were read from the remote tier (they are host hits "
+                          "too: they reach the GPU through the host tier)."),
+    "remote_get_bytes": ("vllm:tpc_remote_get_bytes", "Bytes read from the remote store (verified)."),
+    "remote_get_seconds": ("vllm:tpc_remote_get_seconds", "Seconds spent reading from the remote store."),
+    "remote_put_bytes": ("vllm:tpc_remote_put_bytes", "Bytes written to the remote store."),
+    "remote_put_seconds": ("vllm:tpc_remote_put_seconds", "Seconds spent writing to the remote store."),
+    "remote_write_drops": ("vllm:tpc_remote_write_drops", "Blocks the remote store had no room for."),
+    "remote_dropped_blocks": ("vllm:tpc_remote_dropped_blocks",
+                              "Blocks not moved to or from the remote store: too many in flight, or the "
+                              "store degraded."),
+    "remote_corrupt_blocks": ("vllm:tpc_remote_corrupt_blocks",
+                              "Remote values that failed their header or checksum check (misses)."),
+    "remote_store_errors": ("vllm:tpc_remote_store_errors", "Remote store calls that failed or timed out."),
 }
 PROM_HISTOGRAMS = {
     "sched_request_seconds": ("vllm:tpc_scheduler_seconds_per_request",
@@ -211,6 +283,9 @@ PROM_GAUGES = {
     "host_slots": ("vllm:tpc_host_slots", "Host-tier slots (fewer than configured if pinning failed)."),
     "host_pool_pin_failures": ("vllm:tpc_host_pool_pin_failures",
                                "Pinned registrations of the host pool that failed (the pool shrank)."),
+    "remote_degraded": ("vllm:tpc_remote_degraded",
+                        "1 while the remote store is unreachable (lookups answer absent; the local "
+                        "tiers serve)."),
 }
 
 

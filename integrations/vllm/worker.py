@@ -18,6 +18,14 @@ done or failed: vLLM counts the ranks' `get_finished` reports, the scheduler sid
 metadata. Counters (`get_stats`): every rank reports the bytes it moved (their sum is the blocks'
 bytes); the lead rank (0) alone reports counts of copies and their times, so a job counts once
 and a time is one rank's.
+
+The remote tier (`remote`, tensor parallel size 1): this side connects the store client that moves
+bytes between the store and the host pool (zero copy: the pool is registered with the client) and
+reports its namespace once. A store job with remote keys is followed, once its copy is done, by a
+put of its slots; a fetch job reads values into its slots and verifies them. Both run on the
+client's threads, never in the step: `get_finished` polls them and reports each through the
+worker metadata (`RemoteReport`), a timed-out one twice (at the timeout, and once the store no
+longer touches its slots).
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from triton_prefix_cache.config import PrefixCacheConfig
@@ -33,8 +42,8 @@ from triton_prefix_cache.copy_engine import CopyEngine, CopyHandle
 from triton_prefix_cache.host_pool import HostPool, HostPoolConfig
 
 from . import LOGGER_NAME, compat
-from .metadata import TPCMetadata, TPCWorkerMetadata
-from .stats import Diagnostics, TPCStats
+from .metadata import RemoteReport, TPCMetadata, TPCWorkerMetadata
+from .stats import Diagnostics, TPCStats, remote_stats_into
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -45,6 +54,10 @@ AUTO_ENGINE_BACKENDS = ("staged", "torch")
 
 #: Loads whose (bytes, device seconds) the worker keeps for `diagnostics()`, and loading steps timed.
 RECENT = 4096
+
+#: Host pools a remote store call may still write after their engine's shutdown: kept alive for
+#: the life of the process, never unmapped under the store's client.
+_STRANDED_POOLS: list[HostPool] = []
 
 #: The stats every tensor parallel rank reports: the bytes it moved (its shard of each block) and
 #: its own gauges. The rest (counts of copies, their seconds, the load-step histogram) comes from
@@ -86,6 +99,15 @@ def page_views(tensors: list[torch.Tensor], num_blocks: int | None = None) -> li
 class WorkerSide:
     def __init__(self, cfg: PrefixCacheConfig, vllm_config: Any, kv_cache_config: Any) -> None:
         self.cfg = cfg
+        self.vllm_config = vllm_config
+        self.kv_cache_config = kv_cache_config
+        #: the remote tier's client over the host pool (`register_kv_caches`), None when off
+        self.remote: Any = None
+        #: the client's job id -> (kind, the scheduler's job id), until its final report
+        self.remote_jobs: dict[int, tuple[str, int]] = {}
+        #: store job id -> (keys, slots) of its blocks, for the put that follows its copy
+        self.puts_after: dict[int, tuple[list[list[int]], list[int]]] = {}
+        self._remote_seen: dict[str, float] = {}
         self.rank = compat.tensor_parallel_rank()
         self.lead = self.rank == 0  # reports every counter; the other ranks only PER_RANK_STATS
         #: this rank's part of host_cache_gib: its shard of every host slot
@@ -191,6 +213,22 @@ class WorkerSide:
         rank = f" (rank {self.rank} of {self.tp}: its KV heads)" if self.tp > 1 else ""
         logger.info("triton-prefix-cache: host tier %s%s, copies %s%s", repr(self.pool), rank,
                     self.engine.backend, warm)
+        if self.cfg.remote is not None:
+            self._connect_remote([kv_caches[n] for n in names], page_bytes)
+
+    def _connect_remote(self, tensors: list[torch.Tensor], page_bytes: int) -> None:
+        """Connect the store client over the host pool; fails (naming `remote`) if the store cannot
+        be reached, so an engine never starts without the tier it was configured with."""
+        from triton_prefix_cache.remote.store import RemoteStore
+
+        from .remote_tier import namespace_fields, worker_namespace
+
+        ns = worker_namespace(self.cfg, self.vllm_config, self.kv_cache_config, tensors, len(self.layers),
+                              page_bytes)
+        self.remote = RemoteStore.connect(self.cfg.remote_url, ns, self.pool, role="transfers")
+        self.report.remote_namespace = namespace_fields(self.remote.namespace)
+        logger.info("triton-prefix-cache: remote store %s, namespace %s: %s", self.remote.url.master,
+                    self.remote.namespace.digest.hex(), self.remote.namespace.canonical())
 
     def _copy_engine(self, backend: str) -> CopyEngine:
         return CopyEngine(self.layers, self.pool, backend=backend, layerwise_ahead=self.cfg.layerwise_ahead,
@@ -206,6 +244,8 @@ class WorkerSide:
         if eng is None:  # no host tier (or shut down): nothing can be copied; say so, never hang
             self._fail_all(meta)
             return
+        for fetch in meta.fetches:  # the store's threads read them; nothing here waits
+            self._start_remote("fetch", fetch.job_id, fetch.keys, fetch.slots)
         if meta.loads:
             self._load_step_t0 = time.perf_counter()
         timing = self._step_timer.begin(bool(meta.loads))
@@ -245,6 +285,8 @@ class WorkerSide:
             return
         for i, job in enumerate(jobs):  # the first entry of a handle accounts its bytes and time
             self.stores.append((job.job_id, h, t0, i == 0))
+            if job.remote_keys is not None and self.remote is not None:
+                self.puts_after[job.job_id] = (job.remote_keys, job.slots)
         if self.debug_pages is not None:
             self._debug_record(blocks, slots, h)
 
@@ -296,6 +338,8 @@ class WorkerSide:
 
     def _fail_all(self, meta: TPCMetadata) -> None:
         self.report.stores_failed.extend(job.job_id for job in meta.stores)
+        for fetch in meta.fetches:
+            self.report.remote.append(RemoteReport("fetch", fetch.job_id, [False] * len(fetch.slots)))
         for job in meta.loads:
             self.failed_blocks.update(job.block_ids)
             self.report.loads_failed.append(job.req_id)
@@ -331,6 +375,7 @@ class WorkerSide:
                 pending.append(entry)
                 continue
             h.wait()  # done (or, not polling, wait): releases the handle's index tensors
+            put = self.puts_after.pop(job_id, None)
             if h.error is not None:  # failed in the copy engine's submission thread: a future miss
                 if accounts:
                     logger.warning("triton-prefix-cache: store of %d blocks failed: %s",
@@ -342,7 +387,11 @@ class WorkerSide:
                 s.add("store_bytes", h.nbytes)
             s.add("stores", 1)
             self.report.stores_done.append(job_id)
+            if put is not None:  # the slots hold the blocks now: write them on to the store
+                self._start_remote("put", job_id, *put)
         self.stores = pending
+        if self.remote is not None:
+            self._poll_remote()
         for req_id, h, t0, accounts in self.sync_loads:
             h.wait()
             self._load_done(req_id, h, t0, accounts)
@@ -390,6 +439,40 @@ class WorkerSide:
         s.add("loads", 1)
         self.report.loads_done.append(req_id)
 
+    # ---- the remote tier --------------------------------------------------------------------------------
+    def _start_remote(self, kind: str, job_id: int, keys: list[list[int]], slots: list[int]) -> None:
+        """Start a put or a fetch on the client's threads; one that cannot start is reported failed
+        at once (its slots untouched)."""
+        if self.remote is None:
+            self.report.remote.append(RemoteReport(kind, job_id, [False] * len(slots)))
+            return
+        start = self.remote.start_put if kind == "put" else self.remote.start_get
+        try:
+            store_job = start(np.asarray(keys, dtype=np.int64).reshape(-1, 2),
+                              np.asarray(slots, dtype=np.int64))
+        except Exception as e:  # a bad job is a miss, never an error for the step
+            logger.warning("triton-prefix-cache: remote %s of %d blocks not started: %s", kind, len(slots),
+                           repr(e))
+            self.report.remote.append(RemoteReport(kind, job_id, [False] * len(slots)))
+            return
+        self.remote_jobs[store_job] = (kind, job_id)
+
+    def _poll_remote(self) -> None:
+        """Report the remote jobs the client finished (or gave up waiting for) since the last poll."""
+        for r in self.remote.poll():
+            entry = self.remote_jobs.get(r.job_id)
+            if entry is None:
+                continue
+            if r.slots_free:
+                del self.remote_jobs[r.job_id]
+            kind, job_id = entry
+            if kind == "fetch" and r.slots_free and not r.timed_out and self.debug_pages is not None:
+                # debug.record_pages: a fetched slot holds what another engine stored; a load
+                # from it must restore exactly these bytes
+                for slot in r.slots[r.ok].tolist():
+                    self.debug_pages[slot] = self.pool.slots[slot].clone()
+            self.report.remote.append(RemoteReport(kind, job_id, r.ok.tolist(), final=r.slots_free))
+
     def diagnostics(self) -> Diagnostics:
         return Diagnostics(role="worker", loads_timed=self.loads_timed, recent_loads=tuple(self.recent_loads),
                            step_timings=tuple(dict(r) for r in self._step_timer.done))
@@ -408,6 +491,8 @@ class WorkerSide:
         self.stats.set("inflight_loads", len(self.async_loads))
         if self.pool is not None and self.pool.stats.pin_failures:
             self.stats.set("host_pool_pin_failures", self.pool.stats.pin_failures)
+        if self.remote is not None:
+            remote_stats_into(self.stats, self.remote.stats, self._remote_seen)
         if not self.lead:  # vLLM sums the ranks: a job counts once, a time is one rank's
             self.stats.data = {k: v for k, v in self.stats.data.items() if k in PER_RANK_STATS}
         if self.stats.is_empty():
@@ -420,6 +505,18 @@ class WorkerSide:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+        if self.remote is not None:
+            # Puts in flight finish (up to the client's wait); a call stuck in the store may still
+            # write the pool, which must then outlive this engine rather than be freed under it.
+            quiet = self.remote.close()
+            self.remote = None
+            if not quiet:
+                logger.warning("triton-prefix-cache: a remote store call is still in flight at shutdown; "
+                               "the host pool is left allocated")
+                _STRANDED_POOLS.append(self.pool)  # referenced for good: its memory is never freed
+                self.layers = []
+                self.pool = None
+                return
         if self.pool is not None:
             self.layers = []
             self.pool.close()

@@ -72,9 +72,7 @@ BAD = [
     ({"host_cache_gib": 1, "eviction": "fifo"}, ["eviction", "'lru'"]),
     ({"host_cache_gib": 1, "cpu_bytes_to_use": 1}, ["cpu_bytes_to_use", "allowed keys"]),
     ({"host_cache_gib": 1e6}, ["host_cache_gib", "physical memory"]),  # a million GiB: no such machine
-    # a well-formed store URL, but the adapter does not reach a remote tier yet: refused, not ignored
-    ({"host_cache_gib": 1, "remote": "mooncake://127.0.0.1:50051?metadata=http://127.0.0.1:8080/metadata"},
-     ["remote", "does not connect"]),
+    ({"host_cache_gib": 1, "remote": "mooncake://127.0.0.1:50051"}, ["remote.metadata", "required"]),
 ]
 
 
@@ -167,6 +165,107 @@ def test_out_of_scope_engines_are_refused(vllm_config, monkeypatch, what, words)
         assert w in str(e.value), (w, str(e.value))
 
 
+REMOTE = "mooncake://127.0.0.1:{port}?metadata=http://127.0.0.1:{port}/metadata"
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+@pytest.mark.parametrize("role", ["SCHEDULER", "WORKER"])
+def test_remote_with_tensor_parallelism_is_refused_naming_the_key(vllm_config, role):
+    par = vllm_config.parallel_config
+    saved = par.tensor_parallel_size, par.distributed_executor_backend
+    par.tensor_parallel_size, par.distributed_executor_backend = 2, "mp"
+    try:
+        with pytest.raises(ConfigError) as e:
+            _make(vllm_config, {"host_cache_gib": 1, "remote": REMOTE.format(port=1)},
+                  _kv_cache_config(_spec()), role)
+    finally:
+        par.tensor_parallel_size, par.distributed_executor_backend = saved
+    assert "'remote'" in str(e.value) and "tensor_parallel_size=1" in str(e.value)
+
+
+@pytest.mark.parametrize("algo", ["sha256", "xxhash"])
+def test_remote_is_refused_where_block_hashes_are_seeded_at_random(vllm_config, monkeypatch, algo):
+    """Block keys are vLLM's block hashes: two engines share blocks only if both seed them alike.
+    vLLM 0.32 seeds sha256 alike everywhere and xxhash at random unless PYTHONHASHSEED is set;
+    vLLM 0.26 seeds every algorithm at random unless it is set."""
+    import vllm
+    from triton_prefix_cache_vllm.remote_tier import check_remote
+
+    pytest.importorskip("xxhash")
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    monkeypatch.setattr(vllm_config.cache_config, "prefix_caching_hash_algo", algo)
+    extra = {"host_cache_gib": 1, "remote": REMOTE.format(port=1)}
+    if algo == "sha256" and not vllm.__version__.startswith("0.26."):
+        assert check_remote(vllm_config).endswith(":sha256:seed-sha256=" + __import__("hashlib").sha256(
+            b"vllm-none-hash").hexdigest()[:16])
+    else:
+        with pytest.raises(ConfigError) as e:
+            _make(vllm_config, extra, _kv_cache_config(_spec()))
+        for w in ("'remote'", "random", "PYTHONHASHSEED", "sha256"):
+            assert w in str(e.value), (w, str(e.value))
+    monkeypatch.setenv("PYTHONHASHSEED", "7")
+    scheme = check_remote(vllm_config)  # one seed for every engine: shareable
+    assert algo in scheme and scheme.endswith(__import__("hashlib").sha256(b"7").hexdigest()[:16])
+
+
+def test_the_namespace_separates_what_makes_kv_differ(vllm_config, monkeypatch):
+    """Two engines get one namespace exactly when their KV for the same tokens is the same: the
+    KV cache's size does not matter; the model, the KV dtype, the block size, the page layout and
+    the URL's `namespace` do."""
+    from triton_prefix_cache_vllm.remote_tier import worker_namespace
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from triton_prefix_cache.config import PrefixCacheConfig
+
+    url = REMOTE.format(port=1)
+
+    def digest(blocks=100, block_size=H.BLOCK, order=(0, 1, 2, 3), params="") -> bytes:
+        cfg = PrefixCacheConfig.from_dict({"host_cache_gib": 1, "remote": url + params})
+        spec = FullAttentionSpec(block_size=block_size, num_kv_heads=2, head_size=32, dtype=torch.float32)
+        kvc = _kv_cache_config(spec)
+        kvc.num_blocks = blocks
+        shape = (blocks, 2, 32, 64)
+        # the same logical shape, its dimensions laid out in memory in `order` (outermost first)
+        t = torch.zeros([shape[i] for i in order]).permute(*[order.index(i) for i in range(4)])
+        return worker_namespace(cfg, vllm_config, kvc, [t], 1, 2 * 32 * 64 * 4).digest
+
+    base = digest()
+    assert digest(blocks=50) == base
+    assert digest(order=(0, 2, 1, 3)) != base
+    assert digest(block_size=64) != base
+    assert digest(params="&namespace=tenant") != base
+    monkeypatch.setattr(vllm_config.cache_config, "cache_dtype", "fp8")
+    assert digest() != base
+    monkeypatch.undo()
+    monkeypatch.setattr(vllm_config.model_config, "model", "another/model")
+    assert digest() != base
+
+
+@pytest.mark.parametrize("role", ["SCHEDULER", "WORKER"])
+def test_remote_with_a_window_on_every_layer_is_refused_naming_the_key(vllm_config, role):
+    kvc = _kv_cache_config(_spec("SlidingWindowSpec", sliding_window=64))
+    with pytest.raises(ConfigError) as e:
+        _make(vllm_config, {"host_cache_gib": 1, "remote": REMOTE.format(port=1)}, kvc, role)
+    assert "'remote'" in str(e.value) and "sliding window" in str(e.value)
+
+
+def test_an_unreachable_store_fails_at_startup_naming_the_key(vllm_config):
+    from triton_prefix_cache.remote.store import RemoteStoreError
+
+    port = _closed_port()
+    with pytest.raises(RemoteStoreError) as e:
+        _make(vllm_config, {"host_cache_gib": 0.01, "remote": REMOTE.format(port=port)},
+              _kv_cache_config(_spec()))
+    assert "'remote'" in str(e.value), str(e.value)
+
+
 @pytest.mark.parametrize("spec_kw", [
     {},  # dense
     {"sliding_window": 64},  # sliding-window layers beside full ones, folded into full attention
@@ -254,7 +353,10 @@ def test_command_line_check_names_the_bad_key():
     assert check_command_line(["serve", "m", "--kv-transfer-config", other]) is None  # not ours
     assert check_command_line(["serve", "m"]) is None
     remote = good.replace('"demote": "lazy"', '"remote": "mooncake://127.0.0.1:1?metadata=http://127.0.0.1:2/m"')
-    assert "'remote'" in (check_command_line(["serve", "m", "--kv-transfer-config", remote]) or "")
+    assert check_command_line(["serve", "m", "--kv-transfer-config", remote]) is None
+    bad_remote = remote.replace("metadata=", "metdata=")
+    err = check_command_line(["serve", "m", "--kv-transfer-config", bad_remote])
+    assert "'remote.metdata'" in (err or "")
 
 
 #: A CPU `vllm serve` of the tiny model takes 25-40 s to start here; refusing the config must take

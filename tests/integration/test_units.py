@@ -424,7 +424,9 @@ def test_debug_options_reach_the_worker():
 
 def test_the_adapter_logs_under_vllm_and_reads_no_environment():
     """One logger under vLLM's `vllm` logger (its handler and format apply), and every knob comes
-    from the validated config: no adapter module reads the environment itself."""
+    from the validated config: no adapter module reads the environment itself, except vLLM's own
+    seed of its block hashes (PYTHONHASHSEED), which vLLM 0.26 reads only from there and the
+    remote tier must know (compat.block_hash_seed)."""
     import importlib
     import pathlib
     import re
@@ -435,4 +437,6 @@ def test_the_adapter_logs_under_vllm_and_reads_no_environment():
     for name in ("compat", "connector", "scheduler", "worker"):
         assert importlib.import_module(f"triton_prefix_cache_vllm.{name}").logger.name == pkg.LOGGER_NAME
     for path in pathlib.Path(pkg.__file__).parent.glob("*.py"):
-        assert not re.search(r"os\.environ|getenv\(", path.read_text()), path.name
+        reads = [ln for ln in path.read_text().splitlines()
+                 if re.search(r"os\.environ|getenv\(", ln) and 'get("PYTHONHASHSEED")' not in ln]
+        assert not reads, (path.name, reads)

@@ -113,6 +113,8 @@ def test_without_a_pool_it_answers_lookups_only():
 def make(client=None, url_params="", slots=32, **kw):
     pool = HostPool(HostPoolConfig(size_bytes=slots * LAYERS * PAGE, num_layers=LAYERS, page_bytes=PAGE,
                                    device="cpu"))
+    if "lookup_timeout_ms" not in url_params:  # tests that do not time lookups: never flaky on a busy machine
+        url_params += "&lookup_timeout_ms=2000"
     url = parse_remote_url("mooncake://127.0.0.1:1?metadata=http://127.0.0.1:2/m" + url_params)
     client = client or MemoryClient()
     store = RemoteStore(client, url, NS, pool, **kw)

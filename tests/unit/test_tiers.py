@@ -196,6 +196,38 @@ def test_remove_while_loading_retires_until_unpinned(make_tm):
     tm.check_consistency()
 
 
+def test_pinned_publish_and_pins_hold_slots_without_counting_loads(make_tm):
+    """A slot published with a reader (a write on to another tier starts as its copy ends) is never
+    evicted or reused until `unpin`, also when a reset retires it meanwhile; `pin`/`unpin` add and
+    end such readers on READY slots and count no load."""
+    tm = make_tm(2)
+    plan = tm.begin_store(keys(1, 2))
+    tm.clear()  # retires both while they are STORING
+    tm.finish_store(plan.slots, pin=True)
+    assert not findable(tm, keys(1, 2)).any() and tm.num_free == 0
+    assert [tm.slot_state(s) for s in plan.slots] == [SlotState.LOADING] * 2
+    tm.check_consistency()
+    assert tm.begin_store(keys(3)).dropped.all()  # held: nothing to evict
+    tm.unpin(plan.slots)
+    assert tm.num_free == 2
+    tm.check_consistency()
+    plan = tm.begin_store(keys(4, 5))
+    tm.finish_store(plan.slots, pin=True)
+    assert findable(tm, keys(4, 5)).all() and readers(tm, int(plan.slots[0])) == 1
+    tm.pin(plan.slots[:1])
+    tm.unpin(plan.slots)
+    later = tm.begin_store(keys(6, 7))
+    assert later.status.tolist() == [StoreStatus.ASSIGNED, StoreStatus.DROPPED]
+    assert int(later.slots[0]) == int(plan.slots[1])  # the unpinned one was evicted
+    tm.unpin(plan.slots[:1])
+    assert tm.stats.loads_started == tm.stats.loads_completed == 0
+    with pytest.raises(ValueError, match="not READY"):
+        tm.pin(later.slots[:1])  # STORING
+    with pytest.raises(ValueError, match="no load in progress"):
+        tm.unpin(plan.slots[:1])
+    tm.check_consistency()
+
+
 def test_remove_and_clear_while_storing(make_tm):
     tm = make_tm(4)
     p = tm.begin_store(keys(0, 1))

@@ -205,12 +205,13 @@ class RemoteStore:
 
     Build with `connect(url, namespace, pool)`; tests may hand in any `StoreClient`. Without a pool
     (`pool=None`) it answers lookups only: a scheduler that decides, next to a worker that moves
-    the bytes with its own RemoteStore over the pool. Public state:
-    `namespace`, `url`, `stats` (RemoteStats), `degraded`.
+    the bytes with its own RemoteStore over the pool. `role` names this client in its log lines
+    (a process may hold several, each degrading on its own). Public state:
+    `namespace`, `url`, `role`, `stats` (RemoteStats), `degraded`.
     """
 
     def __init__(self, client: StoreClient, url: RemoteURL, namespace: RemoteNamespace, pool: HostPool | None,
-                 max_inflight_blocks: int = DEFAULT_MAX_INFLIGHT_BLOCKS) -> None:
+                 max_inflight_blocks: int = DEFAULT_MAX_INFLIGHT_BLOCKS, role: str = "") -> None:
         if pool is not None and (pool.num_layers, pool.page_bytes) != (namespace.num_layers,
                                                                         namespace.page_bytes):
             raise ValueError(
@@ -220,6 +221,8 @@ class RemoteStore:
         self.url = url
         self.namespace = namespace
         self.pool = pool
+        self.role = role
+        self._name = f"{url.master} ({role})" if role else url.master
         self.stats = RemoteStats()
         self._slots_np = pool.slots.numpy() if pool is not None and pool.num_slots else None
         self._arena = _HeaderArena(max_inflight_blocks if pool is not None else 1)
@@ -238,6 +241,7 @@ class RemoteStore:
         self._degraded_since: float | None = None
         self._probe: cf.Future | None = None
         self._closed = False
+        self._quiet = False  # closed with no call left in flight (`close`)
         self._lookup_worker = _Worker("tpc-remote-lookup")
         self._put_worker = _Worker("tpc-remote-put")
         self._get_worker = _Worker("tpc-remote-get")
@@ -286,8 +290,7 @@ class RemoteStore:
         except BaseException:
             client.close()
             raise
-        log.info("remote store: connected to %s (%s), namespace %s", url.master, url.protocol,
-                 namespace.digest.hex())
+        log.info("remote store %s: connected (%s)", store._name, url.protocol)
         return store
 
     def _register(self, address: int, nbytes: int, what: str) -> None:
@@ -311,7 +314,7 @@ class RemoteStore:
             self.stats.degraded = 1
             self.stats.degradations += 1
         again = f"probing it every {self.url.retry_s:g} s" if self.url.retry_s else "not probing it again"
-        log.warning("remote store %s: %s; serving from the local tiers only, %s", self.url.master, why, again)
+        log.warning("remote store %s: %s; serving from the local tiers only, %s", self._name, why, again)
 
     def _maybe_probe(self) -> None:
         """While degraded: after `retry_s`, one existence check of a probe key on the lookup
@@ -332,7 +335,7 @@ class RemoteStore:
                     self._degraded_since = None
                     self.stats.degraded = 0
                     self.stats.recoveries += 1
-                log.warning("remote store %s: reachable again; using it", self.url.master)
+                log.warning("remote store %s: reachable again; using it", self._name)
             else:
                 self._degraded_since = time.monotonic()
             return
@@ -610,12 +613,13 @@ class RemoteStore:
             job.status[job.todo] = status
 
     # ---- lifetime ------------------------------------------------------------------------------
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, timeout: float = 5.0) -> bool:
         """Stop taking jobs, wait up to `timeout` for those in flight, release the client.
         Idempotent. A call still stuck in the client keeps its buffers registered and the client
-        open (closing under it would free memory it writes)."""
+        open (closing under it would free memory it writes). Returns whether no call is left that
+        may touch the registered buffers: only then may their owner free them (the host pool)."""
         if self._closed:
-            return
+            return self._quiet
         self._closed = True
         end = time.monotonic() + timeout
         for job in list(self._jobs.values()):
@@ -626,15 +630,17 @@ class RemoteStore:
             w.stop()
         if stuck:
             log.warning("remote store %s: closed with calls still in flight; the client is left open",
-                        self.url.master)
-            return
+                        self._name)
+            return False
+        self._quiet = True
         closer = _Worker("tpc-remote-close")
         fut = closer.submit(self._release)
         closer.stop()
         try:
             fut.result(timeout=max(0.5, end - time.monotonic()))
         except Exception as e:  # a dead store may make even close fail or hang: not our failure
-            log.info("remote store %s: closing the client: %r", self.url.master, e)
+            log.info("remote store %s: closing the client: %r", self._name, e)
+        return True
 
     def _release(self) -> None:
         for address in self._registered:
