@@ -14,6 +14,7 @@ refuses such a copy. Selection, streams, handles and fallbacks live in copy_engi
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any
 
 import numpy as np
@@ -157,6 +158,10 @@ class StagedCopier(Copier):
         self.aux = {to_host: torch.cuda.Stream(self.device, priority=0 if to_host else LOAD_PRIORITY)
                     for to_host in (True, False)} if self.cuda else {}
         self._kernels: dict[tuple[bool, int, int], tuple[Any, int, torch.Tensor]] = {}
+        # One copy at a time per direction: a run's chunks order the halves of its buffer among
+        # themselves only, and demotes are enqueued from two threads (large ones by the engine's
+        # submission thread, which releases the GIL inside driver calls, small ones by the caller).
+        self._busy = {to_host: threading.Lock() for to_host in (True, False)}
 
     def layer_groups(self, num_layers: int) -> list[tuple[int, int]]:
         """A layer-wise copy in LAYERWISE_GROUPS steps (one descriptor per slot and step)."""
@@ -181,6 +186,10 @@ class StagedCopier(Copier):
         return self._kernels[key]
 
     def run(self, blocks, slots, blocks_t, slots_t, to_host, layer_begin, layer_count, after=None) -> None:
+        with self._busy[to_host]:
+            self._run(blocks, blocks_t, slots, to_host, layer_begin, layer_count, after)
+
+    def _run(self, blocks, blocks_t, slots, to_host, layer_begin, layer_count, after) -> None:
         kernel, cap, rows = self._kernel(to_host, layer_begin, layer_count)
         page = self.layout.page_bytes
         run_bytes = layer_count * page
@@ -192,36 +201,38 @@ class StagedCopier(Copier):
             aux.wait_stream(stream)  # the kernels start after the copy stream's ordering point
             if after is not None:  # and, a promote's, after the work that last used its blocks
                 aux.wait_event(after)
-        half_free: list[Any] = [None, None]  # event: the half's last user (kernel or DMA) is done
-        n = len(blocks)
-        for k, i0 in enumerate(range(0, n, cap)):
-            i1 = min(n, i0 + cap)
-            half = k % 2
-            stage = buf_addr + half * cap * run_bytes + np.arange(i1 - i0, dtype=np.int64) * run_bytes
-            stage_rows = rows[half * cap : half * cap + (i1 - i0)]
-            if to_host:  # gather on the aux stream, then DMA the staged runs out on the copy stream
-                with on_stream(aux):
+        try:
+            half_free: list[Any] = [None, None]  # event: the half's last user (kernel or DMA) is done
+            n = len(blocks)
+            for k, i0 in enumerate(range(0, n, cap)):
+                i1 = min(n, i0 + cap)
+                half = k % 2
+                stage = buf_addr + half * cap * run_bytes + np.arange(i1 - i0, dtype=np.int64) * run_bytes
+                stage_rows = rows[half * cap : half * cap + (i1 - i0)]
+                if to_host:  # gather on the aux stream, then DMA the staged runs out on the copy stream
+                    with on_stream(aux):
+                        if half_free[half] is not None:
+                            aux.wait_event(half_free[half])
+                        kernel(blocks_t[i0:i1], stage_rows, True)
+                        gathered = _record(aux)
+                    if gathered is not None:
+                        stream.wait_event(gathered)
+                    self._dma(host_runs[i0:i1], stage, run_bytes, stream, True)
+                    half_free[half] = _record(stream)
+                else:  # DMA the runs in on the copy stream, then scatter them on the aux stream
                     if half_free[half] is not None:
-                        aux.wait_event(half_free[half])
-                    kernel(blocks_t[i0:i1], stage_rows, True)
-                    gathered = _record(aux)
-                if gathered is not None:
-                    stream.wait_event(gathered)
-                self._dma(host_runs[i0:i1], stage, run_bytes, stream, True)
-                half_free[half] = _record(stream)
-            else:  # DMA the runs in on the copy stream, then scatter them on the aux stream
-                if half_free[half] is not None:
-                    stream.wait_event(half_free[half])
-                self._dma(stage, host_runs[i0:i1], run_bytes, stream, False)
-                landed = _record(stream)
-                with on_stream(aux):
-                    if landed is not None:
-                        aux.wait_event(landed)
-                    kernel(blocks_t[i0:i1], stage_rows, False)
-                    half_free[half] = _record(aux)
-        if aux is not None:
-            stream.wait_stream(aux)  # the copy stream's next event covers every kernel
-            blocks_t.record_stream(aux)  # used there: its memory is not reused before aux is done
+                        stream.wait_event(half_free[half])
+                    self._dma(stage, host_runs[i0:i1], run_bytes, stream, False)
+                    landed = _record(stream)
+                    with on_stream(aux):
+                        if landed is not None:
+                            aux.wait_event(landed)
+                        kernel(blocks_t[i0:i1], stage_rows, False)
+                        half_free[half] = _record(aux)
+        finally:  # also when a chunk failed: events recorded later cover the kernels already queued
+            if aux is not None:
+                stream.wait_stream(aux)  # the copy stream's next event covers every kernel
+                blocks_t.record_stream(aux)  # used there: its memory is not reused before aux is done
 
     def _dma(self, dst: np.ndarray, src: np.ndarray, run_bytes: int, stream, to_host: bool) -> None:
         """Staged rows (contiguous, `run_bytes` apart) to or from their host runs. A whole-slot copy

@@ -573,7 +573,8 @@ class CopyEngine:
         after = None  # an event of the caller's stream that the copy's writes of device pages wait for
         if self.wait_for_current_stream:  # ordered now, even where the copies are enqueued later
             current = torch.cuda.current_stream(self.device)
-            if direction == "promote" and self._copiers[backend].stages_writes:
+            # (.get: a fallback on the submission thread may just have dropped this backend)
+            if direction == "promote" and getattr(self._copiers.get(backend), "stages_writes", False):
                 # A staged load writes device pages only in its scatter kernels: its DMAs (host to
                 # the staging buffer) run while the caller's queued forward does.
                 after = current.record_event()

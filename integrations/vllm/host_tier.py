@@ -8,7 +8,8 @@ scheduler needs around it:
   pinned memory, so index work is never ordered behind the forward the engine has queued on its
   own stream (async scheduling overlaps the scheduler with the forward; waiting for it would put
   the whole forward in the lookup) nor behind the KV copies on the copy engines;
-- the index kernels are compiled at startup, not in the first request's lookup;
+- the index kernels are compiled at startup for the batch sizes Triton specializes on, not in the
+  first request's lookup;
 - the few calls the adapter makes, with the slot lists it keeps.
 """
 from __future__ import annotations
@@ -46,14 +47,16 @@ class HostTier:
         return torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
 
     def _warm_up(self) -> None:
-        """Every kernel the scheduler's calls launch, compiled now (inputs on the CPU, as theirs)."""
-        k = torch.tensor([[12345, 67890], [111, 222]], dtype=torch.int64)
+        """The kernels the scheduler's calls launch, compiled now (inputs on the CPU, as theirs).
+        Triton specializes on sizes (1, multiples of 16, others): one batch of each."""
         idx = self.manager.index
-        idx.insert(k[:1], torch.zeros(1, dtype=torch.int32))
-        idx.lookup(k)
-        idx.match_prefix(k, torch.tensor([0, 2]))
-        idx.count_leading(k)
-        idx.remove(k[:1])
+        for n in (1, 16, 17):
+            k = torch.arange(2 * n, dtype=torch.int64).view(n, 2) + 12345
+            idx.insert(k, torch.zeros(n, dtype=torch.int32))
+            idx.lookup(k)
+            idx.match_prefix(k, torch.tensor([0, n]))
+            idx.count_leading(k)
+            idx.remove(k)
         torch.cuda.synchronize(self.device)
 
     @property

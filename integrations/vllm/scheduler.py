@@ -362,16 +362,20 @@ class SchedulerSide:
         if not found:
             return False
         want = keys[first : first + found]
+        # The hit found so far stays while the rest comes: pinned before the fetch takes slots, which
+        # may evict (least recently used first, as the blocks just matched may well be).
+        host = self.tier.manager.lookup(keys[start:first]).tolist() if first > start else []
+        if any(slot < 0 for slot in host):  # gone since the match: the request computes the rest
+            return False
+        self.tier.pin_slots(host)
         slots, _, _ = self.tier.begin_store(want)
         # Keys already in the host tier or on their way there get no slot; a host tier whose slots
         # are all pinned drops the rest: the request computes those blocks, nothing waits for room.
         take = np.flatnonzero(slots >= 0)
         if not len(take):
+            self.tier.unpin_slots(host)
             return False
         fetch_keys = want.numpy()[take]
-        host = self.tier.manager.lookup(keys[start:first]).tolist() if first > start else []
-        # The hit found so far stays while the rest comes (a fetch may evict to make room).
-        self.tier.pin_slots(host)
         job = next(self._job_ids)
         fetch_slots = [int(x) for x in slots[take]]
         self.fetches[job] = _Fetch(request.request_id, fetch_keys, fetch_slots, host, (first + take).tolist())

@@ -207,3 +207,23 @@ def test_a_failed_copy_has_no_put_and_the_remote_stats_reach_the_interval():
     assert "remote_degraded" in s.reduce()
     again = side.get_stats()  # counted once
     assert again is None or again.data["remote_store_errors"] == 0
+
+
+def test_a_fetch_into_a_full_host_tier_never_evicts_the_hit_it_extends():
+    """The request's host hit is the least recently used content of a full host tier: the fetch's
+    slots come from other blocks, and the hit stays READY and pinned while the rest arrives."""
+    hashes = _hashes(6, 200)
+    store = Lookups(hashes[2:])
+    side = _remote_side(store, load="async")
+    _store(side, hashes[:2])  # the oldest blocks of the tier
+    _store(side, _hashes(side.tier.num_slots - 2, 1000))  # the tier is full
+    assert side.tier.manager.num_free == 0
+    req = _request("a", hashes)
+    assert side.get_num_new_matched_tokens(req, 0) == (None, False)
+    (fetch,) = _meta(side).fetches
+    assert len(fetch.slots) == 4
+    assert _state(side, hashes) == [SlotState.LOADING] * 2 + [SlotState.STORING] * 4  # pinned hit
+    assert side.tier.manager.snapshot().loading_slots == 2
+    _report(side, remote=[_remote("fetch", fetch.job_id, [True] * 4)])
+    assert side.get_num_new_matched_tokens(req, 0) == (6 * BLOCK, True)
+    side.tier.check()

@@ -277,7 +277,8 @@ class PrefixIndex:
         finally:
             self._host_calls -= 1
             self._stream.synchronize()  # at once when the event was reached: regions idle before reuse
-            self._mapped.reset()
+            if not self._host_calls:  # an outer host call still holds its regions
+                self._mapped.reset()
         return tuple(answers) if isinstance(out, tuple) else answers[0]
 
     def _read_small(self, t: torch.Tensor) -> list:
