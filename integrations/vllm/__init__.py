@@ -25,15 +25,18 @@ def register() -> None:
     vLLM loads general plugins while it builds its command-line parser, before it parses the
     arguments: so `vllm serve ... --kv-transfer-config` with a config this connector refuses stops
     here, with one line naming the key (exit status 2, as vLLM's usage errors), instead of after
-    the engine has loaded the model, where vLLM first builds the connector."""
+    the engine has loaded the model, where vLLM first builds the connector. Only in vLLM's own
+    command-line process: a program that uses vLLM as a library keeps its arguments to itself."""
     import sys
 
-    from .cli import USAGE_ERROR, check_command_line
+    argv = _vllm_command_line()
+    if argv is not None:
+        from .cli import USAGE_ERROR, check_command_line
 
-    error = check_command_line(sys.argv[1:])
-    if error is not None:
-        print(error, file=sys.stderr, flush=True)
-        raise SystemExit(USAGE_ERROR)
+        error = check_command_line(argv)
+        if error is not None:
+            print(error, file=sys.stderr, flush=True)
+            raise SystemExit(USAGE_ERROR)
 
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
@@ -41,6 +44,29 @@ def register() -> None:
     # per process (e.g. tests calling load_general_plugins directly).
     if CONNECTOR_NAME not in KVConnectorFactory._registry:
         KVConnectorFactory.register_connector(CONNECTOR_NAME, CONNECTOR_MODULE, CONNECTOR_NAME)
+
+
+#: The `python -m` modules of vLLM's command line (its `vllm` script runs the first) and this
+#: package's CLI in front of it.
+VLLM_CLI_MODULES = ("vllm.entrypoints.cli.main", "vllm.entrypoints.openai.api_server",
+                    "triton_prefix_cache_vllm.cli")
+
+
+def _vllm_command_line() -> list[str] | None:
+    """This process's arguments if it is vLLM's command line (the `vllm` script or one of
+    VLLM_CLI_MODULES run as the main module, not a child process of one), else None."""
+    import multiprocessing
+    import os
+    import sys
+
+    argv = getattr(sys, "argv", None)
+    if not argv or multiprocessing.parent_process() is not None:
+        return None
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name in VLLM_CLI_MODULES or os.path.basename(argv[0]) == "vllm":
+        return list(argv[1:])
+    return None
 
 
 def connector_config(extra_config: Any) -> PrefixCacheConfig:

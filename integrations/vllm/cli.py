@@ -57,8 +57,10 @@ def kv_transfer_configs(argv: Sequence[str]) -> list[dict]:
 
 
 def check_command_line(argv: Sequence[str]) -> str | None:
-    """Why the connector would refuse its config on this command line (one line), else None."""
-    configs = [c for c in kv_transfer_configs(argv) if c.get("kv_connector") == CONNECTOR_NAME]
+    """Why the connector would refuse its config on this command line (one line), else None. The
+    last `--kv-transfer-config` is the one vLLM uses (argparse): only it counts."""
+    configs = kv_transfer_configs(argv)[-1:]
+    configs = [c for c in configs if c.get("kv_connector") == CONNECTOR_NAME]
     if not configs:
         return None
     from triton_prefix_cache.config import ConfigError

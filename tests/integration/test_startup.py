@@ -359,6 +359,23 @@ def test_command_line_check_names_the_bad_key():
     assert "'remote.metdata'" in (err or "")
 
 
+def test_only_the_last_kv_transfer_config_counts_and_library_use_is_left_alone(monkeypatch):
+    """vLLM uses the last --kv-transfer-config; a program using vLLM as a library (this test
+    process) keeps its own arguments: registering the plugin there never exits."""
+    import triton_prefix_cache_vllm as plugin
+    from triton_prefix_cache_vllm.cli import check_command_line
+
+    bad = json.dumps({"kv_connector": H.CONNECTOR,
+                      "kv_connector_extra_config": {"host_cache_gib": 0.01, "x": 1}})
+    other = json.dumps({"kv_connector": "OffloadingConnector", "kv_connector_extra_config": {}})
+    flag = "--kv-transfer-config"
+    assert check_command_line(["serve", "m", flag, bad, flag, other]) is None
+    assert "'x'" in check_command_line(["serve", "m", flag, other, flag, bad])
+    monkeypatch.setattr("sys.argv", ["my_script.py", "--kv-transfer-config", bad])
+    assert plugin._vllm_command_line() is None
+    plugin.register()  # no SystemExit
+
+
 #: A CPU `vllm serve` of the tiny model takes 25-40 s to start here; refusing the config must take
 #: a fraction of that.
 FAST_FAIL_S = 20
