@@ -757,6 +757,13 @@ class SchedulerSide:
         ok = self.tier.clear()
         self._settled.clear()
         self._last_scan = None
+        if self.remote_ready:
+            # The store keeps what was computed before the reset, under this engine's namespace:
+            # fetching it back would serve KV the reset meant to drop (e.g. of the weights before
+            # an in-place update). Fetches already running land in slots the clear retired.
+            self.remote_ready = False
+            logger.warning("triton-prefix-cache: prefix cache reset: the remote tier is off for the rest "
+                           "of this engine's life (the store's blocks date from before the reset)")
         if not ok:
             logger.warning("triton-prefix-cache: host tier reset deferred entries still being copied; "
                            "they are dropped when done")

@@ -227,3 +227,13 @@ def test_a_fetch_into_a_full_host_tier_never_evicts_the_hit_it_extends():
     _report(side, remote=[_remote("fetch", fetch.job_id, [True] * 4)])
     assert side.get_num_new_matched_tokens(req, 0) == (6 * BLOCK, True)
     side.tier.check()
+
+
+def test_after_a_prefix_cache_reset_the_store_is_neither_asked_nor_written():
+    hashes = _hashes(4, 300)
+    store = Lookups(hashes)
+    side = _remote_side(store, load="async")
+    assert side.reset_cache() is True
+    req = _request("a", hashes)
+    assert side.get_num_new_matched_tokens(req, 0) == (0, False) and store.asked == 0
+    assert not _meta(side).fetches

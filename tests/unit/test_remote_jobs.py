@@ -269,6 +269,34 @@ def test_a_call_past_its_timeout_reports_twice_and_degrades_once(caplog):
     assert store.stats.degradations == 1 and store.stats.timeouts == 1
 
 
+def test_jobs_queued_behind_a_stuck_call_are_dropped_once_it_times_out():
+    """A store that hangs holds its thread in the call: the jobs queued behind it never start, so
+    they are reported at once (final, slots free) when the stuck call times out, not never."""
+    store, client, _ = make(url_params="&timeout_ms=100&lookup_timeout_ms=50&retry_s=0")
+    client.gate.clear()  # the store hangs
+    stuck = store.start_get(keys_for(2), [5, 6])
+    queued_get = store.start_get(keys_for(2, seed=50), [7, 8])  # queued behind it, same thread
+    queued_put = store.start_put(keys_for(2, seed=80), [0, 1])  # the put thread is free: it hangs too
+    queued_put2 = store.start_put(keys_for(2, seed=90), [2, 3])  # queued behind that put
+    try:
+        results = {}
+        t = time.monotonic()
+        while len(results) < 4 and time.monotonic() - t < 5:
+            results.update((r.job_id, r) for r in store.poll())
+            time.sleep(0.01)
+        assert time.monotonic() - t < 2, "a queued job waited for the stuck call"
+        assert results[stuck].timed_out and not results[stuck].slots_free
+        assert results[queued_put].timed_out and not results[queued_put].slots_free
+        for job in (queued_get, queued_put2):
+            r = results[job]
+            assert r.slots_free and not r.timed_out
+            assert r.status.tolist() == [BlockStatus.DROPPED_DEGRADED] * 2
+    finally:
+        client.gate.set()
+    # the dropped put let go of its keys: written by the next put once the store is back
+    assert not store._inflight_puts - {tuple(k) for k in keys_for(2, seed=80).tolist()}
+
+
 def test_a_failed_lookup_degrades_and_a_probe_ends_it(caplog):
     store, client, _ = make(url_params="&retry_s=0.05")
     keys = keys_for(2)

@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -64,6 +64,8 @@ SIZE_CODES = (BUFFER_OVERFLOW, INVALID_PARAMS)
 DEFAULT_MAX_INFLIGHT_BLOCKS = 8192
 #: the most bytes one put or get call moves; `timeout_ms` applies to each call
 CALL_BYTES = 64 << 20
+#: a job still queued this many `timeout_ms` after it was submitted (behind slow calls) is dropped
+QUEUED_TIMEOUTS = 4
 CONNECT_TIMEOUT_S = 30.0
 PROBE_KEY = "probe"
 
@@ -195,6 +197,8 @@ class _Job:
     future: cf.Future | None = None
     started: float | None = None
     reported: bool = False
+    queued: float = 0.0  # when it was submitted to its thread
+    put_pairs: list = field(default_factory=list)  # keys this put holds in `_inflight_puts`
 
     def result(self, **kw: Any) -> RemoteResult:
         return RemoteResult(self.id, self.kind, self.keys, self.slots, self.status, **kw)
@@ -232,6 +236,7 @@ class RemoteStore:
             if pool.nbytes:
                 self._register(pool.address, pool.nbytes, "host pool")
         self._timeout = url.timeout_ms / 1000  # per call of at most CALL_BYTES
+        self._queue_limit = QUEUED_TIMEOUTS * self._timeout  # a job queued longer is dropped
         self._lookup_timeout = url.lookup_timeout_ms / 1000
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -436,7 +441,8 @@ class RemoteStore:
                         self.stats.drops_degraded += len(todo)
             self._ready.append(RemoteResult(job_id, kind, keys, slots, status))
             return job_id
-        job = _Job(job_id, kind, keys, slots, status, todo, rows)
+        job = _Job(job_id, kind, keys, slots, status, todo, rows, queued=time.monotonic(),
+                   put_pairs=put_pairs)
         job.future = worker.submit(run, job, put_pairs)
         self._jobs[job_id] = job
         with self._lock:
@@ -489,6 +495,21 @@ class RemoteStore:
                     self._ready.append(job.result(late=True))
                 else:
                     self._ready.append(job.result(nbytes=nbytes, seconds=seconds))
+            elif job.started is None and (self.degraded or now - job.queued > self._queue_limit) \
+                    and job.future.cancel():
+                # Still queued behind a call that hangs (the store went away) or behind slow ones:
+                # never started, so its slots were never touched. Dropped, reported final now.
+                del self._jobs[job_id]
+                self._arena.release(job.rows)
+                drop = BlockStatus.DROPPED_DEGRADED if self.degraded else BlockStatus.DROPPED_BUSY
+                job.status[job.todo] = drop
+                with self._lock:
+                    self._inflight_puts.difference_update(job.put_pairs)
+                    if drop == BlockStatus.DROPPED_BUSY:
+                        self.stats.drops_busy += len(job.todo)
+                    else:
+                        self.stats.drops_degraded += len(job.todo)
+                self._ready.append(job.result())
             elif job.started is not None and not job.reported and now - job.started > self._timeout:
                 job.reported = True
                 with self._lock:
