@@ -16,7 +16,9 @@ engines take no SMs from the model). A backend that fails at run time is logged,
 replaced by "torch".
 
 On CUDA, demotes and promotes run on two side streams (so both directions overlap), each ordered
-after the caller's current stream at submission; the returned CopyHandle polls or waits, and a
+after the caller's current stream at submission (a staged promote: its scatter into the device
+pages, its reads of the host pool only where the staging buffer is free); the returned
+CopyHandle polls or waits, and a
 layer-wise promote records one event per layer. Page-wise DMA copies and large staged demotes are
 enqueued by one thread per direction (`_Submitter`: submitting a descriptor per page takes the
 driver about as long as the copy itself), the events of a layer-wise load published layer by
