@@ -7,6 +7,7 @@ key and what is allowed, before any memory is allocated.
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -15,6 +16,8 @@ from typing import Any
 
 from .index.backend import ALIASES, BACKENDS, canonical_backend
 from .remote.url import RemoteURL, RemoteURLError, parse_remote_url
+
+log = logging.getLogger(__name__)
 
 DEMOTE_MODES = ("lazy", "write_through")
 LOAD_MODES = ("auto", "layerwise", "async")
@@ -178,17 +181,30 @@ class PrefixCacheConfig:
         return int(self.host_cache_gib * (1 << 30))
 
     def check_fits_host(self) -> None:
-        """Raise ConfigError if the host pool is larger than this machine's physical memory (a typo
-        such as 16000 for 16 would otherwise allocate bookkeeping for it and then fail to pin)."""
+        """Raise ConfigError if the host pool cannot fit this machine's memory: more than the
+        memory limit of this process's cgroup (the kernel would kill the engine), or far more than
+        the physical memory the kernel reports (a typo such as 16000 for 16). Some virtual machines
+        report a small MemTotal that grows as memory is used: a pool between that and the bound
+        only logs a warning (pinning that fails part way shrinks the pool, with a warning)."""
         try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):
-            return  # unknown here: the pool's own fallback (a smaller pool, a warning) still applies
-        if self.host_cache_bytes > total:
+            physical = None
+        gib = 1 << 30
+        if physical is not None and self.host_cache_bytes > TYPO_FACTOR * physical:
             raise ConfigError(
-                f"config key 'host_cache_gib' = {self.host_cache_gib} is more than this machine's physical "
-                f"memory ({total / (1 << 30):.1f} GiB); give the host pool a part of it"
-            )
+                f"config key 'host_cache_gib' = {self.host_cache_gib} is more than {TYPO_FACTOR}x this "
+                f"machine's physical memory ({physical / gib:.1f} GiB); give the host pool a part of it")
+        limit = cgroup_memory_limit()
+        if limit is not None and self.host_cache_bytes > limit:
+            raise ConfigError(
+                f"config key 'host_cache_gib' = {self.host_cache_gib} is more than this process's memory "
+                f"limit ({limit / gib:.1f} GiB, its cgroup's); give the host pool a part of it")
+        if physical is None or self.host_cache_bytes <= physical:
+            return
+        log.warning("config key 'host_cache_gib' = %s is more than the physical memory this machine reports "
+                    "now (%.1f GiB); going on (some virtual machines grow it on demand; a pool that cannot "
+                    "be pinned whole shrinks, with a warning)", self.host_cache_gib, physical / gib)
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -257,3 +273,44 @@ def _check_index_backend(cfg: PrefixCacheConfig) -> None:
 def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
     if not isinstance(value, str) or value not in allowed:
         raise ConfigError(f"config key {key!r} must be one of {list(allowed)}, got {value!r}")
+
+
+#: A pool this many times the physical memory the kernel reports is a typo (16000 for 16), never a
+#: virtual machine that grows its memory on demand.
+TYPO_FACTOR = 64
+
+
+def cgroup_memory_limit() -> int | None:
+    """This process's cgroup memory limit in bytes (cgroup v2 `memory.max`, v1
+    `memory.limit_in_bytes`), or None where there is none or it cannot be read."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            candidates = [f"/sys/fs/cgroup{path}/memory.max", "/sys/fs/cgroup/memory.max"]
+        elif "memory" in controllers.split(","):
+            candidates = [f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes",
+                          "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
+        else:
+            continue
+        for name in candidates:
+            try:
+                with open(name) as f:
+                    text = f.read().strip()
+            except OSError:
+                continue
+            if text == "max":
+                return None
+            try:
+                value = int(text)
+            except ValueError:
+                return None
+            return value if value < (1 << 60) else None  # v1 writes "unlimited" as a huge number
+    return None

@@ -143,3 +143,27 @@ def test_every_key_is_documented_in_the_readme():
     section = text.split("### Configuration keys", 1)[1].split("\n\n", 2)[1]  # the table
     documented = re.findall(r"^\| `(\w+)` \|", section, flags=re.M)
     assert sorted(documented) == sorted(PrefixCacheConfig.keys())
+
+
+def test_host_cache_is_checked_against_the_cgroup_limit_and_warned_above_physical(monkeypatch, caplog):
+    """A cgroup memory limit is a hard bound; the physical memory the kernel reports is one only
+    far beyond it (some virtual machines grow it on demand): above it, a warning."""
+    import logging
+    import os
+
+    from triton_prefix_cache import config as C
+
+    real = C.cgroup_memory_limit()  # this machine's: none, or a positive number of bytes
+    assert real is None or real > 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    monkeypatch.setattr(C.os, "sysconf", lambda name: page if name == "SC_PAGE_SIZE" else (8 << 30) // page)
+    monkeypatch.setattr(C, "cgroup_memory_limit", lambda: None)
+    with caplog.at_level(logging.WARNING, logger=C.log.name):
+        PrefixCacheConfig.validated({"host_cache_gib": 40})  # 5x the 8 GiB reported: goes on
+    assert any("host_cache_gib" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ConfigError, match=r"host_cache_gib.*physical memory"):
+        PrefixCacheConfig.validated({"host_cache_gib": 8 * 65})
+    monkeypatch.setattr(C, "cgroup_memory_limit", lambda: 16 << 30)
+    with pytest.raises(ConfigError, match=r"host_cache_gib.*memory limit"):
+        PrefixCacheConfig.validated({"host_cache_gib": 20})
+    PrefixCacheConfig.validated({"host_cache_gib": 12})
