@@ -88,6 +88,8 @@ _NO_KEYS = torch.empty((0, 2), dtype=torch.int64)
 #: flight (`remote.store.DEFAULT_MAX_INFLIGHT_BLOCKS`), so that a very long prompt's fetch is never
 #: refused as too big; the rest of such a prompt is computed.
 MAX_FETCH_BLOCKS = 4096
+#: The part of `report_timeout_s` after which a fetch's request stops waiting for it.
+FETCH_PATIENCE = 0.5
 
 #: Requests that may start in the next step without having been looked up yet (each can round one
 #: partial block up): the slack of `demotion_window`.
@@ -552,6 +554,8 @@ class SchedulerSide:
             for report in meta.per_rank():
                 self._take_report(report)
             self.stats.add("step_seconds", time.perf_counter() - t0)
+        if self.fetches:
+            self._release_overdue_fetches()
         if self.awaited:
             self._check_report_deadline()
 
@@ -700,6 +704,21 @@ class SchedulerSide:
                 st.load_failed = True
         if job.retried:
             self.stats.add("load_retries", 1)
+
+    def _release_overdue_fetches(self) -> None:
+        """A fetch is a bonus, never a reason to stop: one still unreported after FETCH_PATIENCE of
+        `report_timeout_s` (many blocks from a slow store) lets its request go on, computing what
+        has not arrived, as a timed-out fetch does; its slots stay held until the worker's final
+        report, since the store may still write them."""
+        limit = FETCH_PATIENCE * self.cfg.report_timeout_s
+        now = time.monotonic()
+        for (kind, job_id), job in list(self.awaited.items()):
+            f = self.fetches.get(job_id) if kind == "fetch" else None
+            if f is not None and not f.released and now - job.since > limit:
+                logger.warning("triton-prefix-cache: fetch %d of %d blocks from the remote tier is not done "
+                               "after %.0f s; its request goes on without it", job_id, len(f.slots),
+                               now - job.since)
+                self._fetch_reported(RemoteReport("fetch", job_id, [False] * len(f.slots), False))
 
     def _check_report_deadline(self) -> None:
         """Stop, naming the job and the silent ranks, if the oldest unsettled job is overdue: a rank

@@ -237,3 +237,19 @@ def test_after_a_prefix_cache_reset_the_store_is_neither_asked_nor_written():
     req = _request("a", hashes)
     assert side.get_num_new_matched_tokens(req, 0) == (0, False) and store.asked == 0
     assert not _meta(side).fetches
+
+
+def test_a_fetch_overdue_by_half_the_report_timeout_lets_its_request_go_never_stops_the_engine():
+    hashes = _hashes(3, 400)
+    side = _remote_side(Lookups(hashes), report_timeout_s=10)
+    req = _request("a", hashes)
+    assert side.get_num_new_matched_tokens(req, 0) == (None, False)
+    (fetch,) = _meta(side).fetches
+    side.awaited[("fetch", fetch.job_id)].since -= 6  # a slow store: 6 s of the 10
+    side.update_connector_output(SimpleNamespace(kv_connector_worker_meta=None))  # no ReportTimeout
+    assert ("fetch", fetch.job_id) not in side.awaited
+    assert side.get_num_new_matched_tokens(req, 0) == (0, False)  # computes: nothing arrived
+    assert _state(side, hashes) == [SlotState.STORING] * 3  # the store may still write them
+    _report(side, remote=[_remote("fetch", fetch.job_id, [True] * 3, final=True)])  # it ends
+    assert _state(side, hashes) == [None] * 3 and not side.fetches
+    side.tier.check()
