@@ -381,15 +381,31 @@ def test_only_the_last_kv_transfer_config_counts_and_library_use_is_left_alone(m
 FAST_FAIL_S = 20
 
 
+def _run_refused(cmd: list[str]):
+    """(process, its non-blank stderr lines, seconds) of a command line expected to be refused."""
+    import os
+    import subprocess
+    import time
+
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, env=dict(os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU="1"), capture_output=True,
+                          text=True, timeout=300)
+    return proc, [ln for ln in proc.stderr.splitlines() if ln.strip()], time.monotonic() - t0
+
+
+def _assert_refused_fast(proc, lines: list[str], took: float) -> None:
+    """The misspelt key named on the last stderr line, no engine started, quickly."""
+    assert "hots_cache" in lines[-1] and "host_cache_gib" in lines[-1], lines[-5:]
+    assert "EngineCore" not in proc.stdout + proc.stderr, "an engine was started"
+    assert took < FAST_FAIL_S, f"took {took:.1f} s"
+
+
 @pytest.mark.slow
 def test_serve_with_a_misspelt_key_fails_fast_naming_it(model_path):
     """`vllm serve` (through this package's CLI, as vllm-cpu needs) with a misspelt key exits at once,
     before any engine process starts, its last stderr line naming the key."""
-    import os
     import socket
-    import subprocess
     import sys
-    import time
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -400,15 +416,9 @@ def test_serve_with_a_misspelt_key_fails_fast_naming_it(model_path):
            "--max-model-len", "1024", "--block-size", "32", "--kv-cache-memory-bytes", "2097152",
            "--enforce-eager", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
            "--kv-transfer-config", json.dumps(kvt)]
-    t0 = time.monotonic()
-    proc = subprocess.run(cmd, env=dict(os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU="1"), capture_output=True,
-                          text=True, timeout=300)
-    took = time.monotonic() - t0
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    proc, lines, took = _run_refused(cmd)
     assert proc.returncode != 0 and lines, (proc.returncode, proc.stderr[-3000:])
-    assert "hots_cache" in lines[-1] and "host_cache_gib" in lines[-1], lines[-5:]
-    assert "EngineCore" not in proc.stdout + proc.stderr, "an engine was started"
-    assert took < FAST_FAIL_S, f"took {took:.1f} s"
+    _assert_refused_fast(proc, lines, took)
 
 
 @pytest.mark.slow
@@ -416,25 +426,16 @@ def test_plain_vllm_server_with_a_misspelt_key_fails_before_the_engine(model_pat
     """vLLM's own server entry point (no help from this package's CLI) with a misspelt key exits
     while vLLM builds its parser (the plugin's registration checks the command line), before any
     engine process starts, its last stderr line naming the key."""
-    import os
-    import subprocess
     import sys
-    import time
 
     kvt = {"kv_connector": H.CONNECTOR, "kv_role": "kv_both",
            "kv_connector_extra_config": {"host_cache_gib": 0.01, "hots_cache": 1}}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
            "--max-model-len", "1024", "--block-size", "32", "--enforce-eager", "--port", "0",
            "--kv-transfer-config", json.dumps(kvt)]
-    t0 = time.monotonic()
-    proc = subprocess.run(cmd, env=dict(os.environ, VLLM_CPU_NUM_OF_RESERVED_CPU="1"), capture_output=True,
-                          text=True, timeout=300)
-    took = time.monotonic() - t0
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    proc, lines, took = _run_refused(cmd)
     assert proc.returncode == 2 and lines, (proc.returncode, proc.stderr[-3000:])
-    assert "hots_cache" in lines[-1] and "host_cache_gib" in lines[-1], lines[-5:]
-    assert "EngineCore" not in proc.stdout + proc.stderr, "an engine was started"
-    assert took < FAST_FAIL_S, f"took {took:.1f} s"
+    _assert_refused_fast(proc, lines, took)
 
 
 def test_failure_policy_is_set_by_the_scheduler_side_and_said_once(vllm_config, monkeypatch, caplog):
