@@ -274,9 +274,11 @@ class PrefixIndex:
                     answers.append(host)
                 self._wait_stream()
             answers = [a.clone() for a in answers]  # the regions are reused by the next call
+        except BaseException:
+            self._stream.synchronize()  # the event was not reached: regions idle before reuse
+            raise
         finally:
             self._host_calls -= 1
-            self._stream.synchronize()  # at once when the event was reached: regions idle before reuse
             if not self._host_calls:  # an outer host call still holds its regions
                 self._mapped.reset()
         return tuple(answers) if isinstance(out, tuple) else answers[0]
