@@ -226,17 +226,49 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 
 def metric_delta(before: dict, after: dict) -> dict[str, float]:
-    """Counters (and histogram sums/counts) as differences, gauges as their last value."""
+    """Counters (and histogram sums/counts) as differences, gauges as their last value, and for each
+    histogram of this plugin its p50 and p99 over the interval (`<name>_p50`, `<name>_p99`)."""
     out = {}
+    buckets: dict[str, list[tuple[float, float]]] = {}
     for k, v in after.items():
         name = k.split("{")[0]
         if name.endswith(("_total", "_sum", "_count", "_bucket")):
             d = v - before.get(k, 0.0)
-            if d and not name.endswith("_bucket"):
+            if name.endswith("_bucket"):
+                le = re.search(r'le="([^"]+)"', k)
+                if le and name.startswith("vllm:tpc_"):
+                    buckets.setdefault(name[:-len("_bucket")], []).append((float(le.group(1)), d))
+            elif d:
                 out[k] = d
         else:
             out[k] = v
+    for name, cum in buckets.items():
+        for q in (0.5, 0.99):
+            v = histogram_quantile(cum, q)
+            if v is not None:
+                out[f"{name}_p{round(q * 100)}"] = v
     return out
+
+
+def histogram_quantile(cumulative: list[tuple[float, float]], q: float) -> float | None:
+    """The q-quantile of a Prometheus histogram from its cumulative (upper bound, count) buckets,
+    linear within the bucket that holds it (as PromQL's histogram_quantile); None when empty.
+    A quantile in the +Inf bucket is the largest finite bound."""
+    cum = sorted(cumulative)
+    total = cum[-1][1] if cum else 0.0
+    if total <= 0:
+        return None
+    rank = q * total
+    lo_bound, lo_count = 0.0, 0.0
+    for bound, count in cum:
+        if count >= rank:
+            if math.isinf(bound):
+                return lo_bound
+            if count == lo_count:
+                return bound
+            return lo_bound + (bound - lo_bound) * (rank - lo_count) / (count - lo_count)
+        lo_bound, lo_count = bound, count
+    return lo_bound
 
 
 # ---- clients -------------------------------------------------------------------------------------
@@ -402,18 +434,29 @@ def host_hit_tokens(run: dict) -> float:
     return m.get("vllm:tpc_host_hit_tokens_total") or m.get("vllm:external_prefix_cache_hits_total", 0.0)
 
 
+SCHED_HIST = "vllm:tpc_scheduler_seconds_per_request"
+
+
+def sched_per_request(run: dict) -> str:
+    """The adapter's scheduler time per request over a run, p50 and p99 (this plugin's configs)."""
+    m = run.get("metrics", {})
+    p50, p99 = m.get(f"{SCHED_HIST}_p50"), m.get(f"{SCHED_HIST}_p99")
+    return f"{p50 * 1e3:.2f}, {p99 * 1e3:.2f} ms" if p50 is not None and p99 is not None else ""
+
+
 def print_table(record: dict) -> None:
     rat = record["ratios"]
     base = rat.get("baseline")
     cols = ["config", "conc", "req/s", "TTFT p50", "TTFT p99", "TPOT p50", "host hits",
-            f"x {base} req/s" if base else "", f"x {base} TTFT p50" if base else ""]
+            f"x {base} req/s" if base else "", f"x {base} TTFT p50" if base else "",
+            "adapter sched/req p50, p99"]
     ranged = any("range" in r for e in record["configs"].values() for r in e["runs"])
     if ranged:  # the median of repeated runs, and the range over them
         cols[2:4] = ["req/s (min-max)", "TTFT p50 (min-max)"]
     rows = []
     for name, entry in record["configs"].items():
         if "error" in entry and not entry["runs"]:
-            rows.append([name, "-", "FAILED", "", "", "", "", "", ""])
+            rows.append([name, "-", "FAILED", "", "", "", "", "", "", ""])
         for r in entry["runs"]:
             q = rat.get(f"{name}@{r['concurrency']}", {})
             span = r.get("range", {})
@@ -426,7 +469,7 @@ def print_table(record: dict) -> None:
             rows.append([name, str(r["concurrency"]), tput, ttft, f"{r.get('p99_ttft_ms', 0):.0f} ms",
                          f"{r.get('median_tpot_ms', 0):.1f} ms", f"{host_hit_tokens(r):,.0f}",
                          f"{q['throughput']:.2f}x" if q.get("throughput") else "",
-                         f"{q['ttft_p50']:.2f}x" if q.get("ttft_p50") else ""])
+                         f"{q['ttft_p50']:.2f}x" if q.get("ttft_p50") else "", sched_per_request(r)])
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     print("  ".join("-" * w for w in widths))

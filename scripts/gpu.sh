@@ -10,6 +10,7 @@
 #                                        they produced to $OUT
 # Suites:
 #   gpu-tests       kernels, index, host pool, copies and tiers compiled; the adapter's engine tests
+#   pytest ARGS     python -m pytest ARGS (e.g. one test file's GPU tests: -m gpu tests/unit/test_index.py)
 #   gpu-copy-tests  the GPU tests of the host pool and the copy paths alone (a few minutes)
 #   bench-serve     python -m bench.serve (ARGS: its arguments; default the headline: prefix, every config)
 #   bench-variants  bench.serve prefix at 16 and 64 in flight: this plugin's load modes side by side
@@ -44,6 +45,8 @@ suite() {  # suite NAME [ARGS...]: one suite, its output in $RUN/NAME.log; retur
         tests/unit/test_copy.py tests/unit/test_index.py tests/unit/test_tiers.py "$@"
       keep_rc $?  # the engine tests run whatever the unit tests gave
       timeout 900 python3 -m pytest -q -p no:cacheprovider tests/integration/test_engine.py "$@" ;;
+    pytest)  # any tests: ARGS are pytest's
+      timeout 600 python3 -m pytest -q -p no:cacheprovider "$@" ;;
     gpu-copy-tests)
       timeout 600 python3 -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_host_pool.py \
         tests/unit/test_copy.py "$@" ;;

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from triton_prefix_cache.index import PrefixIndex, resolve_backend
+from triton_prefix_cache.index import MatchBatcher, PrefixIndex, resolve_backend
 from triton_prefix_cache.tiers import TierManager
 
 
@@ -40,6 +40,8 @@ class HostTier:
             index = PrefixIndex(max(1, num_slots), device=self.device, backend=self.backend,
                                 stream=self._stream)
             self.manager = TierManager(num_slots, slot_bytes, index=index, policy=eviction)
+            #: the scheduler's per-request prefix lookups, one index launch per pass (`match_request`)
+            self.batcher = MatchBatcher(index)
             if self._stream is not None:
                 self._warm_up()
 
@@ -78,6 +80,20 @@ class HostTier:
         if keys.shape[0] == 0:
             return 0
         return self.manager.index.count_leading(keys)  # CPU keys: answered through mapped memory
+
+    def match_request(self, req_id: str, start: int, keys: torch.Tensor) -> int:
+        """`match` of request `req_id`'s blocks from `start`, answered with every other request
+        asked about before and not yet `admitted`: one index launch serves them all while the
+        index is unchanged (a scheduling pass asks about each waiting request in turn)."""
+        return self.batcher.match(req_id, start, keys)
+
+    def matched_slots(self, req_id: str) -> torch.Tensor:
+        """The slots of the keys the last `match_request(req_id, ...)` counted (int32)."""
+        return self.batcher.values(req_id)
+
+    def admitted(self, req_id: str) -> None:
+        """`req_id` is scheduled or gone: later passes do not look it up unasked."""
+        self.batcher.forget(req_id)
 
     def ready(self, keys: torch.Tensor) -> np.ndarray:
         """bool (n,): keys READY (findable), in any order. Pins nothing."""

@@ -229,6 +229,8 @@ class SchedulerSide:
         #: against the host tier once per step (`missed_demotions`)
         self._evicted: list[tuple[int, bytes]] = []
         self._evictions_seen = 0
+        #: the index's counters at the last get_stats (its start-up compilation not counted)
+        self._index_seen: dict[str, int] = {"index_launches": self.tier.manager.index.operations}
         self.reqs: dict[str, _ReqState] = {}
         self.pending_loads: list[LoadJob] = []
         self.inflight_loads: dict[str, list[int]] = {}  # req id -> pinned slots
@@ -311,10 +313,8 @@ class SchedulerSide:
         if eligible and len(self.tier):
             if self.window is not None:
                 st.plan_n = self._window_hit(st.keys_for(request), start, end)
-            # Most misses happen at the first block: then only that block's key is derived and probed.
-            elif st.keys.shape[0] > start or self.tier.match(
-                    keys_from_block_hashes(request.block_hashes[start : start + 1])):
-                st.plan_n = self.tier.match(st.keys_for(request)[start:end])
+            else:
+                st.plan_n = self._match(request, st, start, end)
         n = st.plan_n
         if eligible and n < end - start and self.remote_ready and not st.remote_checked:
             if self._remote_lookup(request, st, start, start + n, end):
@@ -334,7 +334,7 @@ class SchedulerSide:
         # prefix over PCIe once per request (a burst sharing one long prefix). A layer-wise load's
         # blocks are cached at allocation: vLLM's own lookup finds them.
         deferred = bool(n) and bool(self._async_reads) and self._read_by_async_load(
-            st.keys[self._first_loaded(start, n)])
+            request.request_id, st.keys[self._first_loaded(start, n)])
         if deferred:
             st.plan_n = 0
             s.add("deferred_requests", 1)
@@ -343,6 +343,17 @@ class SchedulerSide:
         s.add("sched_seconds", dt)
         st.sched_seconds += dt
         return (None, False) if deferred else (n * bs, st.load_async)
+
+    def _match(self, request: Request, st: _ReqState, start: int, end: int) -> int:
+        """Blocks [start, end) of the request found in the host tier, leading ones. Answered with
+        the other waiting requests' lookups (`HostTier.match_request`). Most misses happen at the
+        first block: until it hits, only that block's key is derived and probed."""
+        rid = request.request_id
+        if st.keys.shape[0] <= start:
+            if not self.tier.match_request(rid, start, keys_from_block_hashes(
+                    request.block_hashes[start : start + 1])):
+                return 0
+        return self.tier.match_request(rid, start, st.keys_for(request)[start:end])
 
     def _wait(self, st: _ReqState, t0: float) -> tuple[None, bool]:
         """Ask again next step: the request's next blocks are being fetched from the remote tier."""
@@ -414,8 +425,11 @@ class SchedulerSide:
         return max(start, int(compat.first_block_in_window((start + n) * self.block_size, self.window,
                                                            self.block_size)))
 
-    def _read_by_async_load(self, key: torch.Tensor) -> bool:
-        slot = int(self.tier.manager.lookup(key[None])[0])
+    def _read_by_async_load(self, req_id: str, key: torch.Tensor) -> bool:
+        if self.window is None:  # the hit's first block: its slot came with the match
+            slot = int(self.tier.matched_slots(req_id)[0])
+        else:
+            slot = int(self.tier.manager.lookup(key[None])[0])
         return slot >= 0 and self._async_reads[slot] > 0
 
     def _note_partial(self, request: Request, gpu_blocks: int, host_blocks: int, want: int) -> None:
@@ -441,6 +455,7 @@ class SchedulerSide:
         st = self.reqs.get(request.request_id)
         if st is None:
             return
+        self.tier.admitted(request.request_id)
         if st.fresh:  # vLLM's own GPU hit and what is left, counted once per admission
             st.fresh = False
             self.stats.add("gpu_hit_tokens", st.plan_start * self.block_size)
@@ -737,6 +752,7 @@ class SchedulerSide:
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict | None]:
         self.running.discard(request.request_id)
+        self.tier.admitted(request.request_id)
         st = self.reqs.pop(request.request_id, None)
         if st is not None and st.counted:
             self.stats.observe("sched_request_seconds", st.sched_seconds)
@@ -794,6 +810,12 @@ class SchedulerSide:
         if evictions != self._evictions_seen:
             s.add("host_evictions", evictions - self._evictions_seen)
             self._evictions_seen = evictions
+        for key, now in (("index_launches", self.tier.manager.index.operations),
+                         ("index_match_launches", self.tier.batcher.launches),
+                         ("index_matched_requests", self.tier.batcher.requests_probed)):
+            if now != self._index_seen.get(key, 0):
+                s.add(key, now - self._index_seen.get(key, 0))
+                self._index_seen[key] = now
         s.set("host_used_slots", len(self.tier))
         s.set("inflight_loads", len(self.inflight_loads))
         s.set("inflight_stores", len(self.inflight_stores))

@@ -61,6 +61,9 @@ COUNTERS = (
     "sched_seconds",  # scheduler time spent inside the adapter (key derivation + lookup + bookkeeping)
     "sched_requests",  # requests that time is spread over
     "step_seconds",  # per-step adapter time (planning demotions, handling completions)
+    "index_launches",  # operations the scheduler's index ran (on a device table: launch groups)
+    "index_match_launches",  # of those, batched prefix matches (`MatchBatcher`)
+    "index_matched_requests",  # request prefixes those matches answered
     # the remote tier (`remote`): hits by the scheduler, the store's counters by each side's client
     "remote_hit_tokens",  # prompt tokens served that the remote tier delivered (into the host tier)
     "remote_get_bytes",  # bytes read from the store into host slots (verified blocks, headers included)
@@ -172,6 +175,9 @@ class TPCStats(KVConnectorStats):
             "host_used_slots": int(d.get("host_used_slots", 0)),
             "host_slots": int(d.get("host_slots", 0)),
             "sched_us_per_req": round(sched_us, 1),
+            "index_launches": int(d.get("index_launches", 0)),
+            "requests_per_match": round(d["index_matched_requests"] / d["index_match_launches"], 2)
+            if d.get("index_match_launches") else 0.0,
         } | (self._reduce_remote() if "remote_degraded" in d else {})
 
     def _reduce_remote(self) -> dict[str, int | float]:
@@ -252,6 +258,13 @@ PROM_COUNTERS = {
     "sched_seconds": ("vllm:tpc_scheduler_seconds", "Scheduler time spent in the adapter's lookups."),
     "step_seconds": ("vllm:tpc_step_seconds", "Scheduler time spent in the adapter's per-step planning."),
     "sched_requests": ("vllm:tpc_scheduler_requests", "Requests the adapter looked up."),
+    "index_launches": ("vllm:tpc_index_launches",
+                       "Operations the scheduler's host-tier index ran (launch groups on a device table)."),
+    "index_match_launches": ("vllm:tpc_index_match_launches",
+                             "Batched prefix matches: one answers every waiting request's lookup."),
+    "index_matched_requests": ("vllm:tpc_index_matched_requests",
+                               "Request prefixes the batched matches answered (per launch: divide by "
+                               "tpc_index_match_launches)."),
     "remote_hit_tokens": ("vllm:tpc_remote_hit_tokens",
                           "Prompt tokens served that were read from the remote tier (they are host hits "
                           "too: they reach the GPU through the host tier)."),
@@ -270,7 +283,7 @@ PROM_COUNTERS = {
 PROM_HISTOGRAMS = {
     "sched_request_seconds": ("vllm:tpc_scheduler_seconds_per_request",
                               "Scheduler time the adapter spent on one request (lookups and planning).",
-                              (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0)),
+                              tuple(round(10 ** (k / 4), 7) for k in range(-20, 1))),  # 1e-5..1 s
     "load_step_seconds": ("vllm:tpc_load_step_seconds",
                           "Worker host time of a step that loads from the host tier, from the "
                           "connector's start_load_kv to the end of its get_finished (the forward "

@@ -177,3 +177,35 @@ def test_auto_counts_requests_admitted_earlier_in_the_same_pass():
     assert side.get_num_new_matched_tokens(_request("a", hashes), 0) == (2 * BLOCK, False)
     _admit(side, _request("a", hashes), 2)  # a runs in this step, its load layer-wise
     assert side.get_num_new_matched_tokens(_request("b", hashes), 0) == (2 * BLOCK, True)
+
+
+def test_requests_still_waiting_are_looked_up_in_one_launch_per_index_state():
+    """vLLM asks about each waiting request again every step: after the index changes, the first
+    question answers the others too (one match launch), with what each alone would get; an
+    admitted request drops out. The counters reach the stats."""
+    side = _side()
+    prefixes = [_hashes(3, 400 + 10 * i) for i in range(3)]
+    for h in prefixes[:2]:
+        _store(side, h)
+    reqs = [_request(f"r{i}", h) for i, h in enumerate(prefixes)]
+
+    def ask_all(expect):
+        assert [side.get_num_new_matched_tokens(r, 0)[0] for r in reqs] == [n * BLOCK for n in expect]
+
+    ask_all([3, 3, 0])  # first questions: launches of their own
+    b = side.tier.batcher
+    launches, probed = b.launches, b.requests_probed
+    ask_all([3, 3, 0])  # the same pass again: answered from the last launches
+    assert b.launches == launches
+    _store(side, prefixes[2][:2])  # a store completes: every answer is out of date
+    # One launch for the three (r2 by its first block, the only key of a miss derived), then r2's
+    # whole range once its first block hits.
+    ask_all([3, 3, 2])
+    assert (b.launches, b.requests_probed) == (launches + 2, probed + 4)
+    _admit(side, reqs[0], 3)
+    _store(side, prefixes[2][2:])
+    assert side.get_num_new_matched_tokens(reqs[2], 0)[0] == 3 * BLOCK
+    assert (b.launches, b.requests_probed) == (launches + 3, probed + 6)  # r1 and r2, not r0
+    s = side.get_stats().data
+    assert s["index_match_launches"] == b.launches and s["index_matched_requests"] == b.requests_probed
+    assert s["index_launches"] >= b.launches + 4  # the matches, the stores' inserts, the load's pin

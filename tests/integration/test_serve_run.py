@@ -71,6 +71,34 @@ def test_metrics_parse_and_delta():
     assert d == {"vllm:tpc_host_hit_tokens_total": 64.0, "vllm:tpc_host_used_slots": 9.0}
 
 
+def test_histogram_quantiles_from_bucket_deltas():
+    # Observations into Prometheus-style cumulative buckets, before and after an interval; the
+    # interval's p50/p99 must land within the bucket holding numpy's quantile of the new samples.
+    import numpy as np
+
+    bounds = [10 ** (k / 4) for k in range(-20, 1)] + [float("inf")]
+    rng = np.random.default_rng(0)
+    old, new = rng.lognormal(-7, 1, 500), rng.lognormal(-5, 1.5, 2000)
+
+    def snapshot(samples):
+        out = {}
+        for b in bounds:
+            le = "+Inf" if b == float("inf") else repr(b)
+            out[f'vllm:tpc_x_seconds_bucket{{le="{le}"}}'] = float((samples <= b).sum())
+        out["vllm:tpc_x_seconds_count"] = float(len(samples))
+        return out
+
+    d = S.metric_delta(snapshot(old), snapshot(np.concatenate([old, new])))
+    assert d["vllm:tpc_x_seconds_count"] == 2000
+    for q in (0.5, 0.99):
+        exact = float(np.quantile(new, q))
+        hi = min(b for b in bounds if b >= exact)
+        lo = max([b for b in bounds if b < exact], default=0.0)
+        assert lo <= d[f"vllm:tpc_x_seconds_p{round(q * 100)}"] <= hi
+    assert S.histogram_quantile([(1.0, 0.0), (float("inf"), 0.0)], 0.5) is None
+    assert S.histogram_quantile([(1.0, 0.0), (float("inf"), 3.0)], 0.5) == 1.0  # only +Inf: its bound
+
+
 def test_ratios_against_offloading_first():
     def entry(*runs):
         return {"runs": [{"concurrency": c, "request_throughput": t, "median_ttft_ms": p50,

@@ -593,7 +593,9 @@ def test_gpu_cpu_inputs_are_answered_on_the_cpu_as_device_inputs_are():
     counts_h, values_h = host.match_prefix(q, offsets)
     counts_d, values_d = devi.match_prefix(q.to(dev), offsets.to(dev))
     assert torch.equal(counts_h, counts_d.cpu()) and torch.equal(values_h, values_d.cpu())
-    assert counts_h.tolist() == [0, 0, 0, 0, 0]  # every request starts at a removed or absent key
+    bounds = offsets.tolist()
+    assert counts_h.tolist() == [leading(oracle, q[lo:hi]) for lo, hi in zip(bounds, bounds[1:])]
+    assert counts_h.tolist() == [0, 0, 0, 500, 0]  # keys[2500:3000] present, the others start removed
     assert host.count_leading(keys[500:3000]) == 2500 == devi.count_leading(keys[500:3000].to(dev))
     assert host.count_leading(keys[0:10]) == 0
 
@@ -628,3 +630,80 @@ def test_gpu_cpu_input_calls_wait_for_neither_the_callers_stream_nor_bulk_copies
     assert torch.equal(got, vals) and leading == keys.shape[0] and counts.tolist() == [keys.shape[0]]
     assert bool(removed.all()) and len(idx) == 0
     torch.cuda.synchronize()
+
+
+# ---- MatchBatcher: a pass's lookups in one launch ------------------------------------------------
+
+
+def leading(d: dict, keys: torch.Tensor) -> int:
+    n = 0
+    for k in keys.tolist():
+        if tuple(k) not in d:
+            break
+        n += 1
+    return n
+
+
+def test_batched_matches_equal_lone_lookups_as_the_index_changes(make_index):
+    """Requests sharing prefixes, asked in random passes while keys come and go: every batched
+    answer (count and values) is what a dict says of that request alone at that moment."""
+    import random
+
+    from triton_prefix_cache.index import MatchBatcher
+
+    rng = random.Random(11)
+    idx = make_index(1024)
+    dev = make_index.device
+    docs = [rand_keys(40, 300 + i) for i in range(3)]
+    reqs = {f"r{i}": torch.cat([docs[i % 3][: rng.randrange(5, 41)], rand_keys(8, 400 + i)])
+            for i in range(10)}
+    universe = torch.unique(torch.cat(list(reqs.values())), dim=0)
+    d: dict[tuple[int, int], int] = {}
+    b = MatchBatcher(idx)
+    for step in range(8):
+        # the index changes between passes: some keys in, some out
+        order = [torch.randperm(universe.shape[0], generator=torch.Generator().manual_seed(s + step))
+                 for s in (0, 90)]
+        add = universe[order[0][:60]]
+        vals = torch.randint(0, 1000, (add.shape[0],), dtype=torch.int32,
+                             generator=torch.Generator().manual_seed(50 + step))
+        idx.insert(add.to(dev), vals.to(dev))
+        d.update(as_dict(add, vals))
+        gone = universe[order[1][:25]]
+        idx.remove(gone.to(dev))
+        for k in gone.tolist():
+            d.pop(tuple(k), None)
+        for rid in rng.sample(sorted(reqs), 6):
+            keys = reqs[rid]
+            start = rng.choice([0, 0, 3])
+            got = b.match(rid, start, keys[start:])
+            assert got == leading(d, keys[start:]), (step, rid, start)
+            assert b.values(rid).tolist() == [d[tuple(k)] for k in keys[start : start + got].tolist()]
+        if step % 3 == 2:
+            b.forget(rng.choice(sorted(reqs)))
+
+
+def test_batcher_launches_once_per_index_state_for_the_requests_it_expects():
+    from triton_prefix_cache.index import MatchBatcher
+
+    idx = PrefixIndex(256, device="cpu", backend="cpu")
+    keys = {r: rand_keys(6, 500 + i) for i, r in enumerate("ABC")}
+    idx.insert(torch.cat(list(keys.values())), torch.arange(18, dtype=torch.int32))
+    b = MatchBatcher(idx)
+    for r in "ABC":  # each asked for the first time: a launch of its own
+        assert b.match(r, 0, keys[r]) == 6
+    assert (b.launches, b.requests_probed) == (3, 3)
+    for r in "ABC":  # the same pass again, nothing changed: no launch
+        assert b.match(r, 0, keys[r]) == 6
+    assert b.launches == 3
+    idx.remove(keys["C"][2:3])  # the index changed: the next question re-asks every expected range
+    assert b.match("B", 0, keys["B"]) == 6
+    assert (b.launches, b.requests_probed) == (4, 6)
+    assert b.match("A", 0, keys["A"]) == 6 and b.match("C", 0, keys["C"]) == 2 and b.launches == 4
+    assert b.match("B", 1, keys["B"][1:]) == 5  # another range of B: B alone
+    assert (b.launches, b.requests_probed) == (5, 7)
+    b.forget("A")
+    idx.insert(keys["C"][2:3], torch.tensor([99], dtype=torch.int32))
+    assert b.match("C", 0, keys["C"]) == 6 and b.values("C").tolist()[2] == 99
+    assert (b.launches, b.requests_probed) == (6, 9)  # B and C, not A
+    assert b.match("D", 0, keys["A"][:0]) == 0 and b.launches == 6  # an empty range needs no launch

@@ -85,6 +85,11 @@ class PrefixIndex:
         self._live = 0
         self._tombstones = 0
         self.rebuilds = 0
+        #: bumped by every call that may change the contents (insert, remove, clear): an answer
+        #: read at one version holds until the next
+        self.version = 0
+        #: operations run (lookups, inserts, removes, matches): kernel launch groups on a device table
+        self.operations = 0
 
     # ---- properties ---------------------------------------------------------------------------
     @property
@@ -113,6 +118,7 @@ class PrefixIndex:
     def lookup(self, keys: torch.Tensor) -> torch.Tensor:
         """int32 (n,): each key's value, or -1 where absent. A hit needs both words to match.
         Every operation answers on the device of its inputs: the index's, or the CPU (module doc)."""
+        self.operations += 1
         if self._answers_host(keys):
             return self._host_call(self.table.lookup, self._check_keys(keys, host=True))
         keys = self._check_keys(keys)
@@ -125,6 +131,8 @@ class PrefixIndex:
         its first occurrence only (as inserting one by one into a dict would). Raises
         IndexFullError, changing nothing, if the new keys would exceed `capacity`.
         """
+        self.operations += 1
+        self.version += 1
         if self._answers_host(keys):
             keys = self._check_keys(keys, host=True)
             return self._host_call(self._insert, keys, self._check_values(values, keys.shape[0], host=True))
@@ -134,6 +142,8 @@ class PrefixIndex:
 
     def remove(self, keys: torch.Tensor) -> torch.Tensor:
         """bool (n,): which keys were removed (a key repeated in the batch: its first occurrence)."""
+        self.operations += 1
+        self.version += 1
         if self._answers_host(keys):
             return self._host_call(self._remove, self._check_keys(keys, host=True))
         keys = self._check_keys(keys)
@@ -147,6 +157,7 @@ class PrefixIndex:
         values is the per-key lookup, of which the caller reads the first counts[i] per request.
         A fixed number of launches whatever r is.
         """
+        self.operations += 1
         if self._answers_host(keys):
             keys = self._check_keys(keys, host=True)
             offsets = self._check_offsets(offsets, keys.shape[0], host=True)
@@ -158,6 +169,7 @@ class PrefixIndex:
     def count_leading(self, keys: torch.Tensor) -> int:
         """How many leading keys are present: one request's prefix hit (`match_prefix` with r=1,
         answered on the host; the CPU table's C probe stops at the first miss)."""
+        self.operations += 1
         if self._answers_host(keys):
             keys = self._check_keys(keys, host=True)
             if keys.shape[0] == 0:
@@ -170,6 +182,7 @@ class PrefixIndex:
         return self._run(lambda: self.table.count_leading(keys), keys)
 
     def clear(self) -> None:
+        self.version += 1
         self._run(self.table.reset)
         self._live = 0
         self._tombstones = 0
