@@ -7,6 +7,10 @@ host tiers holding prompt A's blocks; get_num_new_matched_tokens (key derivation
 for fresh requests of A (every block hits) and of random prompts (the first block misses), median
 of --reps. Target: ours at most half of OffloadingConnector's, at 8k and at 128k tokens.
 The in-engine counterpart is the `conn_lookup_ms` column of `python -m bench.compare`.
+Then one scheduling pass (`run_pass`): --pass-requests waiting requests of --pass-blocks blocks,
+every block in the host tier, asked about again after the index changed, with each index backend
+that runs natively (the device table only where CUDA is). Target: the pass's batched match (its
+first question) < 0.5 ms with the device table; key derivation is timed on its own.
 Output: one line appended to bench/results.jsonl (kind "sched") and the chart
 bench/results/sched-<model>.png (microseconds per request, both connectors, hit and miss).
 """
@@ -173,6 +177,63 @@ def run_sched_micro(args: argparse.Namespace) -> dict:
     return out
 
 
+def run_pass(num_requests: int, num_blocks: int, backend: str, reps: int) -> dict:
+    """One scheduling pass over many waiting requests, through the scheduler side's own hook.
+
+    The host tier holds every request's blocks; the requests were asked about before (their keys
+    are derived: that derivation is timed on its own); a store completes (the index changes), then
+    each request is asked about once, as vLLM asks about the requests waiting for room. The first
+    question's batched match answers all of them; the pass is timed whole and that match alone.
+    Median of `reps` passes."""
+    from types import SimpleNamespace
+
+    from triton_prefix_cache_vllm.scheduler import SchedulerSide
+
+    from triton_prefix_cache.config import PrefixCacheConfig
+    from triton_prefix_cache.keys import keys_from_block_hashes
+
+    layers, page = 32, 1024  # only the slot count matters here
+    spec = SimpleNamespace(block_size=16, page_size_bytes=page)
+    kv = SimpleNamespace(kv_cache_groups=[SimpleNamespace(
+        kv_cache_spec=spec, layer_names=[f"layer.{i}" for i in range(layers)])])
+    vc = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_batched_tokens=8192, max_num_seqs=256))
+    slots = 2 * num_requests * num_blocks
+    cfg = PrefixCacheConfig.from_dict({"host_cache_gib": slots * layers * page / 2**30,
+                                       "index_backend": backend})
+    side = SchedulerSide(cfg, vc, kv)
+    rng = random.Random(num_requests * num_blocks)
+    reqs = [SimpleNamespace(request_id=f"r{i}", num_tokens=num_blocks * 16 + 1, num_computed_tokens=0,
+                            block_hashes=[rng.randbytes(32) for _ in range(num_blocks)])
+            for i in range(num_requests)]
+    t0 = time.perf_counter()
+    keys = [keys_from_block_hashes(r.block_hashes) for r in reqs]
+    derive = time.perf_counter() - t0
+    for k in keys:
+        slots_, _, _ = side.tier.begin_store(k)
+        side.tier.end_store(slots_[slots_ >= 0].tolist(), True)
+    for r in reqs:  # asked before: their keys derived, each expected by the batcher
+        assert side.get_num_new_matched_tokens(r, 0)[0] == num_blocks * 16
+    batcher = side.tier.batcher
+    passes, matches, launches = [], [], []
+    for _ in range(reps):
+        extra = keys_from_block_hashes([rng.randbytes(32)])  # a store completes: every answer is stale
+        slots_, _, _ = side.tier.begin_store(extra)
+        side.tier.end_store(slots_[slots_ >= 0].tolist(), True)
+        before = batcher.launches
+        t0 = time.perf_counter()
+        side.get_num_new_matched_tokens(reqs[0], 0)
+        t1 = time.perf_counter()
+        for r in reqs[1:]:
+            side.get_num_new_matched_tokens(r, 0)
+        t2 = time.perf_counter()
+        passes.append(t2 - t0)
+        matches.append(t1 - t0)
+        launches.append(batcher.launches - before)
+    return {"requests": num_requests, "blocks": num_blocks, "index_backend": side.tier.backend,
+            "pass_ms": 1e3 * statistics.median(passes), "first_question_ms": 1e3 * statistics.median(matches),
+            "match_launches_per_pass": max(launches), "key_derivation_ms": 1e3 * derive}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3.1-8b")
@@ -181,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-host-gib", type=float, default=20.0)  # 128k tokens of Llama-8B KV: 16 GiB
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pass-requests", type=int, default=256, help="requests of the scheduling pass")
+    p.add_argument("--pass-blocks", type=int, default=512, help="blocks of each request of the pass")
     p.add_argument("--out", default=None,
                    help="write the result to this JSON file (its chart beside it) instead of appending "
                    "it to bench/results.jsonl")
@@ -188,6 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     print(f"# {env['command']}\n# device: {env['device']} | vllm {env['vllm']}", flush=True)
     res = run_sched_micro(args)
+    # The pass, with each index backend that runs natively here (Triton's CPU interpreter does not).
+    backends = ["cpu", "triton"] if torch_cuda() else ["cpu"]
+    res["pass"] = [run_pass(args.pass_requests, args.pass_blocks, b, args.reps) for b in backends]
+    for row in res["pass"]:
+        print(f"[sched-pass] {row['requests']} requests x {row['blocks']} blocks, {row['index_backend']} "
+              f"index: pass {row['pass_ms']:.2f} ms (its first question, with the batched match: "
+              f"{row['first_question_ms']:.2f} ms; {row['match_launches_per_pass']} match launch); key "
+              f"derivation {row['key_derivation_ms']:.1f} ms", flush=True)
     summary = {
         f"ratio_{size}_{k}": row[f"ratio_{k}"] for size, row in res["sizes"].items() for k in ("hit", "miss")
     }
@@ -197,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(summary, indent=1))
     print(f"wrote {path}" + (f"\nchart {png}" if png else ""))
     return 0
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def plot(res: dict, path, device: str) -> str | None:

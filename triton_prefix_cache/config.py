@@ -103,8 +103,9 @@ class PrefixCacheConfig:
         "auto" (default) loads layer-wise when no other request runs and async otherwise.
     index_backend: which PrefixIndex backend serves host-tier lookups: "cpu" keeps the
         scheduler's table in host memory (C probe loops), "triton" puts it on the engine's GPU,
-        and "auto" (default) is "cpu": the scheduler's lookups are small and latency-bound, and on
-        a GPU busy with the forward and the KV copies they would wait for both. "torch" is a
+        and "auto" (default) is "cpu": the scheduler asks about one request at a time, and behind
+        `vllm serve` on an H200 the device table's launches and waits cost 1.5-2.8x the CPU
+        table's scheduler time per request (docs/design.md, "The index"). "torch" is a
         deprecated alias of "cpu" (stored as "cpu", with one warning in the log).
     copy_backend: how pages move between the KV cache and the host pool: "staged" (one batched DMA
         descriptor per slot through a device staging buffer, the Triton kernel between that buffer

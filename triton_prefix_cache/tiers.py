@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .index import PrefixIndex
-from .keys import sanitize
+from .keys import FIRST_REAL
 from .policy import EvictionPolicy, make_policy
 from .stats import TierStats
 
@@ -114,6 +114,9 @@ class TierManager:
         self._free = np.arange(num_slots - 1, -1, -1, dtype=np.int64)  # a stack; slot 0 pops first
         self._nfree = num_slots
         self._usable = num_slots  # slots at or past this were withdrawn by `limit`
+        #: key (two ints) -> its slot, for the STORING slots not retired: a key in flight is found
+        #: by hashing, never by a scan of every slot (stores are asked about every step)
+        self._inflight: dict[tuple[int, int], int] = {}
 
     # ---- queries ----------------------------------------------------------------------------------
     def lookup(self, keys) -> np.ndarray:
@@ -171,9 +174,8 @@ class TierManager:
         if len(k) == 0:
             return np.zeros(0, dtype=bool)
         held = self.index.lookup(self._dev(k)).cpu().numpy() >= 0
-        storing = np.flatnonzero((self._state == _STORING) & ~self._retired)
-        if len(storing):
-            held |= np.isin(_void(k), _void(self._keys[storing]))
+        if self._inflight:
+            held |= self._in_flight(k)
         return held
 
     def readers_of(self, slots) -> np.ndarray:
@@ -216,10 +218,8 @@ class TierManager:
         status[present] = _PRESENT
         if present.any():
             self.policy.touch(found[present])
-        storing = np.flatnonzero((self._state == _STORING) & ~self._retired)
-        if len(storing):
-            inflight = np.isin(kv, _void(self._keys[storing])) & (status == _ASSIGNED)
-            status[inflight] = _IN_FLIGHT
+        if self._inflight:
+            status[self._in_flight(k) & (status == _ASSIGNED)] = _IN_FLIGHT
         want = np.flatnonzero(status == _ASSIGNED)
         need = len(want) - self._nfree
         # Never evict a block this very batch found present (it was just touched, but a small pool...).
@@ -230,6 +230,7 @@ class TierManager:
         status[want[take:]] = _DROPPED
         self._state[got] = _STORING
         self._keys[got] = k[want[:take]]
+        self._inflight.update(zip(map(tuple, k[want[:take]].tolist()), got.tolist()))
         self.stats.stores_started += take
         self.stats.store_skipped_present += int(present.sum())
         self.stats.store_skipped_in_flight += int(
@@ -250,6 +251,7 @@ class TierManager:
             return
         retired = self._retired[s]
         pub = s[~retired]
+        self._forget_inflight(pub)
         if len(pub):
             self.index.insert(self._dev(self._keys[pub]), self._dev(pub.astype(np.int32)))
             self._state[pub] = _READY
@@ -266,6 +268,7 @@ class TierManager:
     def abort_store(self, slots) -> None:
         """The copies into these STORING slots will not complete: free them, publish nothing."""
         s = self._slots_np(slots, _STORING, "abort_store")
+        self._forget_inflight(s[~self._retired[s]])
         self._release(s)
         self.stats.stores_aborted += len(s)
 
@@ -325,12 +328,13 @@ class TierManager:
         found = self.lookup(k)
         ready = np.unique(found[found >= 0])
         hit = found >= 0
-        storing = np.flatnonzero((self._state == _STORING) & ~self._retired)
-        if len(storing):
-            kv = _void(k)
-            sv = _void(self._keys[storing])
-            hit |= np.isin(kv, sv)
-            self._retired[storing[np.isin(sv, kv)]] = True
+        if self._inflight:
+            batch = list(map(tuple, k.tolist()))
+            w = np.array([self._inflight.get(key, -1) for key in batch], dtype=np.int64)
+            hit |= w >= 0
+            for key in batch:
+                self._inflight.pop(key, None)
+            self._retired[w[w >= 0]] = True
         if len(ready):
             self.index.remove(self._dev(self._keys[ready]))
             self._retire_ready(ready)
@@ -342,6 +346,7 @@ class TierManager:
         self.index.clear()
         self._retire_ready(ready)
         self._retired[self._state == _STORING] = True
+        self._inflight.clear()
 
     def limit(self, num_slots: int) -> None:
         """Withdraw the slots from `num_slots` on (the pool came out smaller than planned, e.g.
@@ -362,7 +367,9 @@ class TierManager:
         if len(ready):
             self.index.remove(self._dev(self._keys[ready]))
             self._retire_ready(ready)
-        self._retired[gone[self._state[gone] == _STORING]] = True
+        writing = gone[(self._state[gone] == _STORING) & ~self._retired[gone]]
+        self._forget_inflight(writing)
+        self._retired[writing] = True
 
     @property
     def usable_slots(self) -> int:
@@ -399,6 +406,8 @@ class TierManager:
         storing = np.flatnonzero((st == _STORING) & ~ret)
         if len(storing) and np.any(self.lookup(self._keys[storing]) >= 0):
             bad.append("a key being stored is findable")
+        if self._inflight != dict(zip(map(tuple, self._keys[storing].tolist()), storing.tolist())):
+            bad.append("the keys in flight are not those of the STORING slots")
         held = np.concatenate([live, storing])
         if len(np.unique(_void(self._keys[held]))) != len(held):
             bad.append("a key is in two slots")
@@ -414,7 +423,12 @@ class TierManager:
             return np.zeros((0, 2), dtype=np.int64)
         if t.dtype != torch.int64 or t.dim() != 2 or t.shape[1] != 2:
             raise ValueError(f"keys: expected int64 (n, 2), got {t.dtype} {tuple(t.shape)}")
-        return np.ascontiguousarray(sanitize(t.detach().cpu()).numpy())
+        k = np.ascontiguousarray(t.detach().cpu().numpy())
+        bad = k[:, 0] < FIRST_REAL  # `keys.sanitize` in numpy: a few microseconds, not tens
+        if bad.any():
+            k = k.copy()
+            k[bad, 0] = FIRST_REAL
+        return k
 
     def _dev(self, a: np.ndarray) -> torch.Tensor:
         """The index's input: a CPU tensor, which a CUDA index reads through mapped memory and
@@ -446,6 +460,16 @@ class TierManager:
         done = u[(self._readers[u] == 0) & self._retired[u]]
         self._release(done)
         return s
+
+    def _in_flight(self, k: np.ndarray) -> np.ndarray:
+        """bool (n,): keys a store (not retired) is writing now."""
+        inflight = self._inflight
+        return np.fromiter((key in inflight for key in map(tuple, k.tolist())), dtype=bool, count=len(k))
+
+    def _forget_inflight(self, s: np.ndarray) -> None:
+        """These STORING slots (not retired) stop being in flight: their keys leave `_inflight`."""
+        for key in map(tuple, self._keys[s].tolist()):
+            del self._inflight[key]
 
     def _retire_ready(self, ready: np.ndarray) -> None:
         """READY slots whose keys just left the index: free the idle ones, retire the read ones."""

@@ -931,16 +931,31 @@ class SchedulerSide:
         it, is still computing, and later hits on that key would serve its old contents."""
         if self.pool is None:
             return
+        blocks: list[KVCacheBlock] = []
+        keys: list[torch.Tensor] = []
         for req_id, st in self.reqs.items():
             req = st.request
             if req is None or req_id in admitted:
                 continue
             n_full = min(req.num_computed_tokens // self.block_size, len(st.block_ids))
-            self._store_range(req, st, st.block_ids, n_full)
+            got = self._unstored(req, st, st.block_ids, n_full)
+            if got is not None:
+                blocks += got[0]
+                keys.append(got[1])
+        if blocks:  # one planning call (and one index lookup) for the whole step
+            self._plan_store(blocks, torch.cat(keys) if len(keys) > 1 else keys[0], lazy=False)
 
     def _store_range(self, request: Request, st: _ReqState, block_ids: list[int], n_full: int) -> None:
+        got = self._unstored(request, st, block_ids, n_full)
+        if got is not None:
+            self._plan_store(*got, lazy=False)
+
+    def _unstored(self, request: Request, st: _ReqState, block_ids: list[int],
+                  n_full: int) -> tuple[list[KVCacheBlock], torch.Tensor] | None:
+        """The request's full blocks up to `n_full` not handed to a store yet, with their keys (None
+        if there are none), marked handed over."""
         if n_full <= st.stored_blocks:
-            return
+            return None
         keys = st.keys_for(request)
         n_full = min(n_full, keys.shape[0])
         lo, st.stored_blocks = st.stored_blocks, max(st.stored_blocks, n_full)
@@ -951,8 +966,9 @@ class SchedulerSide:
         # reset then), before this step's copy runs. The null block has no hash.
         hashes = request.block_hashes[lo:n_full]
         keep = [i for i, b in enumerate(blocks) if b.block_hash == compat.cached_hash(hashes[i])]
-        if keep:
-            self._plan_store([blocks[i] for i in keep], k[keep], lazy=False)
+        if len(keep) == len(blocks):
+            return blocks, k
+        return ([blocks[i] for i in keep], k[keep]) if keep else None
 
 
 def _connect_lookups(cfg: PrefixCacheConfig, vllm_config: Any, kv_cache_config: Any) -> RemoteStore:

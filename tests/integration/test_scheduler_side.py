@@ -209,3 +209,24 @@ def test_requests_still_waiting_are_looked_up_in_one_launch_per_index_state():
     s = side.get_stats().data
     assert s["index_match_launches"] == b.launches and s["index_matched_requests"] == b.requests_probed
     assert s["index_launches"] >= b.launches + 4  # the matches, the stores' inserts, the load's pin
+
+
+def test_step_benchmark_stores_every_filled_block_once(tmp_path):
+    import json
+
+    from bench import step_time
+
+    out = tmp_path / "step.json"
+    assert step_time.main(["--requests", "4", "--steps", "32", "--out", str(out)]) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    bs = step_time.BLOCK
+    assert run["blocks_stored"] == 4 * (1024 // bs + 32 // bs)  # the prompts, then two decode blocks
+    assert run["storing_steps"]["steps"] == 2 and run["every_step"]["steps"] == 32
+
+
+def test_a_scheduling_pass_over_waiting_requests_matches_once():
+    from bench.sched_time import run_pass
+
+    row = run_pass(8, 16, "cpu", reps=2)
+    assert row["match_launches_per_pass"] == 1 and row["index_backend"] == "cpu"
+    assert 0 < row["first_question_ms"] <= row["pass_ms"]

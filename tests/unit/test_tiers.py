@@ -416,3 +416,24 @@ def test_key_states_name_the_state_of_each_keys_slot():
     assert tm.key_states(keys[:1]) == [SlotState.LOADING]
     tm.finish_load(slots)
     assert tm.key_states(keys[:1]) == [SlotState.READY]
+
+
+def test_keys_on_the_tables_reserved_first_words_are_stored_and_found(make_tm):
+    """A first word equal to one of the table's markers is folded (keys.sanitize) the same way on
+    every path: stored, in flight, found, removed."""
+    from triton_prefix_cache.keys import FIRST_REAL
+
+    tm = make_tm(8)
+    lo = np.iinfo(np.int64).min
+    marked = np.array([[lo, 3], [lo + 1, 4], [lo + 2, 5], [lo + 3, 6]], dtype=np.int64)
+    orig = marked.copy()
+    p = tm.begin_store(marked)
+    assert p.assigned.all() and tm.holds(marked).all()
+    assert (tm.begin_store(marked).status == int(StoreStatus.IN_FLIGHT)).all()
+    tm.finish_store(p.slots)
+    assert tm.lookup(marked).tolist() == p.slots.tolist()
+    assert tm.lookup(np.array([[FIRST_REAL, 5]])).tolist() == [p.slots[2]]  # the documented alias
+    assert np.array_equal(marked, orig)  # the caller's keys are not folded in place
+    assert tm.remove(marked[:2]).tolist() == [True, True] and findable(tm, marked).tolist() == [
+        False, False, True, True]
+    tm.check_consistency()
