@@ -12,6 +12,8 @@ at most one engine lives at a time and each starts once. Configurations:
   defaults   the connector's defaults (load="auto": layer-wise alone, async beside other requests;
              write-through demotion)
   smallhost  layer-wise loads and lazy demotion with a host tier smaller than the working set
+  triton     the defaults with the scheduler's index on the GPU (index_backend="triton"; GPU only:
+             on a CPU its kernels would run in Triton's interpreter)
 """
 from __future__ import annotations
 
@@ -44,6 +46,8 @@ CONFIGS: dict[str, dict] = {
     "wt": dict(kv_blocks=SMALL_KV_BLOCKS,
                kv_transfer_config=H.tpc_config(load="layerwise", demote="write_through", debug=PAGES)),
     "defaults": dict(kv_blocks=SMALL_KV_BLOCKS, kv_transfer_config=H.tpc_config(debug=LATE)),
+    "triton": dict(kv_blocks=SMALL_KV_BLOCKS, kv_transfer_config=H.tpc_config(index_backend="triton",
+                                                                              debug=LATE)),
     # 100 slots of 32 KiB: less than the docqa documents (150 blocks), so the host tier evicts too.
     "smallhost": dict(kv_blocks=SMALL_KV_BLOCKS,
                       kv_transfer_config=H.tpc_config(host_cache_gib=100 * H.PAGE_BYTES_PER_BLOCK / 2**30,

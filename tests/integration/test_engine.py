@@ -13,7 +13,10 @@ import torch
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-TPC_CONFIGS = ["tpc", "layerwise", "ahead", "wt", "defaults"]
+#: the connector's configurations under test; "triton" (the scheduler's index on the GPU) only where
+#: CUDA is, and there every oracle test runs with it too
+TPC_CONFIGS = ["tpc", "layerwise", "ahead", "wt", "defaults",
+               *(["triton"] if torch.cuda.is_available() else [])]
 _V026 = __import__("vllm").__version__.startswith("0.26.")
 
 
