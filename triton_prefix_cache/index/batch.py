@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .prefix_index import PrefixIndex
@@ -28,7 +29,7 @@ class _Expected:
     start: int  # the range's first block in its request
     keys: torch.Tensor  # int64 (n, 2), CPU: the range's keys
     answer: tuple[int, int, int] | None = None  # (version, n, count) of the last launch
-    values: torch.Tensor | None = None  # int32: the values of the leading `count` keys
+    values: torch.Tensor | None = None  # int32: the values of the leading `count` keys (None: not read)
 
 
 class MatchBatcher:
@@ -57,7 +58,10 @@ class MatchBatcher:
     def values(self, rid: Hashable) -> torch.Tensor:
         """The values of the keys the last `match(rid, ...)` counted (int32, CPU)."""
         e = self._expected[rid]
-        assert e.values is not None, "values() before match()"
+        assert e.answer is not None, "values() before match()"
+        if e.values is None:  # answered by a lone count: looked up on demand, at the same version
+            assert e.answer[0] == self.index.version, "values() after the index changed"
+            e.values = self.index.lookup(e.keys[: e.answer[2]])
         return e.values
 
     def forget(self, rid: Hashable) -> None:
@@ -80,12 +84,15 @@ class MatchBatcher:
                 e.answer, e.values = (version, 0, 0), e.keys.new_zeros(0, dtype=torch.int32)
         if not stale:
             return
-        sizes = torch.tensor([0] + [e.keys.shape[0] for e in stale], dtype=torch.int64)
-        offsets = torch.cumsum(sizes, 0)
-        keys = torch.cat([e.keys for e in stale]) if len(stale) > 1 else stale[0].keys
-        counts, values = self.index.match_prefix(keys, offsets)
         self.launches += 1
         self.requests_probed += len(stale)
+        if len(stale) == 1:  # one request: the count alone (the CPU table's probe stops at the first miss)
+            e = stale[0]
+            e.answer, e.values = (version, e.keys.shape[0], self.index.count_leading(e.keys)), None
+            return
+        offsets = np.cumsum([0] + [e.keys.shape[0] for e in stale])
+        keys = torch.cat([e.keys for e in stale])
+        counts, values = self.index.match_prefix(keys, torch.from_numpy(offsets))
         for e, lo, c in zip(stale, offsets.tolist(), counts.tolist()):
             e.answer = (version, e.keys.shape[0], c)
             e.values = values[lo : lo + c]
