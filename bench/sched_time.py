@@ -234,6 +234,43 @@ def run_pass(num_requests: int, num_blocks: int, backend: str, reps: int) -> dic
             "match_launches_per_pass": max(launches), "key_derivation_ms": 1e3 * derive}
 
 
+def run_batched_match(num_requests: int, num_blocks: int, backend: str, reps: int) -> dict:
+    """The scheduling pass's batched match alone, on a PrefixIndex (no vLLM): a MatchBatcher
+    expecting `num_requests` ranges of `num_blocks` keys, all present, answers them in one launch
+    after the index changed. Also a lone request's lookup (`count_leading` of one request, the
+    launch a request asked about for the first time costs). Checked against a set of the keys;
+    median of `reps`."""
+    import torch
+
+    from triton_prefix_cache.index import MatchBatcher, PrefixIndex
+
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    n = num_requests * num_blocks
+    g = torch.Generator().manual_seed(n)
+    keys = torch.randint(-(2**62), 2**62, (n + reps, 2), dtype=torch.int64, generator=g)
+    idx = PrefixIndex(2 * n, device=device, backend=backend)
+    idx.insert(keys[:n].to(device), torch.arange(n, dtype=torch.int32).to(device))
+    ranges = keys[:n].view(num_requests, num_blocks, 2)
+    b = MatchBatcher(idx)
+    for i in range(num_requests):  # asked before: each range expected
+        b.match(i, 0, ranges[i])
+    batched, lone = [], []
+    for r in range(reps):
+        idx.insert(keys[n + r : n + r + 1].to(device), torch.zeros(1, dtype=torch.int32).to(device))
+        t0 = time.perf_counter()
+        got = b.match(0, 0, ranges[0])  # the first question: one launch answers every range
+        t1 = time.perf_counter()
+        batched.append(t1 - t0)
+        if got != num_blocks or any(b.match(i, 0, ranges[i]) != num_blocks for i in range(num_requests)):
+            raise RuntimeError("the batched match missed keys that are present")
+        t0 = time.perf_counter()
+        idx.count_leading(ranges[r % num_requests])
+        lone.append(time.perf_counter() - t0)
+    return {"requests": num_requests, "blocks": num_blocks, "index_backend": idx.backend,
+            "device": str(idx.device), "batched_match_ms": 1e3 * statistics.median(batched),
+            "lone_request_ms": 1e3 * statistics.median(lone), "launches": b.launches}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-3.1-8b")
@@ -244,12 +281,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pass-requests", type=int, default=256, help="requests of the scheduling pass")
     p.add_argument("--pass-blocks", type=int, default=512, help="blocks of each request of the pass")
+    p.add_argument("--match-only", action="store_true",
+                   help="only the pass's batched match on a bare index, each backend that runs natively "
+                   "(no vLLM needed); printed as JSON, appended to the record unless --out")
     p.add_argument("--out", default=None,
                    help="write the result to this JSON file (its chart beside it) instead of appending "
                    "it to bench/results.jsonl")
     args = p.parse_args(argv)
     env = environment()
     print(f"# {env['command']}\n# device: {env['device']} | vllm {env['vllm']}", flush=True)
+    if args.match_only:
+        rows = [run_batched_match(args.pass_requests, args.pass_blocks, b, max(args.reps, 20))
+                for b in (["cpu", "triton"] if torch_cuda() else ["cpu"])]
+        print(json.dumps(rows, indent=1))
+        print(f"wrote {save_run('sched', {'model': None, 'batched_match': rows}, args.out)}")
+        return 0
     res = run_sched_micro(args)
     # The pass, with each index backend that runs natively here (Triton's CPU interpreter does not).
     backends = ["cpu", "triton"] if torch_cuda() else ["cpu"]
