@@ -227,9 +227,10 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 def metric_delta(before: dict, after: dict) -> dict[str, float]:
     """Counters (and histogram sums/counts) as differences, gauges as their last value, and for each
-    histogram of this plugin its p50 and p99 over the interval (`<name>_p50`, `<name>_p99`)."""
+    histogram of this plugin (each label set apart) its p50 and p99 over the interval
+    (`<name>_p50<labels>`, `<name>_p99<labels>`)."""
     out = {}
-    buckets: dict[str, list[tuple[float, float]]] = {}
+    buckets: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for k, v in after.items():
         name = k.split("{")[0]
         if name.endswith(("_total", "_sum", "_count", "_bucket")):
@@ -237,16 +238,19 @@ def metric_delta(before: dict, after: dict) -> dict[str, float]:
             if name.endswith("_bucket"):
                 le = re.search(r'le="([^"]+)"', k)
                 if le and name.startswith("vllm:tpc_"):
-                    buckets.setdefault(name[:-len("_bucket")], []).append((float(le.group(1)), d))
+                    # one histogram per label set besides `le` (engines' labels are dropped already)
+                    rest = re.sub(r',?le="[^"]*"', "", k[len(name):]).replace("{,", "{")
+                    key = (name[:-len("_bucket")], "" if rest in ("", "{}") else rest)
+                    buckets.setdefault(key, []).append((float(le.group(1)), d))
             elif d:
                 out[k] = d
         else:
             out[k] = v
-    for name, cum in buckets.items():
+    for (name, labels), cum in buckets.items():
         for q in (0.5, 0.99):
             v = histogram_quantile(cum, q)
             if v is not None:
-                out[f"{name}_p{round(q * 100)}"] = v
+                out[f"{name}_p{round(q * 100)}{labels}"] = v
     return out
 
 

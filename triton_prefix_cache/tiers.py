@@ -14,7 +14,9 @@ A key removed (`remove`, `clear`) while its slot is in flight is *retired*: unfi
 the slot freed when its last reader or its writer finishes. Invariants, checked by
 `check_consistency()`: the index holds exactly the READY, non-retired keys, each with its slot;
 the free list is exactly the FREE slots, once each; readers only on READY slots; no key is in two
-non-retired slots; the eviction policy tracks exactly the READY, non-retired slots.
+non-retired slots; the eviction policy tracks exactly the READY, non-retired slots; the keys in
+flight (`_inflight`, found by hashing on every store planned) are exactly those of the STORING,
+non-retired slots.
 Not thread-safe: one scheduler drives it. Keys are int64 (n, 2) (tensor or array); every call
 touching the index is one batched index operation.
 """
@@ -251,9 +253,9 @@ class TierManager:
             return
         retired = self._retired[s]
         pub = s[~retired]
-        self._forget_inflight(pub)
         if len(pub):
             self.index.insert(self._dev(self._keys[pub]), self._dev(pub.astype(np.int32)))
+            self._forget_inflight(pub)  # after the insert: one that raised leaves them in flight
             self._state[pub] = _READY
             self.policy.insert(pub, self._keys[pub])
         if pin:

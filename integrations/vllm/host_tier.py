@@ -31,8 +31,9 @@ class HostTier:
     def __init__(self, num_slots: int, slot_bytes: int = 0, index_backend: str = "auto",
                  eviction: str = "lru", device: str | None = None) -> None:
         # With no device given, the backend places the table: "auto" keeps it on the CPU (the
-        # scheduler's lookups are a few hundred keys per request, latency-bound, and on a GPU busy
-        # with the forward and the KV copies they would wait for both); "triton" puts it on the GPU.
+        # scheduler's lookups are a few hundred keys per request, and a device operation's launches
+        # and wait cost more than the C probe: measured, docs/design.md "The index"); "triton"
+        # puts it on the GPU.
         self.backend, self.device = resolve_backend(index_backend, device)
         cuda = self.device.type == "cuda"
         self._stream: Any = torch.cuda.Stream(self.device, priority=-1) if cuda else None
@@ -82,9 +83,9 @@ class HostTier:
         return self.manager.index.count_leading(keys)  # CPU keys: answered through mapped memory
 
     def match_request(self, req_id: str, start: int, keys: torch.Tensor) -> int:
-        """`match` of request `req_id`'s blocks from `start`, answered with every other request
-        asked about before and not yet `admitted`: one index launch serves them all while the
-        index is unchanged (a scheduling pass asks about each waiting request in turn)."""
+        """`match` of request `req_id`'s blocks from `start`. On a device table answered with every
+        other request asked about before and not yet `admitted`: one index launch serves them all
+        while the index is unchanged (a scheduling pass asks about each waiting request in turn)."""
         return self.batcher.match(req_id, start, keys)
 
     def matched_slots(self, req_id: str) -> torch.Tensor:

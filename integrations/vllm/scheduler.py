@@ -873,21 +873,28 @@ class SchedulerSide:
         if not self.pending_stores:  # settled: every block in the window has a host copy or is gone
             self._last_scan = sig
 
-    def _plan_store(self, blocks: list[KVCacheBlock], keys: torch.Tensor, lazy: bool) -> None:
-        """Copy these GPU blocks to the host unless the tier has (or is storing) their keys already."""
+    def _plan_store(self, blocks: list[KVCacheBlock], keys: torch.Tensor, lazy: bool,
+                    pieces: list[int] | None = None) -> None:
+        """Copy these GPU blocks to the host unless the tier has (or is storing) their keys already.
+        One planning call for all of them; `pieces` (sizes summing to len(blocks)) splits them into
+        store jobs, one per request: a job is what a remote put writes, fails or times out whole."""
         slots, present, dropped = self.tier.begin_store(keys)
         if dropped:
             self.stats.add("dropped_stores", dropped)
         for i in np.flatnonzero(present).tolist():
             self._settled[blocks[i].block_id] = blocks[i].block_hash
-        ok = [i for i, s in enumerate(slots.tolist()) if s >= 0]
-        if not ok:
-            return
-        blocks = [blocks[i] for i in ok]
-        compat.hold_blocks(self.pool, blocks)
-        for b in blocks:
-            self.held_by_store[b.block_id] = not lazy
-        self.pending_stores.append(_Store(blocks, [int(slots[i]) for i in ok], lazy, keys[ok]))
+        slot_list = slots.tolist()
+        lo = 0
+        for size in pieces or [len(blocks)]:
+            ok = [i for i in range(lo, lo + size) if slot_list[i] >= 0]
+            lo += size
+            if not ok:
+                continue
+            job_blocks = [blocks[i] for i in ok]
+            compat.hold_blocks(self.pool, job_blocks)
+            for b in job_blocks:
+                self.held_by_store[b.block_id] = not lazy
+            self.pending_stores.append(_Store(job_blocks, [slot_list[i] for i in ok], lazy, keys[ok]))
 
     def _release(self, st_: _Store) -> None:
         back_to_head = []
@@ -942,8 +949,9 @@ class SchedulerSide:
             if got is not None:
                 blocks += got[0]
                 keys.append(got[1])
-        if blocks:  # one planning call (and one index lookup) for the whole step
-            self._plan_store(blocks, torch.cat(keys) if len(keys) > 1 else keys[0], lazy=False)
+        if blocks:  # one planning call (one index lookup) for the whole step, a job per request
+            self._plan_store(blocks, torch.cat(keys) if len(keys) > 1 else keys[0], lazy=False,
+                             pieces=[k.shape[0] for k in keys])
 
     def _store_range(self, request: Request, st: _ReqState, block_ids: list[int], n_full: int) -> None:
         got = self._unstored(request, st, block_ids, n_full)

@@ -261,7 +261,8 @@ PROM_COUNTERS = {
     "index_launches": ("vllm:tpc_index_launches",
                        "Operations the scheduler's host-tier index ran (launch groups on a device table)."),
     "index_match_launches": ("vllm:tpc_index_match_launches",
-                             "Batched prefix matches: one answers every waiting request's lookup."),
+                             "Prefix-match launches of the scheduler's index (on a device table each answers "
+                             "every waiting request asked about before)."),
     "index_matched_requests": ("vllm:tpc_index_matched_requests",
                                "Request prefixes the batched matches answered (per launch: divide by "
                                "tpc_index_match_launches)."),

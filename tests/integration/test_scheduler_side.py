@@ -184,6 +184,7 @@ def test_requests_still_waiting_are_looked_up_in_one_launch_per_index_state():
     question answers the others too (one match launch), with what each alone would get; an
     admitted request drops out. The counters reach the stats."""
     side = _side()
+    side.tier.batcher.batch = True  # as on a device table (a CPU table answers each alone)
     prefixes = [_hashes(3, 400 + 10 * i) for i in range(3)]
     for h in prefixes[:2]:
         _store(side, h)
@@ -227,6 +228,44 @@ def test_step_benchmark_stores_every_filled_block_once(tmp_path):
 def test_a_scheduling_pass_over_waiting_requests_matches_once():
     from bench.sched_time import run_pass
 
-    row = run_pass(8, 16, "cpu", reps=2)
-    assert row["match_launches_per_pass"] == 1 and row["index_backend"] == "cpu"
-    assert 0 < row["first_question_ms"] <= row["pass_ms"]
+    row = run_pass(8, 16, "cpu", reps=2)  # the CPU table: each of the 8 asked alone
+    assert row["match_launches_per_pass"] == 8 and row["index_backend"] == "cpu"
+
+
+def test_write_through_plans_a_step_in_one_call_with_a_store_job_per_request():
+    """One planning call for every request's new blocks, but a job per request: a job is what the
+    worker reports and a remote put writes, fails or times out whole."""
+    from triton_prefix_cache_vllm import compat
+    from vllm.v1.core.block_pool import BlockPool
+
+    side = _side()
+    pool = BlockPool(num_gpu_blocks=16, enable_caching=True, hash_block_size=BLOCK)
+    side.bind_gpu_block_pool(pool)
+    admitted, want = [], {}
+    for i, n in enumerate((3, 2)):
+        hashes = _hashes(n, 600 + 10 * i)
+        blocks = pool.get_new_blocks(n)
+        for b, h in zip(blocks, hashes):
+            if hasattr(b, "set_block_hash"):
+                b.set_block_hash(compat.cached_hash(h))
+            else:
+                b.block_hash = compat.cached_hash(h)
+        req = _request(f"r{i}", hashes)
+        assert side.get_num_new_matched_tokens(req, 0) == (0, False)
+        ids = [b.block_id for b in blocks]
+        side.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda ids=ids: (ids,)), 0)
+        admitted.append(SimpleNamespace(req_id=req.request_id, block_ids=(ids,)))
+        req.num_computed_tokens = n * BLOCK
+        want[tuple(ids)] = keys_from_block_hashes(hashes).tolist()
+    cached = SimpleNamespace(req_ids=[], new_block_ids=[], resumed_req_ids=set())
+    side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"r0": 1, "r1": 1},
+                                              scheduled_new_reqs=admitted, scheduled_cached_reqs=cached))
+    calls = []
+    begin = side.tier.begin_store
+    side.tier.begin_store = lambda keys: calls.append(keys.shape[0]) or begin(keys)
+    side.remote_ready = True  # each job then names its keys for the put that follows it
+    meta = side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"r0": 1, "r1": 1},
+                                                     scheduled_new_reqs=[], scheduled_cached_reqs=cached))
+    assert calls == [5]
+    assert {tuple(j.block_ids): j.remote_keys for j in meta.stores} == want
+    assert len({j.job_id for j in meta.stores}) == 2 and len(side.puts) == 2

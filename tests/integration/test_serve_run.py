@@ -95,6 +95,12 @@ def test_histogram_quantiles_from_bucket_deltas():
         hi = min(b for b in bounds if b >= exact)
         lo = max([b for b in bounds if b < exact], default=0.0)
         assert lo <= d[f"vllm:tpc_x_seconds_p{round(q * 100)}"] <= hi
+    # two label sets of one histogram stay apart
+    h = "vllm:tpc_x_seconds_bucket"
+    two = {f'{h}{{kind="a",le="1.0"}}': 4.0, f'{h}{{kind="a",le="+Inf"}}': 4.0,
+           f'{h}{{kind="b",le="1.0"}}': 0.0, f'{h}{{kind="b",le="+Inf"}}': 2.0}
+    d2 = S.metric_delta({}, two)
+    assert d2['vllm:tpc_x_seconds_p50{kind="a"}'] == 0.5 and d2['vllm:tpc_x_seconds_p50{kind="b"}'] == 1.0
     assert S.histogram_quantile([(1.0, 0.0), (float("inf"), 0.0)], 0.5) is None
     assert S.histogram_quantile([(1.0, 0.0), (float("inf"), 3.0)], 0.5) == 1.0  # only +Inf: its bound
 

@@ -644,9 +644,10 @@ def leading(d: dict, keys: torch.Tensor) -> int:
     return n
 
 
-def test_batched_matches_equal_lone_lookups_as_the_index_changes(make_index):
-    """Requests sharing prefixes, asked in random passes while keys come and go: every batched
-    answer (count and values) is what a dict says of that request alone at that moment."""
+@pytest.mark.parametrize("batch", [True, False])
+def test_batched_matches_equal_lone_lookups_as_the_index_changes(make_index, batch):
+    """Requests sharing prefixes, asked in random passes while keys come and go: every answer
+    (count and values), batched or not, is what a dict says of that request alone at that moment."""
     import random
 
     from triton_prefix_cache.index import MatchBatcher
@@ -659,7 +660,7 @@ def test_batched_matches_equal_lone_lookups_as_the_index_changes(make_index):
             for i in range(10)}
     universe = torch.unique(torch.cat(list(reqs.values())), dim=0)
     d: dict[tuple[int, int], int] = {}
-    b = MatchBatcher(idx)
+    b = MatchBatcher(idx, batch=batch)
     for step in range(8):
         # the index changes between passes: some keys in, some out
         order = [torch.randperm(universe.shape[0], generator=torch.Generator().manual_seed(s + step))
@@ -689,7 +690,8 @@ def test_batcher_launches_once_per_index_state_for_the_requests_it_expects():
     idx = PrefixIndex(256, device="cpu", backend="cpu")
     keys = {r: rand_keys(6, 500 + i) for i, r in enumerate("ABC")}
     idx.insert(torch.cat(list(keys.values())), torch.arange(18, dtype=torch.int32))
-    b = MatchBatcher(idx)
+    assert not MatchBatcher(idx).batch  # a CPU table answers the request asked alone by default
+    b = MatchBatcher(idx, batch=True)
     for r in "ABC":  # each asked for the first time: a launch of its own
         assert b.match(r, 0, keys[r]) == 6
     assert (b.launches, b.requests_probed) == (3, 3)
@@ -707,3 +709,8 @@ def test_batcher_launches_once_per_index_state_for_the_requests_it_expects():
     assert b.match("C", 0, keys["C"]) == 6 and b.values("C").tolist()[2] == 99
     assert (b.launches, b.requests_probed) == (6, 9)  # B and C, not A
     assert b.match("D", 0, keys["A"][:0]) == 0 and b.launches == 6  # an empty range needs no launch
+    lone = MatchBatcher(idx, batch=False)  # unbatched: each question probes its own range only
+    for r in "BC":
+        assert lone.match(r, 0, keys[r]) == 6
+    idx.remove(keys["A"][:1])
+    assert lone.match("B", 0, keys["B"]) == 6 and (lone.launches, lone.requests_probed) == (3, 3)

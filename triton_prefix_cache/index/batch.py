@@ -4,13 +4,15 @@ An engine's scheduler asks about one request at a time, and asks again, every st
 request still waiting for memory. On a device table each question is a kernel launch and a wait
 for its answer; the batcher turns a scheduling pass's questions into one `match_prefix` over every
 request it expects to be asked about (those asked before and not yet admitted) whose answer is
-out of date, and answers the rest of the pass from that launch's results. A request asked about
+out of date, and answers the rest of the pass from that launch's results (on a Triton table; a
+CPU table answers the request asked alone: see `MatchBatcher`). A request asked about
 for the first time costs a launch of its own (the engine names its requests one at a time), but
 the requests still waiting, asked again every step, are answered together.
 
 An answer is reused only while the index is unchanged (its `version`) and only for the same key
-range of the same request (its first block and length; a request's keys for given blocks never
-change), so every answer equals what a lookup of that request alone would give at that moment.
+range of the same request (its first block and length), so every answer equals what a lookup of
+that request alone would give at that moment. The caller's contract: a request's keys for given
+blocks never change (vLLM's block hashes chain over the tokens and are only appended to).
 """
 
 from __future__ import annotations
@@ -33,10 +35,16 @@ class _Expected:
 
 
 class MatchBatcher:
-    """Prefix matches of many requests, one launch per index state. Keys are CPU tensors."""
+    """Prefix matches of many requests, one launch per index state. Keys are CPU tensors.
 
-    def __init__(self, index: PrefixIndex) -> None:
+    batch: answer every expected request in each launch (default: on a Triton table, whose
+    launches cost more than its probes), or only the request asked (the CPU table, whose probe of
+    one request stops at its first miss and costs less than a batched match's fixed work: measured
+    in `bench.sched_time`). Answers are reused at an unchanged index version either way."""
+
+    def __init__(self, index: PrefixIndex, batch: bool | None = None) -> None:
         self.index = index
+        self.batch = index.backend != "cpu" if batch is None else batch
         self._expected: dict[Hashable, _Expected] = {}
         self.launches = 0  # match_prefix calls made
         self.requests_probed = 0  # request ranges those calls answered
@@ -52,15 +60,17 @@ class MatchBatcher:
         if e is None or e.start != start or e.keys.shape[0] != n:
             e = self._expected[rid] = _Expected(start, keys)
         if e.answer is None or e.answer[:2] != (self.index.version, n):
-            self._launch()
+            self._launch(e)
         return e.answer[2]
 
     def values(self, rid: Hashable) -> torch.Tensor:
         """The values of the keys the last `match(rid, ...)` counted (int32, CPU)."""
-        e = self._expected[rid]
-        assert e.answer is not None, "values() before match()"
+        e = self._expected.get(rid)
+        if e is None or e.answer is None:
+            raise RuntimeError(f"values({rid!r}): no match of that request to read")
         if e.values is None:  # answered by a lone count: looked up on demand, at the same version
-            assert e.answer[0] == self.index.version, "values() after the index changed"
+            if e.answer[0] != self.index.version:
+                raise RuntimeError(f"values({rid!r}): the index changed since its match")
             e.values = self.index.lookup(e.keys[: e.answer[2]])
         return e.values
 
@@ -71,11 +81,12 @@ class MatchBatcher:
     def clear(self) -> None:
         self._expected.clear()
 
-    def _launch(self) -> None:
-        """One match over every expected range not answered at the current version."""
+    def _launch(self, asked: _Expected) -> None:
+        """One match over every expected range not answered at the current version (with `batch`;
+        else over the range asked alone)."""
         version = self.index.version
         stale = []
-        for e in self._expected.values():
+        for e in self._expected.values() if self.batch else (asked,):
             if e.answer is not None and e.answer[:2] == (version, e.keys.shape[0]):
                 continue
             if e.keys.shape[0]:
@@ -90,7 +101,7 @@ class MatchBatcher:
             e = stale[0]
             e.answer, e.values = (version, e.keys.shape[0], self.index.count_leading(e.keys)), None
             return
-        offsets = np.cumsum([0] + [e.keys.shape[0] for e in stale])
+        offsets = np.cumsum([0] + [e.keys.shape[0] for e in stale], dtype=np.int64)
         keys = torch.cat([e.keys for e in stale])
         counts, values = self.index.match_prefix(keys, torch.from_numpy(offsets))
         for e, lo, c in zip(stale, offsets.tolist(), counts.tolist()):
