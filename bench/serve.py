@@ -699,8 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, **{k: v for k, v in s.env.items() if k not in os.environ},
            "PYTHONUNBUFFERED": "1"}
     if any(uses_local_store(c) for c in configs.values()):
-        # Replicas share blocks only where their block hashes agree: vLLM 0.26 seeds them at random
-        # without PYTHONHASHSEED (and refuses `remote` so). Every config gets the same.
+        # Replicas share blocks only where their block hashes agree; vLLM 0.26 seeds them at random
+        # without PYTHONHASHSEED, and the plugin then refuses `remote`. Every config gets the same.
         env.setdefault("PYTHONHASHSEED", "0")
     record = {
         **record_head("serve"), "workload": args.workload, "label": args.label,
