@@ -49,6 +49,14 @@ def parse_config(config: str) -> tuple[str, dict]:
     return base, own
 
 
+def unparse_config(base: str, extra: dict) -> str:
+    """The config string `parse_config` reads back as (base, extra)."""
+    if not extra:
+        return base
+    pairs = (f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in extra.items())
+    return base + ":" + ",".join(pairs)
+
+
 def _value(text: str):
     """A config value from the command line: JSON where it parses (1, null, true), else the text."""
     try:

@@ -2,6 +2,7 @@
 
     python -m bench.serve --workload prefix                      # this machine's defaults
     python -m bench.serve --workload prefix --configs offload ours ours:load=async --concurrency 16 64
+    python -m bench.serve --workload shared                      # ours against ours:remote=local
 
 Per config it starts one server (vLLM's default multi-process deployment; compiled with CUDA graphs
 on a GPU), waits for `/health`, runs every concurrency in increasing order against it with
@@ -11,6 +12,14 @@ model, flags and workload; host tiers get the same memory. Each run draws its ow
 its position), so every run starts cold apart from what earlier runs left in the caches. With
 `--repeat R` (default: 1 on a GPU, 3 on a CPU, whose timings are noisy) every concurrency runs R
 times in a row; the record keeps the median run (by throughput) with the range of every repeat.
+
+The shared workload: documents that one replica already read, served by another. A config with
+`remote=local` gets a Mooncake Store of its own on loopback (`triton_prefix_cache.remote.local`);
+replica A (the config with that store) reads every run's documents, is stopped, then replica B
+(the same flags, the same store, empty GPU and host tiers) gets the same prompts (same seeds), so
+every prefix B hits comes from the store. A config without `remote` runs B's phase only (B
+recomputes: its baseline). The store stops with the config, also on errors. Any other `remote`
+value (a `mooncake://` URL) is used as it is, with no store started.
 
 Output: a table; one line appended to bench/results.jsonl (exact commands, device, host, versions,
 every number); the chart bench/results/serve-<workload>.png (serve-<workload>-cpu.png on a CPU:
@@ -34,13 +43,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bench.chat import ChatSpec
 from bench.common import RECORD, append_record, chart_path, record_head
-from bench.configs import CONFIGS, MODEL_CACHE, check_args, parse_config, serve_flags
+from bench.configs import CONFIGS, MODEL_CACHE, check_args, parse_config, serve_flags, unparse_config
 from bench.models import ModelSpec, get_model
+from triton_prefix_cache.remote.local import MIN_SEGMENT_GIB, LocalStore
 
 ROOT = Path(__file__).resolve().parent
 CLI = [sys.executable, "-m", "triton_prefix_cache_vllm.cli"]
@@ -61,6 +71,17 @@ class Workload:
 
 
 @dataclass(frozen=True)
+class SharedSpec:
+    """The shared workload at one scale: documents per run (each asked once: every prefix replica B
+    hits was read by replica A, none by B itself), requests in flight, and the host tier of each
+    replica (it only stages what a request loads, so it can be smaller than the scale's)."""
+
+    docs: int
+    concurrency: tuple[int, ...]
+    host_gib: float
+
+
+@dataclass(frozen=True)
 class Scale:
     """What one machine runs: model, KV cache, host tier and the size of every workload."""
 
@@ -75,6 +96,7 @@ class Scale:
     output_len: int
     num_prompts: int
     chat: ChatSpec
+    shared: SharedSpec
     extra_flags: tuple[str, ...] = ()
     env: dict = field(default_factory=dict)
     repeat: int = 1  # runs of each concurrency (median and range recorded)
@@ -85,7 +107,10 @@ class Scale:
 GPU = Scale(model="llama-3.1-8b", kv_gib=8.0, host_gib=40.0, max_model_len=16384,
             concurrency=(1, 4, 16, 64), prefix_len=8000, suffix_len=64, num_prefixes=32,
             output_len=32, num_prompts=192,
-            chat=ChatSpec(sessions=256, turns=4, first_tokens=1024, answer_tokens=64, new_tokens=128))
+            chat=ChatSpec(sessions=256, turns=4, first_tokens=1024, answer_tokens=64, new_tokens=128),
+            # 32 documents of 8,064 tokens: 31.5 GiB of KV a run; the store holds every run (two),
+            # beside one replica's host tier, in the host's 128 GiB.
+            shared=SharedSpec(docs=32, concurrency=(1, 4), host_gib=16.0))
 #: The CPU scale: the tiny random Llama (1 KiB of KV per token), 2 MiB of KV (2,048 tokens), the
 #: same shapes shrunk so that a run takes minutes on two cores. vLLM's CPU backend reserves one
 #: more core for any --kv-transfer-config; every config gets the same thread layout.
@@ -93,14 +118,23 @@ CPU = Scale(model="tiny-llama", kv_gib=2 / 1024, host_gib=0.0625, max_model_len=
             concurrency=(1, 4), prefix_len=480, suffix_len=32, num_prefixes=16, output_len=8,
             num_prompts=64,
             chat=ChatSpec(sessions=16, turns=3, first_tokens=256, answer_tokens=16, new_tokens=32),
+            shared=SharedSpec(docs=16, concurrency=(1, 4), host_gib=0.0625),
             extra_flags=("--enforce-eager", "--block-size", "32"),
             env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, repeat=3)
 
-WORKLOADS = ("prefix", "chat", "noreuse", "fits")
+WORKLOADS = ("prefix", "chat", "noreuse", "fits", "shared")
 
 
 def make_workload(name: str, s: Scale, num_prompts: int | None) -> Workload:
     n = num_prompts or s.num_prompts
+    if name == "shared":  # one prompt per prefix: each document asked once a run
+        n = num_prompts or s.shared.docs
+        return Workload(name, n * (s.prefix_len + s.suffix_len), n, (
+            "--dataset-name", "prefix_repetition",
+            "--prefix-repetition-prefix-len", str(s.prefix_len),
+            "--prefix-repetition-suffix-len", str(s.suffix_len),
+            "--prefix-repetition-num-prefixes", str(n),
+            "--prefix-repetition-output-len", str(s.output_len)))
     if name in ("prefix", "fits"):
         prefixes = s.num_prefixes if name == "prefix" else s.num_prefixes // 8  # fits: an eighth
         return Workload(name, prefixes * (s.prefix_len + s.suffix_len), n, (
@@ -385,6 +419,61 @@ def run_config(name: str, config: str, model: ModelSpec, model_dir: Path, w: Wor
     return entry
 
 
+#: `remote=local` in a config: a store of the config's own, started by this benchmark.
+LOCAL_STORE = "local"
+#: Added to the local store's URL: on a busy machine an existence check can take far longer than the
+#: default 50 ms, which would degrade the store and turn every remote hit into a recompute.
+STORE_PARAMS = "&lookup_timeout_ms=2000"
+
+
+def uses_local_store(config: str) -> bool:
+    return not config.startswith("roof") and parse_config(config)[1].get("remote") == LOCAL_STORE
+
+
+def store_gib(w: Workload, model: ModelSpec, runs: int) -> float:
+    """A store's memory: the KV of every run's prompts (each run draws its own) + 25% for headers and
+    the allocator's rounding, in 1/64 GiB, at least the store's minimum."""
+    dtype_bytes = 4 if model.dtype == "float32" else 2
+    need = runs * w.working_set_tokens * model.kv_bytes_per_token(dtype_bytes) * 1.25 / 2**30
+    return max(MIN_SEGMENT_GIB, math.ceil(need * 64) / 64)
+
+
+def run_with_store(name: str, config: str, model: ModelSpec, model_dir: Path, w: Workload, s: Scale,
+                   concurrencies: list[int], args, raw_dir: Path, env: dict, progress, on_run) -> dict:
+    """A config with `remote=local`: a store of its own on loopback; replica A serves every run, is
+    stopped, then replica B (a fresh server, same flags, same store) serves the same runs with the
+    same seeds, so B's remote hits are what A left in the store. The entry holds B's runs, A's
+    under `writer`, the store under `store`. The store is stopped at the end, whatever happened."""
+    base, extra = parse_config(config)
+    repeat = max(1, getattr(args, "repeat", None) or s.repeat)
+    info: dict = {"segment_gib": store_gib(w, model, len(concurrencies) * repeat)}
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    try:
+        store = LocalStore.start(segment_gib=info["segment_gib"], run_dir=raw_dir / f"{slug}.store")
+    except Exception as e:
+        progress.write(f"[{name}] FAILED: the store did not start: {e}")
+        return {"config": config, "runs": [], "store": info,
+                "error": f"store: {type(e).__name__}: {e}"[-3000:]}
+    entry: dict = {"config": config, "runs": []}
+    try:
+        info["url"] = store.url + STORE_PARAMS
+        progress.write(f"[{name}] store of {gib_text(info['segment_gib'])} at {info['url']}")
+        bound = unparse_config(base, {**extra, "remote": info["url"]})
+        entry["writer"] = run_config(f"{name} A", bound, model, model_dir, w, s, concurrencies, args,
+                                     raw_dir, env, progress, lambda _: None)
+        if "error" in entry["writer"]:
+            entry["error"] = "replica A: " + entry["writer"]["error"]
+        else:
+            entry = {**run_config(name, bound, model, model_dir, w, s, concurrencies, args, raw_dir, env,
+                                  progress, on_run), "writer": entry["writer"]}
+    finally:
+        store.stop()
+        ports = (store.rpc_port, store.metadata_port, store.service_port)
+        info["stopped"] = not any(store.alive().values()) and not any(port_in_use(p) for p in ports)
+        entry["store"] = info
+    return entry
+
+
 #: The numbers whose range over repeated runs is recorded beside the median run's.
 RANGE_KEYS = ("request_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms")
 
@@ -402,13 +491,15 @@ def median_run(tries: list[dict]) -> dict:
     return run
 
 
-#: The baseline each ratio is taken against, first present wins.
+#: The baseline each ratio is taken against, first present wins; the shared workload's is this
+#: plugin without a store (replica B recomputing what A read).
 BASELINES = ("offload", "prefix")
+SHARED_BASELINES = ("ours", "offload", "prefix")
 
 
-def ratios(configs: dict) -> dict:
+def ratios(configs: dict, baselines: tuple[str, ...] = BASELINES) -> dict:
     """Each config over the baseline at each concurrency: throughput and TTFT p50 / p99."""
-    base = next((b for b in BASELINES if b in configs and configs[b]["runs"]), None)
+    base = next((b for b in baselines if b in configs and configs[b]["runs"]), None)
     if base is None:
         return {}
     by_c = {r["concurrency"]: r for r in configs[base]["runs"]}
@@ -438,6 +529,11 @@ def host_hit_tokens(run: dict) -> float:
     return m.get("vllm:tpc_host_hit_tokens_total") or m.get("vllm:external_prefix_cache_hits_total", 0.0)
 
 
+def remote_hit_tokens(run: dict) -> float:
+    """Prompt tokens the store delivered in a run (counted within the host hits too)."""
+    return run.get("metrics", {}).get("vllm:tpc_remote_hit_tokens_total", 0.0)
+
+
 SCHED_HIST = "vllm:tpc_scheduler_seconds_per_request"
 
 
@@ -454,13 +550,18 @@ def print_table(record: dict) -> None:
     cols = ["config", "conc", "req/s", "TTFT p50", "TTFT p99", "TPOT p50", "host hits",
             f"x {base} req/s" if base else "", f"x {base} TTFT p50" if base else "",
             "adapter sched/req p50, p99"]
+    # With a store: its hits, and the rows of replica A (which filled it) under B's.
+    remote = any("remote=" in e.get("config", "") for e in record["configs"].values())
+    if remote:
+        cols.insert(7, "remote hits")
     ranged = any("range" in r for e in record["configs"].values() for r in e["runs"])
     if ranged:  # the median of repeated runs, and the range over them
         cols[2:4] = ["req/s (min-max)", "TTFT p50 (min-max)"]
     rows = []
-    for name, entry in record["configs"].items():
+    blank = [""] * (len(cols) - 3)
+    for name, entry in _entries(record["configs"]):
         if "error" in entry and not entry["runs"]:
-            rows.append([name, "-", "FAILED", "", "", "", "", "", "", ""])
+            rows.append([name, "-", "FAILED", *blank])
         for r in entry["runs"]:
             q = rat.get(f"{name}@{r['concurrency']}", {})
             span = r.get("range", {})
@@ -472,6 +573,7 @@ def print_table(record: dict) -> None:
                 ttft += " ({:.0f}-{:.0f})".format(*span["median_ttft_ms"])
             rows.append([name, str(r["concurrency"]), tput, ttft, f"{r.get('p99_ttft_ms', 0):.0f} ms",
                          f"{r.get('median_tpot_ms', 0):.1f} ms", f"{host_hit_tokens(r):,.0f}",
+                         *([f"{remote_hit_tokens(r):,.0f}"] if remote else []),
                          f"{q['throughput']:.2f}x" if q.get("throughput") else "",
                          f"{q['ttft_p50']:.2f}x" if q.get("ttft_p50") else "", sched_per_request(r)])
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
@@ -479,6 +581,14 @@ def print_table(record: dict) -> None:
     print("  ".join("-" * w for w in widths))
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+def _entries(configs: dict):
+    """(name, entry) of every config, each followed by its replica A where it had one."""
+    for name, entry in configs.items():
+        yield name, entry
+        if "writer" in entry:
+            yield f"{name} A", entry["writer"]
 
 
 def plot(record: dict, path: Path) -> Path | None:
@@ -524,11 +634,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", choices=WORKLOADS, default="prefix")
     p.add_argument("--configs", nargs="+", metavar="CONFIG",
-                   help=f"any of {[*CONFIGS, 'roof']}, 'ours:key=value,...' for connector keys "
-                        "(default: GPU prefix offload simple ours roof; CPU prefix ours)")
+                   help=f"any of {[*CONFIGS, 'roof']}, 'ours:key=value,...' for connector keys; "
+                        "'ours:remote=local' shares a store of its own between two replicas in turn "
+                        "(default: GPU prefix offload simple ours roof; CPU prefix ours; "
+                        "the shared workload: ours ours:remote=local)")
     p.add_argument("--concurrency", nargs="+", type=int, metavar="N",
-                   help="requests in flight, run in increasing order (default: GPU 1 4 16 64; CPU 1 4)")
-    p.add_argument("--num-prompts", type=int, help="prompts per concurrency (default: the scale's)")
+                   help="requests in flight, run in increasing order (default: GPU 1 4 16 64; CPU 1 4; "
+                        "the shared workload: 1 4)")
+    p.add_argument("--num-prompts", type=int,
+                   help="prompts per concurrency (default: the scale's; the shared workload: its documents, "
+                        "GPU 32, CPU 16)")
     p.add_argument("--model", help="a model of bench.models (default: the scale's)")
     p.add_argument("--scale", choices=("gpu", "cpu"), help="default: gpu where CUDA is available")
     p.add_argument("--seed", type=int, default=0)
@@ -573,9 +688,12 @@ def main(argv: list[str] | None = None) -> int:
         return finish(json.loads(path.read_text()), args)
     gpu = (args.scale or ("gpu" if _has_cuda() else "cpu")) == "gpu"
     s = GPU if gpu else CPU
+    if args.workload == "shared":
+        s = replace(s, host_gib=s.shared.host_gib, concurrency=s.shared.concurrency)
     model = get_model(args.model or s.model)
     w = make_workload(args.workload, s, args.num_prompts)
-    names = args.configs or (["prefix", "offload", "simple", "ours", "roof"] if gpu else ["prefix", "ours"])
+    names = args.configs or (["ours", f"ours:remote={LOCAL_STORE}"] if args.workload == "shared" else
+                             ["prefix", "offload", "simple", "ours", "roof"] if gpu else ["prefix", "ours"])
     configs = resolve_configs(names, w, model, s)
     concurrencies = sorted(set(args.concurrency or s.concurrency))
     model_dir = model.materialize(MODEL_CACHE)
@@ -584,13 +702,17 @@ def main(argv: list[str] | None = None) -> int:
     raw_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **{k: v for k, v in s.env.items() if k not in os.environ},
            "PYTHONUNBUFFERED": "1"}
+    if any(uses_local_store(c) for c in configs.values()):
+        # Replicas share blocks only where their block hashes agree; vLLM 0.26 seeds them at random
+        # without PYTHONHASHSEED, and the plugin then refuses `remote`. Every config gets the same.
+        env.setdefault("PYTHONHASHSEED", "0")
     record = {
         **record_head("serve"), "workload": args.workload, "label": args.label,
         "command": shlex.join([Path(sys.executable).name, "-m", "bench.serve", *(argv or sys.argv[1:])]),
         "model": model.name, "kv_gib": s.kv_gib, "host_gib": s.host_gib,
         "max_model_len": s.max_model_len, "num_prompts": w.num_prompts, "repeat": args.repeat or s.repeat,
         "working_set_tokens": w.working_set_tokens, "concurrency": concurrencies,
-        "env": {k: env[k] for k in sorted(env) if k.startswith(("VLLM_", "TPC_", "NCCL_"))},
+        "env": {k: env[k] for k in sorted(env) if k.startswith(("VLLM_", "TPC_", "NCCL_", "PYTHONHASHSEED"))},
         "configs": {},
     }
     print(f"# {record['command']}\n# {record['device']} | vLLM {record['versions']['vllm']} | "
@@ -604,14 +726,16 @@ def main(argv: list[str] | None = None) -> int:
     progress_file = raw_dir / "record.json"
     record["partial"] = True
     progress_file.write_text(json.dumps(record))
-    with tqdm(total=len(configs) * len(concurrencies), desc="runs", file=sys.stderr) as progress:
+    replicas = sum(2 if uses_local_store(c) else 1 for c in configs.values())
+    with tqdm(total=replicas * len(concurrencies), desc="runs", file=sys.stderr) as progress:
         for name, config in configs.items():
             def on_run(entry: dict, name: str = name) -> None:
                 record["configs"][name] = entry
                 progress_file.write_text(json.dumps(record))
 
-            record["configs"][name] = run_config(name, config, model, model_dir, w, s, concurrencies,
-                                                 args, raw_dir, env, progress, on_run)
+            run = run_with_store if uses_local_store(config) else run_config
+            record["configs"][name] = run(name, config, model, model_dir, w, s, concurrencies,
+                                          args, raw_dir, env, progress, on_run)
     record["partial"] = False
     progress_file.write_text(json.dumps(record))
     return finish(record, args)
@@ -619,13 +743,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def finish(record: dict, args) -> int:
     """Ratios, the table, one line appended to the record, the chart."""
-    record["ratios"] = ratios(record["configs"])
+    record["ratios"] = ratios(record["configs"],
+                              SHARED_BASELINES if record["workload"] == "shared" else BASELINES)
     print()
     print_table(record)
     append_record("serve", record, args.record)
     chart = plot(record, args.chart or chart_path("serve", record["workload"], record["device"]))
     print(f"\nappended to {args.record}" + (f"\nchart {chart}" if chart else ""))
-    failed = [n for n, e in record["configs"].items() if "error" in e]
+    failed = [n for n, e in record["configs"].items()
+              if "error" in e or e.get("store", {}).get("stopped") is False]
     return 1 if failed or record.get("partial") else 0
 
 

@@ -131,3 +131,42 @@ def test_median_run_keeps_the_median_repeat_and_the_range_of_all():
                             "p99_ttft_ms": [180.0, 400.0], "median_tpot_ms": [5.0, 5.0]}
     assert median_run(tries[:2])["request_throughput"] == 1.0  # even count: the lower middle
     assert median_run(tries[:1]) is tries[0] and "range" not in tries[0]  # one run: as it is
+
+
+def test_config_strings_round_trip():
+    for config in ("ours", "ours:load=async,layerwise_ahead=1,kv_gib=8",
+                   "ours:remote=mooncake://127.0.0.1:5/x?metadata=http://127.0.0.1:6/metadata&protocol=tcp"):
+        assert C.parse_config(C.unparse_config(*C.parse_config(config))) == C.parse_config(config)
+    assert C.unparse_config("ours", {"layerwise_ahead": None, "debug": True}) == (
+        "ours:layerwise_ahead=null,debug=true")
+
+
+def test_shared_workload_asks_each_document_once_and_sizes_its_store():
+    from bench import serve as S
+    from bench.models import get_model
+
+    w = S.make_workload("shared", S.CPU, None)
+    flags = dict(zip(w.dataset[::2], w.dataset[1::2]))
+    assert w.num_prompts == S.CPU.shared.docs == int(flags["--prefix-repetition-num-prefixes"])
+    assert w.working_set_tokens == w.num_prompts * (S.CPU.prefix_len + S.CPU.suffix_len)
+    assert S.make_workload("shared", S.GPU, 8).num_prompts == 8
+    # GPU: 32 documents of 8,064 tokens, 128 KiB of KV each, for two runs, +25%, in 1/64 GiB
+    gpu = S.store_gib(S.make_workload("shared", S.GPU, None), get_model("llama-3.1-8b"), runs=2)
+    assert gpu == pytest.approx(32 * 8064 * 131072 * 2 * 1.25 / 2**30, abs=1 / 64) and gpu * 64 % 1 == 0
+    assert S.store_gib(w, get_model("tiny-llama"), runs=1) == S.MIN_SEGMENT_GIB  # 10 MiB: the minimum
+    assert S.uses_local_store("ours:remote=local") and not S.uses_local_store("ours")
+    assert not S.uses_local_store("ours:remote=mooncake://h:1?metadata=P2PHANDSHAKE")
+    assert not S.uses_local_store("roof") and not S.uses_local_store("prefix")
+
+
+def test_shared_ratios_take_the_plugin_without_a_store_as_baseline():
+    from bench import serve as S
+
+    def entry(tput, p50):
+        return {"runs": [{"concurrency": 1, "request_throughput": tput, "median_ttft_ms": p50,
+                          "p99_ttft_ms": p50}]}
+
+    configs = {"prefix": entry(1.0, 400), "ours": entry(2.0, 200), "ours:remote=local": entry(3.0, 100)}
+    r = S.ratios(configs, S.SHARED_BASELINES)
+    assert r["baseline"] == "ours" and r["ours:remote=local@1"]["ttft_p50"] == 0.5
+    assert S.ratios(configs)["baseline"] == "prefix"
