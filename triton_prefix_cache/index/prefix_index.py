@@ -174,6 +174,9 @@ class PrefixIndex:
             keys = self._check_keys(keys, host=True)
             if keys.shape[0] == 0:
                 return 0
+            into = getattr(self.table, "count_leading_into", None)
+            if into is not None:  # one launch writing the count straight into mapped memory
+                return self._host_count(into, keys)
             offsets = torch.tensor([0, keys.shape[0]], dtype=torch.int64)
             return int(self._host_call(lambda k, o: self.table.match_prefix(k, o)[0], keys, offsets)[0])
         keys = self._check_keys(keys)
@@ -299,6 +302,25 @@ class PrefixIndex:
             if not self._host_calls:  # an outer host call still holds its regions
                 self._mapped.reset()
         return tuple(answers) if isinstance(out, tuple) else answers[0]
+
+    def _host_count(self, into, keys: torch.Tensor) -> int:
+        """`count_leading` of CPU keys on a CUDA index: the keys in mapped memory, one kernel that
+        writes the count into mapped memory, one event of the index stream waited for."""
+        assert self._mapped is not None and self._stream is not None
+        self._host_calls += 1
+        try:
+            with torch.cuda.stream(self._stream):
+                host, dev = self._mapped.out(torch.empty(1, dtype=torch.int32))
+                into(self._mapped.put(keys), dev)
+                self._wait_stream()
+            return int(host[0])
+        except BaseException:
+            self._stream.synchronize()  # the event was not reached: regions idle before reuse
+            raise
+        finally:
+            self._host_calls -= 1
+            if not self._host_calls:
+                self._mapped.reset()
 
     def _read_small(self, t: torch.Tensor) -> list:
         """A few device numbers on the host (as a flat list), on a CUDA index through mapped memory

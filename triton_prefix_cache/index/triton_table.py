@@ -54,9 +54,14 @@ class TritonTable:
         return ht.remove(self.slot_keys, self.first, keys)
 
     def count_leading(self, keys: torch.Tensor) -> int:
-        offsets = torch.tensor([0, keys.shape[0]], dtype=torch.int64, device=keys.device)
-        counts, _ = self.match_prefix(keys, offsets)
+        counts = torch.empty(1, dtype=torch.int32, device=keys.device)
+        ht.count_leading(self.slot_keys, keys, counts)
         return int(self.read_small(counts)[0])
+
+    def count_leading_into(self, keys: torch.Tensor, out: torch.Tensor) -> None:
+        """out[0] (one int32, e.g. mapped host memory) = how many leading keys are present, written
+        by one launch, for the caller to read after its own wait."""
+        ht.count_leading(self.slot_keys, keys, out)
 
     def match_prefix(self, keys: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return ht.match_prefix(self.slot_keys, self.slot_values, keys, offsets)

@@ -236,6 +236,24 @@ def _first_miss_kernel(vals_ptr, offsets_ptr, counts_ptr, BLOCK: tl.constexpr):
     tl.store(counts_ptr + r, (first - start).to(tl.int32))
 
 
+@triton.jit(do_not_specialize=["n"])
+def _count_leading_kernel(q_ptr, n, tkeys_ptr, out_ptr, mask_bits, BLOCK: tl.constexpr):
+    """One program: how many leading keys are present, probing BLOCK keys at a time and stopping
+    after the first block that holds a miss. One launch and one int32 written (`out_ptr` may be
+    mapped host memory): a single request's lookup at the least launch cost."""
+    total = n.to(tl.int64)
+    first = total
+    i = total * 0
+    while (i < total) & (first == total):
+        offs = i + tl.arange(0, BLOCK).to(tl.int64)
+        m = offs < total
+        w0, w1 = _load_query(q_ptr, offs, m)
+        slot = _find(tkeys_ptr, w0, w1, m, mask_bits)
+        first = tl.minimum(first, tl.min(tl.where(m & (slot < 0), offs, total), axis=0))
+        i += BLOCK
+    tl.store(out_ptr, first.to(tl.int32))
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers. They trust their caller (PrefixIndex) for dtypes, shapes, contiguity and device.
 
@@ -317,6 +335,13 @@ def remove(tkeys: torch.Tensor, first: torch.Tensor, keys: torch.Tensor) -> torc
     _find_for_remove_kernel[_grid(n, b)](keys, n, tkeys, first, slots, tkeys.shape[0] - 1, BLOCK=b)
     _tombstone_kernel[_grid(n, b)](slots, n, tkeys, first, removed, BLOCK=b)
     return removed.view(torch.bool)
+
+
+def count_leading(tkeys: torch.Tensor, keys: torch.Tensor, out: torch.Tensor) -> None:
+    """out[0] (int32, on the device or mapped) = how many leading keys are present; one launch."""
+    n = keys.shape[0]
+    _count_leading_kernel[(1,)](keys, n, tkeys, out, tkeys.shape[0] - 1,
+                                BLOCK=max(16, min(1024 if INTERPRETED else 512, triton.next_power_of_2(n))))
 
 
 def match_prefix(
